@@ -1,0 +1,645 @@
+"""The conv-einsum planner and executor.
+
+A factorized convolution is an einsum whose operands are the feature map ``x[b, s, H, W]`` and
+the kernel's factors, where the kernel's spatial indices ``h, w`` are *convolution-coupled* to the
+feature map's ``H, W`` rather than summed against them. This module
+
+1. builds that einsum from a factorization's structure (:class:`ConvNetwork`),
+2. finds a contraction order with a conv-aware opt_einsum path optimizer
+   (:class:`ConvPathOptimizer`, passed to ``opt_einsum.contract_path``) that prices every step
+   touching the feature map at its true resolution, and
+3. turns that order into a :class:`ConvPlan` of torch ops, replayed on every forward pass:
+
+   * factor x factor: ``torch.einsum`` (weights only, no per-sample cost);
+   * feature map x factor: one ``conv2d`` where the factor's indices shared with the feature map
+     and still needed later become groups, those it consumes become input channels, its new
+     indices output channels, feature-map indices it does not touch fold into the batch, and
+     ``h`` / ``w`` (if the factor carries them) set the kernel extent and receive the layer's
+     stride, padding and dilation on exactly those axes.
+
+Planning is separate from execution, as in opt_einsum's ``contract_expression``: a plan is made
+once per input shape and cached by its owner.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import opt_einsum
+import torch
+import torch.nn.functional as F
+from opt_einsum.paths import PathOptimizer, ssa_to_linear
+
+from .errors import EquationError
+from .factorization import Factorization, parse_equation
+
+__all__ = [
+    "ConvGeometry",
+    "ConvNetwork",
+    "ConvPathOptimizer",
+    "ConvPlan",
+    "plan_conv",
+]
+
+# one MAC and one element of memory traffic are weighed alike when choosing an order: on CPUs
+# the thin 1x1 steps of a tensor network are memory bound, so traffic must count
+MEMORY_WEIGHT = 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry
+# ---------------------------------------------------------------------------------------------
+def _pair(value: Any, name: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"{name} must be an int or a pair of ints; got {value!r}")
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Stride, explicit padding (top, bottom, left, right), dilation and padding mode."""
+
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    padding_mode: str = "zeros"
+
+    @classmethod
+    def make(
+        cls,
+        kernel_size: tuple[int, int],
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        padding_mode: str = "zeros",
+    ) -> ConvGeometry:
+        """Normalise ``torch.nn.Conv2d``-style arguments (padding int, pair, 'same', 'valid')."""
+        st, dl = _pair(stride, "stride"), _pair(dilation, "dilation")
+        if min(st) < 1 or min(dl) < 1:
+            raise ValueError(f"stride and dilation must be >= 1; got stride={st}, dilation={dl}")
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(
+                f"padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular'; "
+                f"got {padding_mode!r}"
+            )
+        if isinstance(padding, str):
+            if padding == "valid":
+                pad = (0, 0, 0, 0)
+            elif padding == "same":
+                if st != (1, 1):
+                    raise ValueError("padding='same' requires stride 1 (as in torch.nn.Conv2d)")
+                # torch puts the odd extra pixel of an even kernel at the bottom / right
+                th, tw = dl[0] * (kernel_size[0] - 1), dl[1] * (kernel_size[1] - 1)
+                pad = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+            else:
+                raise ValueError(
+                    f"padding must be 'same', 'valid', an int or a pair; got {padding!r}"
+                )
+        else:
+            ph, pw = _pair(padding, "padding")
+            if min(ph, pw) < 0:
+                raise ValueError(f"padding must be >= 0; got {padding!r}")
+            pad = (ph, ph, pw, pw)
+        return cls(st, pad, dl, padding_mode)
+
+    def output_size(self, size: tuple[int, int], kernel: tuple[int, int]) -> tuple[int, int]:
+        """Output (H', W') of an input (H, W) convolved with a (kh, kw) kernel."""
+        out = []
+        for axis in range(2):
+            n = size[axis] + self.padding[2 * axis] + self.padding[2 * axis + 1]
+            span = self.dilation[axis] * (kernel[axis] - 1) + 1
+            if n < span:
+                raise ValueError(
+                    f"input of size {tuple(size)} (padded {n} on axis {axis}) is smaller than "
+                    f"the dilated kernel extent {span}"
+                )
+            out.append((n - span) // self.stride[axis] + 1)
+        return out[0], out[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# the network: a factorization's structure with canonical single-character labels
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConvNetwork:
+    """Structure of a factorized kernel, relabelled to opt_einsum symbols.
+
+    ``terms`` are the factors' index strings, ``in_modes`` the input-channel (S) indices,
+    ``out_modes`` the output-channel (T) indices, ``h`` / ``w`` the coupled spatial indices and
+    ``sizes`` the size of every index. ``batch``, ``H``, ``W`` label the feature map's own axes.
+    """
+
+    terms: tuple[str, ...]
+    in_modes: str
+    out_modes: str
+    h: str
+    w: str
+    sizes: tuple[tuple[str, int], ...]
+    batch: str
+    H: str
+    W: str
+
+    @classmethod
+    def from_factorization(cls, f: Factorization) -> ConvNetwork:
+        inputs, out = parse_equation(f.equation)
+        letters = sorted({c for t in inputs for c in t} | set(out))
+        if len(letters) + 3 > 52:
+            raise EquationError(
+                f"equation {f.equation!r} has {len(letters)} indices; at most 49 are supported"
+            )
+        sym = {c: opt_einsum.get_symbol(i) for i, c in enumerate(letters)}
+        sizes = {sym[c]: n for c, n in f.index_sizes().items()}
+        extra = [opt_einsum.get_symbol(len(letters) + i) for i in range(3)]
+        modes = f.modes
+        assert modes is not None
+        return cls(
+            terms=tuple("".join(sym[c] for c in t) for t in inputs),
+            in_modes="".join(sym[c] for c in modes[1]),
+            out_modes="".join(sym[c] for c in modes[0]),
+            h=sym[modes[2]],
+            w=sym[modes[3]],
+            sizes=tuple(sorted(sizes.items())),
+            batch=extra[0],
+            H=extra[1],
+            W=extra[2],
+        )
+
+    @property
+    def size_of(self) -> dict[str, int]:
+        return dict(self.sizes)
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        s = self.size_of
+        return s[self.h], s[self.w]
+
+    def einsum(self) -> str:
+        """The conv-einsum as opt_einsum sees it: feature map first, h / w left uncoupled."""
+        data = self.batch + self.in_modes + self.H + self.W
+        return ",".join((data, *self.terms)) + "->" + self.batch + self.out_modes + self.H + self.W
+
+
+# ---------------------------------------------------------------------------------------------
+# the path optimizer
+# ---------------------------------------------------------------------------------------------
+class ConvPathOptimizer(PathOptimizer):
+    """opt_einsum path optimizer for a conv-einsum whose operand 0 is the feature map.
+
+    Exact dynamic programming over subsets (a conv kernel has few factors). A step that touches
+    the feature map costs ``B * H_out * W_out`` times the channel sizes it multiplies (at the
+    resolution before the factor carrying ``h`` / ``w`` and after it, per axis), plus the
+    memory it moves; factor-only steps cost their plain contraction count, once per forward.
+    """
+
+    def __init__(
+        self,
+        network: ConvNetwork,
+        in_hw: tuple[int, int],
+        out_hw: tuple[int, int],
+        memory_weight: float = MEMORY_WEIGHT,
+    ) -> None:
+        self.network = network
+        self.in_hw = in_hw
+        self.out_hw = out_hw
+        self.memory_weight = memory_weight
+        self.cost: float = math.nan  # cost of the last path found
+
+    def __call__(
+        self,
+        inputs: list[frozenset[str]],
+        output: frozenset[str],
+        size_dict: dict[str, int],
+        memory_limit: int | None = None,
+    ) -> list[tuple[int, ...]]:
+        net = self.network
+        n = len(inputs)
+        letters = sorted(set().union(*inputs) | set(output))
+        bit = {c: 1 << i for i, c in enumerate(letters)}
+        sizes = {c: size_dict[c] for c in letters}
+
+        def mask_of(chars: Any) -> int:
+            m = 0
+            for c in chars:
+                m |= bit[c]
+            return m
+
+        op_mask = [mask_of(t) for t in inputs]
+        out_mask = mask_of(output)
+        skip = mask_of((net.batch, net.H, net.W))  # the feature map's own axes
+        h_bit, w_bit = bit[net.h], bit[net.w]
+        coupled = h_bit | w_bit  # live until the data step that consumes them
+        owner_h = next(i for i, m in enumerate(op_mask) if m & h_bit)
+        owner_w = next(i for i, m in enumerate(op_mask) if m & w_bit)
+        batch = size_dict[net.batch]
+        full = (1 << n) - 1
+
+        union: dict[int, int] = {}
+
+        def indices(s: int) -> int:
+            if s not in union:
+                m, k = 0, 0
+                while s >> k:
+                    if s >> k & 1:
+                        m |= op_mask[k]
+                    k += 1
+                union[s] = m
+            return union[s]
+
+        def open_of(s: int) -> int:
+            return indices(s) & (indices(full & ~s) | out_mask | coupled)
+
+        prod_cache: dict[int, int] = {}
+
+        def prod(m: int) -> int:
+            if m not in prod_cache:
+                p = 1
+                for c in letters:
+                    if m & bit[c]:
+                        p *= sizes[c]
+                prod_cache[m] = p
+            return prod_cache[m]
+
+        # factor-only sub-networks: classic subset DP on contraction counts
+        factor_ids = list(range(1, n))
+        fcost: dict[int, float] = {}
+        fsplit: dict[int, tuple[int, int]] = {}
+        for k in factor_ids:
+            fcost[1 << k] = 0.0
+        subsets = sorted(range(1, 1 << n), key=lambda s: bin(s).count("1"))
+        for s in subsets:
+            if s & 1 or s in fcost:
+                continue
+            low = s & -s
+            best = math.inf
+            sub = (s - 1) & s
+            while sub:
+                if sub & low:  # each unordered split once
+                    rest = s & ~sub
+                    c = fcost[sub] + fcost[rest] + prod(open_of(sub) | open_of(rest))
+                    if c < best:
+                        best, fsplit[s] = c, (sub, rest)
+                sub = (sub - 1) & s
+            fcost[s] = best
+
+        def data_step_cost(t: int, u: int) -> float:
+            d = open_of(t) & ~skip & ~coupled
+            fi = open_of(u)
+            need = open_of(t | u) & ~skip & ~coupled
+            contracted = d & fi & ~need
+            grouped = d & fi & need
+            new = fi & ~d & ~coupled
+            fold = d & ~fi
+            kh = sizes[net.h] if fi & h_bit else 1
+            kw = sizes[net.w] if fi & w_bit else 1
+            hb = self.out_hw[0] if t >> owner_h & 1 else self.in_hw[0]
+            wb = self.out_hw[1] if t >> owner_w & 1 else self.in_hw[1]
+            ha = self.out_hw[0] if (t | u) >> owner_h & 1 else self.in_hw[0]
+            wa = self.out_hw[1] if (t | u) >> owner_w & 1 else self.in_hw[1]
+            out_elems = batch * prod(fold) * prod(grouped) * prod(new) * ha * wa
+            macs = out_elems * prod(contracted) * kh * kw
+            traffic = batch * prod(d) * hb * wb + out_elems
+            return macs + self.memory_weight * traffic
+
+        dcost: dict[int, float] = {1: 0.0}
+        dchoice: dict[int, tuple[int, int]] = {}
+        for s in subsets:
+            if not s & 1 or s == 1:
+                continue
+            factors = s & ~1
+            best = math.inf
+            sub = factors
+            while sub:
+                prev = s & ~sub
+                c = dcost[prev] + fcost[sub] + data_step_cost(prev, sub)
+                if c < best:
+                    best, dchoice[s] = c, (prev, sub)
+                sub = (sub - 1) & factors
+            dcost[s] = best
+        self.cost = dcost[full]
+
+        # rebuild the order as an SSA path, then as opt_einsum's linear path
+        ssa: list[tuple[int, int]] = []
+        next_id = [n]
+
+        def emit_factors(s: int) -> int:
+            if s & (s - 1) == 0:
+                return s.bit_length() - 1
+            a, b = fsplit[s]
+            ia, ib = emit_factors(a), emit_factors(b)
+            ssa.append((ia, ib))
+            next_id[0] += 1
+            return next_id[0] - 1
+
+        def emit_data(s: int) -> int:
+            if s == 1:
+                return 0
+            prev, sub = dchoice[s]
+            i_prev = emit_data(prev)
+            i_sub = emit_factors(sub)
+            ssa.append((i_prev, i_sub))
+            next_id[0] += 1
+            return next_id[0] - 1
+
+        emit_data(full)
+        return ssa_to_linear(ssa)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Operand:
+    indices: str
+    is_data: bool
+    slot: int  # position in the executor's operand list
+
+
+@dataclass(frozen=True)
+class FactorStep:
+    """Contract two weight operands with ``torch.einsum``."""
+
+    left: int
+    right: int
+    equation: str
+    flops: int
+
+
+@dataclass(frozen=True)
+class DataStep:
+    """Contract the feature map with one weight operand as a single ``conv2d``."""
+
+    factor: int
+    data_perm: tuple[int, ...] | None  # permutation of the data tensor before reshaping
+    data_shape: tuple[int, ...]  # conv input (B * fold, groups * contracted, H, W)
+    factor_perm: tuple[int, ...] | None
+    weight_shape: tuple[int, int, int, int]  # (groups * new, contracted, kh', kw')
+    groups: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]  # symmetric padding handed to conv2d
+    pad: tuple[int, int, int, int] | None  # explicit F.pad (left, right, top, bottom) if needed
+    padding_mode: str
+    dilation: tuple[int, int]
+    out_shape: tuple[int, ...]  # (B, *fold, *groups, *new, H', W')
+    flops: int
+
+
+@dataclass
+class ConvPlan:
+    """A replayable sequence of einsum / conv2d steps for one input shape."""
+
+    input_shape: tuple[int, int, int, int]
+    output_shape: tuple[int, int, int, int]
+    data_shape: tuple[int, ...]  # x reshaped so the S-group indices are separate axes
+    steps: list[FactorStep | DataStep] = field(default_factory=list)
+    final_perm: tuple[int, ...] | None = None
+    path: list[tuple[int, ...]] = field(default_factory=list)
+    cost: float = math.nan
+
+    @property
+    def flops(self) -> int:
+        """FLOPs of one forward pass (2 per multiply-add, as torch.utils.flop_counter counts)."""
+        return sum(step.flops for step in self.steps)
+
+    @property
+    def data_flops(self) -> int:
+        """FLOPs of the steps that touch the feature map (what a frozen layer still pays)."""
+        return sum(step.flops for step in self.steps if isinstance(step, DataStep))
+
+    def describe(self) -> list[str]:
+        """One human-readable line per step."""
+        lines = []
+        for step in self.steps:
+            if isinstance(step, FactorStep):
+                lines.append(f"einsum {step.equation} (weights only, {step.flops} FLOPs)")
+            else:
+                o, c, kh, kw = step.weight_shape
+                kind = f"{kh}x{kw} conv" if (kh, kw) != (1, 1) else "1x1 conv"
+                grp = f", groups={step.groups}" if step.groups > 1 else ""
+                fold = step.data_shape[0] // self.input_shape[0]
+                bat = f", batch x{fold}" if fold > 1 else ""
+                lines.append(
+                    f"{kind} {c * step.groups}->{o}{grp}{bat}, stride={step.stride} "
+                    f"({step.flops} FLOPs)"
+                )
+        return lines
+
+    def __call__(
+        self, x: torch.Tensor, factors: Sequence[torch.Tensor], bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        ops: list[torch.Tensor] = [x.reshape(self.data_shape), *factors]
+        for step in self.steps:
+            if isinstance(step, FactorStep):
+                ops.append(torch.einsum(step.equation, ops[step.left], ops[step.right]))
+                continue
+            data = ops[0]
+            if step.data_perm is not None:
+                data = data.permute(step.data_perm)
+            data = data.reshape(step.data_shape)
+            weight = ops[step.factor]
+            if step.factor_perm is not None:
+                weight = weight.permute(step.factor_perm)
+            weight = weight.reshape(step.weight_shape)
+            if step.pad is not None:
+                mode = "constant" if step.padding_mode == "zeros" else step.padding_mode
+                data = F.pad(data, step.pad, mode=mode)
+            out = F.conv2d(
+                data, weight, None, step.stride, step.padding, step.dilation, step.groups
+            )
+            ops[0] = out.reshape(step.out_shape)
+        y = ops[0]
+        if self.final_perm is not None:
+            y = y.permute(self.final_perm)
+        y = y.reshape(self.output_shape)
+        if bias is not None:
+            y = y + bias.view(1, -1, 1, 1)
+        return y
+
+
+def plan_conv(
+    network: ConvNetwork,
+    geometry: ConvGeometry,
+    input_shape: tuple[int, int, int, int],
+    memory_weight: float = MEMORY_WEIGHT,
+) -> ConvPlan:
+    """Plan the factorized convolution of an input of shape (B, S, H, W)."""
+    b, s, h_in, w_in = input_shape
+    sz = network.size_of
+    kh, kw = network.kernel_size
+    h_out, w_out = geometry.output_size((h_in, w_in), (kh, kw))
+    sizes = dict(sz)
+    sizes.update({network.batch: b, network.H: h_in, network.W: w_in})
+    in_sizes = tuple(sz[c] for c in network.in_modes)
+    out_channels = math.prod(sz[c] for c in network.out_modes)
+    if math.prod(in_sizes) != s:
+        raise ValueError(
+            f"input has {s} channels, the factorized kernel expects {math.prod(in_sizes)}"
+        )
+
+    optimizer = ConvPathOptimizer(network, (h_in, w_in), (h_out, w_out), memory_weight)
+    equation = network.einsum()
+    shapes = [(b, *in_sizes, h_in, w_in)] + [tuple(sizes[c] for c in t) for t in network.terms]
+    n_ops = len(shapes)
+    if n_ops == 2:
+        path: list[tuple[int, ...]] = [(0, 1)]
+        optimizer.cost = math.nan
+    else:
+        path, _ = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimizer)
+        path = [tuple(p) for p in path]
+
+    plan = ConvPlan(
+        input_shape=(b, s, h_in, w_in),
+        output_shape=(b, out_channels, h_out, w_out),
+        data_shape=(b, *in_sizes, h_in, w_in),
+        path=path,
+        cost=optimizer.cost,
+    )
+    operands = [_Operand(network.in_modes, True, 0)] + [
+        _Operand(t, False, i + 1) for i, t in enumerate(network.terms)
+    ]
+    # h / w stay live until the data step that consumes them
+    output = set(network.out_modes) | {network.h, network.w}
+    next_slot = len(operands)
+    consumed = {"h": False, "w": False}
+    order_hint = _usage_order(operands, path, output)
+    for step_no, pair in enumerate(path):
+        i, j = sorted(pair)
+        right = operands.pop(j)
+        left = operands.pop(i)
+        rest = set("".join(o.indices for o in operands)) | output
+        if not left.is_data and not right.is_data:
+            keep = "".join(dict.fromkeys(c for c in left.indices + right.indices if c in rest))
+            eq = f"{left.indices},{right.indices}->{keep}"
+            flops = 2 * math.prod(sizes[c] for c in set(left.indices + right.indices))
+            plan.steps.append(FactorStep(left.slot, right.slot, eq, flops))
+            operands.append(_Operand(keep, False, next_slot))
+            next_slot += 1
+            continue
+        data, factor = (left, right) if left.is_data else (right, left)
+        step, new_indices = _data_step(
+            data.indices,
+            factor,
+            rest,
+            sizes,
+            network,
+            geometry,
+            consumed,
+            (b, h_in, w_in, h_out, w_out),
+            order_hint[step_no],
+        )
+        plan.steps.append(step)
+        operands.append(_Operand(new_indices, True, 0))
+    (final,) = operands
+    if final.indices != network.out_modes:
+        perm = [final.indices.index(c) + 1 for c in network.out_modes]
+        plan.final_perm = (0, *perm, len(final.indices) + 1, len(final.indices) + 2)
+    return plan
+
+
+def _usage_order(
+    operands: list[_Operand], path: list[tuple[int, ...]], output: set[str]
+) -> list[dict[str, int]]:
+    """For each step, the step at which each index is next consumed (output: never)."""
+    ops = [o.indices for o in operands]
+    events: list[set[str]] = []
+    for pair in path:
+        i, j = sorted(pair)
+        b_, a_ = ops.pop(j), ops.pop(i)
+        rest = set("".join(ops)) | output
+        events.append(set(a_ + b_) - rest)  # indices that disappear in this step
+        ops.append("".join(dict.fromkeys(c for c in a_ + b_ if c in rest)))
+    hints = []
+    for k in range(len(path)):
+        when: dict[str, int] = {}
+        for later in range(len(path) - 1, k, -1):
+            for c in events[later]:
+                when[c] = later
+        hints.append(when)
+    return hints
+
+
+def _data_step(
+    data: str,
+    factor: _Operand,
+    rest: set[str],
+    sizes: dict[str, int],
+    net: ConvNetwork,
+    geo: ConvGeometry,
+    consumed: dict[str, bool],
+    dims: tuple[int, int, int, int, int],
+    next_use: dict[str, int],
+) -> tuple[DataStep, str]:
+    b, h_in, w_in, h_out, w_out = dims
+    fidx = factor.indices
+    fold = [c for c in data if c not in fidx]
+    grouped = [c for c in data if c in fidx and c in rest]
+    contracted = [c for c in data if c in fidx and c not in rest]
+    new = [c for c in fidx if c not in data and c not in (net.h, net.w)]
+    # the indices used last go first (outermost), so later steps find them in order; the
+    # output's own indices go first of all, in the order the output wants them
+    never = 1 << 30
+    out_pos = {c: i for i, c in enumerate(net.out_modes)}
+    new.sort(key=lambda c: (-next_use.get(c, never), out_pos.get(c, 0)))
+
+    has_h, has_w = net.h in fidx, net.w in fidx
+    cur_h = h_out if consumed["h"] else h_in
+    cur_w = w_out if consumed["w"] else w_in
+    order = fold + grouped + contracted
+    perm = tuple([0] + [data.index(c) + 1 for c in order] + [len(data) + 1, len(data) + 2])
+    data_perm = None if perm == tuple(range(len(perm))) else perm
+    n_fold = math.prod(sizes[c] for c in fold)
+    n_group = math.prod(sizes[c] for c in grouped)
+    n_con = math.prod(sizes[c] for c in contracted)
+    n_new = math.prod(sizes[c] for c in new)
+    data_shape = (b * n_fold, n_group * n_con, cur_h, cur_w)
+
+    f_order = grouped + new + contracted + ([net.h] if has_h else []) + ([net.w] if has_w else [])
+    fperm = tuple(fidx.index(c) for c in f_order)
+    factor_perm = None if fperm == tuple(range(len(fperm))) else fperm
+    kh = sizes[net.h] if has_h else 1
+    kw = sizes[net.w] if has_w else 1
+    weight_shape = (n_group * n_new, n_con, kh, kw)
+
+    top, bottom, left, right = geo.padding
+    ph = (top, bottom) if has_h else (0, 0)
+    pw = (left, right) if has_w else (0, 0)
+    symmetric = ph[0] == ph[1] and pw[0] == pw[1] and geo.padding_mode == "zeros"
+    padding = (ph[0], pw[0]) if symmetric else (0, 0)
+    pad = None if symmetric else (pw[0], pw[1], ph[0], ph[1])
+    stride = (geo.stride[0] if has_h else 1, geo.stride[1] if has_w else 1)
+    dilation = (geo.dilation[0] if has_h else 1, geo.dilation[1] if has_w else 1)
+    if has_h:
+        consumed["h"] = True
+    if has_w:
+        consumed["w"] = True
+    new_h = h_out if consumed["h"] else h_in
+    new_w = w_out if consumed["w"] else w_in
+
+    new_indices = "".join(fold + grouped + new)
+    out_shape = (b, *(sizes[c] for c in new_indices), new_h, new_w)
+    out_elems = b * n_fold * n_group * n_new * new_h * new_w
+    flops = 2 * out_elems * n_con * kh * kw
+    step = DataStep(
+        factor=factor.slot,
+        data_perm=data_perm,
+        data_shape=data_shape,
+        factor_perm=factor_perm,
+        weight_shape=weight_shape,
+        groups=n_group,
+        stride=stride,
+        padding=padding,
+        pad=pad,
+        padding_mode=geo.padding_mode,
+        dilation=dilation,
+        out_shape=out_shape,
+        flops=flops,
+    )
+    return step, new_indices

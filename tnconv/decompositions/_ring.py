@@ -1,0 +1,163 @@
+"""Algebra of tensor rings (and trains, the rings whose closing bond has size 1).
+
+A ring of order d is a list of 3-way cores ``G_k (r_k, I_k, r_{k+1})`` with ``r_d = r_0``;
+``W[i_0..i_{d-1}] = trace(G_0[:, i_0, :] @ ... @ G_{d-1}[:, i_{d-1}, :])``. A train is the same
+with ``r_0 = 1``. Everything here is plain float64 torch; the decompositions wrap it.
+
+* :func:`sequential_svd` -- TT-SVD / TR-SVD driven by a rank-choosing callback, returning the
+  squared error discarded at each step (their sum is exactly the squared approximation error,
+  because every core but the last is left-orthonormal).
+* :func:`ring_als` -- alternating least squares over the cores at fixed ranks; each update is an
+  exact least-squares solve, so the error never increases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ._linalg import svd
+
+__all__ = [
+    "balanced_split",
+    "ring_als",
+    "ring_error",
+    "ring_params",
+    "ring_to_tensor",
+    "sequential_svd",
+]
+
+RankChooser = Callable[[int, torch.Tensor], int]
+Splitter = Callable[[int], tuple[int, int]]
+
+
+def ring_to_tensor(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Contract a ring (or train) of 3-way cores into the full tensor ``(I_0, ..., I_{d-1})``."""
+    acc = cores[0]  # (r0, I0, r1)
+    for core in cores[1:]:
+        acc = torch.tensordot(acc, core, dims=([acc.ndim - 1], [0]))
+    # acc: (r0, I0, ..., I_{d-1}, r0) -> trace over the closing bond
+    return torch.diagonal(acc, dim1=0, dim2=acc.ndim - 1).sum(-1)
+
+
+def ring_params(shape: Sequence[int], ranks: Sequence[int]) -> int:
+    """Parameters of a ring of ``shape`` with bonds ``ranks`` (``ranks[k]`` left of core k)."""
+    d = len(shape)
+    return sum(ranks[k] * shape[k] * ranks[(k + 1) % d] for k in range(d))
+
+
+def ring_error(tensor: torch.Tensor, cores: Sequence[torch.Tensor]) -> float:
+    """Relative Frobenius error of a ring against ``tensor``."""
+    return float(
+        torch.linalg.vector_norm(tensor - ring_to_tensor(cores)) / torch.linalg.vector_norm(tensor)
+    )
+
+
+def balanced_split(rank: int) -> tuple[int, int]:
+    """``(r0, r1)`` with ``r0 * r1 == rank`` and the two as close as possible (r0 <= r1)."""
+    r0 = max(d for d in range(1, math.isqrt(rank) + 1) if rank % d == 0)
+    return r0, rank // r0
+
+
+def sequential_svd(
+    tensor: torch.Tensor,
+    choose_rank: RankChooser,
+    *,
+    ring: bool,
+    split: Splitter = balanced_split,
+    first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[list[torch.Tensor], list[float]]:
+    """TT-SVD (``ring=False``) or TR-SVD (``ring=True``) of a d-way tensor.
+
+    Args:
+        tensor: (I_0, ..., I_{d-1}) float tensor.
+        choose_rank: ``choose_rank(step, singular_values) -> rank`` for each of the d-1 SVDs.
+            For a ring, step 0's rank is the product ``r_0 * r_1`` that ``split`` factors.
+        ring: build a ring (closing bond r_0 from the first split) or a train (r_0 = 1).
+        split: factors the first rank of a ring into ``(r_0, r_1)``.
+        first: a precomputed thin SVD of the first unfolding ``(I_0, rest)``, to share it.
+
+    Returns:
+        ``(cores, discarded)``: cores ``(r_k, I_k, r_{k+1})`` and the squared Frobenius norm
+        discarded by each SVD; ``sum(discarded)`` is the squared error of the result.
+    """
+    dims = tuple(tensor.shape)
+    d = len(dims)
+    u, s, vh = first if first is not None else svd(tensor.reshape(dims[0], -1))
+    rank = min(choose_rank(0, s), s.numel())
+    r0, r1 = split(rank) if ring else (1, rank)
+    rank = r0 * r1
+    discarded = [float(torch.sum(s[rank:] ** 2))]
+    cores = [u[:, :rank].reshape(dims[0], r0, r1).permute(1, 0, 2)]
+    rest = s[:rank, None] * vh[:rank]  # (r0*r1, I_1...I_{d-1})
+    # (r0, r1, rest) -> (r1, rest, r0): the closing bond rides along at the end
+    rest = rest.reshape(r0, r1, -1).permute(1, 2, 0).reshape(r1, -1)
+    left = r1
+    for k in range(1, d - 1):
+        mat = rest.reshape(left * dims[k], -1)
+        u, s, vh = svd(mat)
+        rank = max(1, min(choose_rank(k, s), s.numel()))
+        discarded.append(float(torch.sum(s[rank:] ** 2)))
+        cores.append(u[:, :rank].reshape(left, dims[k], rank))
+        rest = s[:rank, None] * vh[:rank]
+        left = rank
+    cores.append(rest.reshape(left, dims[d - 1], r0))
+    return cores, discarded
+
+
+def _others(cores: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+    """Product of every core but k, in ring order after k: ``(r_{k+1}, I_{k+1}...I_{k-1}, r_k)``."""
+    d = len(cores)
+    acc = cores[(k + 1) % d]
+    for j in range(2, d):
+        acc = torch.tensordot(acc, cores[(k + j) % d], dims=([acc.ndim - 1], [0]))
+    return acc.reshape(acc.shape[0], -1, acc.shape[-1])
+
+
+def ring_als(
+    tensor: torch.Tensor,
+    cores: list[torch.Tensor],
+    sweeps: int,
+    tol: float = 1e-10,
+) -> tuple[list[torch.Tensor], float]:
+    """Refine ring / train cores by alternating least squares at fixed ranks.
+
+    Each core update solves its least-squares problem exactly (a tiny ridge only guards
+    singular Gram matrices, and an update that does not lower the error is rejected), so the
+    returned error is never above the starting one. Returns ``(cores, relative_error)``.
+    """
+    d = tensor.ndim
+    cores = [c.clone() for c in cores]
+    norm = float(torch.linalg.vector_norm(tensor))
+    err = ring_error(tensor, cores)
+    for _ in range(sweeps):
+        start = err
+        for k in range(d):
+            z = _others(cores, k)  # (r_{k+1}, M, r_k)
+            rk1, m, rk = z.shape
+            # W_k (I_k, M) ~= G_k (I_k, r_k * r_{k+1}) @ Z^T, with Z (M, r_k * r_{k+1})
+            zmat = z.permute(1, 2, 0).reshape(m, rk * rk1)
+            wk = _roll(tensor, k)
+            gram = zmat.T @ zmat
+            rhs = wk @ zmat
+            ridge = 1e-13 * float(torch.diagonal(gram).max().clamp_min(1e-300))
+            eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            sol = torch.linalg.solve(gram + ridge * eye, rhs.T).T  # (I_k, r_k * r_{k+1})
+            new = sol.reshape(tensor.shape[k], rk, rk1).permute(1, 0, 2).contiguous()
+            trial = list(cores)
+            trial[k] = new
+            trial_err = ring_error(tensor, trial)
+            if trial_err <= err:
+                cores, err = trial, trial_err
+        if start - err <= tol * max(start, 1e-300) or err * norm == 0.0:
+            break
+    return cores, err
+
+
+def _roll(tensor: torch.Tensor, k: int) -> torch.Tensor:
+    """Unfolding of ``tensor`` with mode k first and the others in ring order after it."""
+    d = tensor.ndim
+    order = [(k + j) % d for j in range(d)]
+    return tensor.permute(order).reshape(tensor.shape[k], -1)

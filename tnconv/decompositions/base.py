@@ -1,0 +1,288 @@
+"""The abstract :class:`Decomposition`: one rank-spec front door over a family's algebra.
+
+A concrete decomposition implements only its algebra:
+
+* :meth:`Decomposition.bond_ranks` -- expand an int / tuple rank into the family's bond tuple and
+  cap it at what the modes can carry;
+* :meth:`Decomposition.fit` -- fit factors at given ranks;
+* :meth:`Decomposition.num_params_at` -- parameter count at given ranks (for budget searches);
+* optionally :meth:`Decomposition.fit_eps` / :meth:`Decomposition.fit_ratio` when the family has
+  something better than the generic searches here (SVD truncation with an error guarantee, say).
+
+:meth:`Decomposition.factorize` does everything else: input validation, the rank / eps / ratio
+choice, float64 arithmetic, casting back to the caller's dtype and checking promised bounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import BudgetError, OptionError, RankSpecError
+from ..factorization import Factorization, KernelShape, validate_weight
+from ..rank import ErrorBound, FixedRank, bisect_eps, largest_fitting, param_budget, parse_rank_spec
+
+__all__ = ["Decomposition", "NoOptions"]
+
+log = logging.getLogger(__name__)
+
+
+class NoOptions(BaseModel):
+    """Options model of a decomposition without options; unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Decomposition(ABC):
+    """A tensor-network family for conv kernels (T, S, kh, kw).
+
+    Subclasses set ``rank_order`` (documentation of the bond tuple), ``guarantees_eps`` (True when
+    ``fit_eps`` provably meets ``relative_error <= eps``) and ``Options`` (a pydantic model of the
+    keyword options ``factorize`` accepts).
+    """
+
+    name: ClassVar[str] = ""
+    rank_order: ClassVar[str] = ""
+    guarantees_eps: ClassVar[bool] = False
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    # -- the public entry point -------------------------------------------------------------
+    def factorize(
+        self,
+        weight: Any,
+        rank: Any = None,
+        *,
+        eps: Any = None,
+        ratio: Any = None,
+        **options: Any,
+    ) -> Factorization:
+        """Factorize a conv kernel.
+
+        Args:
+            weight: kernel of shape (T, S, kh, kw); torch tensor or numpy array, floating point.
+            rank: int (every bond), tuple (one per bond, in ``rank_order``), or a float in (0, 1)
+                meaning ``ratio``.
+            eps: relative Frobenius error bound in (0, 1): the smallest factorization meeting it.
+            ratio: share of the dense parameters in (0, 1]: the lowest error within it.
+            **options: method-specific options, validated by ``self.Options``.
+
+        Returns:
+            A :class:`Factorization` whose factors have the weight's dtype and device.
+
+        Raises:
+            InvalidWeightError: weight not 4-D, empty mode, NaN/Inf, not floating point.
+            RankSpecError: none or several of rank/eps/ratio, or a value out of range.
+            OptionError: an unknown option or a bad option value.
+            BudgetError: ``ratio`` leaves fewer parameters than the smallest factorization needs.
+        """
+        w = validate_weight(weight)
+        spec = parse_rank_spec(rank, eps, ratio)
+        opts = self.parse_options(options)
+        shape: KernelShape = tuple(int(n) for n in w.shape)  # type: ignore[assignment]
+        w64 = w.detach().to(torch.float64)
+        if isinstance(spec, FixedRank):
+            ranks = self.bond_ranks(spec.ranks, shape)
+            result = self.fit(w64, ranks, opts)
+            return self._finish(result, w)
+        if isinstance(spec, ErrorBound):
+            return self._factorize_eps(w, w64, spec.eps, opts)
+        budget = param_budget(spec.ratio, math.prod(shape))
+        smallest = self.num_params_at(shape, self.bond_ranks(1, shape))
+        if smallest > budget:
+            raise BudgetError(
+                f"ratio={spec.ratio} allows {budget} parameters, but the smallest {self.name} "
+                f"factorization of a {shape} kernel needs {smallest}"
+            )
+        result = self.fit_ratio(w64, budget, opts)
+        return self._finish(result, w)
+
+    def parse_options(self, options: dict[str, Any]) -> BaseModel:
+        """Validate ``options`` with the method's pydantic ``Options`` model."""
+        try:
+            return self.Options.model_validate(options)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            known = ", ".join(self.Options.model_fields) or "none"
+            raise OptionError(
+                f"bad option for {self.name or type(self).__name__}: {problems} "
+                f"(known options: {known})"
+            ) from exc
+
+    # -- what a family implements ------------------------------------------------------------
+    @abstractmethod
+    def bond_ranks(self, rank: int | tuple[int, ...], shape: KernelShape) -> tuple[int, ...]:
+        """Expand ``rank`` (int = every bond) into the bond tuple and cap it at ``shape``'s limits.
+
+        Raises :class:`RankSpecError` for a tuple of the wrong length.
+        """
+
+    @abstractmethod
+    def fit(self, weight: torch.Tensor, ranks: tuple[int, ...], options: Any) -> Factorization:
+        """Fit factors at ``ranks`` (already capped) to a float64 ``weight`` (T, S, kh, kw)."""
+
+    @abstractmethod
+    def num_params_at(self, shape: KernelShape, ranks: tuple[int, ...]) -> int:
+        """Number of parameters of a factorization of ``shape`` at (capped) ``ranks``."""
+
+    def fit_eps(self, weight: torch.Tensor, eps: float, options: Any) -> Factorization:
+        """Smallest factorization with relative error <= ``eps``.
+
+        Generic version: bisection over a uniform rank with :meth:`search_options` fits, then a
+        full fit at the rank found. Families with an error-bounded algorithm override it (and
+        set ``guarantees_eps``).
+        """
+        shape: KernelShape = tuple(weight.shape)  # type: ignore[assignment]
+        top = max(self.bond_ranks(10**9, shape))
+        quick = self.search_options(options)
+        cache: dict[int, float] = {}
+
+        def misses(r: int) -> bool:
+            if r not in cache:
+                cache[r] = self.fit(weight, self.bond_ranks(r, shape), quick).relative_error(weight)
+            return cache[r] > eps
+
+        # the largest rank that still misses eps; one above it is the smallest that meets it
+        missing = largest_fitting(1, top, misses)
+        r = 1 if missing is None else min(missing + 1, top)
+        result = self.fit(weight, self.bond_ranks(r, shape), options)
+        if result.relative_error(weight) > eps:
+            warnings.warn(
+                f"{self.name}: eps={eps} not reached even at rank {r}; "
+                f"returning error {result.relative_error(weight):.4g}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return result
+
+    def fit_ratio(self, weight: torch.Tensor, budget: int, options: Any) -> Factorization:
+        """Lowest-error factorization with at most ``budget`` parameters.
+
+        Generic version: the better of (a) the eps-bisection when the family is error-bounded and
+        (b) the largest uniform rank that fits, grown bond by bond while it fits and helps. The
+        search runs with :meth:`search_options` (cheaper), the winner is refitted with
+        ``options``.
+        """
+        shape: KernelShape = tuple(weight.shape)  # type: ignore[assignment]
+        quick = self.search_options(options)
+        candidates: list[Factorization] = []
+        if self.guarantees_eps:
+            found = bisect_eps(
+                lambda e: self.fit_eps(weight, e, quick),
+                lambda f: f.num_params,
+                lambda f: f.relative_error(weight),
+                budget,
+            )
+            if found is not None:
+                candidates.append(found)
+        top = max(self.bond_ranks(10**9, shape))
+        r = largest_fitting(
+            1, top, lambda r: self.num_params_at(shape, self.bond_ranks(r, shape)) <= budget
+        )
+        if r is not None:
+            candidates.append(self.fit(weight, self.bond_ranks(r, shape), quick))
+        if not candidates:
+            raise BudgetError(f"no {self.name} factorization of {shape} fits {budget} parameters")
+        best = min(candidates, key=lambda f: f.relative_error(weight))
+        best = self.grow_within_budget(weight, best, budget, quick)
+        if quick == options:
+            return best
+        return self.fit(weight, best.ranks, options)
+
+    def search_options(self, options: Any) -> Any:
+        """Cheaper options used while searching ranks (default: the same options)."""
+        return options
+
+    def grow_within_budget(
+        self, weight: torch.Tensor, start: Factorization, budget: int, options: Any
+    ) -> Factorization:
+        """Greedily raise single bonds while the budget allows and the error falls."""
+        shape: KernelShape = tuple(weight.shape)  # type: ignore[assignment]
+        best, best_err = start, start.relative_error(weight)
+        improved = True
+        while improved:
+            improved = False
+            for k in range(len(best.ranks)):
+                ranks = list(best.ranks)
+                ranks[k] += 1
+                grown = self.bond_ranks(tuple(ranks), shape)
+                if grown == best.ranks or self.num_params_at(shape, grown) > budget:
+                    continue
+                trial = self.fit(weight, grown, options)
+                err = trial.relative_error(weight)
+                if err < best_err * (1 - 1e-9) and trial.num_params <= budget:
+                    best, best_err, improved = trial, err, True
+        return best
+
+    # -- helpers for subclasses ---------------------------------------------------------------
+    def expand_ranks(self, rank: int | tuple[int, ...], n_bonds: int) -> tuple[int, ...]:
+        """``rank`` as an ``n_bonds`` tuple: an int is repeated, a tuple must have that length."""
+        if isinstance(rank, int):
+            return (rank,) * n_bonds
+        if len(rank) != n_bonds:
+            raise RankSpecError(
+                f"{self.name} takes {n_bonds} ranks {self.rank_order}; got {len(rank)}: {rank}"
+            )
+        return tuple(rank)
+
+    def log_capped(self, asked: tuple[int, ...], capped: tuple[int, ...]) -> tuple[int, ...]:
+        """Log (INFO) when ranks were lowered to what the modes can carry; return ``capped``."""
+        if asked != capped:
+            log.info(
+                "%s: ranks %s capped to %s (the most the modes can carry)", self.name, asked, capped
+            )
+        return capped
+
+    def make(
+        self,
+        factors: list[torch.Tensor],
+        equation: str,
+        shape: KernelShape,
+        ranks: tuple[int, ...],
+        **info: Any,
+    ) -> Factorization:
+        """Build a :class:`Factorization` tagged with this method's name."""
+        return Factorization(factors, equation, shape, ranks, method=self.name, info=info)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _factorize_eps(
+        self, w: torch.Tensor, w64: torch.Tensor, eps: float, opts: BaseModel
+    ) -> Factorization:
+        if not self.guarantees_eps:
+            return self._finish(self.fit_eps(w64, eps, opts), w)
+        # The bound holds in float64; casting the factors to the weight's dtype adds rounding, so
+        # aim a little below eps and tighten if the cast result still misses.
+        unit = torch.finfo(w.dtype).eps
+        result = None
+        for attempt in range(4):
+            target = eps * (1.0 - 8.0 * unit * 4.0**attempt)
+            if target <= 0:
+                break
+            result = self._finish(self.fit_eps(w64, target, opts), w)
+            if result.relative_error(w) <= eps:
+                return result
+        assert result is not None
+        warnings.warn(
+            f"{self.name}: eps={eps} cannot be met in {w.dtype} (rounding); got "
+            f"{result.relative_error(w):.4g}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return result
+
+    def _finish(self, result: Factorization, w: torch.Tensor) -> Factorization:
+        out = result.to(device=w.device, dtype=w.dtype).detach()
+        out.method = self.name
+        out.info["relative_error"] = out.relative_error(w)
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"

@@ -1,0 +1,192 @@
+"""CP (canonical polyadic) decomposition by ALS with SVD initialisation.
+
+Kernel ``W[t, s, h, w] = sum_r A[t, r] B[s, r] C[h, r] D[w, r]``; rank R is the number of
+rank-one terms; factors ``[A (T, R), B (S, R), C (kh, R), D (kw, R)]``, equation
+``"tr,sr,hr,wr->tshw"``. Executed as 1x1 (S -> R), depthwise kh x 1, depthwise 1 x kw, 1x1 (R -> T).
+
+CP has no error-bounded algorithm; ``eps`` searches R by bisection. CP-ALS can degenerate
+(rank-one terms that grow and cancel); the fit reports the ratio
+``sum(lambda_r**2) / ||W_hat||**2`` as ``info["degeneracy"]`` and warns when it is large, and the
+optional ridge ``l2_reg`` tames it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Annotated, Literal
+
+import opt_einsum
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..factorization import Factorization, KernelShape
+from ..registry import register
+from ._linalg import mode_unfold, svd
+from .base import Decomposition
+
+log = logging.getLogger(__name__)
+
+EQUATION = "tr,sr,hr,wr->tshw"
+_MTTKRP = ("tshw,sr,hr,wr->tr", "tshw,tr,hr,wr->sr", "tshw,tr,sr,wr->hr", "tshw,tr,sr,hr->wr")
+DEGENERACY_WARNING = 1e3
+
+
+class CPOptions(BaseModel):
+    """Options of ``cp``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_iter: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    tol: Annotated[float, Field(ge=0.0, lt=1.0)] = 1e-10
+    init: Literal["svd", "random"] = "svd"
+    l2_reg: Annotated[float, Field(ge=0.0)] = 0.0
+    seed: int = 0
+
+
+def exact_rank(shape: KernelShape) -> int:
+    """A CP rank that always represents the kernel exactly: product of all sizes but the largest."""
+    return math.prod(shape) // max(shape)
+
+
+def _exact_factors(weight: torch.Tensor) -> list[torch.Tensor]:
+    """Exact CP: one rank-one term per multi-index of the modes other than the largest one."""
+    shape = tuple(weight.shape)
+    keep = max(range(4), key=lambda n: shape[n])
+    rest = [n for n in range(4) if n != keep]
+    r = exact_rank(shape)  # type: ignore[arg-type]
+    factors: list[torch.Tensor] = [weight.new_zeros(0)] * 4
+    factors[keep] = mode_unfold(weight, keep).clone()
+    # term j = multi-index (i_a, i_b, i_c) of the other modes: indicator vectors there
+    idx = torch.arange(r, device=weight.device)
+    sizes = [shape[n] for n in rest]
+    coords = []
+    for size in reversed(sizes):
+        coords.append(idx % size)
+        idx = idx // size
+    coords.reverse()
+    for n, c in zip(rest, coords, strict=True):
+        onehot = weight.new_zeros(shape[n], r)
+        onehot[c, torch.arange(r, device=weight.device)] = 1.0
+        factors[n] = onehot
+    return factors
+
+
+def _init(weight: torch.Tensor, rank: int, opts: CPOptions) -> list[torch.Tensor]:
+    """Leading singular vectors of each unfolding, random columns where a mode has too few."""
+    gen = torch.Generator(device="cpu").manual_seed(opts.seed)
+    factors = []
+    for n in range(4):
+        size = weight.shape[n]
+        a = torch.randn(size, rank, generator=gen, dtype=torch.float64) / math.sqrt(size)
+        a = a.to(weight.device)
+        if opts.init == "svd":
+            u, _, _ = svd(mode_unfold(weight, n))
+            k = min(rank, u.shape[1])
+            a[:, :k] = u[:, :k]
+        factors.append(a)
+    return factors
+
+
+def cp_als(
+    weight: torch.Tensor, rank: int, opts: CPOptions
+) -> tuple[list[torch.Tensor], float, float]:
+    """Fit a rank-``rank`` CP model by alternating least squares.
+
+    Returns ``(factors, relative_error, degeneracy)`` with the column scales spread evenly over
+    the four factors.
+    """
+    norm_sq = float(torch.sum(weight * weight))
+    factors = _init(weight, rank, opts)
+    grams = [f.T @ f for f in factors]
+    shapes = [tuple(weight.shape)] + [(n, rank) for n in weight.shape]
+    mttkrp_exprs = [
+        opt_einsum.contract_expression(
+            eq, shapes[0], *(s for m, s in enumerate(shapes[1:]) if m != n)
+        )
+        for n, eq in enumerate(_MTTKRP)
+    ]
+    eye = torch.eye(rank, dtype=weight.dtype, device=weight.device)
+    prev_err = math.inf
+    err = math.inf
+    best: tuple[list[torch.Tensor], float] | None = None
+    for it in range(opts.max_iter):
+        for n in range(4):
+            others = [f for m, f in enumerate(factors) if m != n]
+            mttkrp = mttkrp_exprs[n](weight, *others, backend="torch")
+            v = math.prod(g for m, g in enumerate(grams) if m != n)
+            reg = opts.l2_reg * float(torch.trace(v)) / rank + 1e-14 * float(v.abs().max())
+            # A_n = mttkrp @ pinv(V): solve the symmetric system instead of forming an inverse
+            sol = torch.linalg.lstsq(v + reg * eye, mttkrp.T).solution.T
+            if n < 3:  # keep scales on the last factor while iterating, for conditioning
+                norms = torch.linalg.vector_norm(sol, dim=0).clamp_min(1e-300)
+                sol = sol / norms
+            factors[n] = sol
+            grams[n] = sol.T @ sol
+        # ||W - W_hat||^2 = ||W||^2 - 2 <W, W_hat> + ||W_hat||^2, from the last update's terms
+        inner = float(torch.sum(mttkrp * factors[3]))
+        approx_sq = float(torch.sum(math.prod(grams)))
+        err = math.sqrt(max(norm_sq - 2 * inner + approx_sq, 0.0) / norm_sq)
+        if best is None or err < best[1]:
+            best = ([f.clone() for f in factors], err)
+        if abs(prev_err - err) <= opts.tol * max(err, 1e-300) or err < 1e-13:
+            log.debug("cp-als converged after %d iterations, error %.3e", it + 1, err)
+            break
+        prev_err = err
+    assert best is not None
+    factors, err = best
+    return _balance(factors, weight)
+
+
+def _balance(
+    factors: list[torch.Tensor], weight: torch.Tensor
+) -> tuple[list[torch.Tensor], float, float]:
+    """Spread each term's scale evenly over the four factors; report error and degeneracy."""
+    norms = [torch.linalg.vector_norm(f, dim=0) for f in factors]
+    lam = math.prod(norms)
+    unit = [f / n.clamp_min(1e-300) for f, n in zip(factors, norms, strict=True)]
+    scale = lam.clamp_min(0).pow(0.25)
+    balanced = [f * scale for f in unit]
+    approx = opt_einsum.contract(EQUATION, *balanced, backend="torch")
+    approx_sq = float(torch.sum(approx * approx))
+    err = float(torch.linalg.vector_norm(weight - approx) / torch.linalg.vector_norm(weight))
+    degeneracy = float(torch.sum(lam * lam)) / max(approx_sq, 1e-300)
+    return balanced, err, degeneracy
+
+
+@register("cp")
+class CP(Decomposition):
+    """CP / CANDECOMP-PARAFAC by ALS (SVD init). Rank: R, the number of rank-one terms."""
+
+    rank_order = "(R,): the number of rank-one terms"
+    guarantees_eps = False
+    Options = CPOptions
+
+    def bond_ranks(self, rank: int | tuple[int, ...], shape: KernelShape) -> tuple[int, ...]:
+        (r,) = self.expand_ranks(rank, 1)
+        return self.log_capped((r,), (min(r, exact_rank(shape)),))
+
+    def num_params_at(self, shape: KernelShape, ranks: tuple[int, ...]) -> int:
+        return ranks[0] * sum(shape)
+
+    def search_options(self, options: CPOptions) -> CPOptions:
+        return options.model_copy(update={"max_iter": min(options.max_iter, 100)})
+
+    def fit(
+        self, weight: torch.Tensor, ranks: tuple[int, ...], options: CPOptions
+    ) -> Factorization:
+        shape: KernelShape = tuple(weight.shape)  # type: ignore[assignment]
+        (r,) = ranks
+        if r >= exact_rank(shape):
+            factors, err, degeneracy = _exact_factors(weight), 0.0, 1.0
+        else:
+            factors, err, degeneracy = cp_als(weight, r, options)
+        if degeneracy > DEGENERACY_WARNING:
+            warnings.warn(
+                f"cp rank {r} on {shape}: degenerate solution (sum of squared term norms is "
+                f"{degeneracy:.3g}x the approximation's energy); try a lower rank or l2_reg>0",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return self.make(factors, EQUATION, shape, (r,), fit_error=err, degeneracy=degeneracy)

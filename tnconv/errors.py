@@ -1,0 +1,48 @@
+"""Typed errors raised by tnconv.
+
+Every error a user can trigger with bad input derives from one of the built-in exception types a
+caller would expect (``ValueError`` for bad values, ``KeyError`` for unknown names, ``TypeError``
+for wrong types), so ``except ValueError`` keeps working, while the subclasses let callers tell
+tnconv's complaints apart.
+"""
+
+from __future__ import annotations
+
+
+class TnconvError(Exception):
+    """Base class of every error tnconv raises on purpose."""
+
+
+class InvalidWeightError(TnconvError, ValueError):
+    """The kernel handed to ``factorize`` is not a finite, non-empty, 4-D floating tensor."""
+
+
+class RankSpecError(TnconvError, ValueError):
+    """A rank / eps / ratio specification is missing, ambiguous or out of range."""
+
+
+class OptionError(TnconvError, ValueError):
+    """A decomposition option is unknown or has a bad value."""
+
+
+class BudgetError(TnconvError, ValueError):
+    """No factorization of the requested family fits the requested parameter budget."""
+
+
+class UnknownMethodError(TnconvError, KeyError):
+    """No decomposition is registered under the requested name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly instead
+        return str(self.args[0]) if self.args else ""
+
+
+class RegistrationError(TnconvError, ValueError):
+    """A decomposition could not be registered (bad name, clash, not a Decomposition)."""
+
+
+class EquationError(TnconvError, ValueError):
+    """A factorization's einsum equation does not describe a valid conv-kernel network."""
+
+
+class PluginLoadError(TnconvError, ImportError):
+    """A decomposition plugin's entry point was found but could not be loaded."""

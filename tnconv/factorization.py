@@ -1,0 +1,227 @@
+"""Factorization: the factors of a decomposed kernel, the einsum tying them, and its metadata.
+
+A conv kernel has the four modes (T, S, kh, kw) = (out, in, kh, kw). A factorization describes it
+as an einsum network: ``equation`` lists one index string per factor and, after ``->``, the kernel
+indices. ``modes`` groups the output indices into the four kernel modes; by default each mode is
+one index, in order (``"atb,bsc,chd,dwa->tshw"`` has modes ``("t", "s", "h", "w")``). A channel
+mode may be a group of several indices (a tensorised channel, e.g. ``("tu", "s", "h", "w")``,
+row-major), the spatial modes are always single indices, each carried by exactly one factor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import opt_einsum
+import torch
+
+from .errors import EquationError, InvalidWeightError
+
+__all__ = ["Factorization", "parse_equation", "validate_weight"]
+
+KernelShape = tuple[int, int, int, int]
+
+
+def parse_equation(equation: str) -> tuple[list[str], str]:
+    """Split ``"ab,bc->ac"`` into ``(["ab", "bc"], "ac")``; requires an explicit ``->``."""
+    if not isinstance(equation, str) or "->" not in equation:
+        raise EquationError(f"equation {equation!r} must be an explicit einsum 'in,...->out'")
+    lhs, out = equation.replace(" ", "").split("->")
+    inputs = lhs.split(",")
+    for term in [*inputs, out]:
+        if not all(c.isalpha() for c in term):
+            raise EquationError(f"equation {equation!r}: indices must be letters (got {term!r})")
+    return inputs, out
+
+
+def validate_weight(weight: Any) -> torch.Tensor:
+    """Check a kernel and return it as a torch tensor (numpy arrays are accepted).
+
+    Raises :class:`InvalidWeightError` for anything that is not a finite, non-empty, 4-D
+    floating tensor of shape (T, S, kh, kw).
+    """
+    if not isinstance(weight, torch.Tensor):
+        try:
+            weight = torch.as_tensor(weight)
+        except Exception as exc:
+            raise InvalidWeightError(
+                f"weight of type {type(weight).__name__} cannot be converted to a tensor"
+            ) from exc
+    if weight.ndim != 4:
+        raise InvalidWeightError(
+            f"weight must be 4-D (out, in, kh, kw); got {weight.ndim}-D shape {tuple(weight.shape)}"
+        )
+    if any(n == 0 for n in weight.shape):
+        raise InvalidWeightError(f"weight has a zero-sized mode: shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise InvalidWeightError(f"weight must be floating point; got dtype {weight.dtype}")
+    if not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise InvalidWeightError(f"weight contains {bad} NaN or Inf value(s)")
+    return weight
+
+
+@dataclass
+class Factorization:
+    """Factors of a conv kernel and the einsum equation that rebuilds it.
+
+    Attributes:
+        factors: the factor tensors, in the order of the equation's operands.
+        equation: einsum over the factors whose output is the kernel's indices.
+        shape: kernel shape (T, S, kh, kw).
+        ranks: the bond sizes, in the method's documented order.
+        method: registry name of the decomposition that produced it ("" if built by hand).
+        modes: index groups of the four kernel modes; defaults to one output index per mode.
+        info: free-form facts from the fit (achieved error, chosen shift, ...), JSON-friendly.
+    """
+
+    factors: list[torch.Tensor]
+    equation: str
+    shape: KernelShape
+    ranks: tuple[int, ...]
+    method: str = ""
+    modes: tuple[str, str, str, str] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.factors = list(self.factors)
+        self.shape = tuple(int(n) for n in self.shape)  # type: ignore[assignment]
+        self.ranks = tuple(int(r) for r in self.ranks)
+        inputs, out = parse_equation(self.equation)
+        if self.modes is None:
+            if len(out) != 4:
+                raise EquationError(
+                    f"equation {self.equation!r} has {len(out)} output indices; give `modes` "
+                    "to group them into the four kernel modes"
+                )
+            self.modes = (out[0], out[1], out[2], out[3])
+        self.modes = tuple(self.modes)  # type: ignore[assignment]
+        self._check(inputs, out)
+
+    # -- validation -------------------------------------------------------------------------
+    def _check(self, inputs: list[str], out: str) -> None:
+        eq = self.equation
+        if len(self.shape) != 4:
+            raise EquationError(f"shape must have 4 modes (T, S, kh, kw); got {self.shape}")
+        if len(inputs) != len(self.factors):
+            raise EquationError(
+                f"equation {eq!r} has {len(inputs)} operands but {len(self.factors)} factors given"
+            )
+        if len(set(out)) != len(out):
+            raise EquationError(f"equation {eq!r}: output indices must be distinct")
+        modes = self.modes
+        assert modes is not None
+        if len(modes) != 4 or "".join(modes) != out or any(len(m) == 0 for m in modes):
+            raise EquationError(f"modes {modes} must split the output {out!r} into 4 groups")
+        if len(modes[2]) != 1 or len(modes[3]) != 1:
+            raise EquationError(f"spatial modes must be single indices; got {modes[2:]}")
+        sizes: dict[str, int] = {}
+        for term, factor in zip(inputs, self.factors, strict=True):
+            if not isinstance(factor, torch.Tensor):
+                raise EquationError(f"factor for {term!r} is {type(factor).__name__}, not a tensor")
+            if factor.ndim != len(term) or len(set(term)) != len(term):
+                raise EquationError(
+                    f"operand {term!r} does not match factor of shape {tuple(factor.shape)}"
+                )
+            for c, n in zip(term, factor.shape, strict=True):
+                if sizes.setdefault(c, int(n)) != n:
+                    raise EquationError(f"index {c!r} has sizes {sizes[c]} and {n} in {eq!r}")
+        counts = Counter(c for term in inputs for c in term)
+        for c in out:
+            if c not in sizes:
+                raise EquationError(f"output index {c!r} of {eq!r} is in no factor")
+        for c, k in counts.items():
+            if c not in out and k < 2:
+                raise EquationError(f"index {c!r} of {eq!r} is summed inside one factor only")
+        for c in (modes[2], modes[3]):
+            if counts[c] != 1:
+                raise EquationError(f"spatial index {c!r} of {eq!r} must be in exactly one factor")
+        for mode, n in zip(modes, self.shape, strict=True):
+            if math.prod(sizes[c] for c in mode) != n:
+                raise EquationError(
+                    f"mode {mode!r} has size {math.prod(sizes[c] for c in mode)}, shape says {n}"
+                )
+
+    # -- derived quantities ------------------------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        """Total number of entries of the factors."""
+        return sum(int(f.numel()) for f in self.factors)
+
+    @property
+    def dense_params(self) -> int:
+        """Number of entries of the dense kernel T*S*kh*kw."""
+        return math.prod(self.shape)
+
+    @property
+    def compression(self) -> float:
+        """dense_params / num_params (above 1 means smaller than the dense kernel)."""
+        return self.dense_params / self.num_params
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.factors[0].dtype
+
+    def index_sizes(self) -> dict[str, int]:
+        """Size of every index of the equation."""
+        inputs, _ = parse_equation(self.equation)
+        return {
+            c: int(n)
+            for t, f in zip(inputs, self.factors, strict=True)
+            for c, n in zip(t, f.shape, strict=True)
+        }
+
+    def to_tensor(self) -> torch.Tensor:
+        """The dense kernel (T, S, kh, kw) this factorization represents (differentiable)."""
+        dense = opt_einsum.contract(self.equation, *self.factors, backend="torch")
+        return dense.reshape(self.shape)
+
+    def relative_error(self, weight: Any) -> float:
+        """||weight - to_tensor()||_F / ||weight||_F, computed in float64."""
+        w = validate_weight(weight)
+        if tuple(w.shape) != self.shape:
+            raise InvalidWeightError(f"weight shape {tuple(w.shape)} differs from {self.shape}")
+        w64 = w.detach().to(torch.float64)
+        approx = self.to_tensor().detach().to(device=w64.device, dtype=torch.float64)
+        return float(torch.linalg.vector_norm(w64 - approx) / torch.linalg.vector_norm(w64))
+
+    def to(self, *args: Any, **kwargs: Any) -> Factorization:
+        """Copy with every factor moved / cast by ``Tensor.to(*args, **kwargs)``."""
+        return Factorization(
+            [f.to(*args, **kwargs) for f in self.factors],
+            self.equation,
+            self.shape,
+            self.ranks,
+            self.method,
+            self.modes,
+            dict(self.info),
+        )
+
+    def detach(self) -> Factorization:
+        """Copy whose factors are detached clones (no autograd history, no shared storage)."""
+        return Factorization(
+            [f.detach().clone() for f in self.factors],
+            self.equation,
+            self.shape,
+            self.ranks,
+            self.method,
+            self.modes,
+            dict(self.info),
+        )
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(str(tuple(f.shape)) for f in self.factors)
+        return (
+            f"Factorization(method={self.method!r}, shape={self.shape}, ranks={self.ranks}, "
+            f"equation={self.equation!r}, factors=[{shapes}], params={self.num_params}/"
+            f"{self.dense_params})"
+        )
+
+
+def factor_shapes(factors: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
+    """Shapes of ``factors`` as tuples (handy for logging and specs)."""
+    return [tuple(int(n) for n in f.shape) for f in factors]

@@ -1,0 +1,5 @@
+"""Layers that execute factorizations."""
+
+from .conv import FactorizedConv2d
+
+__all__ = ["FactorizedConv2d"]

@@ -1,0 +1,227 @@
+"""FactorizedConv2d: one ``nn.Module`` that runs any factorized kernel from its equation.
+
+The layer never knows which decomposition produced its factors: it holds them as parameters,
+hands the equation to :mod:`tnconv.contraction` for a plan per input shape, and replays the plan.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..contraction import ConvGeometry, ConvNetwork, ConvPlan, plan_conv
+from ..decompositions.base import Decomposition
+from ..factorization import Factorization
+
+__all__ = ["FactorizedConv2d"]
+
+_MAX_PLANS = 16
+
+
+class FactorizedConv2d(nn.Module):
+    """A 2-D convolution whose kernel is a tensor network of trainable factors.
+
+    Args:
+        factorization: the kernel's factors and equation (from ``Decomposition.factorize``).
+        stride, padding, dilation, padding_mode: as in ``torch.nn.Conv2d`` (padding may be an
+            int, a pair, ``"same"`` or ``"valid"``).
+        bias: a tensor of shape (T,) (copied into a parameter), ``True`` for a zero bias, or
+            ``None`` / ``False`` for none.
+        groups: only 1; grouped kernels raise ``NotImplementedError``.
+
+    Shapes: input (B, S, H, W) or (S, H, W); output (B, T, H', W') with H', W' as for
+    ``nn.Conv2d``. The output equals ``F.conv2d(x, factorization.to_tensor(), bias, stride,
+    padding, dilation)``; it is computed without ever forming the dense kernel.
+    """
+
+    def __init__(
+        self,
+        factorization: Factorization,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        bias: torch.Tensor | bool | None = None,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+    ) -> None:
+        super().__init__()
+        if not isinstance(factorization, Factorization):
+            raise TypeError(
+                f"FactorizedConv2d needs a tnconv.Factorization; got {type(factorization).__name__}"
+            )
+        if groups != 1:
+            raise NotImplementedError(
+                f"grouped convolution (groups={groups}) is not supported: a factorized kernel "
+                "spans all input channels; keep grouped / depthwise convs dense"
+            )
+        t, s, kh, kw = factorization.shape
+        self.in_channels, self.out_channels = s, t
+        self.kernel_size = (kh, kw)
+        self.groups = 1
+        self.geometry = ConvGeometry.make((kh, kw), stride, padding, dilation, padding_mode)
+        self.stride = self.geometry.stride
+        self.dilation = self.geometry.dilation
+        self.padding = (
+            padding
+            if isinstance(padding, str)
+            else (self.geometry.padding[0], self.geometry.padding[2])
+        )
+        self.padding_mode = padding_mode
+        self.equation = factorization.equation
+        self.modes = factorization.modes
+        self.method = factorization.method
+        self.ranks = factorization.ranks
+        self.info = dict(factorization.info)
+        self.network = ConvNetwork.from_factorization(factorization)
+        self.factors = nn.ParameterList(
+            nn.Parameter(f.detach().clone()) for f in factorization.factors
+        )
+        if isinstance(bias, torch.Tensor):
+            if tuple(bias.shape) != (t,):
+                raise ValueError(f"bias must have shape ({t},); got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().clone())
+        elif bias is True:
+            self.bias = nn.Parameter(factorization.factors[0].new_zeros(t))
+        elif bias is None or bias is False:
+            self.register_parameter("bias", None)
+        else:
+            raise TypeError(f"bias must be a tensor, a bool or None; got {type(bias).__name__}")
+        self._plans: OrderedDict[tuple[int, ...], ConvPlan] = OrderedDict()
+
+    # -- construction from a dense layer ------------------------------------------------------
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        method: str | Decomposition,
+        rank: Any = None,
+        *,
+        eps: Any = None,
+        ratio: Any = None,
+        **options: Any,
+    ) -> FactorizedConv2d:
+        """Factorize ``conv``'s kernel with ``method`` and return the equivalent layer.
+
+        ``rank`` / ``eps`` / ``ratio`` / ``options`` are those of ``Decomposition.factorize``.
+        The new layer copies the stride, padding, dilation, padding mode and bias; ``conv`` is
+        left untouched.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv needs a torch.nn.Conv2d; got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise NotImplementedError(
+                f"grouped convolution (groups={conv.groups}) is not supported; keep it dense"
+            )
+        if isinstance(method, Decomposition):
+            decomposition = method
+        else:
+            from ..registry import get  # the layer itself never needs the registry
+
+            decomposition = get(method)
+        factorization = decomposition.factorize(
+            conv.weight.detach(), rank, eps=eps, ratio=ratio, **options
+        )
+        return cls(
+            factorization,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=None if conv.bias is None else conv.bias.detach(),
+            padding_mode=conv.padding_mode,
+        )
+
+    # -- execution ----------------------------------------------------------------------------
+    def plan_for(self, input_shape: tuple[int, ...]) -> ConvPlan:
+        """The (cached) execution plan for inputs of shape (B, S, H, W)."""
+        key = tuple(int(n) for n in input_shape)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(key) != 4:
+                raise ValueError(f"expected input of shape (B, S, H, W); got {key}")
+            plan = plan_conv(self.network, self.geometry, key)  # type: ignore[arg-type]
+            self._plans[key] = plan
+            if len(self._plans) > _MAX_PLANS:
+                self._plans.popitem(last=False)
+        return plan
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.ndim == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected input (B, {self.in_channels}, H, W) or ({self.in_channels}, H, W); "
+                f"got {tuple(x.shape)}"
+            )
+        y = self.plan_for(tuple(x.shape))(x, list(self.factors), self.bias)
+        return y.squeeze(0) if unbatched else y
+
+    # -- inspection -----------------------------------------------------------------------------
+    @property
+    def factorization(self) -> Factorization:
+        """The current factors (detached copies) as a :class:`Factorization`."""
+        return Factorization(
+            [p.detach().clone() for p in self.factors],
+            self.equation,
+            (self.out_channels, self.in_channels, *self.kernel_size),
+            self.ranks,
+            method=self.method,
+            modes=self.modes,
+            info=dict(self.info),
+        )
+
+    def to_tensor(self) -> torch.Tensor:
+        """The dense kernel (T, S, kh, kw) the factors represent (differentiable)."""
+        return Factorization(
+            list(self.factors),
+            self.equation,
+            (self.out_channels, self.in_channels, *self.kernel_size),
+            self.ranks,
+            modes=self.modes,
+        ).to_tensor()
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the factors (the bias excluded)."""
+        return sum(int(p.numel()) for p in self.factors)
+
+    @property
+    def dense_params(self) -> int:
+        """Parameters of the dense kernel this layer replaces (the bias excluded)."""
+        return self.out_channels * self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    def flops(self, input_shape: tuple[int, ...]) -> int:
+        """FLOPs of one forward pass on ``input_shape`` (B, S, H, W), bias excluded."""
+        return self.plan_for(input_shape).flops
+
+    def to_conv2d(self) -> nn.Conv2d:
+        """A dense ``nn.Conv2d`` with the reconstructed kernel (e.g. to undo compression)."""
+        w = self.to_tensor().detach()
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias.detach())
+        return conv
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"method={self.method!r}, ranks={self.ranks}, params={self.num_params}/"
+            f"{self.dense_params}, bias={self.bias is not None}"
+        )
