@@ -116,23 +116,39 @@ def _others(cores: Sequence[torch.Tensor], k: int) -> torch.Tensor:
     return acc.reshape(acc.shape[0], -1, acc.shape[-1])
 
 
+def als_sweep_flops(shape: Sequence[int], ranks: Sequence[int]) -> float:
+    """Approximate multiply-adds of one :func:`ring_als` sweep at these ranks."""
+    d, total = len(shape), math.prod(shape)
+    flops = 0.0
+    for k in range(d):
+        n = ranks[k] * ranks[(k + 1) % d]  # unknowns per row of core k
+        m = total // shape[k]
+        flops += m * n * n + n**3 / 3 + shape[k] * m * n + total * max(ranks)
+    return flops
+
+
 def ring_als(
     tensor: torch.Tensor,
     cores: list[torch.Tensor],
     sweeps: int,
-    tol: float = 1e-10,
+    tol: float = 1e-4,
+    max_flops: float = math.inf,
 ) -> tuple[list[torch.Tensor], float]:
     """Refine ring / train cores by alternating least squares at fixed ranks.
 
     Each core update solves its least-squares problem exactly (a tiny ridge only guards
     singular Gram matrices, and an update that does not lower the error is rejected), so the
-    returned error is never above the starting one. Returns ``(cores, relative_error)``.
+    returned error is never above the starting one. Stops after ``sweeps`` sweeps, when a sweep
+    lowers the error by less than the fraction ``tol``, or before the sweeps would exceed
+    ``max_flops`` multiply-adds in total. Returns ``(cores, relative_error)``.
     """
     d = tensor.ndim
     cores = [c.clone() for c in cores]
     norm = float(torch.linalg.vector_norm(tensor))
     err = ring_error(tensor, cores)
-    for _ in range(sweeps):
+    per_sweep = als_sweep_flops(tensor.shape, [c.shape[0] for c in cores])
+    sweeps = min(sweeps, int(max_flops // per_sweep)) if math.isfinite(max_flops) else sweeps
+    for _ in range(sweeps if err > 1e-13 else 0):
         start = err
         for k in range(d):
             z = _others(cores, k)  # (r_{k+1}, M, r_k)

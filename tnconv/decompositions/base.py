@@ -167,9 +167,9 @@ class Decomposition(ABC):
         """Lowest-error factorization with at most ``budget`` parameters.
 
         Generic version: the better of (a) the eps-bisection when the family is error-bounded and
-        (b) the largest uniform rank that fits, grown bond by bond while it fits and helps. The
-        search runs with :meth:`search_options` (cheaper), the winner is refitted with
-        ``options``.
+        (b) the largest uniform rank that fits, each grown bond by bond while it fits and helps.
+        The search runs with :meth:`search_options` (cheaper); the candidates are refitted with
+        ``options`` and the lowest error wins.
         """
         shape: KernelShape = tuple(weight.shape)  # type: ignore[assignment]
         quick = self.search_options(options)
@@ -191,11 +191,12 @@ class Decomposition(ABC):
             candidates.append(self.fit(weight, self.bond_ranks(r, shape), quick))
         if not candidates:
             raise BudgetError(f"no {self.name} factorization of {shape} fits {budget} parameters")
-        best = min(candidates, key=lambda f: f.relative_error(weight))
-        best = self.grow_within_budget(weight, best, budget, quick)
-        if quick == options:
-            return best
-        return self.fit(weight, best.ranks, options)
+        candidates += [self.grow_within_budget(weight, c, budget, quick) for c in candidates]
+        if quick != options:
+            # quick errors do not rank the final fits reliably: refit every distinct candidate
+            distinct = {c.ranks: c for c in candidates}
+            candidates = [self.fit(weight, ranks, options) for ranks in distinct]
+        return min(candidates, key=lambda f: f.relative_error(weight))
 
     def search_options(self, options: Any) -> Any:
         """Cheaper options used while searching ranks (default: the same options)."""

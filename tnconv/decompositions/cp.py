@@ -38,9 +38,11 @@ class CPOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_iter: Annotated[int, Field(ge=1, le=100_000)] = 1000
-    tol: Annotated[float, Field(ge=0.0, lt=1.0)] = 1e-10
+    max_iter: Annotated[int, Field(ge=1, le=100_000)] = 500
+    tol: Annotated[float, Field(ge=0.0, lt=1.0)] = 1e-9
+    # "svd": SVD starts (two fills) then random ones; "random": random starts only
     init: Literal["svd", "random"] = "svd"
+    n_init: Annotated[int, Field(ge=1, le=100)] = 3
     l2_reg: Annotated[float, Field(ge=0.0)] = 0.0
     seed: int = 0
 
@@ -73,15 +75,24 @@ def _exact_factors(weight: torch.Tensor) -> list[torch.Tensor]:
     return factors
 
 
-def _init(weight: torch.Tensor, rank: int, opts: CPOptions) -> list[torch.Tensor]:
-    """Leading singular vectors of each unfolding, random columns where a mode has too few."""
-    gen = torch.Generator(device="cpu").manual_seed(opts.seed)
+# the starts tried in turn: SVD with Gaussian fill, SVD with non-negative uniform fill (the
+# columns a mode lacks are random either way), then random starts
+_STARTS = ("svd", "svd-uniform", "random")
+
+
+def _init(weight: torch.Tensor, rank: int, init: str, seed: int) -> list[torch.Tensor]:
+    """Leading singular vectors of each unfolding (random columns where a mode has too few),
+    or all random for ``init="random"``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     factors = []
     for n in range(4):
         size = weight.shape[n]
-        a = torch.randn(size, rank, generator=gen, dtype=torch.float64) / math.sqrt(size)
+        if init == "svd-uniform":
+            a = torch.rand(size, rank, generator=gen, dtype=torch.float64)
+        else:
+            a = torch.randn(size, rank, generator=gen, dtype=torch.float64) / math.sqrt(size)
         a = a.to(weight.device)
-        if opts.init == "svd":
+        if init.startswith("svd"):
             u, _, _ = svd(mode_unfold(weight, n))
             k = min(rank, u.shape[1])
             a[:, :k] = u[:, :k]
@@ -89,54 +100,91 @@ def _init(weight: torch.Tensor, rank: int, opts: CPOptions) -> list[torch.Tensor
     return factors
 
 
+class _CPProblem:
+    """The ALS sub-problems of one kernel at one rank, with their einsum plans made once."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, l2_reg: float) -> None:
+        self.weight = weight
+        self.rank = rank
+        self.l2_reg = l2_reg
+        self.norm_sq = float(torch.sum(weight * weight))
+        shapes = [tuple(weight.shape)] + [(n, rank) for n in weight.shape]
+        self.mttkrp = [
+            opt_einsum.contract_expression(
+                eq, shapes[0], *(s for m, s in enumerate(shapes[1:]) if m != n)
+            )
+            for n, eq in enumerate(_MTTKRP)
+        ]
+        self.eye = torch.eye(rank, dtype=weight.dtype, device=weight.device)
+
+    def error(self, factors: list[torch.Tensor]) -> float:
+        """Relative error from ``||W||^2 - 2 <W, W_hat> + ||W_hat||^2`` (no reconstruction)."""
+        m = self.mttkrp[3](self.weight, *factors[:3], backend="torch")
+        inner = float(torch.sum(m * factors[3]))
+        approx_sq = float(torch.sum(math.prod(f.T @ f for f in factors)))
+        return math.sqrt(max(self.norm_sq - 2 * inner + approx_sq, 0.0) / self.norm_sq)
+
+    def sweep(self, factors: list[torch.Tensor]) -> float:
+        """One ALS sweep over the four modes, in place; returns the new relative error."""
+        grams = [f.T @ f for f in factors]
+        for n in range(4):
+            others = [f for m, f in enumerate(factors) if m != n]
+            mttkrp = self.mttkrp[n](self.weight, *others, backend="torch")
+            v = math.prod(g for m, g in enumerate(grams) if m != n)
+            reg = self.l2_reg * float(torch.trace(v)) / self.rank + 1e-14 * float(v.abs().max())
+            # A_n = mttkrp @ pinv(V), as a least-squares solve (V may be singular)
+            sol = torch.linalg.lstsq(v + reg * self.eye, mttkrp.T).solution.T
+            if n < 3:  # the scale lives on the last factor while iterating, for conditioning
+                sol = sol / torch.linalg.vector_norm(sol, dim=0).clamp_min(1e-300)
+            factors[n] = sol
+            grams[n] = sol.T @ sol
+        inner = float(torch.sum(mttkrp * factors[3]))
+        approx_sq = float(torch.sum(math.prod(grams)))
+        return math.sqrt(max(self.norm_sq - 2 * inner + approx_sq, 0.0) / self.norm_sq)
+
+    def solve(self, factors: list[torch.Tensor], max_iter: int, tol: float) -> tuple[list, float]:
+        """ALS with extrapolation (Bro's line search) until the error stalls."""
+        err, prev_err, last = math.inf, math.inf, None
+        exponent = 3.0
+        for it in range(1, max_iter + 1):
+            before = [f.clone() for f in factors]
+            err = self.sweep(factors)
+            if last is not None and it > 2:
+                # jump further along the last sweep's direction; keep it only if it helps
+                jump = it ** (1.0 / exponent)
+                trial = [b + (f - b) * jump for b, f in zip(before, factors, strict=True)]
+                trial_err = self.error(trial)
+                if trial_err < err:
+                    factors[:], err = trial, trial_err
+                else:
+                    exponent += 1.0
+            last = before
+            if abs(prev_err - err) <= tol * max(err, 1e-300) or err < 1e-13:
+                log.debug("cp-als converged after %d iterations, error %.3e", it, err)
+                break
+            prev_err = err
+        return factors, err
+
+
 def cp_als(
     weight: torch.Tensor, rank: int, opts: CPOptions
 ) -> tuple[list[torch.Tensor], float, float]:
-    """Fit a rank-``rank`` CP model by alternating least squares.
+    """Fit a rank-``rank`` CP model by ALS from ``opts.n_init`` starts; keep the best.
 
     Returns ``(factors, relative_error, degeneracy)`` with the column scales spread evenly over
     the four factors.
     """
-    norm_sq = float(torch.sum(weight * weight))
-    factors = _init(weight, rank, opts)
-    grams = [f.T @ f for f in factors]
-    shapes = [tuple(weight.shape)] + [(n, rank) for n in weight.shape]
-    mttkrp_exprs = [
-        opt_einsum.contract_expression(
-            eq, shapes[0], *(s for m, s in enumerate(shapes[1:]) if m != n)
-        )
-        for n, eq in enumerate(_MTTKRP)
-    ]
-    eye = torch.eye(rank, dtype=weight.dtype, device=weight.device)
-    prev_err = math.inf
-    err = math.inf
+    problem = _CPProblem(weight, rank, opts.l2_reg)
     best: tuple[list[torch.Tensor], float] | None = None
-    for it in range(opts.max_iter):
-        for n in range(4):
-            others = [f for m, f in enumerate(factors) if m != n]
-            mttkrp = mttkrp_exprs[n](weight, *others, backend="torch")
-            v = math.prod(g for m, g in enumerate(grams) if m != n)
-            reg = opts.l2_reg * float(torch.trace(v)) / rank + 1e-14 * float(v.abs().max())
-            # A_n = mttkrp @ pinv(V): solve the symmetric system instead of forming an inverse
-            sol = torch.linalg.lstsq(v + reg * eye, mttkrp.T).solution.T
-            if n < 3:  # keep scales on the last factor while iterating, for conditioning
-                norms = torch.linalg.vector_norm(sol, dim=0).clamp_min(1e-300)
-                sol = sol / norms
-            factors[n] = sol
-            grams[n] = sol.T @ sol
-        # ||W - W_hat||^2 = ||W||^2 - 2 <W, W_hat> + ||W_hat||^2, from the last update's terms
-        inner = float(torch.sum(mttkrp * factors[3]))
-        approx_sq = float(torch.sum(math.prod(grams)))
-        err = math.sqrt(max(norm_sq - 2 * inner + approx_sq, 0.0) / norm_sq)
+    starts = _STARTS if opts.init == "svd" else ("random",)
+    for start in range(opts.n_init):
+        init = starts[min(start, len(starts) - 1)]
+        factors = _init(weight, rank, init, opts.seed + start)
+        factors, err = problem.solve(factors, opts.max_iter, opts.tol)
         if best is None or err < best[1]:
-            best = ([f.clone() for f in factors], err)
-        if abs(prev_err - err) <= opts.tol * max(err, 1e-300) or err < 1e-13:
-            log.debug("cp-als converged after %d iterations, error %.3e", it + 1, err)
-            break
-        prev_err = err
+            best = (factors, err)
     assert best is not None
-    factors, err = best
-    return _balance(factors, weight)
+    return _balance(best[0], weight)
 
 
 def _balance(
@@ -171,7 +219,7 @@ class CP(Decomposition):
         return ranks[0] * sum(shape)
 
     def search_options(self, options: CPOptions) -> CPOptions:
-        return options.model_copy(update={"max_iter": min(options.max_iter, 100)})
+        return options.model_copy(update={"max_iter": min(options.max_iter, 100), "n_init": 1})
 
     def fit(
         self, weight: torch.Tensor, ranks: tuple[int, ...], options: CPOptions

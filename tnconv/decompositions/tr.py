@@ -12,7 +12,6 @@ plus what earlier steps left unused. The squared error is exactly the sum discar
 
 from __future__ import annotations
 
-import math
 from typing import Annotated
 
 import torch
@@ -32,7 +31,9 @@ class TROptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    als_sweeps: Annotated[int, Field(ge=0, le=1000)] = 10  # ALS refinement at the found ranks
+    # ALS refinement at the found ranks: at most this many sweeps and this much work
+    als_sweeps: Annotated[int, Field(ge=0, le=1000)] = 10
+    als_max_gflop: Annotated[float, Field(ge=0.0)] = 2.0
 
 
 def cap_ring_ranks(asked: tuple[int, ...], shape: KernelShape) -> tuple[int, int, int, int]:
@@ -41,12 +42,9 @@ def cap_ring_ranks(asked: tuple[int, ...], shape: KernelShape) -> tuple[int, int
     r0, r1, r2, r3 = asked
     limit = min(t, s * kh * kw)  # r0 * r1 is the rank of the (T, rest) unfolding
     if r0 * r1 > limit:
-        small, large = sorted((r0, r1))
-        if small * small <= limit:
-            large = limit // small
-        else:
-            small = large = math.isqrt(limit)
-        r0, r1 = (large, small) if r0 >= r1 else (small, large)
+        # the largest product within both the request and the limit, as balanced as possible
+        pairs = ((a, min(r1, limit // a)) for a in range(1, min(r0, limit) + 1))
+        r0, r1 = max(pairs, key=lambda p: (p[0] * p[1], -abs(p[0] - p[1])))
     r2 = min(r2, r1 * s, kh * kw * r0)
     r3 = min(r3, r2 * kh, kw * r0)
     return r0, r1, r2, r3
@@ -73,7 +71,9 @@ class TR(Decomposition):
     def _finish_ring(
         self, weight: torch.Tensor, cores: list[torch.Tensor], options: TROptions
     ) -> Factorization:
-        cores, err = ring_als(weight, cores, options.als_sweeps)
+        cores, err = ring_als(
+            weight, cores, options.als_sweeps, max_flops=options.als_max_gflop * 1e9
+        )
         ranks = tuple(int(c.shape[0]) for c in cores)
         return self.make(cores, EQUATION, tuple(weight.shape), ranks, fit_error=err)
 

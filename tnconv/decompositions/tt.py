@@ -31,7 +31,9 @@ class TTOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    als_sweeps: Annotated[int, Field(ge=0, le=1000)] = 10  # ALS refinement at the found ranks
+    # ALS refinement at the found ranks: at most this many sweeps and this much work
+    als_sweeps: Annotated[int, Field(ge=0, le=1000)] = 10
+    als_max_gflop: Annotated[float, Field(ge=0.0)] = 2.0
 
 
 def budgeted_chooser(total_sq: float, steps: int):
@@ -72,7 +74,9 @@ class TT(Decomposition):
     def _finish_train(
         self, weight: torch.Tensor, cores: list[torch.Tensor], options: TTOptions
     ) -> Factorization:
-        cores, err = ring_als(weight, cores, options.als_sweeps)
+        cores, err = ring_als(
+            weight, cores, options.als_sweeps, max_flops=options.als_max_gflop * 1e9
+        )
         factors = [cores[0][0], cores[1], cores[2], cores[3][..., 0]]
         ranks = (cores[1].shape[0], cores[2].shape[0], cores[3].shape[0])
         return self.make(factors, EQUATION, tuple(weight.shape), ranks, fit_error=err)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import RankSpecError
 from ..factorization import Factorization, KernelShape
 from ..registry import register
-from ._linalg import leading_left_vectors, mode_unfold, svd, tail_energy
+from ._linalg import leading_left_vectors, mode_unfold, svd
 from .base import Decomposition
 
 TUCKER2 = "abhw,ta,sb->tshw"
@@ -146,47 +146,59 @@ class Tucker(Decomposition):
             )
         return out, factors
 
-    def _spectra(self, weight: torch.Tensor, n_modes: int) -> list[torch.Tensor]:
-        return [tail_energy(svd(mode_unfold(weight, n))[1]) for n in range(n_modes)]
+    def _rank_table(
+        self, weight: torch.Tensor, n_modes: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every rank tuple with its parameter count and exact HOSVD-truncation error.
 
-    def _rank_grid(self, shape: KernelShape, n_modes: int) -> list[tuple[int, ...]]:
-        """Every (R_T, R_h, R_w) head of a rank tuple; R_S is chosen per head by the caller."""
-        heads = [(rt,) for rt in range(1, shape[0] + 1)]
-        if n_modes == 4:
-            heads = [
-                (rt, rh, rw)
-                for (rt,) in heads
-                for rh in range(1, shape[2] + 1)
-                for rw in range(1, shape[3] + 1)
-            ]
-        return heads
-
-    @staticmethod
-    def _assemble(head: tuple[int, ...], rs: int) -> tuple[int, ...]:
-        return (head[0], rs) if len(head) == 1 else (head[0], rs, head[1], head[2])
+        The HOSVD core ``C = W x_n U_n^T`` (full bases) has ``||W - W_hat(r)||^2 = ||W||^2 -
+        sum(C[:r_0, :r_1, ...]^2)`` for the truncation at ranks r, so cumulative sums of ``C^2``
+        give the error of every rank tuple at once. Returns ``(ranks, params, missing)`` with
+        ``ranks`` of shape (N, n_modes), restricted to valid multilinear ranks.
+        """
+        shape = tuple(weight.shape)
+        bases = {n: svd(mode_unfold(weight, n))[0] for n in range(n_modes)}
+        energy = _project(weight, bases) ** 2
+        if n_modes == 2:
+            energy = energy.sum(dim=(2, 3))
+        captured = energy
+        for axis in range(n_modes):
+            captured = torch.cumsum(captured, dim=axis)
+        # ranks past an unfolding's rank capture nothing more: pad by repeating the last slice
+        for axis in range(n_modes):
+            pad = shape[axis] - captured.shape[axis]
+            if pad > 0:
+                last = captured.narrow(axis, captured.shape[axis] - 1, 1)
+                captured = torch.cat([captured, *([last] * pad)], dim=axis)
+        grids = torch.meshgrid(
+            *(torch.arange(1, shape[n] + 1, dtype=torch.float64) for n in range(n_modes)),
+            indexing="ij",
+        )
+        ranks = torch.stack([g.flatten() for g in grids], dim=1).to(torch.int64)
+        kept = math.prod(shape[n_modes:])  # spatial modes left whole act as full ranks
+        valid = torch.ones(ranks.shape[0], dtype=torch.bool)
+        for n in range(n_modes):
+            others = torch.prod(torch.cat([ranks[:, :n], ranks[:, n + 1 :]], 1), 1) * kept
+            valid &= ranks[:, n] <= others
+        ranks = ranks[valid]
+        rf = ranks.to(torch.float64)
+        if n_modes == 2:
+            params = rf[:, 0] * rf[:, 1] * kept + shape[0] * rf[:, 0] + shape[1] * rf[:, 1]
+        else:
+            params = rf.prod(1) + sum(shape[n] * rf[:, n] for n in range(4))
+        total = float(torch.sum(weight * weight))
+        missing = (total - captured.flatten()[valid]).clamp_min(0.0)
+        return ranks, params, missing
 
     def fit_eps(self, weight: torch.Tensor, eps: float, options: TuckerOptions) -> Factorization:
-        shape: KernelShape = tuple(weight.shape)  # type: ignore[assignment]
-        n_modes = 4 if options.full else 2
-        tails = self._spectra(weight, n_modes)
-        budget = eps * eps * float(torch.sum(weight * weight))
-        best: tuple[int, tuple[int, ...]] | None = None
-        for head in self._rank_grid(shape, n_modes):
-            spent = float(tails[0][head[0]]) + sum(
-                float(tails[n][r]) for n, r in zip((2, 3), head[1:], strict=False)
-            )
-            left = budget - spent
-            if left < 0:
-                continue
-            # smallest R_S whose discarded energy fits what is left of the budget
-            ok = torch.nonzero(tails[1] <= left).flatten()
-            rs = max(1, int(ok[0]))
-            ranks = self.bond_ranks(self._assemble(head, rs), shape)
-            cost = self.num_params_at(shape, ranks)
-            if best is None or cost < best[0]:
-                best = (cost, ranks)
-        assert best is not None  # full ranks always fit: nothing is discarded
-        result, factors = self._fit(weight, best[1], options)
+        ranks, params, missing = self._rank_table(weight, 4 if options.full else 2)
+        allowed = eps * eps * float(torch.sum(weight * weight))
+        ok = missing <= allowed
+        # the cheapest tuple whose HOSVD truncation already meets eps (ties: lower error)
+        order = torch.argsort(missing[ok])
+        pick = order[torch.argmin(params[ok][order])]
+        chosen = tuple(int(r) for r in ranks[ok][pick])
+        result, factors = self._fit(weight, chosen, options)  # HOOI only lowers the error
         if options.shrink:
             result = self._shrink(weight, result, factors, eps, options)
         return result
@@ -220,29 +232,9 @@ class Tucker(Decomposition):
                 return result
 
     def fit_ratio(self, weight: torch.Tensor, budget: int, options: TuckerOptions) -> Factorization:
-        shape: KernelShape = tuple(weight.shape)  # type: ignore[assignment]
-        n_modes = 4 if options.full else 2
-        tails = self._spectra(weight, n_modes)
-        scored: list[tuple[float, tuple[int, ...]]] = []
-        for head in self._rank_grid(shape, n_modes):
-            # largest R_S that fits the budget for this head (params grow with R_S)
-            lo, hi, rs = 1, shape[1], 0
-            while lo <= hi:
-                mid = (lo + hi) // 2
-                if self.num_params_at(shape, self._assemble(head, mid)) <= budget:
-                    rs, lo = mid, mid + 1
-                else:
-                    hi = mid - 1
-            if rs == 0:
-                continue
-            ranks = self.bond_ranks(self._assemble(head, rs), shape)
-            bound = (
-                float(tails[0][ranks[0]])
-                + float(tails[1][ranks[1]])
-                + sum(float(tails[n][ranks[n]]) for n in range(2, len(ranks)))
-            )
-            scored.append((bound, ranks))
-        scored.sort()
-        # the HOSVD bound ranks candidates; HOOI decides between the best few
-        fits = [self.fit(weight, ranks, options) for _, ranks in scored[:3]]
-        return min(fits, key=lambda f: f.info["fit_error"])
+        ranks, params, missing = self._rank_table(weight, 4 if options.full else 2)
+        fits = params <= budget
+        order = torch.argsort(missing[fits])[:3]
+        # the HOSVD truncation error ranks the candidates; HOOI decides between the best few
+        trials = [self.fit(weight, tuple(int(r) for r in ranks[fits][i]), options) for i in order]
+        return min(trials, key=lambda f: f.info["fit_error"])

@@ -1,0 +1,54 @@
+"""Shared fixtures: real trained kernels, the registered methods, hypothesis profiles."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+import tnconv
+
+DATA = Path(__file__).parent / "data"
+
+settings.register_profile(
+    "ci",
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=True,
+)
+settings.register_profile(
+    "thorough",
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+METHODS = tnconv.available()
+EPS_METHODS = [m for m in METHODS if tnconv.get(m).guarantees_eps]
+
+
+def load_real_kernels() -> dict[str, np.ndarray]:
+    """Trained conv kernels copied from ../shared/data (see tests/data/README.md)."""
+    with np.load(DATA / "real_kernels.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+REAL_KERNELS = load_real_kernels()
+# the kernels with a spatial extent and several input channels: the ones worth compressing
+REAL_3D = {k: v for k, v in REAL_KERNELS.items() if v.shape[1] > 3 and v.shape[2] > 1}
+
+
+@pytest.fixture(params=METHODS)
+def method(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def rng() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)
