@@ -49,13 +49,13 @@ class _Scaled(tnconv.Decomposition):
 
     rank_order = "(1,)"
 
-    def bond_ranks(self, rank, shape):  # noqa: ANN001, ANN201
+    def bond_ranks(self, rank, shape):
         return (1,)
 
-    def num_params_at(self, shape, ranks):  # noqa: ANN001, ANN201
+    def num_params_at(self, shape, ranks):
         return shape[0] * shape[1] * shape[2] * shape[3]
 
-    def fit(self, weight, ranks, options):  # noqa: ANN001, ANN201
+    def fit(self, weight, ranks, options):
         return self.make([weight.clone()], "tshw->tshw", tuple(weight.shape), (1,))
 
 
@@ -83,7 +83,7 @@ def test_register_rules(registered: str) -> None:
         tnconv.register(registered, Other)
     tnconv.register(registered, Other, override=True)
     assert type(tnconv.get(registered)) is Other
-    with pytest.raises(RegistrationError, match="not a tnconv.Decomposition"):
+    with pytest.raises(RegistrationError, match=r"not a tnconv\.Decomposition"):
         tnconv.register("not-a-method", int)
     with pytest.raises(RegistrationError, match="bad decomposition name"):
         tnconv.register("has space", _Scaled)
