@@ -365,12 +365,17 @@ class _Operand:
 
 @dataclass(frozen=True)
 class FactorStep:
-    """Contract two weight operands with ``torch.einsum``."""
+    """Contract two weight operands with ``torch.einsum``.
+
+    ``flops`` follows torch.utils.flop_counter: 2 per multiply-add of a contraction, 0 for a
+    broadcast (outer / elementwise) product.
+    """
 
     left: int
     right: int
     equation: str
     flops: int
+    macs: int  # multiplies (-adds), whether or not anything is summed
 
 
 @dataclass(frozen=True)
@@ -408,6 +413,12 @@ class ConvPlan:
     def flops(self) -> int:
         """FLOPs of one forward pass (2 per multiply-add, as torch.utils.flop_counter counts)."""
         return sum(step.flops for step in self.steps)
+
+    @property
+    def macs(self) -> int:
+        """Multiply(-add)s of one forward pass, broadcast products included (what the
+        path optimizer minimises when memory traffic is weighed at 0)."""
+        return sum(s.macs if isinstance(s, FactorStep) else s.flops // 2 for s in self.steps)
 
     @property
     def data_flops(self) -> int:
@@ -469,8 +480,13 @@ def plan_conv(
     geometry: ConvGeometry,
     input_shape: tuple[int, int, int, int],
     memory_weight: float = MEMORY_WEIGHT,
+    path: Sequence[tuple[int, int]] | None = None,
 ) -> ConvPlan:
-    """Plan the factorized convolution of an input of shape (B, S, H, W)."""
+    """Plan the factorized convolution of an input of shape (B, S, H, W).
+
+    ``path`` forces a contraction order (opt_einsum's linear format, operand 0 being the feature
+    map); by default :class:`ConvPathOptimizer` chooses it.
+    """
     b, s, h_in, w_in = input_shape
     sz = network.size_of
     kh, kw = network.kernel_size
@@ -487,13 +503,13 @@ def plan_conv(
     optimizer = ConvPathOptimizer(network, (h_in, w_in), (h_out, w_out), memory_weight)
     equation = network.einsum()
     shapes = [(b, *in_sizes, h_in, w_in)] + [tuple(sizes[c] for c in t) for t in network.terms]
-    n_ops = len(shapes)
-    if n_ops == 2:
-        path: list[tuple[int, ...]] = [(0, 1)]
-        optimizer.cost = math.nan
-    else:
-        path, _ = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimizer)
+    if path is not None:
         path = [tuple(p) for p in path]
+    elif len(shapes) == 2:
+        path = [(0, 1)]
+    else:
+        found, _ = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimizer)
+        path = [tuple(p) for p in found]
 
     plan = ConvPlan(
         input_shape=(b, s, h_in, w_in),
@@ -518,8 +534,14 @@ def plan_conv(
         if not left.is_data and not right.is_data:
             keep = "".join(dict.fromkeys(c for c in left.indices + right.indices if c in rest))
             eq = f"{left.indices},{right.indices}->{keep}"
-            flops = 2 * math.prod(sizes[c] for c in set(left.indices + right.indices))
-            plan.steps.append(FactorStep(left.slot, right.slot, eq, flops))
+            involved = set(left.indices + right.indices)
+            # a step that sums an index runs as a matmul (2 FLOPs per multiply-add); a pure
+            # outer / elementwise product is a broadcast multiply, which torch's flop counter
+            # does not count either (weights only, and tiny)
+            sums = len(involved) > len(keep)
+            flops = 2 * math.prod(sizes[c] for c in involved) if sums else 0
+            macs = math.prod(sizes[c] for c in involved)
+            plan.steps.append(FactorStep(left.slot, right.slot, eq, flops, macs))
             operands.append(_Operand(keep, False, next_slot))
             next_slot += 1
             continue
