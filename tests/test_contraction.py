@@ -65,7 +65,7 @@ def test_optimizer_works_through_opt_einsum_contract_path() -> None:
     opt = ConvPathOptimizer(net, (14, 14), (14, 14))
     sizes = dict(net.sizes)
     shapes = [(8, 32, 14, 14)] + [tuple(sizes[c] for c in term) for term in net.terms]
-    path, info = opt_einsum.contract_path(net.einsum(), *shapes, shapes=True, optimize=opt)
+    path, _info = opt_einsum.contract_path(net.einsum(), *shapes, shapes=True, optimize=opt)
     assert len(path) == len(net.terms) and math.isfinite(opt.cost)
 
 
