@@ -44,9 +44,13 @@ __all__ = [
     "plan_conv",
 ]
 
-# one MAC and one element of memory traffic are weighed alike when choosing an order: on CPUs
-# the thin 1x1 steps of a tensor network are memory bound, so traffic must count
-MEMORY_WEIGHT = 1.0
+# Moving one element costs about as much time as 8 multiply-adds: the thin 1x1 and depthwise
+# steps of a tensor network are memory bound on CPUs (calibrated with benchmarks/layer_speed.py;
+# 8 to 32 all gave the same plans within noise, 1 gave slower ones).
+MEMORY_WEIGHT = 8.0
+# ...but a plan may not execute more than 10% more FLOPs than the FLOP-optimal order: the FLOPs
+# tnconv reports are the ones a layer runs, and they must stay close to the network's minimum.
+FLOP_SLACK = 0.10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,6 +389,9 @@ class DataStep:
     factor: int
     data_perm: tuple[int, ...] | None  # permutation of the data tensor before reshaping
     data_shape: tuple[int, ...]  # conv input (B * fold, groups * contracted, H, W)
+    # channels-last execution: permute to (B, fold, H, W, groups, contracted), reshape to
+    # (B * fold, H, W, groups * contracted), and view as NCHW
+    nhwc_perm: tuple[int, ...]
     factor_perm: tuple[int, ...] | None
     weight_shape: tuple[int, int, int, int]  # (groups * new, contracted, kh', kw')
     groups: int
@@ -395,6 +402,16 @@ class DataStep:
     dilation: tuple[int, int]
     out_shape: tuple[int, ...]  # (B, *fold, *groups, *new, H', W')
     flops: int
+
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1, stride-1, unpadded step: the spatial axes can be flattened."""
+        return (
+            self.weight_shape[2:] == (1, 1)
+            and self.stride == (1, 1)
+            and self.padding == (0, 0)
+            and self.pad is None
+        )
 
 
 @dataclass
@@ -446,22 +463,39 @@ class ConvPlan:
     def __call__(
         self, x: torch.Tensor, factors: Sequence[torch.Tensor], bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        # The steps run in the input's memory layout and so does the output, as with
+        # torch.nn.Conv2d. Channels-last is the fast layout on CPUs (measured in
+        # benchmarks/layer_speed.py); converting inside the layer costs more than it saves.
+        nhwc = (
+            x.dim() == 4
+            and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)
+        )
         ops: list[torch.Tensor] = [x.reshape(self.data_shape), *factors]
         for step in self.steps:
             if isinstance(step, FactorStep):
                 ops.append(torch.einsum(step.equation, ops[step.left], ops[step.right]))
                 continue
             data = ops[0]
-            if step.data_perm is not None:
-                data = data.permute(step.data_perm)
-            data = data.reshape(step.data_shape)
+            if nhwc:
+                n, c, h, w = step.data_shape
+                data = data.permute(step.nhwc_perm).reshape(n, h, w, c).permute(0, 3, 1, 2)
+            else:
+                if step.data_perm is not None:
+                    data = data.permute(step.data_perm)
+                data = data.reshape(step.data_shape)
             weight = ops[step.factor]
             if step.factor_perm is not None:
                 weight = weight.permute(step.factor_perm)
-            weight = weight.reshape(step.weight_shape)
+            # a weight with channels-last-like strides would switch conv2d's output layout
+            weight = weight.reshape(step.weight_shape).contiguous()
             if step.pad is not None:
                 mode = "constant" if step.padding_mode == "zeros" else step.padding_mode
                 data = F.pad(data, step.pad, mode=mode)
+            if step.pointwise:
+                # oneDNN runs 1x1 convolutions faster on a (1, H*W) image than on (H, W)
+                n, c, h, w = data.shape
+                data = data.reshape(n, c, 1, h * w)
             out = F.conv2d(
                 data, weight, None, step.stride, step.padding, step.dilation, step.groups
             )
@@ -470,6 +504,8 @@ class ConvPlan:
         if self.final_perm is not None:
             y = y.permute(self.final_perm)
         y = y.reshape(self.output_shape)
+        if nhwc:
+            y = y.contiguous(memory_format=torch.channels_last)  # no-op unless regrouped
         if bias is not None:
             y = y + bias.view(1, -1, 1, 1)
         return y
@@ -481,12 +517,32 @@ def plan_conv(
     input_shape: tuple[int, int, int, int],
     memory_weight: float = MEMORY_WEIGHT,
     path: Sequence[tuple[int, int]] | None = None,
+    flop_slack: float = FLOP_SLACK,
 ) -> ConvPlan:
     """Plan the factorized convolution of an input of shape (B, S, H, W).
 
-    ``path`` forces a contraction order (opt_einsum's linear format, operand 0 being the feature
-    map); by default :class:`ConvPathOptimizer` chooses it.
+    The order minimises multiply-adds + ``memory_weight`` x elements moved, unless that order
+    runs more than ``1 + flop_slack`` times the FLOPs of the FLOP-optimal order, which is then
+    used instead. ``path`` forces an order (opt_einsum's linear format, operand 0 being the
+    feature map).
     """
+    if path is not None:
+        return _build_plan(network, geometry, input_shape, path, memory_weight)
+    plan = _build_plan(network, geometry, input_shape, None, memory_weight)
+    if memory_weight > 0:
+        lean = _build_plan(network, geometry, input_shape, None, 0.0)
+        if plan.macs > (1.0 + flop_slack) * lean.macs:
+            return lean
+    return plan
+
+
+def _build_plan(
+    network: ConvNetwork,
+    geometry: ConvGeometry,
+    input_shape: tuple[int, int, int, int],
+    path: Sequence[tuple[int, int]] | None,
+    memory_weight: float,
+) -> ConvPlan:
     b, s, h_in, w_in = input_shape
     sz = network.size_of
     kh, kw = network.kernel_size
@@ -505,6 +561,7 @@ def plan_conv(
     shapes = [(b, *in_sizes, h_in, w_in)] + [tuple(sizes[c] for c in t) for t in network.terms]
     if path is not None:
         path = [tuple(p) for p in path]
+        optimizer.cost = math.nan
     elif len(shapes) == 2:
         path = [(0, 1)]
     else:
@@ -617,6 +674,12 @@ def _data_step(
     order = fold + grouped + contracted
     perm = tuple([0] + [data.index(c) + 1 for c in order] + [len(data) + 1, len(data) + 2])
     data_perm = None if perm == tuple(range(len(perm))) else perm
+    nhwc_perm = tuple(
+        [0]
+        + [data.index(c) + 1 for c in fold]
+        + [len(data) + 1, len(data) + 2]
+        + [data.index(c) + 1 for c in grouped + contracted]
+    )
     n_fold = math.prod(sizes[c] for c in fold)
     n_group = math.prod(sizes[c] for c in grouped)
     n_con = math.prod(sizes[c] for c in contracted)
@@ -653,6 +716,7 @@ def _data_step(
         factor=factor.slot,
         data_perm=data_perm,
         data_shape=data_shape,
+        nhwc_perm=nhwc_perm,
         factor_perm=factor_perm,
         weight_shape=weight_shape,
         groups=n_group,

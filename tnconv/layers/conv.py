@@ -77,7 +77,8 @@ class FactorizedConv2d(nn.Module):
         self.info = dict(factorization.info)
         self.network = ConvNetwork.from_factorization(factorization)
         self.factors = nn.ParameterList(
-            nn.Parameter(f.detach().clone()) for f in factorization.factors
+            nn.Parameter(f.detach().clone(memory_format=torch.contiguous_format))
+            for f in factorization.factors
         )
         if isinstance(bias, torch.Tensor):
             if tuple(bias.shape) != (t,):
