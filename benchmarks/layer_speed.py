@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tnconv
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from _timing import pin_allocator, time_round_robin  # noqa: E402
+from _timing import pin_allocator, time_round_robin
 
 # (in = out channels, spatial size, batch): ResNet stage shapes, 3x3 kernels
 SHAPES = [(256, 14, 32), (128, 28, 32), (64, 56, 16)]
@@ -77,7 +77,7 @@ def tnconv_layers(conv: nn.Conv2d, ratio: float) -> dict[str, nn.Module]:
         options = {"max_iter": 1, "n_init": 1} if name == "cp" else {}
         try:
             layers[name] = tnconv.FactorizedConv2d.from_conv(conv, dec, ranks, **options)
-        except Exception as exc:  # noqa: BLE001 - a plugin may reject options; skip it, say so
+        except Exception as exc:
             print(f"  skipped {name}: {exc}", file=sys.stderr)
     return layers
 
@@ -126,7 +126,7 @@ def run(repeats: int, ratio: float, shapes: list[tuple[int, int, int]]) -> list[
             conv.to(memory_format=fmt)  # the dense baseline in its best form for the layout
             with torch.no_grad():
                 times = time_round_robin(
-                    {k: (lambda m=m: m(x)) for k, m in modules.items()}, repeats
+                    {k: (lambda m=m, x=x: m(x)) for k, m in modules.items()}, repeats
                 )
             dense_flops = count_flops(conv, x)
             for name, module in modules.items():
