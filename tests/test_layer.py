@@ -148,10 +148,11 @@ def test_fine_tuning_lowers_loss(method: str) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_executed_flops_equal_plan(method: str) -> None:
-    f = _factorization(method, (16, 12, 3, 3), 4, 0)
-    layer = tnconv.FactorizedConv2d(f, stride=2, padding=1).float()
-    x = torch.randn(4, 12, 15, 15)
+@given(rank=st.integers(1, 5), stride=st.integers(1, 2), t=st.integers(1, 16), s=st.integers(1, 12))
+def test_executed_flops_equal_plan(method: str, rank: int, stride: int, t: int, s: int) -> None:
+    f = _factorization(method, (t, s, 3, 3), rank, 0)
+    layer = tnconv.FactorizedConv2d(f, stride=stride, padding=1).float()
+    x = torch.randn(4, s, 15, 15)
     plan = layer.plan_for(x.shape)
     with FlopCounterMode(display=False) as counter:
         layer(x)

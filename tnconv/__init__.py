@@ -1,10 +1,12 @@
 """tnconv: compress convolutional networks with tensor-network decompositions.
 
 Public API (see docs/): the registry (``available``, ``get``, ``register``), the
-:class:`Decomposition` base class and its :class:`Factorization` result, and the generic
-:class:`FactorizedConv2d` layer that executes any registered decomposition.
+:class:`Decomposition` base class and its :class:`Factorization` result, the generic
+:class:`FactorizedConv2d` layer that executes any registered decomposition, and whole-model
+tools: ``compress``, ``summary``, ``save`` / ``load``.
 """
 
+from .compress import Budget, compress, dense_reasons
 from .decompositions.base import Decomposition
 from .errors import (
     BudgetError,
@@ -18,12 +20,15 @@ from .errors import (
     UnknownMethodError,
 )
 from .factorization import Factorization
+from .io import load, save
 from .layers import FactorizedConv2d
 from .registry import available, get, refresh, register, unregister
+from .summary import Summary, summary
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Budget",
     "BudgetError",
     "Decomposition",
     "EquationError",
@@ -34,12 +39,18 @@ __all__ = [
     "PluginLoadError",
     "RankSpecError",
     "RegistrationError",
+    "Summary",
     "TnconvError",
     "UnknownMethodError",
     "__version__",
     "available",
+    "compress",
+    "dense_reasons",
     "get",
+    "load",
     "refresh",
     "register",
+    "save",
+    "summary",
     "unregister",
 ]

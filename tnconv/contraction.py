@@ -592,10 +592,10 @@ def _build_plan(
             keep = "".join(dict.fromkeys(c for c in left.indices + right.indices if c in rest))
             eq = f"{left.indices},{right.indices}->{keep}"
             involved = set(left.indices + right.indices)
-            # a step that sums an index runs as a matmul (2 FLOPs per multiply-add); a pure
-            # outer / elementwise product is a broadcast multiply, which torch's flop counter
-            # does not count either (weights only, and tiny)
-            sums = len(involved) > len(keep)
+            # a step that sums an index (of size > 1) runs as a matmul (2 FLOPs per multiply-
+            # add); a pure outer / elementwise product is a broadcast multiply, which torch's
+            # flop counter does not count either (weights only, and tiny)
+            sums = any(sizes[c] > 1 for c in involved - set(keep))
             flops = 2 * math.prod(sizes[c] for c in involved) if sums else 0
             macs = math.prod(sizes[c] for c in involved)
             plan.steps.append(FactorStep(left.slot, right.slot, eq, flops, macs))

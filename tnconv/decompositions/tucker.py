@@ -36,7 +36,7 @@ class TuckerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_iter: Annotated[int, Field(ge=0, le=10_000)] = 100
-    tol: Annotated[float, Field(ge=0.0, lt=1.0)] = 1e-12
+    tol: Annotated[float, Field(ge=0.0, lt=1.0)] = 1e-10
     full: bool = False  # with eps / ratio: decompose the spatial modes too
     shrink: bool = True  # with eps: lower ranks while the measured error still meets eps
 
@@ -211,8 +211,15 @@ class Tucker(Decomposition):
         eps: float,
         options: TuckerOptions,
     ) -> Factorization:
-        """Lower one rank at a time (the most saving first) while the HOOI error meets eps."""
+        """Lower one rank at a time (the most saving first) while the HOOI error meets eps.
+
+        Trials run a few warm-started HOOI sweeps: the error of any orthonormal factors is exact
+        (``||W||^2 - ||core||^2``), so an unconverged trial that meets eps is a valid result; the
+        survivor is then converged with the full options.
+        """
         shape: KernelShape = tuple(weight.shape)  # type: ignore[assignment]
+        quick = options.model_copy(update={"max_iter": min(options.max_iter, 8)})
+        shrunk = False
         while True:
             trials = []
             for n, r in enumerate(result.ranks):
@@ -224,11 +231,13 @@ class Tucker(Decomposition):
             accepted = False
             for _, _n, ranks_t in sorted(trials):
                 init = {m: f[:, : ranks_t[m]] for m, f in factors.items()}
-                trial, trial_factors = self._fit(weight, ranks_t, options, init=init)
+                trial, trial_factors = self._fit(weight, ranks_t, quick, init=init)
                 if trial.info["fit_error"] <= eps:
-                    result, factors, accepted = trial, trial_factors, True
+                    result, factors, accepted, shrunk = trial, trial_factors, True, True
                     break
             if not accepted:
+                if shrunk:  # converge the survivor: HOOI only lowers the error further
+                    result, _ = self._fit(weight, result.ranks, options, init=factors)
                 return result
 
     def fit_ratio(self, weight: torch.Tensor, budget: int, options: TuckerOptions) -> Factorization:

@@ -1,0 +1,276 @@
+"""Whole-model compression, summary, save / load and export."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import tnconv
+from tnconv.errors import BudgetError, RankSpecError
+from tnconv.io import LoadError
+
+from .conftest import METHODS, REAL_KERNELS
+
+
+class SmallNet(nn.Module):
+    """Convs of every flavour: stem with bias, strided, non-square kernel, grouped, pointwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.body = nn.Sequential(
+            nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, (3, 1), padding=(1, 0)),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, groups=4),
+            nn.Conv2d(32, 24, 1),
+        )
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.stem(x)))
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+
+def cp_rank2_(model: nn.Module) -> nn.Module:
+    """Give every ungrouped conv an exactly low-rank kernel (a sum of two rank-one terms), which
+    every method represents exactly with far fewer parameters than the dense kernel."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d) and m.groups == 1:
+                t, s, kh, kw = m.weight.shape
+                parts = [
+                    torch.randn(n, 2, generator=gen, dtype=m.weight.dtype) for n in (t, s, kh, kw)
+                ]
+                m.weight.copy_(torch.einsum("ta,sa,ha,wa->tshw", *parts))
+    return model
+
+
+def real_net() -> nn.Sequential:
+    """Trained kernels (dlib 5x5, PP-OCR 3x3) in a plain conv stack."""
+
+    def conv_from(key: str, padding: int) -> nn.Conv2d:
+        w = torch.tensor(REAL_KERNELS[key])
+        conv = nn.Conv2d(w.shape[1], w.shape[0], w.shape[2:], padding=padding)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+        return conv
+
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        conv_from("dlib_mmod/conv02", 2),
+        nn.ReLU(),
+        nn.Conv2d(32, 45, 1),
+        nn.ReLU(),
+        conv_from("dlib_mmod/conv04", 2),
+        nn.ReLU(),
+        nn.Conv2d(45, 96, 1),
+        nn.ReLU(),
+        conv_from("ppocrv4_det/49_conv2d_156.w_0", 1),
+    ).eval()
+
+
+def same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def factorized(model: nn.Module) -> dict[str, tnconv.FactorizedConv2d]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, tnconv.FactorizedConv2d)}
+
+
+# -- compress -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_original_untouched_and_outputs_preserved(method: str) -> None:
+    torch.manual_seed(0)
+    model = cp_rank2_(SmallNet().double()).eval()
+    before = copy.deepcopy(model)
+    small = tnconv.compress(model, method, eps=1e-6)
+    assert small is not model
+    assert same_state(model, before)
+    assert all(type(a) is type(b) for a, b in zip(model.modules(), before.modules(), strict=True))
+    assert set(factorized(small)) == {"stem", "body.0", "body.2", "body.5"}
+    x = torch.randn(2, 3, 13, 11, dtype=torch.float64)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+    reasons = tnconv.dense_reasons(small)
+    assert "groups=4" in reasons["body.4"]
+
+
+def test_inplace_modifies_and_returns_the_model() -> None:
+    model = SmallNet()
+    out = tnconv.compress(model, "tucker", 4, inplace=True)
+    assert out is model
+    assert isinstance(model.body[0], tnconv.FactorizedConv2d)
+
+
+def test_layer_selection() -> None:
+    model = SmallNet()
+    only = tnconv.compress(model, "tt", 2, layers=["body.0", "body.2"])
+    assert set(factorized(only)) == {"body.0", "body.2"}
+    by_kernel = tnconv.compress(model, "tt", 2, layers=lambda n, m: m.kernel_size == (3, 3))
+    assert set(factorized(by_kernel)) == {"stem", "body.0"}
+    with pytest.raises(KeyError, match="no module named 'body.9'"):
+        tnconv.compress(model, "tt", 2, layers=["body.9"])
+    with pytest.raises(TypeError, match="not nn.Conv2d"):
+        tnconv.compress(model, "tt", 2, layers=["bn"])
+
+
+def test_bad_arguments() -> None:
+    model = SmallNet()
+    with pytest.raises(RankSpecError):
+        tnconv.compress(model, "tt", 2, eps=0.3)
+    with pytest.raises(RankSpecError, match="budget"):
+        tnconv.compress(model, "tt", 2, budget=0.5)
+    with pytest.raises(RankSpecError, match="budget"):
+        tnconv.compress(model, "tt", budget=1.5)
+    with pytest.raises(KeyError, match="tucker"):
+        tnconv.compress(model, "nope", 2)
+    with pytest.raises(TypeError, match="nn.Module"):
+        tnconv.compress(torch.randn(3), "tt", 2)
+    with pytest.raises(ValueError, match="input_size"):
+        tnconv.compress(model, "tt", 2, must_save="flops", input_size=(1, 5, 8, 8))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_layers_that_cannot_be_helped_stay_dense(method: str) -> None:
+    torch.manual_seed(0)
+    model = SmallNet()  # random kernels: at eps=0.01 no method saves anything
+    out = (
+        tnconv.compress(model, method, eps=0.01)
+        if method != "cp"
+        else tnconv.compress(model, method, 10**6)
+    )
+    assert not factorized(out)
+    rows = {r.name: r for r in tnconv.summary(out, (1, 3, 16, 16)).rows}
+    assert "kept dense" in rows["body.0"].note and "no saving" in rows["body.0"].note
+
+
+def test_must_save_flops_uses_the_input_size() -> None:
+    model = real_net()
+    out = tnconv.compress(model, "tucker", eps=0.3, must_save="both", input_size=(1, 3, 16, 16))
+    s = tnconv.summary(out)
+    assert s.input_size == (1, 3, 16, 16)  # recorded by compress
+    for r in s.rows:
+        if r.method != "dense":
+            assert r.params < r.dense_params and r.flops < r.dense_flops
+
+
+# -- budget allocation ----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["params", "flops"])
+def test_budget_is_met_and_beats_uniform_ranks(kind: str) -> None:
+    model = real_net()
+    size = (1, 3, 16, 16)
+    share = 0.3
+    out = tnconv.compress(model, "tt", budget=(kind, share), input_size=size)
+    s = tnconv.summary(out)
+    key = (lambda r: r.params) if kind == "params" else (lambda r: r.flops)
+    dense_key = (lambda r: r.dense_params) if kind == "params" else (lambda r: r.dense_flops)
+    assert sum(key(r) for r in s.rows) <= share * sum(dense_key(r) for r in s.rows) + 1e-9
+    chosen = [r for r in s.rows if r.method == "tt"]
+    assert len({r.ranks for r in chosen}) > 1  # not a uniform rank
+    # the allocation's total squared error is no worse than the best uniform rank in budget
+    # (a dense layer has no error; the criterion is the sum of squared relative kernel errors)
+    alloc_err = sum(r.relative_error**2 for r in chosen)
+    best_uniform = math.inf
+    for rank in range(1, 46):
+        t = tnconv.summary(tnconv.compress(model, "tt", rank, input_size=size))
+        if sum(key(r) for r in t.rows) <= share * sum(dense_key(r) for r in t.rows):
+            best_uniform = min(best_uniform, sum((r.relative_error or 0.0) ** 2 for r in t.rows))
+    assert best_uniform < math.inf
+    assert alloc_err <= best_uniform + 1e-9
+
+
+def test_budget_too_small_is_an_error() -> None:
+    with pytest.raises(BudgetError, match="budget"):
+        tnconv.compress(real_net(), "tt", budget=1e-4)
+
+
+# -- summary --------------------------------------------------------------------------------------
+def test_summary_rows_and_flops_match_the_flop_counter() -> None:
+    model = real_net()
+    small = tnconv.compress(model, "tr", ratio=0.2)
+    size = (2, 3, 12, 10)
+    s = tnconv.summary(small, size)
+    assert [r.name for r in s.rows] == [
+        n for n, m in small.named_modules() if isinstance(m, (nn.Conv2d, tnconv.FactorizedConv2d))
+    ]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        small(torch.zeros(size))
+    assert s.flops == counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(size))
+    assert s.dense_flops == counter.get_total_flops()
+    for r in s.rows:
+        if r.method == "tr":
+            layer = small.get_submodule(r.name)
+            assert r.params == layer.num_params and r.ranks == layer.ranks
+            assert 0 < r.relative_error < 1
+    text = str(s)
+    assert "conv total" in text and "tr" in text
+    assert s.model_params == sum(p.numel() for p in small.parameters())
+
+
+def test_summary_csv(tmp_path) -> None:
+    s = tnconv.summary(tnconv.compress(SmallNet(), "tucker", 4), (1, 3, 8, 8))
+    path = tmp_path / "s.csv"
+    s.to_csv(path)
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("name,method,ranks") and len(lines) == len(s.rows) + 1
+
+
+# -- save / load / export -------------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_roundtrip(method: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    small = tnconv.compress(model, method, 3, input_size=(1, 3, 16, 16))
+    path = tmp_path / "small.pt"
+    tnconv.save(small, path)
+    x = torch.randn(2, 3, 16, 16)
+    again = tnconv.load(path)
+    assert torch.equal(again(x), small(x))
+    fresh = SmallNet().eval()  # the architecture only, new random weights
+    rebuilt = tnconv.load(path, model=fresh)
+    assert torch.equal(rebuilt(x), small(x))
+    assert isinstance(fresh.body[0], nn.Conv2d)  # the given model is not modified
+    assert tnconv.dense_reasons(rebuilt) == tnconv.dense_reasons(small)
+    assert tnconv.summary(rebuilt).input_size == (1, 3, 16, 16)
+
+
+def test_load_errors(tmp_path) -> None:
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    with pytest.raises(LoadError, match="not a tnconv save"):
+        tnconv.load(plain)
+    small = tnconv.compress(SmallNet(), "tt", 2)
+    path = tmp_path / "s.pt"
+    tnconv.save(small, path)
+    payload = torch.load(path, weights_only=True)
+    payload["tnconv"]["version"] = 99
+    bad = tmp_path / "v99.pt"
+    torch.save(payload, bad)
+    with pytest.raises(LoadError, match="version 99"):
+        tnconv.load(bad)
+    other = nn.Sequential(nn.Conv2d(3, 8, 3))
+    with pytest.raises(LoadError, match="no module|kernel"):
+        tnconv.load(path, model=other)
+    with pytest.raises(FileNotFoundError):
+        tnconv.load(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_torch_export_gives_the_same_outputs(method: str) -> None:
+    torch.manual_seed(0)
+    small = tnconv.compress(SmallNet().eval(), method, 3)
+    x = torch.randn(2, 3, 16, 16)
+    exported = torch.export.export(small, (x,))
+    torch.testing.assert_close(exported.module()(x), small(x))

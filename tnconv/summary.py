@@ -1,0 +1,171 @@
+"""``tnconv.summary``: one row per convolution of a (compressed) model."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from .compress import DENSE_REASONS, conv_input_shapes, default_input_size, dense_conv_flops
+from .layers import FactorizedConv2d
+
+__all__ = ["LayerRow", "Summary", "summary"]
+
+
+@dataclass
+class LayerRow:
+    """One convolution: what it is, what it costs, and (if factorized) how well it fits.
+
+    ``relative_error`` is the kernel's relative error when it was factorized (fine-tuning moves
+    the factors afterwards); ``note`` says why a dense layer was left dense by ``compress``.
+    """
+
+    name: str
+    method: str  # "dense" for an nn.Conv2d
+    ranks: tuple[int, ...]
+    shape: tuple[int, int, int, int]  # kernel (T, S/groups, kh, kw)
+    dense_params: int
+    params: int
+    dense_flops: int
+    flops: int
+    relative_error: float | None
+    note: str = ""
+
+    @property
+    def compression(self) -> float:
+        return self.dense_params / self.params if self.params else math.nan
+
+
+@dataclass
+class Summary:
+    """Per-layer rows plus totals; ``str(summary)`` is a table, ``rows`` the data."""
+
+    rows: list[LayerRow]
+    input_size: tuple[int, ...]
+    model_params: int
+    other_params: int = field(default=0)  # parameters outside the conv kernels (bias, BN, FC)
+
+    @property
+    def dense_params(self) -> int:
+        return sum(r.dense_params for r in self.rows)
+
+    @property
+    def params(self) -> int:
+        return sum(r.params for r in self.rows)
+
+    @property
+    def dense_flops(self) -> int:
+        return sum(r.dense_flops for r in self.rows)
+
+    @property
+    def flops(self) -> int:
+        return sum(r.flops for r in self.rows)
+
+    def to_dicts(self) -> list[dict]:
+        return [asdict(r) for r in self.rows]
+
+    def to_csv(self, path: str | Path) -> None:
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(LayerRow.__dataclass_fields__))
+            writer.writeheader()
+            for row in self.to_dicts():
+                row["ranks"] = "x".join(map(str, row["ranks"]))
+                row["shape"] = "x".join(map(str, row["shape"]))
+                writer.writerow(row)
+
+    def __str__(self) -> str:
+        head = (
+            f"{'layer':28s} {'method':8s} {'ranks':16s} {'params':>17s} {'MFLOPs':>17s} "
+            f"{'rel.err':>7s}  note"
+        )
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            ranks = "x".join(map(str, r.ranks)) if r.ranks else "-"
+            err = f"{r.relative_error:7.4f}" if r.relative_error is not None else "      -"
+            lines.append(
+                f"{r.name[-28:]:28s} {r.method:8s} {ranks[:16]:16s} "
+                f"{r.dense_params:>8d}->{r.params:<8d} "
+                f"{r.dense_flops / 1e6:>8.2f}->{r.flops / 1e6:<8.2f} {err}  {r.note}"
+            )
+        lines.append("-" * len(head))
+        p_ratio = self.dense_params / max(self.params, 1)
+        f_ratio = self.dense_flops / max(self.flops, 1)
+        lines.append(
+            f"{'conv total':28s} {'':8s} {'':16s} {self.dense_params:>8d}->{self.params:<8d} "
+            f"{self.dense_flops / 1e6:>8.2f}->{self.flops / 1e6:<8.2f}"
+        )
+        lines.append(
+            f"conv params x{p_ratio:.2f} smaller, FLOPs x{f_ratio:.2f} fewer at input "
+            f"{tuple(self.input_size)}; model parameters {self.model_params} "
+            f"({self.other_params} outside conv kernels)"
+        )
+        return "\n".join(lines)
+
+
+def summary(model: nn.Module, input_size: Sequence[int] | None = None) -> Summary:
+    """Rows for every ``nn.Conv2d`` and ``FactorizedConv2d`` of ``model``.
+
+    FLOPs are counted as ``torch.utils.flop_counter`` does (2 per multiply-add, biases excluded)
+    for one forward pass at ``input_size`` (B, C, H, W). The default is the size ``compress`` was
+    given, else ``(1, C, 224, 224)`` with C the first convolution's input channels.
+    """
+    size = tuple(input_size) if input_size is not None else default_input_size(model)
+    shapes = conv_input_shapes(model, size)
+    reasons = getattr(model, DENSE_REASONS, {})
+    rows: list[LayerRow] = []
+    kernel_params = 0
+    for name, module in model.named_modules():
+        shape = shapes.get(name)
+        if isinstance(module, FactorizedConv2d):
+            kshape = (module.out_channels, module.in_channels, *module.kernel_size)
+            dense_flops = (
+                2 * shape[0] * module.dense_params * math.prod(_out_hw(module, shape))
+                if shape
+                else 0
+            )
+            err = module.info.get("relative_error")
+            rows.append(
+                LayerRow(
+                    name,
+                    module.method or "custom",
+                    tuple(module.ranks),
+                    kshape,
+                    module.dense_params,
+                    module.num_params,
+                    dense_flops,
+                    module.flops(shape) if shape else 0,
+                    float(err) if err is not None else None,
+                    "" if shape else "not reached by the forward pass",
+                )
+            )
+            kernel_params += module.num_params
+        elif isinstance(module, nn.Conv2d):
+            flops = dense_conv_flops(module, shape) if shape else 0
+            note = reasons.get(name, "")
+            if not shape:
+                note = (note + "; " if note else "") + "not reached by the forward pass"
+            rows.append(
+                LayerRow(
+                    name,
+                    "dense",
+                    (),
+                    tuple(module.weight.shape),
+                    module.weight.numel(),
+                    module.weight.numel(),
+                    flops,
+                    flops,
+                    None,
+                    f"kept dense: {note}" if name in reasons else note,
+                )
+            )
+            kernel_params += module.weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    return Summary(rows, size, total, total - kernel_params)
+
+
+def _out_hw(layer: FactorizedConv2d, shape: Sequence[int]) -> tuple[int, int]:
+    return layer.geometry.output_size((shape[2], shape[3]), layer.kernel_size)
