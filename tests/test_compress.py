@@ -118,9 +118,9 @@ def test_layer_selection() -> None:
     assert set(factorized(only)) == {"body.0", "body.2"}
     by_kernel = tnconv.compress(model, "tt", 2, layers=lambda n, m: m.kernel_size == (3, 3))
     assert set(factorized(by_kernel)) == {"stem", "body.0"}
-    with pytest.raises(KeyError, match="no module named 'body.9'"):
+    with pytest.raises(KeyError, match=r"no module named .body\.9."):
         tnconv.compress(model, "tt", 2, layers=["body.9"])
-    with pytest.raises(TypeError, match="not nn.Conv2d"):
+    with pytest.raises(TypeError, match=r"not nn\.Conv2d"):
         tnconv.compress(model, "tt", 2, layers=["bn"])
 
 
@@ -134,7 +134,7 @@ def test_bad_arguments() -> None:
         tnconv.compress(model, "tt", budget=1.5)
     with pytest.raises(KeyError, match="tucker"):
         tnconv.compress(model, "nope", 2)
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         tnconv.compress(torch.randn(3), "tt", 2)
     with pytest.raises(ValueError, match="input_size"):
         tnconv.compress(model, "tt", 2, must_save="flops", input_size=(1, 5, 8, 8))
@@ -261,7 +261,7 @@ def test_load_errors(tmp_path) -> None:
     with pytest.raises(LoadError, match="version 99"):
         tnconv.load(bad)
     other = nn.Sequential(nn.Conv2d(3, 8, 3))
-    with pytest.raises(LoadError, match="no module|kernel"):
+    with pytest.raises(LoadError, match=r"no module|kernel"):
         tnconv.load(path, model=other)
     with pytest.raises(FileNotFoundError):
         tnconv.load(tmp_path / "missing.pt")
