@@ -1,0 +1,95 @@
+"""Small, explicit training and evaluation loops (fine-tuning compressed models, demos).
+
+Nothing here knows about tensor networks: a compressed model trains like any other, its factors
+being ordinary parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+__all__ = ["evaluate", "fit"]
+
+log = logging.getLogger(__name__)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def fit(
+    model: nn.Module,
+    loader: DataLoader,
+    epochs: int = 1,
+    *,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    schedule: Literal["onecycle", "constant"] = "onecycle",
+    progress: bool = False,
+    desc: str = "train",
+) -> list[float]:
+    """Train ``model`` in place with SGD (Nesterov-free momentum) and cross-entropy.
+
+    ``schedule="onecycle"`` is ``torch.optim.lr_scheduler.OneCycleLR`` peaking at ``lr`` (the
+    RSDTR paper's fine-tuning schedule: SGD, OneCycle, lr 0.01). Returns the mean loss of each
+    epoch. Batches are ``(inputs, integer labels)``.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1; got {epochs}")
+    device = _device_of(model)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
+    scheduler = None
+    if schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=epochs * len(loader)
+        )
+    elif schedule != "constant":
+        raise ValueError(f"schedule must be 'onecycle' or 'constant'; got {schedule!r}")
+    model.train()
+    history = []
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        batches: Iterable = tqdm(
+            loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress, leave=False
+        )
+        for inputs, labels in batches:
+            inputs, labels = inputs.to(device), labels.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(inputs), labels)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += float(loss) * len(labels)
+            count += len(labels)
+        history.append(total / max(count, 1))
+        log.info("%s epoch %d: loss %.4f", desc, epoch + 1, history[-1])
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader) -> float:
+    """Top-1 accuracy of ``model`` on ``loader``, in [0, 1]; the model's mode is restored."""
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    correct, count = 0, 0
+    for inputs, labels in loader:
+        logits = model(inputs.to(device))
+        correct += int((logits.argmax(dim=1) == labels.to(device)).sum())
+        count += len(labels)
+    model.train(was_training)
+    return correct / max(count, 1)
