@@ -177,14 +177,18 @@ def test_budget_is_met_and_beats_uniform_ranks(kind: str) -> None:
     assert sum(key(r) for r in s.rows) <= share * sum(dense_key(r) for r in s.rows) + 1e-9
     chosen = [r for r in s.rows if r.method == "tt"]
     assert len({r.ranks for r in chosen}) > 1  # not a uniform rank
+
     # the allocation's total squared error is no worse than the best uniform rank in budget
-    # (a dense layer has no error; the criterion is the sum of squared relative kernel errors)
-    alloc_err = sum(r.relative_error**2 for r in chosen)
+    # the criterion: sum over layers of -log(1 - e^2) (a dense layer has e = 0)
+    def loss(rows) -> float:
+        return sum(-math.log(1 - (r.relative_error or 0.0) ** 2) for r in rows)
+
+    alloc_err = loss(chosen)
     best_uniform = math.inf
     for rank in range(1, 46):
         t = tnconv.summary(tnconv.compress(model, "tt", rank, input_size=size))
         if sum(key(r) for r in t.rows) <= share * sum(dense_key(r) for r in t.rows):
-            best_uniform = min(best_uniform, sum((r.relative_error or 0.0) ** 2 for r in t.rows))
+            best_uniform = min(best_uniform, loss(t.rows))
     assert best_uniform < math.inf
     assert alloc_err <= best_uniform + 1e-9
 

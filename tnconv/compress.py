@@ -247,7 +247,8 @@ def compress(
         budget: instead of a per-layer spec, a global target: a share in (0, 1] of the selected
             layers' parameters, or ``("flops", share)`` / ``Budget(kind=..., share=...)``. Ranks
             are allocated across layers greedily by error saved per parameter (or FLOP): the sum
-            of squared relative kernel errors is minimised under the budget.
+            over layers of ``-log(1 - e^2)`` (e: relative kernel error; the log of the energy
+            share lost, ~e^2 for small e) is minimised under the budget.
         inplace: modify ``model`` itself instead of a copy.
         input_size: input (B, C, H, W) used to measure FLOPs; defaults to
             :func:`default_input_size`. Needed only for FLOP criteria; recorded on the result.
@@ -404,8 +405,15 @@ def _layer_candidates(
     return _LayerOptions(by_level, [*found.values(), dense])
 
 
+def _loss(c: _Candidate) -> float:
+    """What the allocation minimises per layer: ``-log(1 - e^2)``, the log of the energy share a
+    kernel loses (about ``e^2`` for small errors). It grows without bound as ``e -> 1``, so no
+    layer is sacrificed to save parameters elsewhere, as a plain sum of ``e^2`` would allow."""
+    return -math.log(max(1.0 - c.error**2, 1e-12))
+
+
 def _hull(cands: list[_Candidate], cost: Callable[[_Candidate], int]) -> list[_Candidate]:
-    """Lower convex hull of (cost, squared error), cheapest first: the efficient upgrades."""
+    """Lower convex hull of (cost, loss), cheapest first: the efficient upgrades."""
     pts = sorted(cands, key=lambda c: (cost(c), c.error))
     frontier: list[_Candidate] = []
     for c in pts:  # keep only candidates with strictly lower error than every cheaper one
@@ -414,9 +422,9 @@ def _hull(cands: list[_Candidate], cost: Callable[[_Candidate], int]) -> list[_C
     hull: list[_Candidate] = []
     for c in frontier:
         while len(hull) >= 2:
-            x1, y1 = cost(hull[-2]), hull[-2].error ** 2
-            x2, y2 = cost(hull[-1]), hull[-1].error ** 2
-            x3, y3 = cost(c), c.error**2
+            x1, y1 = cost(hull[-2]), _loss(hull[-2])
+            x2, y2 = cost(hull[-1]), _loss(hull[-1])
+            x3, y3 = cost(c), _loss(c)
             # drop the middle point when it lies on or above the chord
             if (y2 - y1) * (x3 - x1) >= (y3 - y1) * (x2 - x1):
                 hull.pop()
@@ -429,7 +437,7 @@ def _hull(cands: list[_Candidate], cost: Callable[[_Candidate], int]) -> list[_C
 def _greedy(
     options: dict[str, _LayerOptions], cost: Callable[[_Candidate], int], allowed: float
 ) -> dict[str, _Candidate] | None:
-    """Climb every layer's convex hull, most squared error saved per unit of cost first."""
+    """Climb every layer's convex hull, most loss saved per unit of cost first."""
     hulls = {name: _hull(o.all, cost) for name, o in options.items()}
     choice = {name: 0 for name in hulls}
     spent = sum(cost(h[0]) for h in hulls.values())
@@ -438,7 +446,7 @@ def _greedy(
     steps = []
     for name, hull in hulls.items():
         for k in range(1, len(hull)):
-            gain = hull[k - 1].error ** 2 - hull[k].error ** 2
+            gain = _loss(hull[k - 1]) - _loss(hull[k])
             extra = cost(hull[k]) - cost(hull[k - 1])
             steps.append((gain / max(extra, 1), name, k))
     steps.sort(key=lambda s: -s[0])
@@ -457,8 +465,8 @@ def _fill(
     cost: Callable[[_Candidate], int],
     allowed: float,
 ) -> dict[str, _Candidate]:
-    """Spend what is left: repeatedly take the single swap that saves the most squared error
-    per unit of extra cost and still fits."""
+    """Spend what is left: repeatedly take the single swap that saves the most loss per unit of
+    extra cost and still fits."""
     picked = dict(picked)
     spent = sum(cost(c) for c in picked.values())
     while True:
@@ -466,7 +474,7 @@ def _fill(
         for name, o in options.items():
             cur = picked[name]
             for c in o.all:
-                gain = cur.error**2 - c.error**2
+                gain = _loss(cur) - _loss(c)
                 extra = cost(c) - cost(cur)
                 if gain <= 0 or spent + extra > allowed:
                     continue
@@ -489,9 +497,9 @@ def _allocate(
     must_save: SaveCriterion,
     bar: Iterable[tuple[str, nn.Conv2d]],
 ) -> dict[str, tuple[_Candidate, str]]:
-    """Choose one candidate per layer, minimising the sum of squared relative errors under the
-    budget: the better of a greedy climb of the layers' convex hulls and the best uniform rank,
-    each then topped up with whatever budget is left."""
+    """Choose one candidate per layer, minimising the summed :func:`_loss` under the budget:
+    the better of a greedy climb of the layers' convex hulls and the best uniform rank, each
+    then topped up with whatever budget is left."""
 
     def cost(c: _Candidate) -> int:
         return c.params if budget.kind == "params" else c.flops
@@ -507,8 +515,8 @@ def _allocate(
     dense_total = sum(cost(o.all[-1]) for o in options_by_layer.values())
     allowed = budget.share * dense_total
 
-    def total_error(p: dict[str, _Candidate]) -> float:
-        return sum(c.error**2 for c in p.values())
+    def total_loss(p: dict[str, _Candidate]) -> float:
+        return sum(_loss(c) for c in p.values())
 
     solutions = []
     greedy = _greedy(options_by_layer, cost, allowed)
@@ -526,14 +534,14 @@ def _allocate(
             f"but the smallest {decomposition.name} factorizations need {smallest}"
         )
     filled = [_fill(p, options_by_layer, cost, allowed) for p in solutions]
-    best = min(filled, key=total_error)
+    best = min(filled, key=total_loss)
     log.info(
-        "budget %s of %s: spent %d of %.0f, sum of squared errors %.4f",
+        "budget %s of %s: spent %d of %.0f, summed loss %.4f",
         budget.share,
         budget.kind,
         sum(cost(c) for c in best.values()),
         allowed,
-        total_error(best),
+        total_loss(best),
     )
     return {
         name: (

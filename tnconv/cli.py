@@ -1,0 +1,285 @@
+"""The ``tnconv`` command: list, compress, summary, study, demo.
+
+Every failure a user can cause (a missing file, a bad argument, a rank that does not fit) ends
+with one line on stderr, ``tnconv: error: ...``, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compress import compress
+from .errors import TnconvError
+from .io import load, save
+from .registry import available, get
+from .study import study
+from .summary import summary
+
+__all__ = ["main"]
+
+
+class CLIError(Exception):
+    """A user error reported as one line."""
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise CLIError(f"{what} must be comma-separated integers, got {text!r}") from None
+    return values
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise CLIError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _rank(text: str) -> int | float | tuple[int, ...]:
+    if "," in text:
+        return _ints(text, "--rank")
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)  # a float rank in (0, 1) is a ratio; the library validates it
+        except ValueError:
+            raise CLIError(
+                f"--rank must be an int, a tuple like 4,8,8,4 or a float, got {text!r}"
+            ) from None
+
+
+def _options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are parsed as JSON when they can be (numbers, bools, lists)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--option takes key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _read_model(path: str) -> nn.Module:
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"{path}: no such file")
+    try:
+        header = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception:  # a pickled whole model is not loadable with weights_only
+        header = None
+    if isinstance(header, dict) and "tnconv" in header:
+        return load(file)
+    if isinstance(header, dict):
+        raise CLIError(
+            f"{path} holds a state_dict, not a model: save the whole model with "
+            "torch.save(model, path) or tnconv.save(model, path)"
+        )
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CLIError(f"{path}: cannot read a model ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, nn.Module):
+        raise CLIError(f"{path} holds a {type(obj).__name__}, not a torch.nn.Module")
+    return obj
+
+
+def _read_kernels(path: str) -> dict[str, Any]:
+    import numpy as np
+
+    with np.load(path) as z:
+        kernels = {k: z[k] for k in z.files if z[k].ndim == 4 and z[k].shape[1] > 1}
+    if not kernels:
+        raise CLIError(f"{path} has no 4-D kernels with more than one input channel")
+    return kernels
+
+
+# -- subcommands ------------------------------------------------------------------------------
+def cmd_list(args: argparse.Namespace) -> int:
+    for name in available():
+        dec = get(name)
+        opts = ", ".join(dec.Options.model_fields) or "-"
+        eps = "eps guaranteed" if dec.guarantees_eps else "eps searched"
+        print(f"{name:10s} ranks {dec.rank_order}; {eps}; options: {opts}")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    model = _read_model(args.input)
+    spec: dict[str, Any] = {}
+    if args.rank is not None:
+        spec["rank"] = _rank(args.rank)
+    if args.eps is not None:
+        spec["eps"] = args.eps
+    if args.ratio is not None:
+        spec["ratio"] = args.ratio
+    if args.budget is not None:
+        spec["budget"] = (args.budget_kind, args.budget)
+    if not spec:
+        raise CLIError("give one of --rank, --eps, --ratio or --budget")
+    size = _ints(args.input_size, "--input-size") if args.input_size else None
+    layers = args.layers.split(",") if args.layers else None
+    small = compress(
+        model,
+        args.method,
+        layers=layers,
+        input_size=size,
+        must_save=args.must_save,
+        progress=not args.quiet,
+        **spec,
+        **_options(args.option),
+    )
+    save(small, args.output)
+    print(summary(small, size))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    model = _read_model(args.input)
+    size = _ints(args.input_size, "--input-size") if args.input_size else None
+    s = summary(model, size)
+    print(s)
+    if args.csv:
+        s.to_csv(args.csv)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    methods = args.methods.split(",") if args.methods else None
+    budgets = _floats(args.budgets, "--budgets")
+    size = _ints(args.input_size, "--input-size") if args.input_size else None
+    source = args.input
+    target: Any
+    if source.endswith(".npz"):
+        if not Path(source).is_file():
+            raise CLIError(f"{source}: no such file")
+        target = _read_kernels(source)
+    else:
+        target = _read_model(source)
+    result = study(
+        target,
+        methods,
+        budgets,
+        input_size=size,
+        progress=not args.quiet,
+        latency_repeats=args.repeats,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(result)
+    result.to_csv(out / "study.csv")
+    written = [out / "study.csv"]
+    try:
+        written.append(result.plot(out / "study.png"))
+    except ImportError as exc:
+        print(f"no plot: {exc}", file=sys.stderr)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    config = DemoConfig(budget=args.budget, progress=not args.quiet, source=args.source)
+    if args.methods:
+        config.methods = args.methods.split(",")
+    if args.quick:
+        config.epochs, config.source = 2, "sklearn"
+    result = run_demo(args.out, config)
+    print(result)
+    out = Path(args.out)
+    print(f"wrote {out / 'results.csv'}, {out / 'results.png'}, {out / 'results.json'}")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, status 2
+        raise CLIError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tnconv", description="Compress CNNs with tensor-network decompositions.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("list", help="list the registered decompositions")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("compress", help="compress a saved model")
+    p.add_argument("input", help="a model saved with torch.save(model) or tnconv.save")
+    p.add_argument("-m", "--method", required=True, help="a name from `tnconv list`")
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--rank", help="int, tuple like 4,8,8,4, or a float ratio")
+    spec.add_argument("--eps", type=float, help="relative error bound in (0, 1)")
+    spec.add_argument("--ratio", type=float, help="share of each layer's parameters in (0, 1]")
+    spec.add_argument("--budget", type=float, help="global share of the layers' params / FLOPs")
+    p.add_argument("--budget-kind", choices=["params", "flops"], default="params")
+    p.add_argument("--layers", help="comma-separated conv names (default: all convs)")
+    p.add_argument("--input-size", help="B,C,H,W for FLOPs, e.g. 1,3,32,32")
+    p.add_argument("--must-save", choices=["params", "flops", "both"], default="params")
+    p.add_argument("--option", action="append", default=[], help="method option key=value")
+    p.add_argument("-o", "--output", required=True, help="where to tnconv.save the result")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("summary", help="per-layer parameters, FLOPs, ranks of a saved model")
+    p.add_argument("input")
+    p.add_argument("--input-size", help="B,C,H,W (default: as compressed, else 1,C,224,224)")
+    p.add_argument("--csv", help="also write the rows to this CSV file")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("study", help="compare methods at matched budgets")
+    p.add_argument("input", help="a saved model, or an .npz of kernels (T, S, kh, kw)")
+    p.add_argument("--methods", help="comma-separated (default: all)")
+    p.add_argument("--budgets", default="0.1,0.25,0.5", help="parameter shares")
+    p.add_argument("--input-size", help="B,C,H,W for FLOPs and latency")
+    p.add_argument("--repeats", type=int, default=10, help="timed forward passes (0: none)")
+    p.add_argument("--out", required=True, help="folder for study.csv and study.png")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("demo", help="train a digits CNN and compare every method on it")
+    p.add_argument("--out", required=True, help="folder for results.csv / .png / .json")
+    p.add_argument("--budget", type=float, default=0.25, help="share of the 3x3 convs' params")
+    p.add_argument("--methods", help="comma-separated (default: all)")
+    p.add_argument("--source", choices=["mnist", "sklearn"], default="mnist")
+    p.add_argument("--quick", action="store_true", help="a one-minute version (8x8 digits)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tnconv`` script; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
+        return int(args.func(args))
+    except (CLIError, TnconvError, ValueError, KeyError, TypeError, FileNotFoundError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"tnconv: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
