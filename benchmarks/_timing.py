@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import statistics
-import time
-from collections.abc import Callable
+
+from tnconv.timing import time_round_robin
+
+__all__ = ["pin_allocator", "time_round_robin"]
 
 
 def pin_allocator() -> bool:
@@ -27,18 +28,3 @@ def pin_allocator() -> bool:
         )
     except (OSError, AttributeError):
         return False
-
-
-def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median milliseconds per call of each function, timed in turn in one loop so that machine
-    noise hits them alike."""
-    for fn in fns.values():  # warm up (plans, allocator, oneDNN primitives)
-        fn()
-        fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1e3 for k, v in samples.items()}

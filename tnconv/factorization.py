@@ -189,10 +189,10 @@ class Factorization:
         approx = self.to_tensor().detach().to(device=w64.device, dtype=torch.float64)
         return float(torch.linalg.vector_norm(w64 - approx) / torch.linalg.vector_norm(w64))
 
-    def to(self, *args: Any, **kwargs: Any) -> Factorization:
-        """Copy with every factor moved / cast by ``Tensor.to(*args, **kwargs)``."""
+    def with_factors(self, factors: Sequence[torch.Tensor]) -> Factorization:
+        """The same network (equation, shape, ranks, method, modes, info) with other factors."""
         return Factorization(
-            [f.to(*args, **kwargs) for f in self.factors],
+            list(factors),
             self.equation,
             self.shape,
             self.ranks,
@@ -201,17 +201,13 @@ class Factorization:
             dict(self.info),
         )
 
+    def to(self, *args: Any, **kwargs: Any) -> Factorization:
+        """Copy with every factor moved / cast by ``Tensor.to(*args, **kwargs)``."""
+        return self.with_factors([f.to(*args, **kwargs) for f in self.factors])
+
     def detach(self) -> Factorization:
         """Copy whose factors are detached clones (no autograd history, no shared storage)."""
-        return Factorization(
-            [f.detach().clone() for f in self.factors],
-            self.equation,
-            self.shape,
-            self.ranks,
-            self.method,
-            self.modes,
-            dict(self.info),
-        )
+        return self.with_factors([f.detach().clone() for f in self.factors])
 
     def __repr__(self) -> str:
         shapes = ", ".join(str(tuple(f.shape)) for f in self.factors)

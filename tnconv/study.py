@@ -12,7 +12,6 @@ import copy
 import csv
 import logging
 import math
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ from .factorization import validate_weight
 from .layers import FactorizedConv2d
 from .registry import available, get
 from .summary import summary
+from .timing import time_round_robin
 
 __all__ = ["StudyResult", "StudyRow", "study"]
 
@@ -199,18 +199,6 @@ class StudyResult:
         return path
 
 
-def _latency(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
-
-
 def study(
     target: nn.Module | Mapping[str, Any],
     methods: Sequence[str] | None = None,
@@ -297,7 +285,7 @@ def _study_model(
     dense_ms = math.nan
     if repeats:
         with torch.no_grad():
-            dense_ms = _latency({"dense": lambda: model(x)}, repeats)["dense"]
+            dense_ms = time_round_robin({"dense": lambda: model(x)}, repeats)["dense"]
     result.rows.append(
         StudyRow(
             "model",
@@ -358,9 +346,12 @@ def _study_model(
             fit_seconds=seconds,
             layers_dense=sum(1 for r in rows if r.method == "dense"),
         )
-        if repeats:
+        if repeats:  # timed against the dense model in one loop: same noise for both
             with torch.no_grad():
-                row.latency_ms = _latency({"small": lambda small=small: small(x)}, repeats)["small"]
+                t = time_round_robin(
+                    {"dense": lambda: model(x), "small": lambda small=small: small(x)}, repeats
+                )
+            row.latency_ms, row.dense_latency_ms = t["small"], t["dense"]
         if evaluate is not None:
             row.accuracy = evaluate(small)
             if fine_tune is not None:
@@ -396,7 +387,7 @@ def _study_kernels(
             ms = math.nan
             if repeats:
                 with torch.no_grad():
-                    ms = _latency({"d": lambda conv=conv, x=x: conv(x)}, repeats)["d"]
+                    ms = time_round_robin({"d": lambda conv=conv, x=x: conv(x)}, repeats)["d"]
             dense_cache[name] = (conv, x, flops, ms)
         conv, x, dense_flops, dense_ms = dense_cache[name]
         start = time.perf_counter()
@@ -432,8 +423,12 @@ def _study_kernels(
             dense_latency_ms=dense_ms,
             fit_seconds=seconds,
         )
-        if repeats:
+        if repeats:  # timed against the dense conv in one loop: same noise for both
             with torch.no_grad():
-                row.latency_ms = _latency({"f": lambda layer=layer, x=x: layer(x)}, repeats)["f"]
+                t = time_round_robin(
+                    {"d": lambda conv=conv, x=x: conv(x), "f": lambda layer=layer, x=x: layer(x)},
+                    repeats,
+                )
+            row.latency_ms, row.dense_latency_ms = t["f"], t["d"]
         result.rows.append(row)
     return result

@@ -161,11 +161,9 @@ class FactorizedConv2d(nn.Module):
         return y.squeeze(0) if unbatched else y
 
     # -- inspection -----------------------------------------------------------------------------
-    @property
-    def factorization(self) -> Factorization:
-        """The current factors (detached copies) as a :class:`Factorization`."""
+    def _network(self, factors: list[torch.Tensor]) -> Factorization:
         return Factorization(
-            [p.detach().clone() for p in self.factors],
+            factors,
             self.equation,
             (self.out_channels, self.in_channels, *self.kernel_size),
             self.ranks,
@@ -174,15 +172,14 @@ class FactorizedConv2d(nn.Module):
             info=dict(self.info),
         )
 
+    @property
+    def factorization(self) -> Factorization:
+        """The current factors (detached copies) as a :class:`Factorization`."""
+        return self._network([p.detach().clone() for p in self.factors])
+
     def to_tensor(self) -> torch.Tensor:
         """The dense kernel (T, S, kh, kw) the factors represent (differentiable)."""
-        return Factorization(
-            list(self.factors),
-            self.equation,
-            (self.out_channels, self.in_channels, *self.kernel_size),
-            self.ranks,
-            modes=self.modes,
-        ).to_tensor()
+        return self._network(list(self.factors)).to_tensor()
 
     @property
     def num_params(self) -> int:
