@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import tnconv
+from tnconv.experiments import reduction
+from tnconv.experiments.reduction import model_flops, reduction_table
 from tnconv.models import (
     MODELS,
+    CifarResNet,
     ShortcutA,
     block_convs,
     create,
@@ -170,3 +175,75 @@ def test_vgg_block_convs_survive_compression() -> None:
     assert all(isinstance(small.get_submodule(n), tnconv.FactorizedConv2d) for n in first)
     assert isinstance(small.features[0], nn.Conv2d)
     assert block_convs(small) == block_convs(vgg)
+
+
+def _block_flops_by_formula(model: CifarResNet) -> int:
+    total = 0
+    shapes = tnconv.compress.__globals__["conv_input_shapes"](model, (1, 3, 32, 32))
+    for name in block_convs(model):
+        conv = model.get_submodule(name)
+        _, _, h, w = shapes[name]
+        ho, wo = h // conv.stride[0], w // conv.stride[1]
+        total += 2 * conv.out_channels * conv.in_channels * 9 * ho * wo
+    return total
+
+
+def test_reduction_table_on_resnet20(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = resnet20()
+    eps = [0.2, 0.45, 0.7]
+    table = reduction_table(model, "tt", eps, name="resnet20")
+    assert [r.eps for r in table.rows] == eps
+    assert table.input_size == (1, 3, 32, 32) and table.method == "tt"
+    kernels = sum(model.get_submodule(n).weight.numel() for n in block_convs(model))
+    for row in table.rows:
+        assert row.params_dense == 269_722 and row.block_params_dense == kernels == 267_264
+        # everything outside the block convs is untouched
+        assert row.params_dense - row.block_params_dense == row.params - row.block_params
+        assert row.block_params <= row.block_params_dense  # a layer that does not save stays dense
+        assert row.layers == 18 and 0 <= row.kept_dense <= 18
+        assert row.flops_dense == model_flops(model) == 81_102_080
+        assert row.block_flops_dense == _block_flops_by_formula(model)
+        assert row.params_reduction == pytest.approx(row.params_dense / row.params)
+        assert row.seconds > 0
+    # the compressed side is measured on the model compress returns: executed FLOPs, all params
+    small = tnconv.compress(model, "tt", eps=eps[1], layers=block_convs(model))
+    row = table.rows[1]
+    assert row.params == n_params(small) and row.flops == model_flops(small)
+    small_rows = tnconv.summary(small, (1, 3, 32, 32)).rows
+    assert row.block_flops == sum(r.flops for r in small_rows if r.name != "conv1")
+    assert row.kept_dense == len(tnconv.dense_reasons(small))
+
+    params = [r.params for r in table.rows]
+    assert params == sorted(params, reverse=True) and params[-1] < params[0]  # looser eps, fewer
+    assert table.rows[-1].block_params_reduction > 1.2
+
+    text = str(table)
+    assert text.splitlines()[0].startswith("resnet20, tt") and len(text.splitlines()) == 3 + 3
+    assert "269,722 -> " in text
+    markdown = table.to_markdown().splitlines()
+    assert len(markdown) == 2 + 3 and markdown[0].startswith("| eps |")
+
+    table.to_csv(tmp_path / "t.csv")
+    table.to_csv(tmp_path / "t.csv", append=True)
+    with open(tmp_path / "t.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 and rows[0]["model"] == "resnet20"
+    assert float(rows[2]["params_reduction"]) == pytest.approx(table.rows[2].params_reduction)
+    assert int(rows[1]["block_params"]) == table.rows[1].block_params
+
+
+def test_reduction_cli(tmp_path, capsys) -> None:
+    out = tmp_path / "r.csv"
+    code = reduction.main(
+        ["--model", "resnet20", "--method", "tt", "--eps", "0.5", "--csv", str(out)]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "resnet20, tt" in printed and "block params" in printed
+    assert out.read_text().count("\n") == 2
+    assert reduction.main(["--method", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown method 'nope'" in err and "tt" in err and len(err.splitlines()) == 1
+    assert reduction.main(["--eps", "2"]) == 2
+    assert "(0, 1)" in capsys.readouterr().err
