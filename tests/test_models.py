@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tnconv
+from tnconv.compress import conv_input_shapes
 from tnconv.experiments import reduction
 from tnconv.experiments.reduction import model_flops, reduction_table
 from tnconv.models import (
@@ -179,7 +180,7 @@ def test_vgg_block_convs_survive_compression() -> None:
 
 def _block_flops_by_formula(model: CifarResNet) -> int:
     total = 0
-    shapes = tnconv.compress.__globals__["conv_input_shapes"](model, (1, 3, 32, 32))
+    shapes = conv_input_shapes(model, (1, 3, 32, 32))
     for name in block_convs(model):
         conv = model.get_submodule(name)
         _, _, h, w = shapes[name]
