@@ -72,7 +72,7 @@ def fit(
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            total += float(loss) * len(labels)
+            total += float(loss.detach()) * len(labels)
             count += len(labels)
         history.append(total / max(count, 1))
         log.info("%s epoch %d: loss %.4f", desc, epoch + 1, history[-1])
