@@ -183,15 +183,19 @@ def test_script_end_to_end(cifar_dir, tmp_path, capsys) -> None:
 
     # a second run from the dense checkpoint the first one wrote, through main()
     out2 = tmp_path / "run2"
+    before = torch.get_num_threads()
+    checkpoint = str(out / "dense.pt")
     code = cifar.main(
-        _args(cifar_dir, out2, "--checkpoint", str(out / "dense.pt"), "--epochs", "1")
+        _args(cifar_dir, out2, "--checkpoint", checkpoint, "--threads", "1", "--epochs", "1")
     )
-    assert code == 0
+    torch.set_num_threads(before)
+    assert code == 0 and json.loads((out2 / "results.json").read_text())["config"]["threads"] == 1
     report = capsys.readouterr().out
     assert "accuracy" in report and "resnet20 + tt (eps 0.5)" in report
     second = json.loads((out2 / "results.json").read_text())
     assert second["accuracy"]["dense"] == results["accuracy"]["dense"]  # same dense weights
     assert second["loss"]["pretrain"] == [] and not (out2 / "dense.pt").exists()
+    assert len(second["loss"]["finetune"]) == 1
     assert second["reduction"]["block_params"] == red["block_params"]  # same kernels, same ranks
 
 
@@ -213,6 +217,7 @@ def test_script_without_fine_tuning(cifar_dir, tmp_path) -> None:
         ({"--method": "rsdtr-missing"}, "unknown method 'rsdtr-missing'; available: "),
         ({"--eps": "1.5"}, "eps must be in (0, 1)"),
         ({"--epochs": "-1"}, "must be >= 0"),
+        ({"--threads": "0"}, "argument --threads: must be >= 1"),
         ({"--model": "resnet18"}, "invalid choice"),
         ({"--pretrain-epochs": None}, "give --checkpoint FILE or --pretrain-epochs K"),
         ({"--data": "{tmp}"}, "no data_batch"),

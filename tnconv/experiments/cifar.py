@@ -139,6 +139,11 @@ def build_parser() -> Parser:
     p.add_argument("--no-augment", action="store_true", help="train without crop / flip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    p.add_argument(
+        "--threads",
+        type=_int_at_least(1),
+        help="CPU threads for torch (default: torch's choice; 1 is fastest on busy small CPUs)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p
 
@@ -198,6 +203,8 @@ def run(args: argparse.Namespace) -> CifarRun:
     seconds: dict[str, float] = {}
     progress = not args.no_progress
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
     start = time.perf_counter()

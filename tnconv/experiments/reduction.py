@@ -320,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="dense state dict to compress (one model only); default: freshly initialised",
     )
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--csv", type=Path, help="write every row to this CSV file")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     try:
@@ -330,6 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         require_method(args.method)
         if args.checkpoint is not None and len(args.model) > 1:
             raise UsageError("--checkpoint needs exactly one --model")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UsageError(f"--threads must be >= 1; got {args.threads}")
+            torch.set_num_threads(args.threads)
         if args.csv is not None and not args.csv.parent.is_dir():
             raise UsageError(f"folder {args.csv.parent} for --csv does not exist")
         for k, model_name in enumerate(args.model):
