@@ -153,7 +153,7 @@ def test_script_end_to_end(cifar_dir, tmp_path, capsys) -> None:
     assert set(results["accuracy"]) == {"dense", "compressed", "finetuned"}
     assert all(0.0 <= a <= 1.0 for a in results["accuracy"].values())
     assert len(results["loss"]["pretrain"]) == 1 and len(results["loss"]["finetune"]) == 1
-    assert results["config"]["lr"] == 0.01 and results["config"]["momentum"] == 0.9
+    assert results["config"]["lr"] == 0.01 and results["config"]["batch_size"] == 16
     assert results["config"]["weight_decay"] == 5e-4
     assert results["layers"]["selected"] == block_convs(resnet20())
     for key in ("load_data", "pretrain", "compress", "finetune", "evaluate", "total"):
@@ -248,3 +248,23 @@ def test_script_errors_are_one_line_with_code_2(
 def test_script_help(capsys) -> None:
     assert cifar.main(["--help"]) == 0
     assert "--pretrain-epochs" in capsys.readouterr().out
+
+
+def test_script_fine_tunes_with_the_published_schedule(cifar_dir, tmp_path, monkeypatch) -> None:
+    calls = []
+    real_fit = cifar.fit
+
+    def recording_fit(model, loader, epochs, **kwargs):
+        calls.append((loader, epochs, kwargs))
+        return real_fit(model, loader, epochs, **kwargs)
+
+    monkeypatch.setattr(cifar, "fit", recording_fit)
+    args = _args(cifar_dir, tmp_path / "out", "--pretrain-epochs", "1", "--epochs", "2")
+    cifar.run(cifar.parse_args(args))
+    (pre_loader, pre_epochs, pre), (loader, epochs, tune) = calls
+    assert pre_loader is loader  # one augmented loader for both phases
+    assert pre_epochs == 1 and pre["lr"] == 0.1 and pre["schedule"] == "onecycle"
+    assert epochs == 2 and tune["lr"] == 0.01 and tune["weight_decay"] == 5e-4
+    assert tune["schedule"] == "onecycle"
+    assert isinstance(loader, AugmentedLoader) and loader.padding == 4 and loader.flip
+    assert len(loader) == 2  # 32 images in batches of 16
