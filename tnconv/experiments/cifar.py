@@ -206,6 +206,16 @@ def run(args: argparse.Namespace) -> CifarRun:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create --out {args.out}: {exc.strerror or exc}") from exc
+    # the checkpoint first: a wrong one should fail before the data is read
+    model = create(args.model)
+    if args.checkpoint is not None:
+        load_dense_checkpoint(model, args.checkpoint)
+    model.to(device)
+
     start = time.perf_counter()
     train_set = _load_split(args.data, True, args.limit)
     test_set = _load_split(args.data, False, args.limit)
@@ -219,13 +229,9 @@ def run(args: argparse.Namespace) -> CifarRun:
     test_loader = DataLoader(test_set, batch_size=args.batch_size)
     seconds["load_data"] = time.perf_counter() - start
 
-    model = create(args.model).to(device)
     pretrain_loss: list[float] = []
     start = time.perf_counter()
-    if args.checkpoint is not None:
-        load_dense_checkpoint(model, args.checkpoint)
-        model.to(device)
-    else:
+    if args.checkpoint is None:
         pretrain_loss = fit(
             model,
             train_loader,
@@ -236,10 +242,8 @@ def run(args: argparse.Namespace) -> CifarRun:
             progress=progress,
             desc="pretrain",
         )
-    seconds["pretrain"] = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.checkpoint is None:
         torch.save(model.state_dict(), args.out / "dense.pt")
+    seconds["pretrain"] = time.perf_counter() - start
 
     start = time.perf_counter()
     acc_dense = evaluate(model, test_loader)
