@@ -175,7 +175,8 @@ def test_script_end_to_end(cifar_dir, tmp_path, capsys) -> None:
     assert red["params"] == sum(p.numel() for p in rebuilt.parameters())
     assert red["params_dense"] == 269_722 and red["layers"] == 18
     rows = {r.name: r for r in tnconv.summary(rebuilt, (1, 3, 32, 32)).rows}
-    assert rows["conv1"].method == "dense"  # the stem stays dense
+    # the stem stays dense because it was never selected, not for lack of a saving
+    assert rows["conv1"].method == "dense" and "conv1" not in tnconv.dense_reasons(rebuilt)
     assert red["block_params"] == sum(rows[n].params for n in block_convs(rebuilt))
     kept = results["layers"]["kept_dense"]
     assert red["kept_dense"] == len(kept)
