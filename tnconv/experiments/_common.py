@@ -44,8 +44,12 @@ def require_method(name: str) -> str:
     """``name`` if it is a registered decomposition, else a :class:`UsageError` listing them."""
     known = registry.available()
     if name not in known:
-        hint = " (rsdtr, the paper's method, is a separate plugin)" if name == "rsdtr" else ""
-        raise UsageError(f"unknown method {name!r}{hint}; available: {', '.join(known)}")
+        what = (
+            "method 'rsdtr' (the paper's) is not registered in this tnconv"
+            if name == "rsdtr"
+            else f"unknown method {name!r}"
+        )
+        raise UsageError(f"{what}; available: {', '.join(known)}")
     return name
 
 
