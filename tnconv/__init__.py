@@ -3,7 +3,7 @@
 Public API (see docs/): the registry (``available``, ``get``, ``register``), the
 :class:`Decomposition` base class and its :class:`Factorization` result, the generic
 :class:`FactorizedConv2d` layer that executes any registered decomposition, and whole-model
-tools: ``compress``, ``summary``, ``save`` / ``load``.
+tools: ``compress``, ``summary``, ``save`` / ``load``, ``study``.
 """
 
 from .compress import Budget, compress, dense_reasons
@@ -23,6 +23,7 @@ from .factorization import Factorization
 from .io import load, save
 from .layers import FactorizedConv2d
 from .registry import available, get, refresh, register, unregister
+from .study import StudyResult, study
 from .summary import Summary, summary
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = [
     "PluginLoadError",
     "RankSpecError",
     "RegistrationError",
+    "StudyResult",
     "Summary",
     "TnconvError",
     "UnknownMethodError",
@@ -51,6 +53,7 @@ __all__ = [
     "refresh",
     "register",
     "save",
+    "study",
     "summary",
     "unregister",
 ]

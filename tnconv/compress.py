@@ -233,7 +233,7 @@ def compress(
     budget: Any = None,
     inplace: bool = False,
     input_size: Sequence[int] | None = None,
-    must_save: SaveCriterion = "params",
+    must_save: SaveCriterion | None = None,
     progress: bool | None = None,
     **options: Any,
 ) -> nn.Module:
@@ -254,7 +254,8 @@ def compress(
             :func:`default_input_size`. Needed only for FLOP criteria; recorded on the result.
         must_save: a layer is replaced only if the factorization has fewer parameters
             ("params"), fewer FLOPs ("flops") or both ("both") than the dense layer; otherwise it
-            stays dense and ``tnconv.summary`` says why.
+            stays dense and ``tnconv.summary`` says why. Default: "flops" when the method's
+            options ask for ``objective="flops"``, else "params".
         progress: show a tqdm bar over layers (default: when there are 8 or more).
         **options: method options, as for ``factorize``.
 
@@ -264,6 +265,8 @@ def compress(
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress needs a torch.nn.Module; got {type(model).__name__}")
     decomposition = method if isinstance(method, Decomposition) else get(method)
+    if must_save is None:
+        must_save = "flops" if options.get("objective") == "flops" else "params"
     if must_save not in ("params", "flops", "both"):
         raise ValueError(f"must_save must be 'params', 'flops' or 'both'; got {must_save!r}")
     if budget is not None:
@@ -357,15 +360,15 @@ class _LayerOptions:
 
 def _rank_levels(decomposition: Decomposition, kshape: tuple, dense_params: int) -> list[int]:
     """Uniform ranks worth trying: every r whose factorization is smaller than the dense kernel
-    (at most 64 of them, spread out), or a geometric ladder for families without eps."""
+    (at most 32 of them, spread out), or a geometric ladder for families without eps."""
     top = max(decomposition.bond_ranks(10**9, kshape))  # type: ignore[arg-type]
     below = [
         r
         for r in range(1, min(top, 4096) + 1)
         if decomposition.num_params_at(kshape, decomposition.bond_ranks(r, kshape)) < dense_params
     ] or [1]
-    if len(below) > 64:
-        below = sorted({below[round(k * (len(below) - 1) / 63)] for k in range(64)})
+    if len(below) > 32:
+        below = sorted({below[round(k * (len(below) - 1) / 31)] for k in range(32)})
     if not decomposition.guarantees_eps and len(below) > _RANK_STEPS:
         last = below[-1]
         below = sorted({max(1, round(last ** (k / (_RANK_STEPS - 1)))) for k in range(_RANK_STEPS)})
@@ -504,13 +507,21 @@ def _allocate(
     def cost(c: _Candidate) -> int:
         return c.params if budget.kind == "params" else c.flops
 
+    full = decomposition.parse_options(options)
+    quick = decomposition.search_options(full)
+    quick_options = {k: getattr(quick, k) for k in type(quick).model_fields}
     options_by_layer: dict[str, _LayerOptions] = {}
     levels_by_layer: dict[str, list[int]] = {}
     for name, conv in bar:
         kshape = tuple(conv.weight.shape)
         levels_by_layer[name] = _rank_levels(decomposition, kshape, conv.weight.numel())
         options_by_layer[name] = _layer_candidates(
-            decomposition, conv, shapes.get(name), levels_by_layer[name], options, must_save
+            decomposition,
+            conv,
+            shapes.get(name),
+            levels_by_layer[name],
+            quick_options,
+            must_save,
         )
     dense_total = sum(cost(o.all[-1]) for o in options_by_layer.values())
     allowed = budget.share * dense_total
@@ -518,23 +529,43 @@ def _allocate(
     def total_loss(p: dict[str, _Candidate]) -> float:
         return sum(_loss(c) for c in p.values())
 
-    solutions = []
     greedy = _greedy(options_by_layer, cost, allowed)
-    if greedy is not None:
-        solutions.append(greedy)
+    uniform: list[dict[str, _Candidate]] = []
     for r in sorted({r for levels in levels_by_layer.values() for r in levels}):
         # a layer whose ladder stops below r stays dense at that level, as compress(rank=r) does
-        uniform = {n: o.by_level.get(r, o.all[-1]) for n, o in options_by_layer.items()}
-        if sum(cost(c) for c in uniform.values()) <= allowed:
-            solutions.append(uniform)
-    if not solutions:
+        level = {n: o.by_level.get(r, o.all[-1]) for n, o in options_by_layer.items()}
+        if sum(cost(c) for c in level.values()) <= allowed:
+            uniform.append(level)
+    if greedy is None and not uniform:
         smallest = sum(min(cost(c) for c in o.all) for o in options_by_layer.values())
         raise BudgetError(
             f"budget {budget.share} of the selected layers' {budget.kind} allows {allowed:.0f}, "
             f"but the smallest {decomposition.name} factorizations need {smallest}"
         )
-    filled = [_fill(p, options_by_layer, cost, allowed) for p in solutions]
-    best = min(filled, key=total_loss)
+    filled = [_fill(p, options_by_layer, cost, allowed) for p in [greedy, *uniform] if p]
+    # the search ran with the method's quick options; refit the finalists with the full ones
+    # (the best found, and the largest uniform rank that fits, the natural baseline)
+    finalists = [min(filled, key=total_loss)]
+    if uniform:
+        finalists.append(_fill(uniform[-1], options_by_layer, cost, allowed))
+    convs = dict(layers)
+    refitted: dict[tuple[str, tuple[int, ...]], _Candidate] = {}
+
+    def refit(name: str, c: _Candidate) -> _Candidate:
+        if c.factorization is None or quick == full:
+            return c
+        key = (name, c.factorization.ranks)
+        if key not in refitted:
+            conv = convs[name]
+            f = decomposition.factorize(conv.weight.detach(), c.factorization.ranks, **options)
+            dense = (conv.weight.numel(), c.flops)
+            better = _candidate(_layer_from(conv, f), f, shapes.get(name), dense)
+            ok = better.error < c.error and cost(better) <= cost(c)
+            refitted[key] = better if ok else c
+        return refitted[key]
+
+    finals = [{n: refit(n, c) for n, c in p.items()} for p in finalists]
+    best = min(finals, key=total_loss)
     log.info(
         "budget %s of %s: spent %d of %.0f, summed loss %.4f",
         budget.share,

@@ -33,6 +33,15 @@ def mode_unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
 
 
 def leading_left_vectors(mat: torch.Tensor, r: int) -> torch.Tensor:
-    """The ``r`` leading left singular vectors of ``mat`` (``r <= mat.shape[0]``)."""
+    """The ``r`` leading left singular vectors of ``mat`` (``r <= mat.shape[0]``).
+
+    For a wide matrix (m rows <= n columns) they are the leading eigenvectors of the m x m Gram
+    matrix, several times cheaper than an SVD (only the leading subspace is needed, and in
+    float64 squaring the spectrum costs nothing that matters for it).
+    """
+    m, n = mat.shape
+    if m <= n:
+        _, vecs = torch.linalg.eigh(mat @ mat.T)
+        return torch.flip(vecs[:, m - r :], (1,))
     u, _, _ = svd(mat)
     return u[:, :r]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import opt_einsum
 import torch
 
 from ._linalg import svd
@@ -33,13 +34,21 @@ RankChooser = Callable[[int, torch.Tensor], int]
 Splitter = Callable[[int], tuple[int, int]]
 
 
+def ring_equation(d: int) -> str:
+    """einsum of a ring of d cores, e.g. ``"aAb,bBc,cCd,dDa->ABCD"`` for d = 4."""
+    bonds = [opt_einsum.get_symbol(k) for k in range(d)]
+    modes = [opt_einsum.get_symbol(d + k) for k in range(d)]
+    terms = [bonds[k] + modes[k] + bonds[(k + 1) % d] for k in range(d)]
+    return ",".join(terms) + "->" + "".join(modes)
+
+
 def ring_to_tensor(cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Contract a ring (or train) of 3-way cores into the full tensor ``(I_0, ..., I_{d-1})``."""
-    acc = cores[0]  # (r0, I0, r1)
-    for core in cores[1:]:
-        acc = torch.tensordot(acc, core, dims=([acc.ndim - 1], [0]))
-    # acc: (r0, I0, ..., I_{d-1}, r0) -> trace over the closing bond
-    return torch.diagonal(acc, dim1=0, dim2=acc.ndim - 1).sum(-1)
+    """Contract a ring (or train) of 3-way cores into the full tensor ``(I_0, ..., I_{d-1})``.
+
+    opt_einsum orders the contraction; a plain left-to-right chain would carry the closing bond
+    and build an ``r_0^2`` times larger intermediate before taking the trace.
+    """
+    return opt_einsum.contract(ring_equation(len(cores)), *cores, backend="torch")
 
 
 def ring_params(shape: Sequence[int], ranks: Sequence[int]) -> int:
@@ -140,14 +149,17 @@ def ring_als(
     singular Gram matrices, and an update that does not lower the error is rejected), so the
     returned error is never above the starting one. Stops after ``sweeps`` sweeps, when a sweep
     lowers the error by less than the fraction ``tol``, or before the sweeps would exceed
-    ``max_flops`` multiply-adds in total. Returns ``(cores, relative_error)``.
+    ``max_flops`` multiply-adds in total. Returns ``(cores, relative_error)``; the error is NaN
+    when no sweep runs (it is not computed then).
     """
     d = tensor.ndim
     cores = [c.clone() for c in cores]
     norm = float(torch.linalg.vector_norm(tensor))
-    err = ring_error(tensor, cores)
     per_sweep = als_sweep_flops(tensor.shape, [c.shape[0] for c in cores])
     sweeps = min(sweeps, int(max_flops // per_sweep)) if math.isfinite(max_flops) else sweeps
+    if sweeps <= 0:
+        return cores, math.nan  # nothing to refine; the caller knows the error otherwise
+    err = ring_error(tensor, cores)
     for _ in range(sweeps if err > 1e-13 else 0):
         start = err
         for k in range(d):

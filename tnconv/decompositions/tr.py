@@ -71,11 +71,11 @@ class TR(Decomposition):
     def _finish_ring(
         self, weight: torch.Tensor, cores: list[torch.Tensor], options: TROptions
     ) -> Factorization:
-        cores, err = ring_als(
+        cores, _ = ring_als(
             weight, cores, options.als_sweeps, max_flops=options.als_max_gflop * 1e9
         )
         ranks = tuple(int(c.shape[0]) for c in cores)
-        return self.make(cores, EQUATION, tuple(weight.shape), ranks, fit_error=err)
+        return self.make(cores, EQUATION, tuple(weight.shape), ranks)
 
     def fit(
         self, weight: torch.Tensor, ranks: tuple[int, ...], options: TROptions

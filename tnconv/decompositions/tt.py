@@ -74,12 +74,12 @@ class TT(Decomposition):
     def _finish_train(
         self, weight: torch.Tensor, cores: list[torch.Tensor], options: TTOptions
     ) -> Factorization:
-        cores, err = ring_als(
+        cores, _ = ring_als(
             weight, cores, options.als_sweeps, max_flops=options.als_max_gflop * 1e9
         )
         factors = [cores[0][0], cores[1], cores[2], cores[3][..., 0]]
         ranks = (cores[1].shape[0], cores[2].shape[0], cores[3].shape[0])
-        return self.make(factors, EQUATION, tuple(weight.shape), ranks, fit_error=err)
+        return self.make(factors, EQUATION, tuple(weight.shape), ranks)
 
     def fit(
         self, weight: torch.Tensor, ranks: tuple[int, ...], options: TTOptions

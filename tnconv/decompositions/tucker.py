@@ -112,6 +112,9 @@ class Tucker(Decomposition):
                 caps[n] = min(caps[n], others)
         return self.log_capped(asked, tuple(caps))
 
+    def search_options(self, options: TuckerOptions) -> TuckerOptions:
+        return options.model_copy(update={"max_iter": min(options.max_iter, 5), "shrink": False})
+
     def num_params_at(self, shape: KernelShape, ranks: tuple[int, ...]) -> int:
         if len(ranks) == 2:
             return (

@@ -1,0 +1,113 @@
+"""Comparative studies on models and on bare kernels."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import tnconv
+from tnconv.study import StudyResult, StudyRow
+
+from .conftest import REAL_KERNELS
+
+
+def conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 5, padding=2),
+        nn.ReLU(),
+        nn.Conv2d(32, 45, 5, padding=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(45, 3),
+    )
+    with torch.no_grad():  # trained kernels where the shapes fit
+        net[2].weight.copy_(torch.tensor(REAL_KERNELS["dlib_mmod/conv02"]))
+    return net.eval()
+
+
+def test_study_on_a_model_matches_budgets_and_calls_back(tmp_path) -> None:
+    model = conv_net()
+    calls: list[str] = []
+
+    def evaluate(m: nn.Module) -> float:
+        calls.append("eval")
+        return 0.5
+
+    def fine_tune(m: nn.Module) -> None:
+        calls.append("tune")
+
+    result = tnconv.study(
+        model,
+        ["tucker", "tt"],
+        [0.2, 0.5],
+        input_size=(2, 3, 12, 12),
+        evaluate=evaluate,
+        fine_tune=fine_tune,
+        latency_repeats=2,
+        progress=False,
+    )
+    rows = {(r.method, r.budget): r for r in result.rows}
+    assert set(rows) == {("dense", 1.0), ("tucker", 0.2), ("tucker", 0.5), ("tt", 0.2), ("tt", 0.5)}
+    dense = rows[("dense", 1.0)]
+    for (method, budget), r in rows.items():
+        assert r.params <= budget * dense.params + 1e-9
+        assert r.dense_params == dense.params and r.dense_flops == dense.flops
+        assert r.latency_ms > 0 and r.dense_latency_ms > 0
+        if method != "dense":
+            assert 0 < r.error < 1 and r.accuracy == 0.5 and r.accuracy_tuned == 0.5
+    assert rows[("tt", 0.5)].error < rows[("tt", 0.2)].error
+    assert calls.count("tune") == 4 and calls.count("eval") == 1 + 2 * 4
+    # CSV and Pareto plot
+    csv = result.to_csv(tmp_path / "s.csv").read_text().splitlines()
+    assert len(csv) == 1 + len(result.rows) and "param_share" in csv[0]
+    assert result.plot(tmp_path / "s.png").stat().st_size > 1000
+    assert "tucker" in str(result)
+
+
+def test_study_on_kernels_and_pareto() -> None:
+    kernels = {
+        "conv04": REAL_KERNELS["dlib_mmod/conv04"],
+        "ocr": REAL_KERNELS["ppocrv4_det/49_conv2d_156.w_0"],
+    }
+    result = tnconv.study(kernels, ["tucker", "tr"], [0.1, 0.3], latency_repeats=0, progress=False)
+    assert len(result.rows) == 2 * 2 * 2
+    for r in result.rows:
+        assert r.params <= r.budget * r.dense_params and math.isnan(r.latency_ms)
+    front = result.pareto("error")
+    assert front and all(r in result.rows for r in front)
+    for r in front:  # nothing on the same kernel is both smaller and more accurate
+        assert not any(
+            o.target == r.target and o.params < r.params and o.error < r.error for o in result.rows
+        )
+
+
+def test_pareto_definition() -> None:
+    rows = [
+        StudyRow("k", "a", 0.1, 10, 100, 0, 0, 0.5),
+        StudyRow("k", "b", 0.2, 20, 100, 0, 0, 0.6),  # dominated by a
+        StudyRow("k", "c", 0.3, 30, 100, 0, 0, 0.2),
+    ]
+    assert [r.method for r in StudyResult(rows).pareto("error")] == ["a", "c"]
+
+
+def test_study_errors() -> None:
+    with pytest.raises(KeyError):
+        tnconv.study(conv_net(), ["nope"], [0.5])
+    with pytest.raises(ValueError, match="budgets"):
+        tnconv.study(conv_net(), ["tt"], [1.5])
+    with pytest.raises(ValueError, match="model"):
+        tnconv.study({"k": REAL_KERNELS["dlib_mmod/conv04"]}, ["tt"], [0.5], evaluate=lambda m: 1.0)
+
+
+def test_a_budget_a_method_cannot_meet_is_a_row_not_a_crash() -> None:
+    result = tnconv.study(
+        conv_net(), ["tt"], [0.001], input_size=(1, 3, 8, 8), latency_repeats=0, progress=False
+    )
+    (row,) = [r for r in result.rows if r.method == "tt"]
+    assert "no fit" in row.note and math.isnan(row.error)
