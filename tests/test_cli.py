@@ -191,3 +191,10 @@ def test_console_script_is_declared() -> None:
         pytest.skip("tnconv is not installed")
     scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
     assert scripts.get("tnconv") == "tnconv.cli:main"
+
+
+def test_experiment_scripts_are_reachable(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run(capsys, "cifar", "--data", str(tmp_path / "none"), "--out", str(tmp_path))
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    code, out, _ = run(capsys, "reduction", "--help")
+    assert code == 0 and "--model" in out

@@ -1,4 +1,4 @@
-"""The ``tnconv`` command: list, compress, summary, study, demo.
+"""The ``tnconv`` command: list, compress, summary, study, demo, cifar, reduction.
 
 Every failure a user can cause (a missing file, a bad argument, a rank that does not fit) ends
 with one line on stderr, ``tnconv: error: ...``, and exit status 2.
@@ -208,6 +208,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    """Hand the remaining arguments to an experiment script's own ``main``."""
+    if args.command == "cifar":
+        from .experiments.cifar import main as run
+    else:
+        from .experiments.reduction import main as run
+    return int(run(args.args))
+
+
 # -- parser -----------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, status 2
@@ -263,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a one-minute version (8x8 digits)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    for name, text in (
+        ("cifar", "the RSDTR paper's CIFAR-10 protocol on a local folder (docs/cifar.md)"),
+        ("reduction", "parameter / FLOP reductions per eps of a CIFAR model (docs/cifar.md)"),
+    ):
+        p = sub.add_parser(name, help=text, add_help=False, prefix_chars="\0")
+        p.add_argument("args", nargs=argparse.REMAINDER, help=f"see `tnconv {name} --help`")
+        p.set_defaults(func=cmd_experiment)
     return parser
 
 
