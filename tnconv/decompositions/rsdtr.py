@@ -39,11 +39,12 @@ The returned ring's error is measured, not assumed: ``relative_error <= eps`` al
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
@@ -54,8 +55,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..factorization import Factorization, KernelShape
 from ..registry import register
-from ._linalg import svd, tail_energy
-from ._ring import ring_params, sequential_svd
+from ._linalg import tail_energy
+from ._ring import ring_params
 from .base import Decomposition
 from .tr import cap_ring_ranks
 
@@ -167,6 +168,21 @@ Cost = Callable[[Sequence], "float | np.ndarray"]
 # ---------------------------------------------------------------------------------------------
 # spectra
 # ---------------------------------------------------------------------------------------------
+def _thin_svd(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``mat = U @ diag(S) @ Vh`` (descending S) through a QR of the long side.
+
+    Same factorization as ``torch.linalg.svd(mat, full_matrices=False)``; LAPACK's divide and
+    conquer SVD of a thin matrix run multi-threaded on a busy 2-core machine was measured 100x
+    slower than this QR followed by the SVD of the small triangular factor.
+    """
+    if mat.shape[0] < mat.shape[1]:
+        u, s, vh = _thin_svd(mat.T)
+        return vh.T, s, u.T
+    q, r = torch.linalg.qr(mat)
+    u, s, vh = torch.linalg.svd(r)
+    return q @ u, s, vh
+
+
 def _sq_svals(mat: torch.Tensor) -> torch.Tensor:
     """Squared singular values of ``mat``, descending, from the smaller Gram matrix.
 
@@ -212,6 +228,26 @@ def _eig_work(m1: int, m2: int) -> float:
     """Multiply-adds of the Gram matrix of an (m1, m2) matrix and its eigen-decomposition."""
     k, big = min(m1, m2), max(m1, m2)
     return float(k * k * big + 4 * k**3)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch's intra-op work on one thread for the duration, then restore the pool size.
+
+    The search makes thousands of eigen-decompositions of matrices with tens to hundreds of
+    rows: latency-bound work that gains nothing from threads. On a 2-core machine shared with
+    another busy process, the 2-thread pool made the same factorization 20-100x slower (each
+    small call waits for both threads to be scheduled).
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _divisors(n: int) -> list[int]:
@@ -271,7 +307,9 @@ class _Shift:
     @classmethod
     def of(cls, weight: torch.Tensor, p: int) -> _Shift:
         x = weight.permute([(p + j) % 4 for j in range(4)]).contiguous()
-        u, s, vh = svd(x.reshape(x.shape[0], -1))
+        # LAPACK's own SVD, as the paper: the split of the first rank into (r0, r1) puts
+        # singular pairs on both sides of the second SVD, so its spectrum depends on their signs
+        u, s, vh = torch.linalg.svd(x.reshape(x.shape[0], -1), full_matrices=False)
         return cls(p, x, u, s, vh, tail_energy(s))
 
     @property
@@ -300,11 +338,38 @@ class _Shift:
         rows = self.step1(r0, r1).rows[:r2]
         return _tail_sq(_sq_svals(rows.reshape(r2 * self.dims[2], -1)))
 
+    def build(
+        self, bonds: Sequence[int], budget: float | None = None
+    ) -> tuple[list[torch.Tensor], float]:
+        """TR-SVD at shifted bonds (r0, r1, r2, r3): cores in shifted order and squared error.
+
+        With a ``budget``, the third rank is raised if the exact spectra leave less of it than
+        planned (the search plans from Gram-based spectra).
+        """
+        r0, r1, r2, r3 = bonds
+        n = self.dims
+        big_r = r0 * r1
+        first = self.u[:, :big_r].reshape(n[0], r0, r1).permute(1, 0, 2)
+        spent = float(self.tail[big_r])
+        u1, s1, vh1 = _thin_svd(self.remainder1(r0, r1))
+        spent += float(torch.sum(s1[r2:] ** 2))
+        u2, s2, vh2 = _thin_svd((s1[:r2, None] * vh1[:r2]).reshape(r2 * n[2], -1))
+        tail2 = tail_energy(s2)
+        if budget is not None:
+            r3 = max(r3, _min_rank(tail2, budget - spent))
+        cores = [
+            first,
+            u1[:, :r2].reshape(r1, n[1], r2),
+            u2[:, :r3].reshape(r2, n[2], r3),
+            (s2[:r3, None] * vh2[:r3]).reshape(r3, n[3], r0),  # the closing bond rode along last
+        ]
+        return cores, spent + float(tail2[r3])
+
     def exact_step1(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Singular values and ``S @ Vh`` of the second SVD by an SVD (for the paper's rule)."""
         key = (r0, r1)
         if key not in self.exact:
-            _, s1, vh1 = svd(self.remainder1(r0, r1))
+            _, s1, vh1 = _thin_svd(self.remainder1(r0, r1))
             self.exact[key] = (s1, s1[:, None] * vh1)
         return self.exact[key]
 
@@ -482,21 +547,8 @@ class _Search:
         The third rank is the planned one, raised if the exact spectra leave less of the budget
         than the search's Gram-based estimates did (the paper's plans never need that).
         """
-        sh = self.shifts[plan.shift]
-        r0, r1, r2, r3 = plan.bonds
-        spent = [0.0]
-
-        def choose(k: int, s: torch.Tensor) -> int:
-            if k == 2:
-                return max(r3, _min_rank(tail_energy(s), budget - spent[0]))
-            rank = (r0 * r1, r2)[k]
-            spent[0] += float(tail_energy(s)[rank])
-            return rank
-
-        shifted, discarded = sequential_svd(
-            sh.x, choose, ring=True, split=lambda _: (r0, r1), first=(sh.u, sh.s, sh.vh)
-        )
-        return _rotate_back(shifted, plan.shift), sum(discarded)
+        shifted, sq_err = self.shifts[plan.shift].build(plan.bonds, budget)
+        return _rotate_back(shifted, plan.shift), sq_err
 
 
 def _dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -580,6 +632,8 @@ class _RingALS:
         """Up to ``sweeps`` sweeps the budget pays for (stopping when one gains less than the
         fraction ``tol``); returns the cores and their relative error."""
         cores = list(cores)
+        if self.norm2 == 0.0:
+            return cores, 0.0
         err2 = _error(self.weight, cores) ** 2 * self.norm2
         per_sweep = self.sweep_work(_ranks_of(cores))
         for _ in range(sweeps):
@@ -607,7 +661,7 @@ def _truncate_bond(cores: list[torch.Tensor], k: int, rank: int) -> list[torch.T
     _, nb, rb = b.shape
     qa, fa = torch.linalg.qr(a.reshape(ra * na, r))
     qb, fb = torch.linalg.qr(b.reshape(r, nb * rb).T)
-    u, s, vh = svd(fa @ fb.T)
+    u, s, vh = _thin_svd(fa @ fb.T)
     rank = min(rank, s.numel())
     root = s[:rank].sqrt()
     out = list(cores)
@@ -707,7 +761,13 @@ class RSDTR(Decomposition):
         self, weight: torch.Tensor, ranks: tuple[int, ...], options: RSDTROptions
     ) -> Factorization:
         """TR-SVD at these ranks from every shift whose SVDs can carry them; the most accurate
-        ring is refined by ALS."""
+        ring is refined by ALS (single-threaded, see :func:`_one_thread`)."""
+        with _one_thread():
+            return self._fit_fixed(weight, ranks, options)
+
+    def _fit_fixed(
+        self, weight: torch.Tensor, ranks: tuple[int, ...], options: RSDTROptions
+    ) -> Factorization:
         search = self._search_for(weight)
         best: tuple[float, int, list[torch.Tensor]] | None = None
         for sh in search.shifts:
@@ -719,14 +779,7 @@ class RSDTR(Decomposition):
                 or r3 > min(r2 * n[2], n[3] * r0)
             ):
                 continue  # this shift's SVDs cannot carry these ranks
-            shifted, discarded = sequential_svd(
-                sh.x,
-                lambda k, s, big=r0 * r1, r2=r2, r3=r3: (big, r2, r3)[k],
-                ring=True,
-                split=lambda _, r0=r0, r1=r1: (r0, r1),
-                first=(sh.u, sh.s, sh.vh),
-            )
-            err = sum(discarded)
+            shifted, err = sh.build((r0, r1, r2, r3))
             if best is None or err < best[0]:
                 best = (err, p, _rotate_back(shifted, p))
         assert best is not None  # shift 0 carries every rank tuple bond_ranks lets through
@@ -738,9 +791,18 @@ class RSDTR(Decomposition):
 
     # -- error bound --------------------------------------------------------------------------
     def fit_eps(self, weight: torch.Tensor, eps: float, options: RSDTROptions) -> Factorization:
+        """The cheapest ring within eps (see the module docstring), single-threaded (see
+        :func:`_one_thread`)."""
+        with _one_thread():
+            return self._fit_eps(weight, eps, options)
+
+    def _fit_eps(self, weight: torch.Tensor, eps: float, options: RSDTROptions) -> Factorization:
         shape: KernelShape = tuple(weight.shape)  # type: ignore[assignment]
         search = self._search_for(weight)
         budget = eps * eps * search.norm2
+        if budget == 0.0:  # a zero kernel: the smallest ring represents it exactly
+            zeros = [weight.new_zeros(1, n, 1) for n in shape]
+            return self._make(weight, zeros, options, shift=0, search=options.search)
 
         def params(r: Sequence) -> float | np.ndarray:
             return ring_params(shape, r)
@@ -817,8 +879,9 @@ class RSDTR(Decomposition):
     def fit_ratio(self, weight: torch.Tensor, budget: int, options: RSDTROptions) -> Factorization:
         """The generic search (eps bisection + uniform ranks, grown within the budget), with one
         shared set of SVDs for all the eps and ranks it tries on this kernel."""
-        self._shared = _Search(weight)
-        try:
-            return super().fit_ratio(weight, budget, options)
-        finally:
-            self._shared = None
+        with _one_thread():
+            self._shared = _Search(weight)
+            try:
+                return super().fit_ratio(weight, budget, options)
+            finally:
+                self._shared = None
