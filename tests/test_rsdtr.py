@@ -141,6 +141,14 @@ def test_eps_bound_on_real_kernels_with_options(name: str, options: dict) -> Non
     assert f.relative_error(w) <= 0.4
 
 
+def test_rings_larger_than_dense_are_returned_not_refused() -> None:
+    """factorize reports: a tight eps on an incompressible kernel costs more than dense."""
+    w = torch.randn(6, 5, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    f = tnconv.get("rsdtr").factorize(w, eps=0.01)
+    assert f.num_params > w.numel()
+    assert f.relative_error(w) <= 0.01
+
+
 def test_zero_kernel_gives_zero_ring() -> None:
     w = torch.zeros(4, 3, 3, 3)
     with pytest.warns(RuntimeWarning):  # 0/0: the relative error of a zero kernel is undefined
