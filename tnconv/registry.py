@@ -41,6 +41,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "tnconv.decompositions.tucker",
     "tnconv.decompositions.tt",
     "tnconv.decompositions.tr",
+    "tnconv.decompositions.rsdtr",
 )
 
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
