@@ -31,7 +31,7 @@ import csv
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +221,75 @@ def summarize(rows: list[Row], thorough: bool) -> list[str]:
     return lines
 
 
+def markdown(rows: list[Row]) -> list[str]:
+    """The three tables of docs/rsdtr.md: totals, search times, spatial kernels one by one."""
+    thorough = all(r.thorough_params for r in rows)
+    out = [
+        "| kernels | eps | dense | published | ours | ours / published (max per layer) "
+        "| layers with more | fast | thorough | objective=\"flops\" (MFLOP ours -> flops) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups = [(g, e) for g in ("kxk", "1x1") for e in sorted({r.eps for r in rows})]
+    for group, eps in groups:
+        sel = [r for r in rows if r.group == group and r.eps == eps]
+        if not sel:
+            continue
+        pub = sum(r.pub_params for r in sel)
+        ours = sum(r.ours_params for r in sel)
+        deep = f"{sum(r.thorough_params for r in sel)}" if thorough else "-"
+        out.append(
+            f"| {len(sel)} {group} | {eps} | {sum(r.dense for r in sel)} | {pub} | {ours} | "
+            f"{ours / pub:.3f} ({max(r.ratio for r in sel):.3f}) | "
+            f"{sum(r.ours_params > r.pub_params for r in sel)} | "
+            f"{sum(r.fast_params for r in sel)} | {deep} | "
+            f"{sum(r.ours_flops for r in sel) / 1e6:.1f} -> "
+            f"{sum(r.lean_flops for r in sel) / 1e6:.1f} |"
+        )
+    out += [
+        "",
+        "| kernels | eps | published | ours | search=\"published\" (agrees) | fast | thorough |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for group, eps in groups:
+        sel = [r for r in rows if r.group == group and r.eps == eps]
+        if not sel:
+            continue
+
+        def secs(attr: str, sel: list[Row] = sel) -> str:
+            return f"{sum(getattr(r, attr) for r in sel) / 1e3:.2f} s"
+
+        out.append(
+            f"| {len(sel)} {group} | {eps} | {secs('pub_ms')} | {secs('ours_ms')} | "
+            f"{secs('published_mode_ms')} ({sum(r.published_mode_agrees for r in sel)}/{len(sel)})"
+            f" | {secs('fast_ms')} | {secs('thorough_ms') if thorough else '-'} |"
+        )
+    out += [
+        "",
+        "| layer | shape | eps | dense | published (ranks) | error | ours (ranks) | error "
+        "| ours / published | pipeline MFLOP published / ours | executed MFLOP ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.group == "kxk":
+            out.append(
+                f"| {r.layer} | {r.shape} | {r.eps} | {r.dense} | {r.pub_params} {r.pub_ranks} | "
+                f"{r.pub_error:.3f} | {r.ours_params} {r.ours_ranks} | {r.ours_error:.3f} | "
+                f"{r.ratio:.3f} | {r.pub_flops / 1e6:.1f} / {r.ours_flops / 1e6:.1f} | "
+                f"{r.ours_executed / 1e6:.1f} |"
+            )
+    return out
+
+
+def read_csv(path: Path) -> list[Row]:
+    """Rows written by ``--csv`` (to redo the tables without rerunning the searches)."""
+    types = {f.name: f.type for f in fields(Row)}
+    convert = {"int": int, "float": float, "str": str, "bool": lambda v: v == "True"}
+    with path.open(newline="") as fh:
+        return [
+            Row(**{k: convert[types[k]](v) for k, v in rec.items()}) for rec in csv.DictReader(fh)
+        ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--eps", type=float, nargs="+", default=[0.3, 0.5])
@@ -229,8 +298,13 @@ def main() -> None:
     parser.add_argument("--thorough", action="store_true", help=f"also run ours with {THOROUGH}")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--csv", type=Path, help="write every row to this CSV file")
+    parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
+    parser.add_argument("--from-csv", type=Path, help="tables from an earlier --csv, no search")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.from_csv:
+        print("\n".join(markdown(read_csv(args.from_csv))))
+        return
 
     source, kernels = load_kernels()
     if args.no_1x1:
@@ -254,6 +328,8 @@ def main() -> None:
             writer.writeheader()
             writer.writerows(asdict(r) for r in rows)
         print(f"wrote {args.csv}")
+    if args.markdown:
+        print("\n".join(markdown(rows)))
 
 
 if __name__ == "__main__":
