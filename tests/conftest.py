@@ -44,6 +44,26 @@ REAL_KERNELS = load_real_kernels()
 REAL_3D = {k: v for k, v in REAL_KERNELS.items() if v.shape[1] > 3 and v.shape[2] > 1}
 
 
+def decaying_kernel(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A random float64 kernel with a decaying spectrum on every unfolding (like trained ones)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen, dtype=torch.float64)
+    for mode in range(4):
+        n = shape[mode]
+        decay = torch.exp(-torch.arange(n, dtype=torch.float64) / max(n / 3, 1))
+        w = torch.movedim(torch.movedim(w, mode, -1) * decay, -1, mode)
+    return w
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny SVDs and convs: with 2 threads on a shared 2-core machine OpenMP spin-waits cost 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=METHODS)
 def method(request: pytest.FixtureRequest) -> str:
     return request.param

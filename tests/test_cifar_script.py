@@ -18,14 +18,7 @@ from tnconv.training import evaluate
 
 from .test_training import write_fake_cifar
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: with 2 threads on a shared 2-core machine OpenMP spin-waits cost 10x
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import tnconv
 from tnconv.errors import BudgetError
 from tnconv.rank import param_budget
 
-from .conftest import EPS_METHODS, METHODS, REAL_3D
+from .conftest import EPS_METHODS, METHODS, REAL_3D, decaying_kernel
 
 kernel_shapes = st.tuples(
     st.integers(1, 10), st.integers(1, 10), st.sampled_from([1, 2, 3, 5]), st.sampled_from([1, 3])
@@ -25,17 +25,6 @@ kernel_shapes = st.tuples(
 def random_kernel(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float64):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
-
-
-def lowrank_kernel(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """A kernel with a decaying spectrum on every unfolding (like trained ones)."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(shape, generator=gen, dtype=torch.float64)
-    for mode in range(4):
-        n = shape[mode]
-        decay = torch.exp(-torch.arange(n, dtype=torch.float64) / max(n / 3, 1))
-        w = torch.movedim(torch.movedim(w, mode, -1) * decay, -1, mode)
-    return w
 
 
 # -- structure ---------------------------------------------------------------------------------
@@ -93,7 +82,7 @@ def test_full_rank_reconstructs_real_kernels(method: str, name: str) -> None:
 def test_eps_bound_holds(
     method: str, shape: tuple, eps: float, seed: int, dtype: torch.dtype, decaying: bool
 ) -> None:
-    w = (lowrank_kernel(shape, seed) if decaying else random_kernel(shape, seed)).to(dtype)
+    w = (decaying_kernel(shape, seed) if decaying else random_kernel(shape, seed)).to(dtype)
     f = tnconv.get(method).factorize(w, eps=eps)
     assert f.relative_error(w) <= eps
 
@@ -121,7 +110,7 @@ def test_looser_eps_is_smaller_on_real_kernel(method: str) -> None:
 def test_eps_without_guarantee_reaches_target_when_possible() -> None:
     # every registered method accepts eps; the ones without a guarantee search their rank
     for method in sorted(set(METHODS) - set(EPS_METHODS)):
-        w = lowrank_kernel((6, 5, 3, 3), 0)
+        w = decaying_kernel((6, 5, 3, 3), 0)
         f = tnconv.get(method).factorize(w, eps=0.5)
         assert f.relative_error(w) <= 0.5
 
@@ -130,7 +119,7 @@ def test_eps_without_guarantee_reaches_target_when_possible() -> None:
 @pytest.mark.parametrize("method", METHODS)
 @given(shape=kernel_shapes, ratio=st.floats(0.05, 1.0), seed=st.integers(0, 1000))
 def test_ratio_fits_budget(method: str, shape: tuple, ratio: float, seed: int) -> None:
-    w = lowrank_kernel(shape, seed)
+    w = decaying_kernel(shape, seed)
     dec = tnconv.get(method)
     budget = param_budget(ratio, math.prod(shape))
     smallest = dec.num_params_at(shape, dec.bond_ranks(1, shape))
@@ -196,7 +185,7 @@ def test_no_worse_than_tensorly(method: str, name: str, rank: int) -> None:
 
 
 def test_tucker_full_and_tucker2_layouts() -> None:
-    w = lowrank_kernel((8, 6, 3, 3), 1)
+    w = decaying_kernel((8, 6, 3, 3), 1)
     f2 = tnconv.get("tucker").factorize(w, (3, 2))
     assert [tuple(t.shape) for t in f2.factors] == [(3, 2, 3, 3), (8, 3), (6, 2)]
     f4 = tnconv.get("tucker").factorize(w, (3, 2, 2, 3))
@@ -206,7 +195,7 @@ def test_tucker_full_and_tucker2_layouts() -> None:
 
 
 def test_ring_layouts_follow_documented_rank_order() -> None:
-    w = lowrank_kernel((12, 10, 3, 3), 2)
+    w = decaying_kernel((12, 10, 3, 3), 2)
     tr = tnconv.get("tr").factorize(w, (2, 3, 4, 2))
     assert [tuple(t.shape) for t in tr.factors] == [(2, 12, 3), (3, 10, 4), (4, 3, 2), (2, 3, 2)]
     tt = tnconv.get("tt").factorize(w, (5, 4, 2))
@@ -214,7 +203,7 @@ def test_ring_layouts_follow_documented_rank_order() -> None:
 
 
 def test_cp_reports_degeneracy_and_balances_scales() -> None:
-    w = lowrank_kernel((8, 6, 3, 3), 3)
+    w = decaying_kernel((8, 6, 3, 3), 3)
     f = tnconv.get("cp").factorize(w, 4)
     assert f.info["degeneracy"] >= 0.99
     norms = torch.stack([torch.linalg.vector_norm(t, dim=0) for t in f.factors])
@@ -222,6 +211,6 @@ def test_cp_reports_degeneracy_and_balances_scales() -> None:
 
 
 def test_float32_input_gives_float32_and_device_preserved(method: str) -> None:
-    w = lowrank_kernel((6, 5, 3, 3), 4).float()
+    w = decaying_kernel((6, 5, 3, 3), 4).float()
     f = tnconv.get(method).factorize(w, 2)
     assert all(t.dtype == torch.float32 and t.device == w.device for t in f.factors)

@@ -50,7 +50,7 @@ def test_quarter_budget_recovers_within_one_point(trained, method: str) -> None:
 
 
 def test_run_demo_writes_table_and_plot(tmp_path) -> None:
-    cfg = DemoConfig(epochs=2, source="sklearn", methods=["tucker", "tt"], progress=False)
+    cfg = DemoConfig(epochs=2, width=16, source="sklearn", methods=["tucker", "tt"], progress=False)
     result = run_demo(tmp_path, cfg)
     methods = [r.method for r in result.rows]
     assert methods == ["dense", "tucker", "tt"]

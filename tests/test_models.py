@@ -24,14 +24,7 @@ from tnconv.models import (
     vgg19_bn,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny SVDs and convs: with 2 threads on a shared 2-core machine OpenMP spin-waits cost 10x
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(model: nn.Module) -> int:

@@ -24,24 +24,13 @@ from tnconv.decompositions import rsdtr as rsdtr_module
 from tnconv.decompositions.rsdtr import pipeline_flops
 from tnconv.errors import OptionError
 
-from .conftest import REAL_3D, REAL_KERNELS
+from .conftest import REAL_3D, REAL_KERNELS, decaying_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from published_rsdtr import published_rsdtr, ring_dense
 
 # every trained kernel with more than one input channel (the 3-D ones, a 3-input stem, a 1x1)
 REAL = {k: v for k, v in REAL_KERNELS.items() if v.shape[1] > 1}
-
-
-def decaying_kernel(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """A kernel with a decaying spectrum on every unfolding (like trained ones)."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(shape, generator=gen, dtype=torch.float64)
-    for mode in range(4):
-        n = shape[mode]
-        decay = torch.exp(-torch.arange(n, dtype=torch.float64) / max(n / 3, 1))
-        w = torch.movedim(torch.movedim(w, mode, -1) * decay, -1, mode)
-    return w
 
 
 # -- the paper, reproduced ------------------------------------------------------------------------

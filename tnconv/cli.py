@@ -200,7 +200,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.methods:
         config.methods = args.methods.split(",")
     if args.quick:
-        config.epochs, config.source = 2, "sklearn"
+        config.epochs, config.source, config.width = 2, "sklearn", 16
     result = run_demo(args.out, config)
     print(result)
     out = Path(args.out)
