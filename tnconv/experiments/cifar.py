@@ -106,8 +106,8 @@ def build_parser() -> Parser:
     p.add_argument("--model", choices=sorted(MODELS), default="resnet20")
     p.add_argument(
         "--method",
-        default="tr",
-        help="registered decomposition (tnconv.available()); the paper's is rsdtr (default tr)",
+        default="rsdtr",
+        help="registered decomposition (tnconv.available()); default rsdtr, the paper's",
     )
     p.add_argument("--eps", type=eps_value, default=0.5, help="relative error bound per layer")
     p.add_argument(

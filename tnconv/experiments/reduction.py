@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--model", nargs="+", default=["resnet20"], choices=sorted(MODELS))
     parser.add_argument(
-        "--method", default="tr", help="registered decomposition (default tr; paper: rsdtr)"
+        "--method", default="rsdtr", help="registered decomposition (default rsdtr, the paper's)"
     )
     parser.add_argument("--eps", nargs="+", type=eps_value, default=[0.3, 0.5])
     parser.add_argument(
