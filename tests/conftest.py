@@ -55,6 +55,20 @@ def decaying_kernel(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return w
 
 
+def adam_losses(module: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, lr: float,
+                steps: int = 30) -> list[float]:
+    """Train ``module`` to map ``x`` to ``target`` (MSE, Adam); the loss before each step."""
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(module(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny SVDs and convs: with 2 threads on a shared 2-core machine OpenMP spin-waits cost 10x."""

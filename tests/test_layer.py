@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tnconv
 
-from .conftest import METHODS, REAL_3D
+from .conftest import METHODS, REAL_3D, adam_losses
 
 
 def _factorization(method: str, shape: tuple, rank: int, seed: int) -> tnconv.Factorization:
@@ -136,14 +136,7 @@ def test_fine_tuning_lowers_loss(method: str) -> None:
     with torch.no_grad():
         for p in student.factors:
             p.mul_(1 + 0.3 * torch.randn_like(p))
-    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss = F.mse_loss(student(x), target)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+    losses = adam_losses(student, x, target, lr=1e-2)
     assert losses[-1] < 0.5 * losses[0]
 
 

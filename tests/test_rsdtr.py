@@ -24,7 +24,7 @@ from tnconv.decompositions import rsdtr as rsdtr_module
 from tnconv.decompositions.rsdtr import pipeline_flops
 from tnconv.errors import OptionError
 
-from .conftest import REAL_3D, REAL_KERNELS, decaying_kernel
+from .conftest import REAL_3D, REAL_KERNELS, adam_losses, decaying_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from published_rsdtr import published_rsdtr, ring_dense
@@ -329,14 +329,7 @@ def test_fine_tuning_from_factors_lowers_the_loss() -> None:
     student = tnconv.FactorizedConv2d.from_conv(teacher, "rsdtr", eps=0.5)
     x = torch.randn(8, w.shape[1], 12, 12)
     target = teacher(x).detach()
-    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss = F.mse_loss(student(x), target)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = adam_losses(student, x, target, lr=1e-3)
     assert losses[-1] < 0.9 * losses[0]  # measured 0.80
     assert all(b <= a * (1 + 1e-3) for a, b in itertools.pairwise(losses))
 
