@@ -368,3 +368,25 @@ def test_ratio_meets_budget_with_lower_error_than_published_at_same_size() -> No
         torch.linalg.vector_norm(w - ring_dense(ref.cores)) / torch.linalg.vector_norm(w)
     )
     assert f.relative_error(w) <= ref_err
+
+
+# -- compress passes each layer's geometry ---------------------------------------------------------
+def test_compress_gives_each_layer_its_input_size_and_stride() -> None:
+    w = torch.tensor(REAL_3D["dlib_mmod/conv02"])  # 32 -> 32, 5x5
+    model = nn.Sequential(
+        nn.Conv2d(32, 32, 5, padding=2), nn.Conv2d(32, 32, 5, stride=2, padding=2)
+    )
+    with torch.no_grad():
+        for conv in model:
+            conv.weight.copy_(w)
+    small = tnconv.compress(model, "rsdtr", eps=0.5, objective="flops", input_size=(1, 32, 24, 20))
+    for idx, (size, stride) in enumerate([((24, 20), (1, 1)), ((24, 20), (2, 2))]):
+        f = small[idx].factorization
+        assert (tuple(f.info["input_size"]), tuple(f.info["stride"])) == (size, stride)
+        alone = tnconv.get("rsdtr").factorize(
+            w, eps=0.5, objective="flops", input_size=size, stride=stride
+        )
+        assert f.ranks == alone.ranks
+    # an option the caller sets is kept
+    fixed = tnconv.compress(model, "rsdtr", eps=0.5, stride=1, input_size=(1, 32, 24, 20))
+    assert tuple(fixed[1].factorization.info["stride"]) == (1, 1)

@@ -326,6 +326,24 @@ def compress(
     return target
 
 
+def _with_geometry(
+    decomposition: Decomposition,
+    conv: nn.Conv2d,
+    shape: tuple[int, int, int, int] | None,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """``options`` plus the layer's ``input_size`` (H, W) and ``stride``, for a method whose
+    options have those fields (a FLOPs objective depends on them) and where the caller left them
+    unset; other methods get ``options`` unchanged."""
+    fields = getattr(decomposition.Options, "model_fields", {})
+    extra: dict[str, Any] = {}
+    if "stride" in fields and "stride" not in options:
+        extra["stride"] = tuple(conv.stride)
+    if "input_size" in fields and "input_size" not in options and shape is not None:
+        extra["input_size"] = tuple(shape[2:])
+    return {**options, **extra}
+
+
 def _factorize_layer(
     decomposition: Decomposition,
     conv: nn.Conv2d,
@@ -335,6 +353,7 @@ def _factorize_layer(
     must_save: SaveCriterion,
 ) -> tuple[FactorizedConv2d | None, str]:
     rank, eps, ratio = spec
+    options = _with_geometry(decomposition, conv, shape, options)
     try:
         f = decomposition.factorize(conv.weight.detach(), rank, eps=eps, ratio=ratio, **options)
     except BudgetError as exc:
@@ -520,7 +539,7 @@ def _allocate(
             conv,
             shapes.get(name),
             levels_by_layer[name],
-            quick_options,
+            _with_geometry(decomposition, conv, shapes.get(name), quick_options),
             must_save,
         )
     dense_total = sum(cost(o.all[-1]) for o in options_by_layer.values())
@@ -557,7 +576,8 @@ def _allocate(
         key = (name, c.factorization.ranks)
         if key not in refitted:
             conv = convs[name]
-            f = decomposition.factorize(conv.weight.detach(), c.factorization.ranks, **options)
+            opts = _with_geometry(decomposition, conv, shapes.get(name), options)
+            f = decomposition.factorize(conv.weight.detach(), c.factorization.ranks, **opts)
             dense = (conv.weight.numel(), c.flops)
             better = _candidate(_layer_from(conv, f), f, shapes.get(name), dense)
             ok = better.error < c.error and cost(better) <= cost(c)
