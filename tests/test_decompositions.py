@@ -171,7 +171,7 @@ def _tensorly_error(method: str, w: torch.Tensor, ranks: tuple[int, ...]) -> flo
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("method", ["cp", "tucker", "tt", "tr"])
+@pytest.mark.parametrize("method", ["cp", "tucker", "tt", "tr", "rsdtr"])
 @pytest.mark.parametrize("name", ["ppocrv4_det/49_conv2d_156.w_0", "dlib_mmod/conv04"])
 @pytest.mark.parametrize("rank", [2, 4, 9])
 def test_no_worse_than_tensorly(method: str, name: str, rank: int) -> None:
