@@ -278,3 +278,42 @@ def test_torch_export_gives_the_same_outputs(method: str) -> None:
     x = torch.randn(2, 3, 16, 16)
     exported = torch.export.export(small, (x,))
     torch.testing.assert_close(exported.module()(x), small(x))
+
+
+# -- per-layer spec -----------------------------------------------------------------------------
+def test_spec_gives_each_layer_its_own_method_and_rank() -> None:
+    model = cp_rank2_(SmallNet().double()).eval()
+    spec = {
+        "body.0": 2,
+        "body.2": {"method": "tucker", "rank": (2, 2)},
+        "body.5": {"eps": 1e-6, "method": "tt"},
+    }
+    small = tnconv.compress(model, "cp", spec=spec)
+    layers = factorized(small)
+    assert set(layers) == set(spec)  # exactly the named layers
+    assert (layers["body.0"].method, layers["body.0"].ranks) == ("cp", (2,))
+    assert (layers["body.2"].method, layers["body.2"].ranks) == ("tucker", (2, 2))
+    assert layers["body.5"].method == "tt"
+    for name, layer in layers.items():  # each equals a direct factorize with the same spec
+        conv = model.get_submodule(name)
+        assert torch.allclose(layer.to_tensor(), conv.weight, atol=1e-8), name
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    assert torch.allclose(small(x), model(x), atol=1e-7)
+
+
+def test_spec_without_a_default_method_and_its_errors() -> None:
+    model = cp_rank2_(SmallNet().double()).eval()
+    small = tnconv.compress(model, None, spec={"body.0": {"method": "tt", "rank": 2}})
+    assert factorized(small)["body.0"].method == "tt"
+    with pytest.raises(TypeError, match="body.0"):
+        tnconv.compress(model, None, spec={"body.0": 2})
+    with pytest.raises(RankSpecError, match="not combine"):
+        tnconv.compress(model, "cp", 2, spec={"body.0": 2})
+    with pytest.raises(RankSpecError, match="body.0"):
+        tnconv.compress(model, "cp", spec={"body.0": {"eps": 0.1, "rank": 2}})
+    with pytest.raises(RankSpecError, match="body.0"):
+        tnconv.compress(model, "cp", spec={"body.0": {"rnak": 2}})
+    with pytest.raises(KeyError, match="nope"):
+        tnconv.compress(model, "cp", spec={"nope": 2})
+    with pytest.raises(tnconv.OptionError):
+        tnconv.compress(model, "cp", spec={"body.0": {"rank": 2, "options": {"bogus": 1}}})

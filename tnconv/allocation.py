@@ -1,0 +1,391 @@
+"""Budget allocation: per-layer ranks that meet a global parameter or FLOP budget.
+
+Model surgery (:mod:`tnconv.compress`) decides *which* layers to replace; this module decides *how
+much* each layer keeps when a whole-model budget is given. It prices candidate factorizations of
+each layer (parameters, FLOPs at the layer's input, relative kernel error) and chooses one per
+layer so that the summed ``-log(1 - e^2)`` is minimal under the budget. It knows layers and
+decompositions only through their public interfaces.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from .decompositions.base import Decomposition
+from .errors import BudgetError, RankSpecError
+from .factorization import Factorization
+from .layers import FactorizedConv2d
+
+__all__ = [
+    "Budget",
+    "Candidate",
+    "SaveCriterion",
+    "allocate",
+    "candidate_for",
+    "dense_conv_flops",
+    "layer_from_conv",
+    "options_for_layer",
+    "parse_budget",
+    "saving_shortfall",
+]
+
+log = logging.getLogger(__name__)
+
+SaveCriterion = Literal["params", "flops", "both"]
+
+# error levels tried per layer when allocating a global budget (error-bounded methods)
+_EPS_GRID = (0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.36, 0.43, 0.5, 0.6, 0.7, 0.8, 0.9)
+_RANK_STEPS = 14  # geometric rank levels tried per layer for methods without an eps guarantee
+
+
+class Budget(BaseModel):
+    """A global compression target: keep ``share`` of the selected layers' params or FLOPs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    share: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+    kind: Literal["params", "flops"] = "params"
+
+
+def parse_budget(budget: Any) -> Budget:
+    try:
+        if isinstance(budget, Budget):
+            return budget
+        if isinstance(budget, dict):
+            return Budget.model_validate(budget)
+        if isinstance(budget, (tuple, list)) and len(budget) == 2:
+            return Budget(kind=budget[0], share=budget[1])
+        return Budget(share=budget)
+    except ValidationError as exc:
+        raise RankSpecError(
+            f"budget={budget!r} is invalid: budget must be a share in (0, 1] of the selected "
+            "layers' parameters, or (kind, share) with kind 'params' or 'flops'"
+        ) from exc
+
+
+def dense_conv_flops(conv: nn.Conv2d, input_shape: Sequence[int]) -> int:
+    """FLOPs of ``conv`` on ``input_shape`` as torch.utils.flop_counter counts them (no bias)."""
+    b, _, h, w = input_shape
+    pad = conv.padding
+    if isinstance(pad, str):
+        ho, wo = (
+            (h, w)
+            if pad == "same"
+            else (
+                (h - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1,
+                (w - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1,
+            )
+        )
+    else:
+        ho = (h + 2 * pad[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[
+            0
+        ] + 1
+        wo = (w + 2 * pad[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[
+            1
+        ] + 1
+    per_output = (conv.in_channels // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1]
+    return 2 * b * conv.out_channels * ho * wo * per_output
+
+
+def layer_from_conv(conv: nn.Conv2d, f: Factorization) -> FactorizedConv2d:
+    return FactorizedConv2d(
+        f,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=None if conv.bias is None else conv.bias.detach(),
+        padding_mode=conv.padding_mode,
+    )
+
+
+def options_for_layer(
+    decomposition: Decomposition,
+    conv: nn.Conv2d,
+    shape: tuple[int, int, int, int] | None,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """``options`` plus the layer's ``input_size`` (H, W) and ``stride``, for a method whose
+    options have those fields (a FLOPs objective depends on them) and where the caller left them
+    unset; other methods get ``options`` unchanged."""
+    fields = getattr(decomposition.Options, "model_fields", {})
+    extra: dict[str, Any] = {}
+    if "stride" in fields and "stride" not in options:
+        extra["stride"] = tuple(conv.stride)
+    if "input_size" in fields and "input_size" not in options and shape is not None:
+        extra["input_size"] = tuple(shape[2:])
+    return {**options, **extra}
+
+
+@dataclass
+class Candidate:
+    factorization: Factorization | None  # None: the dense layer itself
+    params: int
+    flops: int
+    error: float
+
+
+def saving_shortfall(
+    cand: Candidate, dense_params: int, dense_flops: int | None, must_save: SaveCriterion
+) -> str:
+    """Why ``cand`` is no better than the dense layer ("" when it saves what is required)."""
+    reasons = []
+    if must_save in ("params", "both") and cand.params >= dense_params:
+        reasons.append(f"{cand.params} factorized params >= {dense_params} dense")
+    if must_save in ("flops", "both") and dense_flops is not None and cand.flops >= dense_flops:
+        reasons.append(f"{cand.flops} factorized FLOPs >= {dense_flops} dense")
+    return "; ".join(reasons)
+
+
+def candidate_for(
+    layer: FactorizedConv2d | None, f: Factorization | None, shape: tuple | None, dense: tuple
+) -> Candidate:
+    if f is None or layer is None:
+        return Candidate(None, dense[0], dense[1] or 0, 0.0)
+    flops = layer.flops(shape) if shape is not None else 0
+    return Candidate(f, f.num_params, flops, float(f.info.get("relative_error", math.nan)))
+
+
+# ---------------------------------------------------------------------------------------------
+# global budget allocation
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _LayerOptions:
+    """The candidates of one layer: by uniform rank level, plus eps-grid fits and dense."""
+
+    by_level: dict[int, Candidate]  # uniform rank r -> its fit, or the dense layer if no saving
+    all: list[Candidate]  # every distinct candidate that saves, plus the dense layer last
+
+
+def _rank_levels(decomposition: Decomposition, kshape: tuple, dense_params: int) -> list[int]:
+    """Uniform ranks worth trying: every r whose factorization is smaller than the dense kernel
+    (at most 32 of them, spread out), or a geometric ladder for families without eps."""
+    top = max(decomposition.bond_ranks(10**9, kshape))  # type: ignore[arg-type]
+    below = [
+        r
+        for r in range(1, min(top, 4096) + 1)
+        if decomposition.num_params_at(kshape, decomposition.bond_ranks(r, kshape)) < dense_params
+    ] or [1]
+    if len(below) > 32:
+        below = sorted({below[round(k * (len(below) - 1) / 31)] for k in range(32)})
+    if not decomposition.guarantees_eps and len(below) > _RANK_STEPS:
+        last = below[-1]
+        below = sorted({max(1, round(last ** (k / (_RANK_STEPS - 1)))) for k in range(_RANK_STEPS)})
+    return below
+
+
+def _layer_candidates(
+    decomposition: Decomposition,
+    conv: nn.Conv2d,
+    shape: tuple[int, int, int, int] | None,
+    levels: list[int],
+    options: dict[str, Any],
+    must_save: SaveCriterion,
+) -> _LayerOptions:
+    weight = conv.weight.detach()
+    dense_info = (weight.numel(), dense_conv_flops(conv, shape) if shape else None)
+    dense = Candidate(None, dense_info[0], dense_info[1] or 0, 0.0)
+    specs: list[tuple[str, Any]] = [("rank", r) for r in levels]
+    if decomposition.guarantees_eps:
+        specs += [("eps", e) for e in _EPS_GRID]
+    found: dict[tuple[int, ...], Candidate] = {}
+    by_level: dict[int, Candidate] = {}
+    for kind, value in specs:
+        if kind == "rank":
+            f = decomposition.factorize(weight, value, **options)
+        else:
+            f = decomposition.factorize(weight, eps=value, **options)
+        cand = found.get(f.ranks)
+        if cand is None:
+            cand = candidate_for(layer_from_conv(conv, f), f, shape, dense_info)
+            if saving_shortfall(cand, dense_info[0], dense_info[1], must_save):
+                cand = dense
+            else:
+                found[f.ranks] = cand
+        if kind == "rank":
+            by_level[value] = cand
+    return _LayerOptions(by_level, [*found.values(), dense])
+
+
+def _loss(c: Candidate) -> float:
+    """What the allocation minimises per layer: ``-log(1 - e^2)``, the log of the energy share a
+    kernel loses (about ``e^2`` for small errors). It grows without bound as ``e -> 1``, so no
+    layer is sacrificed to save parameters elsewhere, as a plain sum of ``e^2`` would allow."""
+    return -math.log(max(1.0 - c.error**2, 1e-12))
+
+
+def _hull(cands: list[Candidate], cost: Callable[[Candidate], int]) -> list[Candidate]:
+    """Lower convex hull of (cost, loss), cheapest first: the efficient upgrades."""
+    pts = sorted(cands, key=lambda c: (cost(c), c.error))
+    frontier: list[Candidate] = []
+    for c in pts:  # keep only candidates with strictly lower error than every cheaper one
+        if not frontier or c.error < frontier[-1].error:
+            frontier.append(c)
+    hull: list[Candidate] = []
+    for c in frontier:
+        while len(hull) >= 2:
+            x1, y1 = cost(hull[-2]), _loss(hull[-2])
+            x2, y2 = cost(hull[-1]), _loss(hull[-1])
+            x3, y3 = cost(c), _loss(c)
+            # drop the middle point when it lies on or above the chord
+            if (y2 - y1) * (x3 - x1) >= (y3 - y1) * (x2 - x1):
+                hull.pop()
+            else:
+                break
+        hull.append(c)
+    return hull
+
+
+def _greedy(
+    options: dict[str, _LayerOptions], cost: Callable[[Candidate], int], allowed: float
+) -> dict[str, Candidate] | None:
+    """Climb every layer's convex hull, most loss saved per unit of cost first."""
+    hulls = {name: _hull(o.all, cost) for name, o in options.items()}
+    choice = {name: 0 for name in hulls}
+    spent = sum(cost(h[0]) for h in hulls.values())
+    if spent > allowed:
+        return None
+    steps = []
+    for name, hull in hulls.items():
+        for k in range(1, len(hull)):
+            gain = _loss(hull[k - 1]) - _loss(hull[k])
+            extra = cost(hull[k]) - cost(hull[k - 1])
+            steps.append((gain / max(extra, 1), name, k))
+    steps.sort(key=lambda s: -s[0])
+    for _, name, k in steps:
+        if choice[name] != k - 1:  # an earlier step of this layer did not fit
+            continue
+        extra = cost(hulls[name][k]) - cost(hulls[name][k - 1])
+        if spent + extra <= allowed:
+            choice[name], spent = k, spent + extra
+    return {name: hulls[name][k] for name, k in choice.items()}
+
+
+def _fill(
+    picked: dict[str, Candidate],
+    options: dict[str, _LayerOptions],
+    cost: Callable[[Candidate], int],
+    allowed: float,
+) -> dict[str, Candidate]:
+    """Spend what is left: repeatedly take the single swap that saves the most loss per unit of
+    extra cost and still fits."""
+    picked = dict(picked)
+    spent = sum(cost(c) for c in picked.values())
+    while True:
+        best: tuple[float, str, Candidate] | None = None
+        for name, o in options.items():
+            cur = picked[name]
+            for c in o.all:
+                gain = _loss(cur) - _loss(c)
+                extra = cost(c) - cost(cur)
+                if gain <= 0 or spent + extra > allowed:
+                    continue
+                score = gain / max(extra, 1)
+                if best is None or score > best[0]:
+                    best = (score, name, c)
+        if best is None:
+            return picked
+        _, name, c = best
+        spent += cost(c) - cost(picked[name])
+        picked[name] = c
+
+
+def allocate(
+    decomposition: Decomposition,
+    layers: list[tuple[str, nn.Conv2d]],
+    shapes: dict[str, tuple[int, int, int, int]],
+    budget: Budget,
+    options: dict[str, Any],
+    must_save: SaveCriterion,
+    bar: Iterable[tuple[str, nn.Conv2d]],
+) -> dict[str, tuple[Candidate, str]]:
+    """Choose one candidate per layer, minimising the summed :func:`_loss` under the budget:
+    the better of a greedy climb of the layers' convex hulls and the best uniform rank, each
+    then topped up with whatever budget is left."""
+
+    def cost(c: Candidate) -> int:
+        return c.params if budget.kind == "params" else c.flops
+
+    full = decomposition.parse_options(options)
+    quick = decomposition.search_options(full)
+    quick_options = {k: getattr(quick, k) for k in type(quick).model_fields}
+    options_by_layer: dict[str, _LayerOptions] = {}
+    levels_by_layer: dict[str, list[int]] = {}
+    for name, conv in bar:
+        kshape = tuple(conv.weight.shape)
+        levels_by_layer[name] = _rank_levels(decomposition, kshape, conv.weight.numel())
+        options_by_layer[name] = _layer_candidates(
+            decomposition,
+            conv,
+            shapes.get(name),
+            levels_by_layer[name],
+            options_for_layer(decomposition, conv, shapes.get(name), quick_options),
+            must_save,
+        )
+    dense_total = sum(cost(o.all[-1]) for o in options_by_layer.values())
+    allowed = budget.share * dense_total
+
+    def total_loss(p: dict[str, Candidate]) -> float:
+        return sum(_loss(c) for c in p.values())
+
+    greedy = _greedy(options_by_layer, cost, allowed)
+    uniform: list[dict[str, Candidate]] = []
+    for r in sorted({r for levels in levels_by_layer.values() for r in levels}):
+        # a layer whose ladder stops below r stays dense at that level, as compress(rank=r) does
+        level = {n: o.by_level.get(r, o.all[-1]) for n, o in options_by_layer.items()}
+        if sum(cost(c) for c in level.values()) <= allowed:
+            uniform.append(level)
+    if greedy is None and not uniform:
+        smallest = sum(min(cost(c) for c in o.all) for o in options_by_layer.values())
+        raise BudgetError(
+            f"budget {budget.share} of the selected layers' {budget.kind} allows {allowed:.0f}, "
+            f"but the smallest {decomposition.name} factorizations need {smallest}"
+        )
+    filled = [_fill(p, options_by_layer, cost, allowed) for p in [greedy, *uniform] if p]
+    # the search ran with the method's quick options; refit the finalists with the full ones
+    # (the best found, and the largest uniform rank that fits, the natural baseline)
+    finalists = [min(filled, key=total_loss)]
+    if uniform:
+        finalists.append(_fill(uniform[-1], options_by_layer, cost, allowed))
+    convs = dict(layers)
+    refitted: dict[tuple[str, tuple[int, ...]], Candidate] = {}
+
+    def refit(name: str, c: Candidate) -> Candidate:
+        if c.factorization is None or quick == full:
+            return c
+        key = (name, c.factorization.ranks)
+        if key not in refitted:
+            conv = convs[name]
+            opts = options_for_layer(decomposition, conv, shapes.get(name), options)
+            f = decomposition.factorize(conv.weight.detach(), c.factorization.ranks, **opts)
+            dense = (conv.weight.numel(), c.flops)
+            better = candidate_for(layer_from_conv(conv, f), f, shapes.get(name), dense)
+            ok = better.error < c.error and cost(better) <= cost(c)
+            refitted[key] = better if ok else c
+        return refitted[key]
+
+    finals = [{n: refit(n, c) for n, c in p.items()} for p in finalists]
+    best = min(finals, key=total_loss)
+    log.info(
+        "budget %s of %s: spent %d of %.0f, summed loss %.4f",
+        budget.share,
+        budget.kind,
+        sum(cost(c) for c in best.values()),
+        allowed,
+        total_loss(best),
+    )
+    return {
+        name: (
+            c,
+            ""
+            if c.factorization is not None
+            else "the budget allocation found no factorization worth its cost here",
+        )
+        for name, c in best.items()
+    }
