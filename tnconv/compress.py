@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .decompositions.base import Decomposition
-from .errors import BudgetError, RankSpecError
+from .errors import BudgetError, RankSpecError, StructureError
 from .factorization import Factorization
 from .layers import FactorizedConv2d
 from .rank import parse_rank_spec
@@ -276,7 +276,8 @@ def compress(
     else:
         parse_rank_spec(rank, eps, ratio)  # fail before any work
         target_budget = None
-    decomposition.parse_options(options)
+    # ranks and parameter counts may depend on an option (a semi-tensor factor t)
+    decomposition = decomposition.bind(decomposition.parse_options(options))
 
     target = model if inplace else copy.deepcopy(model)
     chosen = select_convs(target, layers)
@@ -356,7 +357,7 @@ def _factorize_layer(
     options = _with_geometry(decomposition, conv, shape, options)
     try:
         f = decomposition.factorize(conv.weight.detach(), rank, eps=eps, ratio=ratio, **options)
-    except BudgetError as exc:
+    except (BudgetError, StructureError) as exc:
         return None, str(exc)
     layer = _layer_from(conv, f)
     dense = (conv.weight.numel(), dense_conv_flops(conv, shape) if shape else None)
@@ -384,14 +385,24 @@ def _rank_levels(decomposition: Decomposition, kshape: tuple, dense_params: int)
     below = [
         r
         for r in range(1, min(top, 4096) + 1)
-        if decomposition.num_params_at(kshape, decomposition.bond_ranks(r, kshape)) < dense_params
-    ] or [1]
+        if _takes(decomposition, kshape, r)
+        and decomposition.num_params_at(kshape, decomposition.bond_ranks(r, kshape)) < dense_params
+    ] or [min(decomposition.min_ranks(kshape))]
     if len(below) > 32:
         below = sorted({below[round(k * (len(below) - 1) / 31)] for k in range(32)})
     if not decomposition.guarantees_eps and len(below) > _RANK_STEPS:
         last = below[-1]
         below = sorted({max(1, round(last ** (k / (_RANK_STEPS - 1)))) for k in range(_RANK_STEPS)})
     return below
+
+
+def _takes(decomposition: Decomposition, kshape: tuple, rank: int) -> bool:
+    """Whether the network takes the uniform rank (a semi-tensor bond needs a multiple of t)."""
+    try:
+        decomposition.bond_ranks(rank, kshape)
+    except StructureError:
+        return False
+    return True
 
 
 def _layer_candidates(
@@ -531,9 +542,14 @@ def _allocate(
     quick_options = {k: getattr(quick, k) for k in type(quick).model_fields}
     options_by_layer: dict[str, _LayerOptions] = {}
     levels_by_layer: dict[str, list[int]] = {}
+    unfit: dict[str, str] = {}  # layers whose shape the network cannot take
     for name, conv in bar:
         kshape = tuple(conv.weight.shape)
-        levels_by_layer[name] = _rank_levels(decomposition, kshape, conv.weight.numel())
+        try:
+            levels_by_layer[name] = _rank_levels(decomposition, kshape, conv.weight.numel())
+        except StructureError as exc:
+            unfit[name] = str(exc)
+            continue
         options_by_layer[name] = _layer_candidates(
             decomposition,
             conv,
@@ -542,6 +558,8 @@ def _allocate(
             _with_geometry(decomposition, conv, shapes.get(name), quick_options),
             must_save,
         )
+    if not options_by_layer:
+        return {name: (_Candidate(None, 0, 0, 0.0), reason) for name, reason in unfit.items()}
     dense_total = sum(cost(o.all[-1]) for o in options_by_layer.values())
     allowed = budget.share * dense_total
 
@@ -594,7 +612,7 @@ def _allocate(
         allowed,
         total_loss(best),
     )
-    return {
+    plan = {
         name: (
             c,
             ""
@@ -603,6 +621,9 @@ def _allocate(
         )
         for name, c in best.items()
     }
+    for name, reason in unfit.items():
+        plan[name] = (_Candidate(None, 0, 0, 0.0), reason)
+    return plan
 
 
 def dense_reasons(model: nn.Module) -> dict[str, str]:

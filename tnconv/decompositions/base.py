@@ -93,7 +93,7 @@ class Decomposition(ABC):
         if isinstance(spec, ErrorBound):
             return self._factorize_eps(w, w64, spec.eps, opts)
         budget = param_budget(spec.ratio, math.prod(shape))
-        smallest = self.num_params_at(shape, self.bond_ranks(1, shape))
+        smallest = self.num_params_at(shape, self.min_ranks(shape))
         if smallest > budget:
             raise BudgetError(
                 f"ratio={spec.ratio} allows {budget} parameters, but the smallest {self.name} "
@@ -184,6 +184,16 @@ class Decomposition(ABC):
 
         Raises :class:`RankSpecError` for a tuple of the wrong length.
         """
+
+    def bind(self, options: BaseModel) -> Decomposition:
+        """An instance whose structure queries (``bond_ranks``, ``num_params_at``,
+        ``min_ranks``) follow the parsed ``options``; ``self`` for the methods whose network
+        does not depend on an option (a semi-tensor factor t does)."""
+        return self
+
+    def min_ranks(self, shape: KernelShape) -> tuple[int, ...]:
+        """The smallest bond tuple the network takes (default: every bond 1)."""
+        return self.bond_ranks(1, shape)
 
     @abstractmethod
     def fit(self, weight: torch.Tensor, ranks: tuple[int, ...], options: Any) -> Factorization:

@@ -34,9 +34,9 @@ from typing import Annotated, Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import BudgetError, RankSpecError, StructureError
+from ..errors import RankSpecError, StructureError
 from ..factorization import Factorization, KernelShape, validate_weight
-from ..rank import ParamRatio, param_budget, parse_rank_spec
+from ..rank import ParamRatio, parse_rank_spec
 from ..registry import register
 from ._stp import move_inner_factor
 from .base import Decomposition
@@ -80,23 +80,21 @@ class _SemiTensor(Decomposition):
         w = validate_weight(weight)
         spec = parse_rank_spec(rank, eps, ratio)
         opts = self.parse_options(options)
+        bound = self.bind(opts)
+        if isinstance(spec, ParamRatio):
+            bound.check_shape(tuple(w.shape))  # type: ignore[arg-type, attr-defined]
+        return Decomposition.factorize(bound, w, rank, eps=eps, ratio=ratio, **options)
+
+    def bind(self, options: BaseModel) -> _SemiTensor:
+        """A copy whose ranks and parameter counts use ``options.t``."""
         bound = copy.copy(self)
-        bound.t = opts.t  # type: ignore[attr-defined]
-        if not isinstance(spec, ParamRatio):
-            return Decomposition.factorize(bound, w, rank, eps=eps, ratio=ratio, **options)
-        # ratio: the smallest factorization is the twin's smallest on V (rank 1 is no STP rank)
-        shape: KernelShape = tuple(int(n) for n in w.shape)  # type: ignore[assignment]
-        vshape = bound.v_shape(shape)
-        budget = param_budget(spec.ratio, math.prod(shape))
-        twin = self.twin()
-        smallest = twin.num_params_at(vshape, twin.bond_ranks(1, vshape))
-        if smallest > budget:
-            raise BudgetError(
-                f"ratio={spec.ratio} allows {budget} parameters, but the smallest {self.name} "
-                f"factorization (t={bound.t}) of a {shape} kernel needs {smallest}"
-            )
-        result = bound.fit_ratio(w.detach().to(torch.float64), budget, opts)
-        return bound._finish(result, w)
+        bound.t = options.t  # type: ignore[attr-defined]
+        return bound
+
+    def min_ranks(self, shape: KernelShape) -> tuple[int, ...]:
+        """The twin's smallest network on V: t on the semi-tensor bonds, 1 elsewhere."""
+        vshape = self.v_shape(shape)
+        return self.from_twin_ranks(self.twin().bond_ranks(1, vshape))
 
     def check_shape(self, shape: KernelShape) -> None:
         """Raise :class:`StructureError` unless t divides the channel modes it lands in."""
@@ -171,24 +169,26 @@ class _SemiTensor(Decomposition):
         return self.twin.Options.model_validate(fields)
 
     def fit(self, weight: torch.Tensor, ranks: tuple[int, ...], options: Any) -> Factorization:
-        self.t = options.t
-        v = self.to_v(weight)
+        v = self._v(weight, options)
         twin = self.twin().fit(v, self.to_twin_ranks(ranks), self.twin_options(options))
         return self._wrap(twin, tuple(weight.shape))
 
     def fit_eps(self, weight: torch.Tensor, eps: float, options: Any) -> Factorization:
-        self.t = options.t
-        v = self.to_v(weight)
+        v = self._v(weight, options)
         return self._wrap(
             self.twin().fit_eps(v, eps, self.twin_options(options)), tuple(weight.shape)
         )
 
     def fit_ratio(self, weight: torch.Tensor, budget: int, options: Any) -> Factorization:
-        self.t = options.t
-        v = self.to_v(weight)
+        v = self._v(weight, options)
         return self._wrap(
             self.twin().fit_ratio(v, budget, self.twin_options(options)), tuple(weight.shape)
         )
+
+    def _v(self, weight: torch.Tensor, options: Any) -> torch.Tensor:
+        self.t = options.t
+        self.check_shape(tuple(weight.shape))  # type: ignore[arg-type]
+        return self.to_v(weight)
 
     def search_options(self, options: Any) -> Any:
         quick = self.twin().search_options(self.twin_options(options))
