@@ -65,8 +65,9 @@ def decaying_kernel(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return w
 
 
-def adam_losses(module: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, lr: float,
-                steps: int = 30) -> list[float]:
+def adam_losses(
+    module: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, lr: float, steps: int = 30
+) -> list[float]:
     """Train ``module`` to map ``x`` to ``target`` (MSE, Adam); the loss before each step."""
     opt = torch.optim.Adam(module.parameters(), lr=lr)
     losses = []
@@ -93,7 +94,8 @@ def supports(method: str, shape: tuple[int, ...], rank: int | tuple[int, ...] = 
 def require_support(method: str, shape: tuple[int, ...], rank: int | tuple[int, ...] = 10**9):
     """Skip a fixed-input test whose kernel shape / rank the method's network cannot take."""
     if not supports(method, shape, rank):
-        pytest.skip(f"{method} (default options) cannot build a {shape} network at rank {rank}")
+        at = "" if rank == 10**9 else f" at rank {rank}"
+        pytest.skip(f"{method} (default options) cannot build a {tuple(shape)} network{at}")
 
 
 def uniform_ranks(method: str, shape: tuple[int, ...], upto: int = 200) -> list[int]:

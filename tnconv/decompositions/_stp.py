@@ -29,7 +29,7 @@ __all__ = [
 
 
 def kron_identity(a: torch.Tensor, t: int) -> torch.Tensor:
-    """``A ⊗ I_t`` for a matrix ``A`` (m x n): shape (m t, n t), entry ``[(i,x),(j,y)] = A[i,j] δ_xy``."""
+    """``A ⊗ I_t`` for ``A`` (m x n): shape (m t, n t), ``[(i,x),(j,y)] = A[i,j] δ_xy``."""
     eye = torch.eye(t, dtype=a.dtype, device=a.device)
     return torch.kron(a, eye)
 
@@ -44,13 +44,12 @@ def left_stp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     if a.ndim != 2 or b.ndim != 2:
         raise ValueError(f"left_stp takes matrices; got shapes {tuple(a.shape)}, {tuple(b.shape)}")
-    m, n = a.shape
-    p, q = b.shape
-    l = math.lcm(n, p)
-    ta, tb = l // n, l // p
-    if ta > 1:  # A ⊗ I_ta: entry [(i,x),(k,y)] = A[i,k] δ_xy, so [(i,x), (k,y)] with k in n
+    n, (p, q) = a.shape[1], b.shape
+    lcm = math.lcm(n, p)
+    ta, tb = lcm // n, lcm // p
+    if ta > 1:  # A ⊗ I_ta: entry [(i,x),(k,y)] = A[i,k] δ_xy
         a = kron_identity(a, ta)
-    # now a is (m ta, l) and l = tb p: a (B ⊗ I_tb) = sum_k a[:, (k, x)] B[k, j] -> [(.), (j, x)]
+    # a is (m ta, lcm), lcm = tb p: a (B ⊗ I_tb) = sum_k a[:, (k, x)] B[k, j] -> [., (j, x)]
     rows = a.shape[0]
     out = torch.einsum("ikx,kj->ijx", a.reshape(rows, p, tb), b)
     return out.reshape(rows, q * tb)

@@ -118,7 +118,8 @@ class Decomposition(ABC):
 
         Generic for every method (plugins included): the network (equation, factor shapes,
         modes, ranks) is the one :meth:`factorize` builds at ``rank`` and ``options`` (made
-        cheaper by :meth:`search_options`) for a Gaussian kernel of ``shape``; its factors are then redrawn iid ``N(0, s^2)``. For
+        cheaper by :meth:`search_options`) for a Gaussian kernel of ``shape``; its factors are
+        then redrawn iid ``N(0, s^2)``. For
         independent zero-mean factors the terms of the einsum are uncorrelated, so every
         reconstructed entry has variance ``N * s^(2K)`` (N: the number of assignments of the
         summed indices, K: the number of factors); s is chosen to make that ``std**2`` exactly.
@@ -147,7 +148,7 @@ class Decomposition(ABC):
         template = self.factorize(
             torch.randn(shape, generator=generator, dtype=torch.float64), rank, **quick
         )
-        inputs, out = template.equation.split("->")
+        out = template.equation.split("->")[1]
         sizes = template.index_sizes()
         summed = math.prod(n for c, n in sizes.items() if c not in out)
         k = len(template.factors)
