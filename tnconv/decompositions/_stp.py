@@ -31,7 +31,7 @@ __all__ = [
 def kron_identity(a: torch.Tensor, t: int) -> torch.Tensor:
     """``A ⊗ I_t`` for ``A`` (m x n): shape (m t, n t), ``[(i,x),(j,y)] = A[i,j] δ_xy``."""
     eye = torch.eye(t, dtype=a.dtype, device=a.device)
-    return torch.kron(a, eye)
+    return torch.kron(a.contiguous(), eye)  # torch.kron fails on some strided views
 
 
 def left_stp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
