@@ -387,7 +387,7 @@ def _rank_levels(decomposition: Decomposition, kshape: tuple, dense_params: int)
         for r in range(1, min(top, 4096) + 1)
         if _takes(decomposition, kshape, r)
         and decomposition.num_params_at(kshape, decomposition.bond_ranks(r, kshape)) < dense_params
-    ] or [min(decomposition.min_ranks(kshape))]
+    ] or [max(decomposition.min_ranks(kshape))]  # the smallest uniform rank it takes
     if len(below) > 32:
         below = sorted({below[round(k * (len(below) - 1) / 31)] for k in range(32)})
     if not decomposition.guarantees_eps and len(below) > _RANK_STEPS:
