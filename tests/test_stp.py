@@ -386,3 +386,15 @@ def test_from_scratch_layer_matches_conv_and_trains() -> None:
     assert losses[-1] < 0.5 * losses[0]
     with pytest.raises(StructureError):
         tnconv.FactorizedConv2d.from_scratch("stt", 5, 8, 3, 4)
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3))
+    x = torch.randn(2, 8, 9, 9)
+    for method in sorted(TWINS):
+        small = tnconv.compress(model, method, rank=4, t=2)
+        small[2] = tnconv.FactorizedConv2d.from_scratch(method, 16, 8, 3, 4, t=2)
+        tnconv.save(small, tmp_path / f"{method}.pt")
+        again = tnconv.load(tmp_path / f"{method}.pt")
+        assert torch.equal(again(x), small(x))
+        assert again[0].modes == small[0].modes and again[0].info["t"] == 2
