@@ -13,16 +13,16 @@ import torch.nn.functional as F
 import tnconv
 
 data = Path(__file__).resolve().parent.parent / "tests" / "data" / "real_kernels.npz"
-if data.exists():  # a trained 45->45 5x5 kernel (dlib's face detector)
-    weight = torch.tensor(np.load(data)["dlib_mmod/conv04"])
+if data.exists():  # a trained 32->32 5x5 kernel (dlib's face detector)
+    weight = torch.tensor(np.load(data)["dlib_mmod/conv02"])
 else:
-    weight = torch.randn(45, 45, 5, 5)
-conv = torch.nn.Conv2d(45, 45, 5, padding=2, bias=False)
+    weight = torch.randn(32, 32, 5, 5)
+conv = torch.nn.Conv2d(32, 32, 5, padding=2, bias=False)
 with torch.no_grad():
     conv.weight.copy_(weight)
 
 torch.set_grad_enabled(False)  # inference only
-x = torch.randn(4, 45, 32, 32)
+x = torch.randn(4, 32, 32, 32)
 dense = conv(x)
 print(f"dense kernel {tuple(weight.shape)}: {weight.numel()} parameters")
 print(f"{'method':8s} {'ranks':>18s} {'params':>8s} {'kernel err':>10s} {'output err':>10s}  plan")

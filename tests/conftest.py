@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import tnconv
+from tnconv.errors import StructureError
 
 DATA = Path(__file__).parent / "data"
 
@@ -18,14 +19,23 @@ settings.register_profile(
     "ci",
     max_examples=20,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    # filter_too_much: cases a network cannot take (``supports``) are assumed away
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+    ],
     derandomize=True,
 )
 settings.register_profile(
     "thorough",
     max_examples=200,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+    ],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
@@ -55,8 +65,9 @@ def decaying_kernel(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return w
 
 
-def adam_losses(module: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, lr: float,
-                steps: int = 30) -> list[float]:
+def adam_losses(
+    module: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, lr: float, steps: int = 30
+) -> list[float]:
     """Train ``module`` to map ``x`` to ``target`` (MSE, Adam); the loss before each step."""
     opt = torch.optim.Adam(module.parameters(), lr=lr)
     losses = []
@@ -67,6 +78,29 @@ def adam_losses(module: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, 
         opt.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def supports(method: str, shape: tuple[int, ...], rank: int | tuple[int, ...] = 10**9) -> bool:
+    """False when ``method``'s network, at its default options, cannot be built for this kernel
+    shape / rank (:class:`StructureError`: e.g. a semi-tensor factor t that does not divide a
+    channel count or a rank). The default rank asks about the shape alone."""
+    try:
+        tnconv.get(method).bond_ranks(rank, tuple(shape))
+    except StructureError:
+        return False
+    return True
+
+
+def require_support(method: str, shape: tuple[int, ...], rank: int | tuple[int, ...] = 10**9):
+    """Skip a fixed-input test whose kernel shape / rank the method's network cannot take."""
+    if not supports(method, shape, rank):
+        at = "" if rank == 10**9 else f" at rank {rank}"
+        pytest.skip(f"{method} (default options) cannot build a {tuple(shape)} network{at}")
+
+
+def uniform_ranks(method: str, shape: tuple[int, ...], upto: int = 200) -> list[int]:
+    """The int ranks in 1..upto that ``method`` takes for ``shape`` (every one, for most)."""
+    return [r for r in range(1, upto) if supports(method, shape, r)]
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,9 @@ def trained() -> tuple[DigitsNet, DataLoader, DataLoader, float]:
 
     torch.manual_seed(0)
     train, test = digits("sklearn", seed=0)  # 1,797 real 8x8 digits shipped with scikit-learn
-    loader = DataLoader(train, batch_size=32, shuffle=True,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
     test_loader = DataLoader(test, batch_size=256)
     model = DigitsNet(width=16)
     fit(model, loader, 10, lr=0.05)
@@ -36,8 +37,9 @@ def trained() -> tuple[DigitsNet, DataLoader, DataLoader, float]:
 def test_quarter_budget_recovers_within_one_point(trained, method: str) -> None:
     model, loader, test_loader, dense = trained
     assert dense > 0.97  # the dense model learned the task
-    small = tnconv.compress(model, method, budget=0.25, layers=compressible,
-                            input_size=(32, 1, 8, 8))
+    small = tnconv.compress(
+        model, method, budget=0.25, layers=compressible, input_size=(32, 1, 8, 8)
+    )
     s = tnconv.summary(small)
     picked = [r for r in s.rows if r.name != "features.0"]
     assert sum(r.params for r in picked) <= 0.25 * sum(r.dense_params for r in picked)

@@ -32,8 +32,12 @@ def test_readme_whole_model_block_runs(tmp_path, monkeypatch) -> None:
     (block,) = python_blocks(section)
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
     )
     monkeypatch.chdir(tmp_path)
     import tnconv
@@ -49,7 +53,10 @@ def test_example_runs() -> None:
     # a subprocess: the example switches autograd off for its whole process
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "quickstart.py")],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert "tucker" in done.stdout and "rsdtr" in done.stdout

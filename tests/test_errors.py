@@ -17,6 +17,8 @@ from tnconv.errors import (
     UnknownMethodError,
 )
 
+from .conftest import require_support
+
 
 @pytest.mark.parametrize(
     ("weight", "message"),
@@ -131,6 +133,7 @@ def test_bad_equations() -> None:
 
 
 def test_numpy_weight_is_accepted(method: str) -> None:
+    require_support(method, (6, 5, 3, 3), 2)
     w = np.random.default_rng(0).standard_normal((6, 5, 3, 3)).astype(np.float32)
     f = tnconv.get(method).factorize(w, 2)
     assert f.to_tensor().dtype == torch.float32

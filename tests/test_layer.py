@@ -7,14 +7,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import tnconv
 
-from .conftest import METHODS, REAL_3D, adam_losses
+from .conftest import METHODS, REAL_3D, adam_losses, require_support, supports
 
 
 def _factorization(method: str, shape: tuple, rank: int, seed: int) -> tnconv.Factorization:
@@ -55,6 +55,7 @@ def conv_cases(draw: st.DrawFn) -> dict:
 @pytest.mark.parametrize("method", METHODS)
 @given(case=conv_cases())
 def test_layer_equals_dense_conv(method: str, case: dict) -> None:
+    assume(supports(method, case["shape"], case["rank"]))
     f = _factorization(method, case["shape"], case["rank"], case["seed"])
     gen = torch.Generator().manual_seed(case["seed"] + 1)
     bias = (
@@ -71,6 +72,7 @@ def test_layer_equals_dense_conv(method: str, case: dict) -> None:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
 def test_padding_modes_match_nn_conv(method: str, padding_mode: str) -> None:
+    require_support(method, (5, 4, 3, 2))
     conv = nn.Conv2d(4, 5, (3, 2), stride=(2, 1), padding=(1, 1), padding_mode=padding_mode)
     conv = conv.double()
     layer = tnconv.FactorizedConv2d.from_conv(conv, method, 10**6)
@@ -99,6 +101,7 @@ def test_from_conv_copies_geometry_and_leaves_conv_untouched(method: str) -> Non
 @pytest.mark.parametrize("name", ["ppocrv4_det/49_conv2d_156.w_0", "dlib_mmod/conv04"])
 def test_real_kernel_layer(method: str, name: str) -> None:
     w = torch.tensor(REAL_3D[name])
+    require_support(method, tuple(w.shape))
     conv = nn.Conv2d(w.shape[1], w.shape[0], w.shape[2:], padding="same", bias=False)
     with torch.no_grad():
         conv.weight.copy_(w)
@@ -111,6 +114,7 @@ def test_real_kernel_layer(method: str, name: str) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_gradients_reach_every_factor_and_match_dense(method: str) -> None:
+    require_support(method, (6, 5, 3, 3), 3)
     f = _factorization(method, (6, 5, 3, 3), 3, 0)
     layer = tnconv.FactorizedConv2d(f, stride=2, padding=1, bias=True)
     x = torch.randn(2, 5, 9, 9, dtype=torch.float64)
@@ -143,6 +147,7 @@ def test_fine_tuning_lowers_loss(method: str) -> None:
 @pytest.mark.parametrize("method", METHODS)
 @given(rank=st.integers(1, 5), stride=st.integers(1, 2), t=st.integers(1, 16), s=st.integers(1, 12))
 def test_executed_flops_equal_plan(method: str, rank: int, stride: int, t: int, s: int) -> None:
+    assume(supports(method, (t, s, 3, 3), rank))
     f = _factorization(method, (t, s, 3, 3), rank, 0)
     layer = tnconv.FactorizedConv2d(f, stride=stride, padding=1).float()
     x = torch.randn(4, s, 15, 15)

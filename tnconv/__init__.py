@@ -16,6 +16,7 @@ from .errors import (
     PluginLoadError,
     RankSpecError,
     RegistrationError,
+    StructureError,
     TnconvError,
     UnknownMethodError,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "PluginLoadError",
     "RankSpecError",
     "RegistrationError",
+    "StructureError",
     "StudyResult",
     "Summary",
     "TnconvError",

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from .decompositions.base import Decomposition
-from .errors import BudgetError, RankSpecError
+from .errors import BudgetError, RankSpecError, StructureError
 from .factorization import Factorization
 from .layers import FactorizedConv2d
 
@@ -170,14 +170,24 @@ def _rank_levels(decomposition: Decomposition, kshape: tuple, dense_params: int)
     below = [
         r
         for r in range(1, min(top, 4096) + 1)
-        if decomposition.num_params_at(kshape, decomposition.bond_ranks(r, kshape)) < dense_params
-    ] or [1]
+        if _takes(decomposition, kshape, r)
+        and decomposition.num_params_at(kshape, decomposition.bond_ranks(r, kshape)) < dense_params
+    ] or [max(decomposition.min_ranks(kshape))]  # the smallest uniform rank it takes
     if len(below) > 32:
         below = sorted({below[round(k * (len(below) - 1) / 31)] for k in range(32)})
     if not decomposition.guarantees_eps and len(below) > _RANK_STEPS:
         last = below[-1]
         below = sorted({max(1, round(last ** (k / (_RANK_STEPS - 1)))) for k in range(_RANK_STEPS)})
     return below
+
+
+def _takes(decomposition: Decomposition, kshape: tuple, rank: int) -> bool:
+    """Whether the network takes the uniform rank (a semi-tensor bond needs a multiple of t)."""
+    try:
+        decomposition.bond_ranks(rank, kshape)
+    except StructureError:
+        return False
+    return True
 
 
 def _layer_candidates(
@@ -317,9 +327,14 @@ def allocate(
     quick_options = {k: getattr(quick, k) for k in type(quick).model_fields}
     options_by_layer: dict[str, _LayerOptions] = {}
     levels_by_layer: dict[str, list[int]] = {}
+    unfit: dict[str, str] = {}  # layers whose shape the network cannot take
     for name, conv in bar:
         kshape = tuple(conv.weight.shape)
-        levels_by_layer[name] = _rank_levels(decomposition, kshape, conv.weight.numel())
+        try:
+            levels_by_layer[name] = _rank_levels(decomposition, kshape, conv.weight.numel())
+        except StructureError as exc:
+            unfit[name] = str(exc)
+            continue
         options_by_layer[name] = _layer_candidates(
             decomposition,
             conv,
@@ -328,6 +343,8 @@ def allocate(
             options_for_layer(decomposition, conv, shapes.get(name), quick_options),
             must_save,
         )
+    if not options_by_layer:
+        return {name: (Candidate(None, 0, 0, 0.0), reason) for name, reason in unfit.items()}
     dense_total = sum(cost(o.all[-1]) for o in options_by_layer.values())
     allowed = budget.share * dense_total
 
@@ -380,7 +397,7 @@ def allocate(
         allowed,
         total_loss(best),
     )
-    return {
+    plan = {
         name: (
             c,
             ""
@@ -389,3 +406,6 @@ def allocate(
         )
         for name, c in best.items()
     }
+    for name, reason in unfit.items():
+        plan[name] = (Candidate(None, 0, 0, 0.0), reason)
+    return plan

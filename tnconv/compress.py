@@ -31,7 +31,7 @@ from .allocation import (
     saving_shortfall,
 )
 from .decompositions.base import Decomposition
-from .errors import BudgetError, RankSpecError
+from .errors import BudgetError, RankSpecError, StructureError
 from .layers import FactorizedConv2d
 from .rank import parse_rank_spec
 from .registry import get
@@ -246,7 +246,8 @@ def compress(
         if method is None:
             raise TypeError("compress needs a method (a registered name or a Decomposition)")
         decomposition = _decomposition(method)
-        decomposition.parse_options(options)
+        # ranks and parameter counts may depend on an option (a semi-tensor factor t)
+        decomposition = decomposition.bind(decomposition.parse_options(options))
 
     target = model if inplace else copy.deepcopy(model)
     chosen = select_convs(target, layers)
@@ -321,7 +322,7 @@ def _parse_layer_specs(
             raise TypeError(f"spec for layer {name!r} names no method and compress got none")
         dec = _decomposition(chosen)
         layer_opts = {**options, **lspec.options}
-        dec.parse_options(layer_opts)
+        dec = dec.bind(dec.parse_options(layer_opts))
         parsed[name] = (dec, layer_opts, lspec)
     return parsed
 
@@ -338,7 +339,7 @@ def _factorize_layer(
     options = options_for_layer(decomposition, conv, shape, options)
     try:
         f = decomposition.factorize(conv.weight.detach(), rank, eps=eps, ratio=ratio, **options)
-    except BudgetError as exc:
+    except (BudgetError, StructureError) as exc:
         return None, str(exc)
     layer = layer_from_conv(conv, f)
     dense = (conv.weight.numel(), dense_conv_flops(conv, shape) if shape else None)

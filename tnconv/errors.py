@@ -21,6 +21,11 @@ class RankSpecError(TnconvError, ValueError):
     """A rank / eps / ratio specification is missing, ambiguous or out of range."""
 
 
+class StructureError(RankSpecError):
+    """The method's network cannot take these ranks / this kernel shape at these options (e.g. a
+    semi-tensor factor t that does not divide a rank or a channel count); names what works."""
+
+
 class OptionError(TnconvError, ValueError):
     """A decomposition option is unknown or has a bad value."""
 

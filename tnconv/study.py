@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .compress import LayerSelector, compress, default_input_size
-from .errors import BudgetError
+from .errors import BudgetError, StructureError
 from .factorization import validate_weight
 from .layers import FactorizedConv2d
 from .registry import available, get
@@ -314,7 +314,7 @@ def _study_model(
                 input_size=size,
                 **dict(options.get(method, {})),
             )
-        except BudgetError as exc:
+        except (BudgetError, StructureError) as exc:  # no such network for this kernel
             result.rows.append(
                 StudyRow(
                     "model",
@@ -395,7 +395,7 @@ def _study_kernels(
             layer = FactorizedConv2d.from_conv(
                 conv, method, ratio=budget, **dict(options.get(method, {}))
             )
-        except BudgetError as exc:
+        except (BudgetError, StructureError) as exc:  # no such network for this kernel
             result.rows.append(
                 StudyRow(
                     name,

@@ -93,7 +93,7 @@ class Decomposition(ABC):
         if isinstance(spec, ErrorBound):
             return self._factorize_eps(w, w64, spec.eps, opts)
         budget = param_budget(spec.ratio, math.prod(shape))
-        smallest = self.num_params_at(shape, self.bond_ranks(1, shape))
+        smallest = self.num_params_at(shape, self.min_ranks(shape))
         if smallest > budget:
             raise BudgetError(
                 f"ratio={spec.ratio} allows {budget} parameters, but the smallest {self.name} "
@@ -101,6 +101,67 @@ class Decomposition(ABC):
             )
         result = self.fit_ratio(w64, budget, opts)
         return self._finish(result, w)
+
+    def random(
+        self,
+        shape: tuple[int, int, int, int],
+        rank: Any,
+        *,
+        std: float | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: Any = None,
+        **options: Any,
+    ) -> Factorization:
+        """A randomly initialised factorization of a (T, S, kh, kw) kernel at ``rank``.
+
+        Generic for every method (plugins included): the network (equation, factor shapes,
+        modes, ranks) is the one :meth:`factorize` builds at ``rank`` and ``options`` (made
+        cheaper by :meth:`search_options`) for a Gaussian kernel of ``shape``; its factors are
+        then redrawn iid ``N(0, s^2)``. For
+        independent zero-mean factors the terms of the einsum are uncorrelated, so every
+        reconstructed entry has variance ``N * s^(2K)`` (N: the number of assignments of the
+        summed indices, K: the number of factors); s is chosen to make that ``std**2`` exactly.
+
+        Args:
+            shape: kernel shape (T, S, kh, kw).
+            rank: as in :meth:`factorize` (int, tuple, or a float share of the parameters).
+            std: standard deviation of the reconstructed entries; default that of
+                ``nn.Conv2d``'s initialisation, uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) with
+                fan_in = S kh kw, i.e. ``1 / sqrt(3 fan_in)``.
+            generator / seed: source of randomness (``seed`` makes a fresh generator).
+            dtype, device: of the returned factors.
+        """
+        if len(shape) != 4 or any(int(n) < 1 for n in shape):
+            raise ValueError(f"shape must be 4 positive sizes (T, S, kh, kw); got {shape}")
+        shape = tuple(int(n) for n in shape)  # type: ignore[assignment]
+        if std is None:
+            std = 1.0 / math.sqrt(3.0 * shape[1] * shape[2] * shape[3])
+        if not (math.isfinite(std) and std > 0):
+            raise ValueError(f"std must be a positive finite number; got {std}")
+        if generator is None:
+            generator = torch.Generator()
+            generator.manual_seed(seed if seed is not None else torch.seed())
+        # the structure only: fitted with the method's cheaper search options
+        quick = self.search_options(self.parse_options(options)).model_dump()
+        template = self.factorize(
+            torch.randn(shape, generator=generator, dtype=torch.float64), rank, **quick
+        )
+        out = template.equation.split("->")[1]
+        sizes = template.index_sizes()
+        summed = math.prod(n for c, n in sizes.items() if c not in out)
+        k = len(template.factors)
+        scale = (std * std / summed) ** (1.0 / (2 * k))
+        factors = [
+            (torch.randn(f.shape, generator=generator, dtype=torch.float64) * scale).to(
+                device=device, dtype=dtype
+            )
+            for f in template.factors
+        ]
+        result = template.with_factors(factors)
+        result.info = {"init": "random", "std": std}
+        return result
 
     def parse_options(self, options: dict[str, Any]) -> BaseModel:
         """Validate ``options`` with the method's pydantic ``Options`` model."""
@@ -124,6 +185,16 @@ class Decomposition(ABC):
 
         Raises :class:`RankSpecError` for a tuple of the wrong length.
         """
+
+    def bind(self, options: BaseModel) -> Decomposition:
+        """An instance whose structure queries (``bond_ranks``, ``num_params_at``,
+        ``min_ranks``) follow the parsed ``options``; ``self`` for the methods whose network
+        does not depend on an option (a semi-tensor factor t does)."""
+        return self
+
+    def min_ranks(self, shape: KernelShape) -> tuple[int, ...]:
+        """The smallest bond tuple the network takes (default: every bond 1)."""
+        return self.bond_ranks(1, shape)
 
     @abstractmethod
     def fit(self, weight: torch.Tensor, ranks: tuple[int, ...], options: Any) -> Factorization:

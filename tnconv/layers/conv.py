@@ -134,6 +134,65 @@ class FactorizedConv2d(nn.Module):
             padding_mode=conv.padding_mode,
         )
 
+    @classmethod
+    def from_scratch(
+        cls,
+        method: str | Decomposition,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        rank: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        bias: bool = True,
+        *,
+        padding_mode: str = "zeros",
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: Any = None,
+        **options: Any,
+    ) -> FactorizedConv2d:
+        """A randomly initialised factorized conv layer, to train from scratch.
+
+        The factors come from ``Decomposition.random`` at ``rank`` (and ``options``, e.g.
+        ``t=2``), scaled so that the reconstructed kernel has the standard deviation of
+        ``nn.Conv2d``'s default initialisation, uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) with
+        fan_in = in_channels * kh * kw; the bias is drawn from that uniform distribution, as
+        ``nn.Conv2d`` does.
+        """
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        shape = (int(out_channels), int(in_channels), int(kh), int(kw))
+        if isinstance(method, Decomposition):
+            decomposition = method
+        else:
+            from ..registry import get  # the layer itself never needs the registry
+
+            decomposition = get(method)
+        fan_in = shape[1] * shape[2] * shape[3]
+        bound = 1.0 / fan_in**0.5
+        factorization = decomposition.random(
+            shape,
+            rank,
+            std=bound / 3**0.5,
+            generator=generator,
+            dtype=dtype,
+            device=device,
+            **options,
+        )
+        bias_tensor = None
+        if bias:
+            draw = torch.rand(shape[0], generator=generator, dtype=torch.float64)
+            bias_tensor = ((2 * draw - 1) * bound).to(device=device, dtype=dtype)
+        return cls(
+            factorization,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            bias=bias_tensor,
+            padding_mode=padding_mode,
+        )
+
     # -- execution ----------------------------------------------------------------------------
     def plan_for(self, input_shape: tuple[int, ...]) -> ConvPlan:
         """The (cached) execution plan for inputs of shape (B, S, H, W)."""
