@@ -26,7 +26,7 @@ import copy
 import csv
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,10 +48,16 @@ __all__ = [
     "cuts",
     "entropy",
     "hosvd_spectra",
+    "layer_table",
     "matricize",
+    "plot_entropy",
+    "plot_spectra",
+    "plot_sweep",
     "sweep",
     "truncate",
     "truncate_kernel",
+    "truncation_record",
+    "write_csv",
 ]
 
 log = logging.getLogger(__name__)
@@ -354,6 +360,7 @@ def sweep(
     per_layer: bool = True,
     together: bool = True,
     progress: bool = False,
+    retrain_if: Callable[[SweepRow], bool] | None = None,
     **cp_options: Any,
 ) -> SweepResult:
     """Truncate along every cut at every keep and measure.
@@ -371,6 +378,8 @@ def sweep(
         per_layer: a row per (selected layer, cut, keep), the other layers left dense.
         together: a row "all" per (cut, keep), every selected layer truncated at once.
         progress: a tqdm bar over the truncations.
+        retrain_if: re-train only the rows for which it is true (default: every row).
+        **cp_options: options of the CP fits for ``"CP"``.
 
     Returns:
         :class:`SweepResult`.
@@ -380,16 +389,35 @@ def sweep(
     names = [_cut_name(c) for c in cuts]
     if not names or not list(keeps):
         raise ValueError("sweep needs at least one cut and one keep")
-    selected = [n for n, _ in select_convs(model, layers)]
+    selected = [n for n, c in select_convs(model, layers)]
+    for name, conv in select_convs(model, selected):
+        if conv.groups != 1:
+            raise ValueError(f"layer {name!r} is a grouped convolution (groups={conv.groups})")
     if not selected:
         raise ValueError("no nn.Conv2d layer selected")
     scopes = ([[n] for n in selected] if per_layer else []) + ([selected] if together else [])
     jobs = [(scope, c, k) for scope in scopes for c in names for k in keeps]
     dense_metric = float(evaluate(model))
+    convs = dict(select_convs(model, selected))
+    cache: dict[tuple[str, str, Any], tuple[torch.Tensor, int, float]] = {}
+
+    def truncated(name: str, cut: str, keep: Any) -> tuple[torch.Tensor, int, float]:
+        # a kernel's truncation is shared by its one-layer and all-layer rows (CP fits cost)
+        key = (name, cut, keep)
+        if key not in cache:
+            cache[key] = truncate_kernel(convs[name].weight, cut, keep, **cp_options)
+        return cache[key]
+
     rows = []
     for scope, cut, keep in tqdm(jobs, desc="truncation sweep", disable=not progress, leave=False):
-        small = truncate(model, cut, keep, layers=scope, **cp_options)
-        record = truncation_record(small)
+        small = copy.deepcopy(model)
+        modules = dict(small.named_modules())
+        record = {}
+        for name in scope:
+            new, k, loss = truncated(name, cut, keep)
+            with torch.no_grad():
+                modules[name].weight.copy_(new)
+            record[name] = (k, loss)
         row = SweepRow(
             layer="all" if scope is selected else scope[0],
             cut=cut,
@@ -398,7 +426,7 @@ def sweep(
             norm_loss=_overall_loss(model, record),
             metric=float(evaluate(small)),
         )
-        if retrain is not None:
+        if retrain is not None and (retrain_if is None or retrain_if(row)):
             retrain(small)
             row.metric_retrained = float(evaluate(small))
         log.info(
@@ -406,3 +434,151 @@ def sweep(
         )
         rows.append(row)
     return SweepResult(rows, dense_metric)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-layer tables and plots (``tnconv analyze``)
+# ---------------------------------------------------------------------------------------------
+LOSS_LEVELS = (0.01, 0.05, 0.1, 0.3)
+
+
+def layer_table(
+    model: nn.Module, layers: LayerSelector = None, progress: bool = False
+) -> list[dict[str, Any]]:
+    """One row per (selected conv, cut): depth (index among the selected convs), shape,
+    matrix shape, full rank, entropy, entropy / log n, effective rank exp(S), the ranks at 1 /
+    5 / 10 / 30% norm loss (and as shares of the full rank), σ_max, σ_min, and the energy share
+    of the top singular value. Grouped convolutions are skipped."""
+    rows = []
+    chosen = [(n, c) for n, c in select_convs(model, layers) if c.groups == 1]
+    for depth, (name, conv) in enumerate(
+        tqdm(chosen, desc="spectra", disable=not progress, leave=False)
+    ):
+        for cut in cuts(conv.weight):
+            s = cut.singular_values
+            n = len(s)
+            row: dict[str, Any] = {
+                "layer": name,
+                "depth": depth,
+                "shape": "x".join(str(int(d)) for d in conv.weight.shape),
+                "cut": cut.name,
+                "matrix": f"{cut.matrix_shape[0]}x{cut.matrix_shape[1]}",
+                "full_rank": n,
+                "entropy": cut.entropy,
+                "entropy_norm": cut.entropy / cut.max_entropy if n > 1 else 0.0,
+                "effective_rank": cut.effective_rank,
+            }
+            for loss in LOSS_LEVELS:
+                k = cut.rank_at(loss)
+                row[f"rank_{round(100 * loss)}pct"] = k
+                row[f"share_{round(100 * loss)}pct"] = k / n
+            energy = s * s
+            row |= {
+                "sigma_max": float(s[0]),
+                "sigma_min": float(s[-1]),
+                "top1_energy": float(energy[0] / energy.sum()) if energy.sum() > 0 else 0.0,
+            }
+            rows.append(row)
+    return rows
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Rows (dicts with the same keys) to a CSV file."""
+    path = Path(path)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["layer"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("plots need matplotlib: pip install 'tnconv[plot]'") from exc
+    return plt
+
+
+def plot_spectra(
+    weights: Mapping[str, Any], path: str | Path, title: str = "", normalize: bool = True
+) -> Path:
+    """Singular values of every cut, one panel per kernel in ``weights`` ({label: kernel}),
+    against the index as a share of the cut's full rank (σ / σ_max when ``normalize``)."""
+    plt = _pyplot()
+    n = len(weights)
+    if n == 0:
+        raise ValueError("no kernel to plot")
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
+    for ax, (label, w) in zip(axes[0], weights.items(), strict=True):
+        for cut in cuts(w):
+            s = cut.singular_values
+            s = s / s[0] if normalize and s[0] > 0 else s
+            x = (np.arange(len(s)) + 1) / len(s)
+            ax.semilogy(x, np.maximum(s, 1e-12), label=f"{cut.name} (S={cut.entropy:.2f})")
+        ax.set_title(f"{label} {tuple(int(d) for d in np.shape(w))}", fontsize=9)
+        ax.set_xlabel("k / full rank")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("σ_k / σ_1" if normalize else "σ_k")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_entropy(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Normalised entropy S / log n of every cut against layer depth (rows of
+    :func:`layer_table`)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for cut in CUTS:
+        pts = sorted((r["depth"], r["entropy_norm"]) for r in rows if r["cut"] == cut)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=cut)
+    names = sorted({(r["depth"], r["layer"]) for r in rows})
+    ax.set_xticks([d for d, _ in names])
+    ax.set_xticklabels([n for _, n in names], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("entropy / log(full rank)")
+    ax.set_xlabel("layer (by depth)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_sweep(result: SweepResult, path: str | Path, title: str = "") -> Path:
+    """Metric against norm loss, one marker per cut, per scope ("all" filled, single layers
+    hollow); re-trained metrics (when present) as crosses joined to their truncated point."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    cut_names = sorted({r.cut for r in result.rows})
+    colors = {c: f"C{i}" for i, c in enumerate(cut_names)}
+    for r in result.rows:
+        face = colors[r.cut] if r.layer == "all" else "none"
+        ax.scatter(r.norm_loss, r.metric, edgecolors=colors[r.cut], facecolors=face, s=28)
+        if not math.isnan(r.metric_retrained):
+            ax.plot([r.norm_loss] * 2, [r.metric, r.metric_retrained], color=colors[r.cut], lw=0.8)
+            ax.scatter(r.norm_loss, r.metric_retrained, color=colors[r.cut], marker="x", s=30)
+    for c in cut_names:
+        ax.scatter([], [], color=colors[c], label=c)
+    ax.axhline(result.dense_metric, color="grey", linestyle="--", lw=0.8, label="dense")
+    ax.set_xlabel("relative norm loss ||W - W_k|| / ||W||")
+    ax.set_ylabel("metric (filled: all layers, hollow: one layer, x: re-trained)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
