@@ -109,7 +109,7 @@ def entropy(singular_values: Any) -> float:
     if total <= 0:
         return 0.0
     p = energy[energy > 0] / total
-    return float(-(p * np.log(p)).sum())
+    return float(-(p * np.log(p)).sum()) + 0.0  # + 0.0: no "-0.0" for a single term
 
 
 @dataclass
