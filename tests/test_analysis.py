@@ -127,7 +127,7 @@ def test_truncate_kernel_is_the_svd_truncation(cut: str) -> None:
 
 def test_truncate_kernel_cp_and_bad_keeps() -> None:
     w = decaying_kernel((6, 5, 3, 3), 2)
-    new, k, loss = analysis.truncate_kernel(w, "cp", 4, max_iter=50, n_init=1)
+    _, k, loss = analysis.truncate_kernel(w, "cp", 4, max_iter=50, n_init=1)
     f = tnconv.get("cp").factorize(w, 4, max_iter=50, n_init=1)
     assert k == 4 and loss == pytest.approx(f.relative_error(w), rel=1e-6)
     _, k_share, _ = analysis.truncate_kernel(w, "CP", 0.5, max_iter=20, n_init=1)
