@@ -198,7 +198,7 @@ def compress(
         method: a registered name (``tnconv.available()``) or a ``Decomposition``; may be None
             when every ``spec`` entry names its own method. ``"auto"`` (with ``budget=``)
             chooses a method and ranks per layer among the registered ones
-            (:func:`tnconv.recommend.recommend`); its options are ``methods=[names]`` and
+            (:func:`tnconv.recommend`); its options are ``methods=[names]`` and
             per-method option dicts keyed by method name (``cp={"n_init": 1}``).
         rank, eps, ratio: the per-layer spec, as for ``Decomposition.factorize``.
         layers: conv names, a predicate ``(name, module) -> bool``, or None for every conv.
