@@ -40,6 +40,7 @@ from tnconv.training import evaluate, fit
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path("/work/shared/data")
 CP_OPTIONS = {"n_init": 1, "max_iter": 200}  # as the demo: CP's ALS is the slow one
+SWEEP_CP_OPTIONS = {"n_init": 1, "max_iter": 100}  # a truncation probe
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -99,7 +100,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--budget", type=float, default=0.25)
     parser.add_argument("--keeps", default="0.5,0.25,0.1")
+    parser.add_argument(
+        "--parts",
+        default="spectra,sweep,compare,kernels",
+        help="which sections to run (separate processes can run different parts)",
+    )
+    parser.add_argument(
+        "--retrain-cuts",
+        default="OUT,IN,KH,OUT:IN,OUT:KH,CP",
+        help="cuts whose all-layer truncation at the smallest share is re-trained (one epoch)",
+    )
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -131,6 +143,21 @@ def main() -> None:
     print(f"## Digits CNN ({results['model']}): test accuracy {dense_acc:.4f}\n")
 
     # -- spectra by depth -------------------------------------------------------------------
+    if "spectra" in parts:
+        spectra_part(model, results, out)
+    if "sweep" in parts:
+        sweep_part(model, args, results, out, acc, tune, dense_acc)
+    if "compare" in parts:
+        compare_part(model, args, results, acc, tune)
+    if "kernels" in parts:
+        kernels_part(results, out)
+    results["total_seconds"] = time.perf_counter() - started
+    name = "results-" + "-".join(sorted(parts)) + ".json"
+    (out / name).write_text(json.dumps(results, indent=1, default=str))
+    print(f"\ntotal {results['total_seconds']:.0f} s; wrote {out / name}")
+
+
+def spectra_part(model: nn.Module, results: dict[str, Any], out: Path) -> None:
     rows = analysis.layer_table(model)
     results["digits_cuts"] = rows
     print(
@@ -151,7 +178,13 @@ def main() -> None:
     )
     trend = depth_trend([r for r in rows if r["depth"] > 0], "entropy_norm")
     results["digits_depth_trend_entropy_norm"] = trend
-    print("\nSpearman(depth, entropy/log n), 3x3 layers past the stem:", trend, "\n")
+    print("\nSpearman(depth, entropy/log n), 3x3 layers past the stem:", trend)
+    means = {
+        name: float(np.mean([r["entropy_norm"] for r in rows if r["layer"] == name]))
+        for name in dict.fromkeys(r["layer"] for r in rows)
+    }
+    results["digits_mean_entropy_norm"] = means
+    print("mean entropy / log n over the cuts, by depth:", means, "\n")
     convs = dict(model.named_modules())
     analysis.plot_spectra(
         {n: convs[n].weight for n in ("features.3", "features.7", "features.11")},
@@ -160,11 +193,21 @@ def main() -> None:
     )
     analysis.plot_entropy(rows, out / "digits_entropy.png", "digits CNN: entropy per cut by depth")
 
-    # -- truncation sweep -------------------------------------------------------------------
+
+def sweep_part(
+    model: nn.Module,
+    args: argparse.Namespace,
+    results: dict[str, Any],
+    out: Path,
+    acc: Any,
+    tune: Any,
+    dense_acc: float,
+) -> None:
     keeps = [float(k) for k in args.keeps.split(",")]
     cut_list = [*analysis.CUTS, "CP"]
-    t = time.perf_counter()
     smallest = min(keeps)
+    retrain_cuts = {c.replace(":", ",") for c in args.retrain_cuts.split(",")}
+    t = time.perf_counter()
     sw = analysis.sweep(
         model,
         acc,
@@ -173,8 +216,8 @@ def main() -> None:
         tune,
         layers=compressible,
         # re-train the all-layer truncations at the smallest share
-        retrain_if=lambda r: r.layer == "all" and r.keep == smallest,
-        **CP_OPTIONS,
+        retrain_if=lambda r: r.layer == "all" and r.keep == smallest and r.cut in retrain_cuts,
+        **SWEEP_CP_OPTIONS,
     )
     results["sweep_seconds"] = time.perf_counter() - t
     results["sweep"] = sw.to_dicts()
@@ -207,7 +250,10 @@ def main() -> None:
     results["sweep_by_layer"] = by_layer
     print("per layer over all cuts and keeps:", json.dumps(by_layer, indent=1), "\n")
 
-    # -- recommendation vs single methods ----------------------------------------------------
+
+def compare_part(
+    model: nn.Module, args: argparse.Namespace, results: dict[str, Any], acc: Any, tune: Any
+) -> None:
     comparisons = []
     budget = args.budget
     names = [n for n, m in model.named_modules() if compressible(n, m)]
@@ -252,7 +298,8 @@ def main() -> None:
         )
     )
 
-    # -- trained kernels ---------------------------------------------------------------------
+
+def kernels_part(results: dict[str, Any], out: Path) -> None:
     sources = {"tests/data/real_kernels.npz": ROOT / "tests/data/real_kernels.npz"}
     for name in ("dlib_mmod_face_detector", "rapidocr_ppocrv4_det", "rapidocr_ppocr_mobile_v2_cls"):
         if (SHARED / f"{name}.npz").is_file():
@@ -323,9 +370,6 @@ def main() -> None:
             analysis.plot_spectra(
                 {k: kernels[k] for k in chosen}, out / f"{label}_spectra.png", label
             )
-    results["total_seconds"] = time.perf_counter() - started
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    print(f"\ntotal {results['total_seconds']:.0f} s; wrote {out}")
 
 
 if __name__ == "__main__":
