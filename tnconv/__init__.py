@@ -3,9 +3,12 @@
 Public API (see docs/): the registry (``available``, ``get``, ``register``), the
 :class:`Decomposition` base class and its :class:`Factorization` result, the generic
 :class:`FactorizedConv2d` layer that executes any registered decomposition, and whole-model
-tools: ``compress``, ``summary``, ``save`` / ``load``, ``study``.
+tools: ``compress``, ``summary``, ``save`` / ``load``, ``study``; compressibility analysis
+(``tnconv.analysis``: cuts, spectra, entropies, truncation sweeps) and the per-layer method / rank
+``recommend``ation behind ``compress(model, "auto", budget=...)``.
 """
 
+from . import analysis
 from .compress import Budget, compress, dense_reasons
 from .decompositions.base import Decomposition
 from .errors import (
@@ -23,6 +26,7 @@ from .errors import (
 from .factorization import Factorization
 from .io import load, save
 from .layers import FactorizedConv2d
+from .recommend import Recommendation, recommend
 from .registry import available, get, refresh, register, unregister
 from .study import StudyResult, study
 from .summary import Summary, summary
@@ -40,6 +44,7 @@ __all__ = [
     "OptionError",
     "PluginLoadError",
     "RankSpecError",
+    "Recommendation",
     "RegistrationError",
     "StructureError",
     "StudyResult",
@@ -47,11 +52,13 @@ __all__ = [
     "TnconvError",
     "UnknownMethodError",
     "__version__",
+    "analysis",
     "available",
     "compress",
     "dense_reasons",
     "get",
     "load",
+    "recommend",
     "refresh",
     "register",
     "save",

@@ -1,4 +1,4 @@
-"""The ``tnconv`` command: list, compress, summary, study, demo, cifar, reduction.
+"""The ``tnconv`` command: list, compress, summary, study, analyze, demo, cifar, reduction.
 
 Every failure a user can cause (a missing file, a bad argument, a rank that does not fit) ends
 with one line on stderr, ``tnconv: error: ...``, and exit status 2.
@@ -208,6 +208,99 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from . import analysis
+
+    model = _read_model(args.input)
+    convs = [(n, m) for n, m in analysis.select_convs(model, None) if m.groups == 1]
+    if args.layers:
+        wanted = args.layers.split(",")
+        known = {n for n, _ in convs}
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            raise CLIError(f"--layers: no ungrouped conv named {', '.join(unknown)}")
+        convs = [(n, m) for n, m in convs if n in wanted]
+    if not convs:
+        raise CLIError(f"{args.input} has no ungrouped nn.Conv2d to analyze")
+    names = [n for n, _ in convs]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = analysis.layer_table(model, names, progress=not args.quiet)
+    written = [analysis.write_csv(rows, out / "cuts.csv")]
+    if args.plot_layers:
+        plot_names = args.plot_layers.split(",")
+        unknown = [n for n in plot_names if n not in names]
+        if unknown:
+            raise CLIError(f"--plot-layers: {', '.join(unknown)} not among the analyzed layers")
+    else:
+        plot_names = list(dict.fromkeys([names[0], names[len(names) // 2], names[-1]]))
+    weights = dict(convs)
+    try:
+        written.append(
+            analysis.plot_spectra(
+                {n: weights[n].weight for n in plot_names}, out / "spectra.png", args.input
+            )
+        )
+        written.append(analysis.plot_entropy(rows, out / "entropy.png", args.input))
+    except ImportError as exc:
+        print(f"no plots: {exc}", file=sys.stderr)
+    if args.data:
+        written += _analyze_sweep(model, names, args, out)
+    print(f"{len(names)} layers x {len(analysis.CUTS)} cuts")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _analyze_sweep(
+    model: nn.Module, names: list[str], args: argparse.Namespace, out: Path
+) -> list[Path]:
+    """Truncation sweep on the shipped digits' test split (accuracy against norm loss)."""
+    from torch.utils.data import DataLoader
+
+    from . import analysis
+    from .datasets import digits
+    from .training import evaluate, fit
+
+    train, test = digits(args.data, seed=0)
+    test_loader = DataLoader(test, batch_size=256)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(test.tensors[0][:2])
+    except Exception as exc:
+        raise CLIError(
+            f"the model cannot run on the {args.data} digits (images "
+            f"{tuple(test.tensors[0].shape[1:])}): {type(exc).__name__}: {exc}"
+        ) from exc
+    retrain = None
+    if args.retrain_epochs:
+        gen = torch.Generator().manual_seed(0)
+        loader = DataLoader(train, batch_size=32, shuffle=True, generator=gen)
+
+        def retrain(m: nn.Module) -> None:
+            fit(m, loader, args.retrain_epochs, lr=0.005, progress=not args.quiet)
+
+    cuts = [c.strip().replace(":", ",") for c in args.cuts.split(",")]
+    result = analysis.sweep(
+        model,
+        lambda m: evaluate(m, test_loader),
+        cuts,
+        list(_floats(args.keeps, "--keeps")),
+        retrain,
+        layers=names,
+        progress=not args.quiet,
+    )
+    print(result)
+    written = [result.to_csv(out / "sweep.csv")]
+    try:
+        written.append(
+            analysis.plot_sweep(result, out / "sweep.png", f"{args.input} on {args.data} digits")
+        )
+    except ImportError as exc:
+        print(f"no plot: {exc}", file=sys.stderr)
+    return written
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     """Hand the remaining arguments to an experiment script's own ``main``."""
     if args.command == "cifar":
@@ -272,6 +365,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a one-minute version (8x8 digits)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "analyze", help="spectra, entropies and truncation sweeps of a model's dense kernels"
+    )
+    p.add_argument("input", help="a model saved with torch.save(model) or tnconv.save")
+    p.add_argument("--out", required=True, help="folder for cuts.csv, spectra.png, entropy.png")
+    p.add_argument("--layers", help="comma-separated conv names (default: every ungrouped conv)")
+    p.add_argument("--plot-layers", help="layers whose spectra are plotted (default: 3 by depth)")
+    p.add_argument(
+        "--data",
+        choices=["mnist", "sklearn"],
+        help="also sweep truncations on these shipped digits (sweep.csv, sweep.png)",
+    )
+    p.add_argument(
+        "--cuts",
+        default="OUT,IN,KH,KW,OUT:IN,OUT:KH,OUT:KW",
+        help="for the sweep; two-mode cuts written OUT:IN; CP for a CP fit",
+    )
+    p.add_argument("--keeps", default="0.5,0.25,0.1", help="kept shares for the sweep")
+    p.add_argument("--retrain-epochs", type=int, default=0, help="re-train each truncation")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_analyze)
 
     for name, text in (
         ("cifar", "the RSDTR paper's CIFAR-10 protocol on a local folder (docs/cifar.md)"),

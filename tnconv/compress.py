@@ -196,7 +196,10 @@ def compress(
     Args:
         model: any module; it is deep-copied first unless ``inplace=True``.
         method: a registered name (``tnconv.available()``) or a ``Decomposition``; may be None
-            when every ``spec`` entry names its own method.
+            when every ``spec`` entry names its own method. ``"auto"`` (with ``budget=``)
+            chooses a method and ranks per layer among the registered ones
+            (:func:`tnconv.recommend`); its options are ``methods=[names]`` and
+            per-method option dicts keyed by method name (``cp={"n_init": 1}``).
         rank, eps, ratio: the per-layer spec, as for ``Decomposition.factorize``.
         layers: conv names, a predicate ``(name, module) -> bool``, or None for every conv.
         budget: instead of a per-layer spec, a global target: a share in (0, 1] of the selected
@@ -223,6 +226,23 @@ def compress(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress needs a torch.nn.Module; got {type(model).__name__}")
+    if isinstance(method, str) and method.lower() == "auto":
+        if spec is not None or any(v is not None for v in (rank, eps, ratio)):
+            raise RankSpecError(
+                'compress(model, "auto") takes budget=, not rank / eps / ratio / spec'
+            )
+        from .recommend import auto_spec  # recommend builds on this module
+
+        args = dict(input_size=input_size, must_save=must_save, progress=progress)
+        chosen, dense = auto_spec(model, budget=budget, layers=layers, options=options, **args)
+        target = model if inplace else copy.deepcopy(model)
+        if chosen:
+            compress(target, None, spec=chosen, inplace=True, **args)
+        reasons = dict(getattr(target, DENSE_REASONS, {}))
+        for name in dense:
+            reasons[name] = "auto: no method's factorization was worth its cost under the budget"
+        setattr(target, DENSE_REASONS, reasons)
+        return target
     if must_save is None:
         must_save = "flops" if options.get("objective") == "flops" else "params"
     if must_save not in ("params", "flops", "both"):

@@ -46,6 +46,8 @@ BUILTIN_MODULES: tuple[str, ...] = (
 )
 
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
+# compress modes, not decompositions: compress(model, "auto") chooses a method per layer
+RESERVED_NAMES = frozenset({"auto"})
 D = TypeVar("D", bound=type[Decomposition])
 
 
@@ -148,6 +150,11 @@ class Registry:
             raise RegistrationError(
                 f"bad decomposition name {name!r}: use letters, digits, '-' or '_', "
                 "starting with a letter"
+            )
+        if name.lower() in RESERVED_NAMES:
+            raise RegistrationError(
+                f"{name!r} is reserved: compress(model, {name.lower()!r}) chooses a method per "
+                "layer; register the decomposition under another name"
             )
         return name.lower()
 

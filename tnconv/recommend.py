@@ -1,0 +1,388 @@
+"""Per-layer method and rank under a global budget: the recommendation behind
+``tnconv.compress(model, "auto", budget=...)``.
+
+For every selected layer and every registered decomposition (training-time entries excluded) the
+recommendation prices candidates: parameters (or FLOPs) and the relative kernel error of a fit
+with the method's quick search options, at
+
+* uniform ranks whose size lands on a ladder of shares of the dense layer (every method), and
+* error bounds ``eps`` on a grid, for methods with an error-bounded algorithm
+  (``guarantees_eps``): there the ranks come straight from the kernel's spectra (Tucker-2 from
+  the OUT / IN mode spectra and the HOSVD core, TT / TR / RSDTR from the sequential cuts' SVDs),
+  and a fit at them is a truncation, not an iterative search.
+
+Each method is judged by the error its own algorithm reaches at a size, so the comparison is
+the same for all. The candidates of every (layer, method) pool into one set per layer and the
+convex-hull greedy of :mod:`tnconv.allocation` picks one per layer, minimising the summed
+``-log(1 - e^2)`` under the budget. The result is a ``spec`` for ``compress(spec=...)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .allocation import (
+    Candidate,
+    SaveCriterion,
+    _fill,
+    _greedy,
+    _LayerOptions,
+    _loss,
+    candidate_for,
+    dense_conv_flops,
+    layer_from_conv,
+    options_for_layer,
+    parse_budget,
+    saving_shortfall,
+)
+from .compress import LayerSelector, conv_input_shapes, default_input_size, select_convs
+from .decompositions.base import Decomposition
+from .errors import BudgetError, RankSpecError, TnconvError
+from .rank import largest_fitting
+from .registry import available, get
+
+__all__ = ["AUTO", "Recommendation", "RecommendationRow", "candidate_methods", "recommend"]
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"  # a compress mode, never a decomposition name (the registry refuses it)
+
+# multiples of the budget's share at which each method gets a uniform-rank candidate (a layer
+# rarely ends far from the global share; fits at large ranks are what costs, e.g. CP's ALS)
+_SHARE_STEPS = (0.3, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8)
+# error bounds tried for error-bounded methods (ranks from the spectra)
+_EPS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.65)
+
+
+def _shares(budget_share: float) -> list[float]:
+    return sorted({min(0.9, budget_share * k) for k in _SHARE_STEPS})
+
+
+def candidate_methods(methods: Sequence[str] | None = None) -> list[str]:
+    """The registered methods "auto" chooses among: ``methods`` (validated) or every registered
+    one, less training-time entries (those with a true ``training_time`` attribute)."""
+    names = available() if methods is None else [str(m).lower() for m in methods]
+    chosen = []
+    for name in names:
+        dec = get(name)  # unknown names raise UnknownMethodError listing the known ones
+        if getattr(dec, "training_time", False):
+            if methods is not None:
+                raise ValueError(
+                    f"{name!r} is a training-time method (it needs training, not a fit); "
+                    "it cannot be chosen by a recommendation"
+                )
+            continue
+        chosen.append(name)
+    if not chosen:
+        raise ValueError("no registered method to choose from")
+    return chosen
+
+
+@dataclass
+class RecommendationRow:
+    """One layer's choice: ``method`` is "dense" when no candidate was worth its cost.
+
+    ``predicted_error`` is the relative kernel error of the candidate (quick-option fit);
+    ``alternatives`` maps every method to its lowest predicted error within the chosen size
+    (NaN: none of its candidates fits).
+    """
+
+    layer: str
+    shape: tuple[int, int, int, int]
+    method: str
+    ranks: tuple[int, ...]
+    params: int
+    dense_params: int
+    flops: int
+    dense_flops: int
+    predicted_error: float
+    alternatives: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Recommendation:
+    """Per-layer methods and ranks; ``spec`` feeds ``tnconv.compress(model, spec=...)``."""
+
+    rows: list[RecommendationRow]
+    budget_kind: str
+    budget_share: float
+    methods: list[str]
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> dict[str, dict[str, Any]]:
+        """``{layer: {"method": m, "rank": ranks, "options": {...}}}`` for the factorized
+        layers (layers left dense are absent)."""
+        return {
+            r.layer: {
+                "method": r.method,
+                "rank": r.ranks,
+                "options": self.options.get(r.method, {}),
+            }
+            for r in self.rows
+            if r.method != "dense"
+        }
+
+    def spent(self) -> tuple[int, int]:
+        """(chosen, dense) parameters or FLOPs over the selected layers, per ``budget_kind``."""
+        if self.budget_kind == "flops":
+            return sum(r.flops for r in self.rows), sum(r.dense_flops for r in self.rows)
+        return sum(r.params for r in self.rows), sum(r.dense_params for r in self.rows)
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        out = []
+        for r in self.rows:
+            d = asdict(r)
+            alts = d.pop("alternatives")
+            d["shape"] = "x".join(map(str, r.shape))
+            d["ranks"] = ",".join(map(str, r.ranks))
+            out.append(d | {f"error_{m}": alts.get(m, math.nan) for m in self.methods})
+        return out
+
+    def to_csv(self, path: str | Path) -> Path:
+        path = Path(path)
+        rows = self.to_dicts()
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["layer"])
+            writer.writeheader()
+            writer.writerows(rows)
+        return path
+
+    def __str__(self) -> str:
+        used, dense = self.spent()
+        lines = [
+            f"recommendation at {self.budget_share:g} of the {self.budget_kind}: "
+            f"{used} of {dense} ({used / max(dense, 1):.3f})",
+            f"{'layer':24s} {'shape':16s} {'method':8s} {'ranks':16s} {'params':>8s} "
+            f"{'error':>6s}  best error per method at that size",
+        ]
+        for r in self.rows:
+            alts = " ".join(
+                f"{m}={e:.3f}" for m, e in sorted(r.alternatives.items()) if not math.isnan(e)
+            )
+            lines.append(
+                f"{r.layer:24s} {'x'.join(map(str, r.shape)):16s} {r.method:8s} "
+                f"{','.join(map(str, r.ranks)):16s} {r.params:8d} {r.predicted_error:6.3f}  "
+                f"{alts}"
+            )
+        return "\n".join(lines)
+
+
+def _quick(dec: Decomposition, options: dict[str, Any]) -> dict[str, Any]:
+    quick = dec.search_options(dec.parse_options(options))
+    return {k: getattr(quick, k) for k in type(quick).model_fields}
+
+
+def _method_candidates(
+    dec: Decomposition,
+    conv: nn.Conv2d,
+    shape: tuple[int, int, int, int] | None,
+    options: dict[str, Any],
+    must_save: SaveCriterion,
+    need_flops: bool,
+    shares: list[float],
+) -> list[Candidate]:
+    """Candidates of one method on one layer that save what ``must_save`` asks."""
+    weight = conv.weight.detach()
+    kshape = tuple(int(n) for n in weight.shape)
+    dense_params = weight.numel()
+    dense_flops = dense_conv_flops(conv, shape) if shape is not None else None
+    specs: list[dict[str, Any]] = []
+    top = max(dec.bond_ranks(10**9, kshape))  # type: ignore[arg-type]
+    seen_ranks: set[int] = set()
+    for share in shares:
+        r = largest_fitting(
+            1,
+            min(top, 4096),
+            lambda r, share=share: (
+                dec.num_params_at(kshape, dec.bond_ranks(r, kshape))  # type: ignore[arg-type]
+                <= share * dense_params
+            ),
+        )
+        if r is not None and r not in seen_ranks:
+            seen_ranks.add(r)
+            specs.append({"rank": r})
+    if dec.guarantees_eps:
+        specs += [{"eps": e} for e in _EPS]
+    found: dict[tuple[int, ...], Candidate] = {}
+    for spec in specs:
+        f = dec.factorize(weight, **spec, **options)
+        if f.ranks in found:
+            continue
+        if need_flops:
+            cand = candidate_for(layer_from_conv(conv, f), f, shape, (dense_params, dense_flops))
+        else:
+            cand = Candidate(f, f.num_params, 0, float(f.info["relative_error"]))
+        if not saving_shortfall(cand, dense_params, dense_flops, must_save):
+            found[f.ranks] = cand
+    return list(found.values())
+
+
+def recommend(
+    model: nn.Module,
+    budget: Any,
+    *,
+    layers: LayerSelector = None,
+    methods: Sequence[str] | None = None,
+    input_size: Sequence[int] | None = None,
+    must_save: SaveCriterion = "params",
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: bool | None = None,
+) -> Recommendation:
+    """Choose a method and ranks per layer so the whole selection meets ``budget``.
+
+    Args:
+        model: the dense model (not modified).
+        budget: a share in (0, 1] of the selected layers' parameters, or ``("flops", share)``
+            (as ``compress(budget=)``).
+        layers: conv names, a predicate, or None for every ``nn.Conv2d`` (grouped ones skipped).
+        methods: registered names to choose among (default: every registered one, less
+            training-time entries).
+        input_size: (B, C, H, W) for FLOPs; needed for a FLOPs budget or ``must_save`` "flops" /
+            "both" (default: :func:`tnconv.compress.default_input_size`).
+        must_save: a candidate must have fewer "params", "flops" or "both" than the dense layer.
+        options: per-method options, ``{"cp": {"n_init": 1}}``; they are validated, the search
+            uses their quick variant and the recommendation's ``spec`` carries them.
+        progress: a tqdm bar over (layer, method) (default: with 8 or more of them).
+
+    Returns:
+        :class:`Recommendation` (``.spec`` for ``compress``).
+
+    Cost: one quick fit per candidate, about 20 per (layer, method); CP's ALS dominates. The
+    3-layer digits CNN (32-64-128-128 channels) takes a few seconds per method; a 512x512x3x3
+    layer several seconds per method (see docs/analysis.md).
+    """
+    if must_save not in ("params", "flops", "both"):
+        raise ValueError(f"must_save must be 'params', 'flops' or 'both'; got {must_save!r}")
+    target = parse_budget(budget)
+    names = candidate_methods(methods)
+    options = {str(k).lower(): dict(v) for k, v in (options or {}).items()}
+    for key in options:
+        if key not in names:
+            raise RankSpecError(
+                f"options given for {key!r}, which is not among the candidate methods "
+                f"({', '.join(names)})"
+            )
+    decs = {n: get(n) for n in names}
+    for n, dec in decs.items():
+        dec.parse_options(options.get(n, {}))  # fail before any work
+    chosen = [(n, c) for n, c in select_convs(model, layers) if c.groups == 1]
+    if not chosen:
+        raise ValueError("no (ungrouped) nn.Conv2d layer selected")
+    need_flops = target.kind == "flops" or must_save != "params"
+    shapes: dict[str, tuple[int, int, int, int]] = {}
+    if need_flops or input_size is not None:
+        shapes = conv_input_shapes(model, tuple(input_size or default_input_size(model)))
+        missing = [n for n, _ in chosen if n not in shapes]
+        if need_flops and missing:
+            raise ValueError(f"layers {missing} are not reached by a forward pass: FLOPs unknown")
+
+    def cost(c: Candidate) -> int:
+        return c.params if target.kind == "params" else c.flops
+
+    jobs = [(n, conv, m) for n, conv in chosen for m in names]
+    show = progress if progress is not None else len(jobs) >= 8
+    pools: dict[str, list[Candidate]] = {n: [] for n, _ in chosen}
+    for name, conv, m in tqdm(jobs, desc="recommend", disable=not show, leave=False):
+        dec = decs[m]
+        opts = options_for_layer(dec, conv, shapes.get(name), _quick(dec, options.get(m, {})))
+        try:
+            pools[name] += _method_candidates(
+                dec, conv, shapes.get(name), opts, must_save, need_flops, _shares(target.share)
+            )
+        except (TnconvError, ValueError) as exc:  # a method that cannot fit this layer
+            log.warning("recommend: %s skipped on %s: %s", m, name, exc)
+    dense: dict[str, Candidate] = {}
+    per_layer: dict[str, _LayerOptions] = {}
+    for name, conv in chosen:
+        flops = dense_conv_flops(conv, shapes[name]) if name in shapes else 0
+        dense[name] = Candidate(None, conv.weight.numel(), flops, 0.0)
+        per_layer[name] = _LayerOptions({}, [*pools[name], dense[name]])
+    allowed = target.share * sum(cost(d) for d in dense.values())
+    picked = _greedy(per_layer, cost, allowed)
+    if picked is None:
+        smallest = sum(min(cost(c) for c in o.all) for o in per_layer.values())
+        raise BudgetError(
+            f"budget {target.share} of the selected layers' {target.kind} allows {allowed:.0f}, "
+            f"but the smallest candidates need {smallest}"
+        )
+    picked = _fill(picked, per_layer, cost, allowed)
+    log.info("recommend: summed loss %.4f", sum(_loss(c) for c in picked.values()))
+    rows = []
+    for name, conv in chosen:
+        c = picked[name]
+        f = c.factorization
+        within = [x for x in pools[name] if cost(x) <= cost(c)]
+        alternatives = {
+            m: min((x.error for x in within if x.factorization.method == m), default=math.nan)  # type: ignore[union-attr]
+            for m in names
+        }
+        rows.append(
+            RecommendationRow(
+                layer=name,
+                shape=tuple(int(n) for n in conv.weight.shape),  # type: ignore[arg-type]
+                method="dense" if f is None else f.method,
+                ranks=() if f is None else tuple(f.ranks),
+                params=c.params,
+                dense_params=dense[name].params,
+                flops=c.flops,
+                dense_flops=dense[name].flops,
+                predicted_error=c.error,
+                alternatives=alternatives,
+            )
+        )
+    return Recommendation(rows, target.kind, target.share, names, options)
+
+
+def auto_spec(
+    model: nn.Module,
+    *,
+    budget: Any,
+    layers: LayerSelector,
+    input_size: Sequence[int] | None,
+    must_save: SaveCriterion | None,
+    progress: bool | None,
+    options: dict[str, Any],
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The ``spec`` that ``compress(model, "auto", budget=...)`` applies, and the selected
+    layers the recommendation leaves dense.
+
+    ``options`` are compress's keyword options in auto mode: ``methods=[...]`` (candidates) and
+    per-method option dicts keyed by method name (``cp={"n_init": 1}``).
+    """
+    if budget is None:
+        raise RankSpecError(
+            'compress(model, "auto") needs budget= (a share of the parameters, or '
+            '("flops", share)); rank / eps / ratio belong to one method'
+        )
+    opts = dict(options)
+    methods = opts.pop("methods", None)
+    known = set(available())
+    for key, value in opts.items():
+        if key.lower() not in known or not isinstance(value, Mapping):
+            raise TypeError(
+                f'compress(model, "auto") got option {key!r}: in auto mode options are '
+                "methods=[names] and per-method option dicts keyed by method name, "
+                'e.g. cp={"n_init": 1}'
+            )
+    rec = recommend(
+        model,
+        budget,
+        layers=layers,
+        methods=methods,
+        input_size=input_size,
+        must_save=must_save or "params",
+        options=opts,
+        progress=progress,
+    )
+    log.info("%s", rec)
+    return rec.spec, [r.layer for r in rec.rows if r.method == "dense"]
