@@ -5,7 +5,6 @@ Everything here runs on the tensor's own device and dtype: no transfer to the CP
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
@@ -23,9 +22,7 @@ __all__ = [
 
 V = TypeVar("V")
 
-# per-tensor memo: id(tensor) -> (version counter when filled, {key: value}); an entry is dropped
-# when its tensor is garbage collected, so an id is never reused while its entry exists
-_MEMO: dict[int, tuple[int, dict[Hashable, Any]]] = {}
+_MEMO_ATTR = "_tnconv_memo"
 
 
 def cached(tensor: torch.Tensor, key: Hashable, compute: Callable[[], V]) -> V:
@@ -33,16 +30,13 @@ def cached(tensor: torch.Tensor, key: Hashable, compute: Callable[[], V]) -> V:
 
     Lets the candidates of one search (every eps of a bisection, every rank of a budget
     allocation) share the expensive spectra of one kernel: one decomposition, many truncations.
+    The memo is an attribute of the tensor object itself, so it dies with it.
     """
-    ident = id(tensor)
-    version = tensor._version
-    entry = _MEMO.get(ident)
-    if entry is None or entry[0] != version:
-        if entry is None:
-            weakref.finalize(tensor, _MEMO.pop, ident, None)
-        entry = (version, {})
-        _MEMO[ident] = entry
-    store = entry[1]
+    memo = getattr(tensor, _MEMO_ATTR, None)
+    if memo is None or memo[0] != tensor._version:
+        memo = (tensor._version, {})
+        setattr(tensor, _MEMO_ATTR, memo)
+    store: dict[Hashable, Any] = memo[1]
     if key not in store:
         store[key] = compute()
     return store[key]

@@ -302,7 +302,9 @@ class Tucker(Decomposition):
             mid = (lo + hi) // 2
             trial_ranks = tuple(int(r) for r in pool[mid])
             trial, trial_factors = self._fit(weight, trial_ranks, quick)
-            log.debug("tucker eps shrink: ranks %s error %.4g", trial_ranks, trial.info["fit_error"])
+            log.debug(
+                "tucker eps shrink: ranks %s error %.4g", trial_ranks, trial.info["fit_error"]
+            )
             if trial.info["fit_error"] <= eps:
                 best, hi = (trial, trial_factors), mid - 1
             else:
