@@ -191,6 +191,7 @@ def _takes(decomposition: Decomposition, kshape: tuple, rank: int) -> bool:
 
 
 def _layer_candidates(
+    name: str,
     decomposition: Decomposition,
     conv: nn.Conv2d,
     shape: tuple[int, int, int, int] | None,
@@ -206,11 +207,12 @@ def _layer_candidates(
         specs += [("eps", e) for e in _EPS_GRID]
     found: dict[tuple[int, ...], Candidate] = {}
     by_level: dict[int, Candidate] = {}
-    for kind, value in specs:
-        if kind == "rank":
-            f = decomposition.factorize(weight, value, **options)
-        else:
-            f = decomposition.factorize(weight, eps=value, **options)
+    log.info(
+        "%s: %d %s candidates for kernel %s", name, len(specs), decomposition.name, weight.shape
+    )
+    # one call, so the family computes each kernel's spectra once for all the candidates
+    fits = decomposition.factorize_many(weight, [{kind: value} for kind, value in specs], **options)
+    for (kind, value), f in zip(specs, fits, strict=True):
         cand = found.get(f.ranks)
         if cand is None:
             cand = candidate_for(layer_from_conv(conv, f), f, shape, dense_info)
@@ -294,7 +296,7 @@ def _fill(
             for c in o.all:
                 gain = _loss(cur) - _loss(c)
                 extra = cost(c) - cost(cur)
-                if gain <= 0 or spent + extra > allowed:
+                if not gain > 0 or spent + extra > allowed:  # (NaN-safe: never loops on NaN)
                     continue
                 score = gain / max(extra, 1)
                 if best is None or score > best[0]:
@@ -336,6 +338,7 @@ def allocate(
             unfit[name] = str(exc)
             continue
         options_by_layer[name] = _layer_candidates(
+            name,
             decomposition,
             conv,
             shapes.get(name),

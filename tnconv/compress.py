@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -300,14 +300,18 @@ def compress(
             reasons.pop(name, None)
             _set_module(target, name, layer)
 
+    def method_of(name: str) -> str:
+        return per_layer[name][0].name if spec is not None else decomposition.name
+
+    steps = _announce(bar, method_of)
     if target_budget is not None:
-        plan = allocate(decomposition, eligible, shapes, target_budget, options, must_save, bar)
+        plan = allocate(decomposition, eligible, shapes, target_budget, options, must_save, steps)
         for name, conv in eligible:
             cand, reason = plan[name]
             f = cand.factorization
             install(name, None if f is None else layer_from_conv(conv, f), reason)
     else:
-        for name, conv in bar:
+        for name, conv in steps:
             if spec is not None:
                 dec, layer_opts, lspec = per_layer[name]
                 triple = (lspec.rank, lspec.eps, lspec.ratio)
@@ -320,6 +324,16 @@ def compress(
     if size is not None:
         setattr(target, INPUT_SIZE, tuple(size))
     return target
+
+
+def _announce(bar: tqdm, method_of: Callable[[str], str]) -> Iterator[tuple[str, nn.Conv2d]]:
+    """The layers of ``bar``, each shown on the bar and logged (INFO) with its method and kernel
+    shape before its work starts, so a long compression says where it is."""
+    for name, conv in bar:
+        shape = "x".join(str(n) for n in conv.weight.shape)
+        bar.set_postfix_str(f"{name} {method_of(name)} {shape}", refresh=True)
+        log.info("compress: %s (%s, kernel %s)", name, method_of(name), shape)
+        yield name, conv
 
 
 def _decomposition(method: str | Decomposition) -> Decomposition:

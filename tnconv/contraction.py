@@ -24,6 +24,7 @@ once per input shape and cached by its owner.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,14 +57,15 @@ FLOP_SLACK = 0.10
 # ---------------------------------------------------------------------------------------------
 # geometry
 # ---------------------------------------------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    # numbers.Integral covers numpy integers, which torch.nn.Conv2d accepts too
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _pair(value: Any, name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if (
-        isinstance(value, (tuple, list))
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
+    if _is_int(value):
+        return (int(value), int(value))
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
         return (int(value[0]), int(value[1]))
     raise ValueError(f"{name} must be an int or a pair of ints; got {value!r}")
 

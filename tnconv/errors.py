@@ -51,3 +51,11 @@ class EquationError(TnconvError, ValueError):
 
 class PluginLoadError(TnconvError, ImportError):
     """A decomposition plugin's entry point was found but could not be loaded."""
+
+
+class InputShapeError(TnconvError, ValueError, RuntimeError):
+    """A layer's input has the wrong number of dimensions or channels.
+
+    ``torch.nn.Conv2d`` raises ``RuntimeError`` for these; this error is both that and a
+    ``ValueError``, so either ``except`` clause catches it.
+    """

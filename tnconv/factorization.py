@@ -181,13 +181,21 @@ class Factorization:
         return dense.reshape(self.shape)
 
     def relative_error(self, weight: Any) -> float:
-        """||weight - to_tensor()||_F / ||weight||_F, computed in float64."""
+        """||weight - to_tensor()||_F / ||weight||_F, computed in float64.
+
+        For an all-zero ``weight`` it is 0 when the factorization is zero too (0 vs 0) and
+        ``inf`` otherwise, never NaN.
+        """
         w = validate_weight(weight)
         if tuple(w.shape) != self.shape:
             raise InvalidWeightError(f"weight shape {tuple(w.shape)} differs from {self.shape}")
         w64 = w.detach().to(torch.float64)
         approx = self.to_tensor().detach().to(device=w64.device, dtype=torch.float64)
-        return float(torch.linalg.vector_norm(w64 - approx) / torch.linalg.vector_norm(w64))
+        diff = float(torch.linalg.vector_norm(w64 - approx))
+        norm = float(torch.linalg.vector_norm(w64))
+        if norm == 0.0:
+            return 0.0 if diff == 0.0 else math.inf
+        return diff / norm
 
     def with_factors(self, factors: Sequence[torch.Tensor]) -> Factorization:
         """The same network (equation, shape, ranks, method, modes, info) with other factors."""

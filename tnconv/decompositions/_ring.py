@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import opt_einsum
 import torch
 
-from ._linalg import svd
+from ._linalg import cached, svd
 
 __all__ = [
     "balanced_split",
@@ -94,7 +94,9 @@ def sequential_svd(
     """
     dims = tuple(tensor.shape)
     d = len(dims)
-    u, s, vh = first if first is not None else svd(tensor.reshape(dims[0], -1))
+    if first is None:  # shared by every fit on this tensor (the same unfolding each time)
+        first = cached(tensor, "ring-first-svd", lambda: svd(tensor.reshape(dims[0], -1)))
+    u, s, vh = first
     rank = min(choose_rank(0, s), s.numel())
     r0, r1 = split(rank) if ring else (1, rank)
     rank = r0 * r1

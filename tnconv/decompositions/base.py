@@ -19,6 +19,7 @@ import logging
 import math
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -26,7 +27,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import BudgetError, OptionError, RankSpecError
 from ..factorization import Factorization, KernelShape, validate_weight
-from ..rank import ErrorBound, FixedRank, bisect_eps, largest_fitting, param_budget, parse_rank_spec
+from ..rank import (
+    ErrorBound,
+    FixedRank,
+    ParamRatio,
+    bisect_eps,
+    largest_fitting,
+    param_budget,
+    parse_rank_spec,
+)
 
 __all__ = ["Decomposition", "NoOptions"]
 
@@ -84,8 +93,32 @@ class Decomposition(ABC):
         w = validate_weight(weight)
         spec = parse_rank_spec(rank, eps, ratio)
         opts = self.parse_options(options)
-        shape: KernelShape = tuple(int(n) for n in w.shape)  # type: ignore[assignment]
+        if not bool(w.any()):
+            return self._zero_kernel(w, spec, opts)
+        return self._factorize(w, w.detach().to(torch.float64), spec, opts)
+
+    def factorize_many(
+        self, weight: Any, specs: Sequence[Mapping[str, Any]], **options: Any
+    ) -> list[Factorization]:
+        """``[factorize(weight, **spec, **options) for spec in specs]``, sharing the work.
+
+        Every fit runs on one float64 copy of the kernel, so the spectra a family computes once
+        per kernel (HOSVD bases, first SVD of a train or ring, RSDTR's shifted SVDs) are shared
+        by all the candidates: one decomposition, many truncations. ``specs`` are dicts with
+        exactly one of ``rank`` / ``eps`` / ``ratio``. Used by budget allocation.
+        """
+        w = validate_weight(weight)
+        parsed = [parse_rank_spec(**dict(spec)) for spec in specs]
+        opts = self.parse_options(options)
+        if not bool(w.any()):
+            return [self._zero_kernel(w, spec, opts) for spec in parsed]
         w64 = w.detach().to(torch.float64)
+        return [self._factorize(w, w64, spec, opts) for spec in parsed]
+
+    def _factorize(
+        self, w: torch.Tensor, w64: torch.Tensor, spec: Any, opts: BaseModel
+    ) -> Factorization:
+        shape: KernelShape = tuple(int(n) for n in w.shape)  # type: ignore[assignment]
         if isinstance(spec, FixedRank):
             ranks = self.bond_ranks(spec.ranks, shape)
             result = self.fit(w64, ranks, opts)
@@ -349,6 +382,34 @@ class Decomposition(ABC):
             stacklevel=3,
         )
         return result
+
+    def _zero_kernel(self, w: torch.Tensor, spec: Any, opts: BaseModel) -> Factorization:
+        """An all-zero kernel: zero factors at the requested ranks (rank spec) or at the smallest
+        ranks (eps / ratio: any ranks are exact). The factor shapes come from a fit of the
+        all-ones kernel (rank one for every family), so this needs nothing method-specific."""
+        shape: KernelShape = tuple(int(n) for n in w.shape)  # type: ignore[assignment]
+        if isinstance(spec, FixedRank):
+            ranks = self.bond_ranks(spec.ranks, shape)
+        else:
+            ranks = self.bond_ranks(1, shape)
+            if isinstance(spec, ParamRatio):
+                budget = param_budget(spec.ratio, math.prod(shape))
+                if self.num_params_at(shape, ranks) > budget:
+                    raise BudgetError(
+                        f"ratio={spec.ratio} allows {budget} parameters, but the smallest "
+                        f"{self.name} factorization of a {shape} kernel needs "
+                        f"{self.num_params_at(shape, ranks)}"
+                    )
+        ones = torch.ones(shape, dtype=torch.float64, device=w.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            shaped = self.fit(ones, ranks, opts)
+        log.info(
+            "%s: the kernel %s is all zeros; zero factors at ranks %s", self.name, shape, ranks
+        )
+        result = shaped.with_factors([torch.zeros_like(f) for f in shaped.factors])
+        result.info = {}
+        return self._finish(result, w)
 
     def _finish(self, result: Factorization, w: torch.Tensor) -> Factorization:
         out = result.to(device=w.device, dtype=w.dtype).detach()

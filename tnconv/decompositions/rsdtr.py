@@ -57,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..factorization import Factorization, KernelShape
 from ..registry import register
-from ._linalg import tail_energy
+from ._linalg import cached, tail_energy
 from ._ring import ring_params
 from .base import Decomposition
 from .tr import cap_ring_ranks
@@ -548,15 +548,17 @@ class _Search:
             st = sh.step1(r0, r1)
             left1 = budget - float(sh.tail[r0 * r1])
             r2s = np.arange(1, st.lam.numel() + 1)
-            left2s = left1 - st.tail.numpy()[1:]
+            left2s = left1 - st.tail.cpu().numpy()[1:]
             r2s, left2s = r2s[left2s >= 0], left2s[left2s >= 0]
             if r2s.size == 0:
                 continue
             # the third matrix at second rank r2 is a row block of the one at full rank, so its
             # leading singular values are no larger (interlacing): its energy beyond rank r is at
             # least kept(r2) - head2[r], which floors the third rank
-            kept = np.cumsum(st.lam.numpy())[r2s - 1]
-            r3_min = np.maximum(np.searchsorted(st.head2.numpy(), kept - left2s, side="left"), 1)
+            kept = np.cumsum(st.lam.cpu().numpy())[r2s - 1]
+            r3_min = np.maximum(
+                np.searchsorted(st.head2.cpu().numpy(), kept - left2s, side="left"), 1
+            )
             floors = self.floors(cost, rho, p, r0, r1, r2s, r3_min)
             for f, c2, left in zip(floors.tolist(), r2s.tolist(), left2s.tolist(), strict=True):
                 heapq.heappush(queue, (phase, f, next(order), (p, r0, r1, c2, left)))
@@ -759,7 +761,10 @@ class RSDTR(Decomposition):
 
     def _search_for(self, weight: torch.Tensor) -> _Search:
         shared = self._shared
-        return shared if shared is not None and shared.weight is weight else _Search(weight)
+        if shared is not None and shared.weight is weight:
+            return shared
+        # one set of SVDs per kernel, shared by every fit on it (factorize_many, searches)
+        return cached(weight, "rsdtr-search", lambda: _Search(weight))
 
     def _make(
         self, weight: torch.Tensor, cores: list[torch.Tensor], options: RSDTROptions, **info: object

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..contraction import ConvGeometry, ConvNetwork, ConvPlan, plan_conv
 from ..decompositions.base import Decomposition
+from ..errors import InputShapeError
 from ..factorization import Factorization
 
 __all__ = ["FactorizedConv2d"]
@@ -208,13 +209,27 @@ class FactorizedConv2d(nn.Module):
         return plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):  # as nn.Conv2d: a TypeError, not an AttributeError
+            raise TypeError(
+                f"{type(self).__name__}.forward expects a torch.Tensor input; got "
+                f"{type(x).__module__}.{type(x).__name__}"
+            )
         unbatched = x.ndim == 3
         if unbatched:
             x = x.unsqueeze(0)
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected input (B, {self.in_channels}, H, W) or ({self.in_channels}, H, W); "
-                f"got {tuple(x.shape)}"
+        if x.ndim != 4:
+            raise InputShapeError(
+                f"Expected 3D (unbatched) or 4D (batched) input to {type(self).__name__}, but got "
+                f"input of size: {list(x.shape)}; expected (B, {self.in_channels}, H, W) or "
+                f"({self.in_channels}, H, W)"
+            )
+        if x.shape[1] != self.in_channels:
+            # the wording of nn.Conv2d's message, so users recognise it
+            raise InputShapeError(
+                f"{type(self).__name__} with kernel of size [{self.out_channels}, "
+                f"{self.in_channels}, {self.kernel_size[0]}, {self.kernel_size[1]}], expected "
+                f"input{list(x.shape)} to have {self.in_channels} channels, but got "
+                f"{x.shape[1]} channels instead"
             )
         y = self.plan_for(tuple(x.shape))(x, list(self.factors), self.bias)
         return y.squeeze(0) if unbatched else y
