@@ -42,6 +42,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "tnconv.decompositions.tt",
     "tnconv.decompositions.tr",
     "tnconv.decompositions.rsdtr",
+    "tnconv.decompositions.tc",
 )
 
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
