@@ -173,9 +173,7 @@ def test_tc_is_a_shared_core_btd() -> None:
     w = decaying_kernel((8, 6, 3, 3), 2)
     f = tnconv.get("tc").factorize(w, (3, 2, 2))
     a, g, b = f.factors
-    blocks = sum(
-        torch.einsum("bhwc,tb,sc->tshw", g, a[k], b[:, :, k].T) for k in range(a.shape[0])
-    )
+    blocks = sum(torch.einsum("bhwc,tb,sc->tshw", g, a[k], b[:, :, k].T) for k in range(a.shape[0]))
     assert torch.allclose(blocks, f.to_tensor(), atol=1e-12)
     assert f.equation == "atb,bhwc,csa->tshw" and f.ranks == (3, 2, 2)
 
