@@ -27,7 +27,18 @@ import math
 
 import torch
 
-__all__ = ["constrained_update"]
+__all__ = ["constrained_update", "least_squares_scale"]
+
+
+def least_squares_scale(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """The scalar c minimising ``||W - c * approx||_F``: ``<W, approx> / ||approx||^2``.
+
+    The constrained updates shrink the approximation (like a ridge); multiplying it back by c
+    lowers the error and undoes the shrinkage (a layer followed by batch norm in eval mode keeps
+    its output scale), at the price of a factor ``c^(2(N-1)/N)`` on an N-factor sensitivity.
+    """
+    den = float(torch.sum(approx * approx))
+    return float(torch.sum(weight * approx)) / den if den > 0 else 1.0
 
 
 def constrained_update(

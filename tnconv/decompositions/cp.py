@@ -13,8 +13,9 @@ optional ridge ``l2_reg`` tames it.
 minimises the sensitivity ``ss = sum_n I_n ||KhatriRao_{m != n} A_m||_F^2`` (the first-order gain
 of factor noise, :meth:`Factorization.sensitivity`) subject to the relative error staying within
 ``(1 + stabilize_slack)`` times the ALS fit's, one factor at a time (see ``_stable.py``), then
-scales every term so its factor norms minimise ``ss`` at the same product. ``info`` reports
-``sensitivity``, and ``unstabilized_error`` / ``unstabilized_sensitivity`` of the ALS fit.
+scales every term so its factor norms minimise ``ss`` at the same product, and finally multiplies
+the kernel by its least-squares scalar (the constrained updates shrink it, like a ridge). ``info``
+reports ``sensitivity``, and ``unstabilized_error`` / ``unstabilized_sensitivity`` of the ALS fit.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..factorization import Factorization, KernelShape
 from ..registry import register
 from ._linalg import mode_unfold, svd
-from ._stable import constrained_update
+from ._stable import constrained_update, least_squares_scale
 from .base import Decomposition
 
 log = logging.getLogger(__name__)
@@ -288,6 +289,10 @@ def stabilize_cp(
         ss = cp_sensitivity(factors)
         if before - ss <= tol * before:
             break
+    # undo the shrinkage of the constrained updates (lowers the error, see least_squares_scale)
+    c = least_squares_scale(weight, opt_einsum.contract(EQUATION, *factors, backend="torch"))
+    if c > 0:
+        factors = [f * c ** (1.0 / order) for f in factors]
     return factors
 
 

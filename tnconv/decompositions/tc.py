@@ -19,15 +19,16 @@ int R means all three. Capped at what the modes carry: ``R_a R_b <= min(T, kh kw
 ``R_c <= min(R_b kh kw, S R_a)``.
 
 Fit: TR-SVD of the 3-way tensor (exact at the capped full rank; for ``eps`` the squared error is
-the sum discarded, half the budget to each SVD plus what the first left unused, so
-``relative_error <= eps`` holds), then ALS sweeps. Looped networks are unstable (their factors can
-grow and cancel); ``stabilize=True`` (the default, see docs/stability.md) then minimises the
-sensitivity ``sum_n ||dW/dG_n||^2`` (:meth:`Factorization.sensitivity`) one core at a time,
-keeping the error within ``(1 + stabilize_slack)`` times the ALS error (with ``eps``: within
-eps), by the constrained update of ``_stable.py``. The paper's own algorithm was not available
-here; this is the same sensitivity-constrained scheme derived from the definitions. Both the ALS
-and the stabilisation stop at ``*_max_gflop`` of estimated work (large ranks make a core's update
-a dense solve in ``R_k R_{k+1}`` unknowns); ``info["stabilize_sweeps"]`` says how many were
+the sum discarded, half the budget to each SVD plus what the first left unused, so ``relative_error
+<= eps`` holds), then ALS sweeps. Looped networks are unstable (their factors can grow and cancel);
+``stabilize=True`` (the default, see docs/stability.md) then minimises the sensitivity ``sum_n
+||dW/dG_n||^2`` (:meth:`Factorization.sensitivity`) one core at a time, keeping the error within
+``(1 + stabilize_slack)`` times the ALS error (with ``eps``: within eps), by the constrained update
+of ``_stable.py``, and finally multiplies the kernel by its least-squares scalar (the constrained
+updates shrink it, like a ridge; this lowers the error). The paper's own algorithm was not
+available here; this is the same sensitivity-constrained scheme derived from the definitions. Both
+the ALS and the stabilisation stop at ``*_max_gflop`` of estimated work (large ranks make a core's
+update a dense solve in ``R_k R_{k+1}`` unknowns); ``info["stabilize_sweeps"]`` says how many were
 allowed.
 """
 
@@ -42,8 +43,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..factorization import Factorization, KernelShape
 from ..registry import register
 from ._linalg import rank_for_budget, tail_energy
-from ._ring import _others, _roll, balanced_split, ring_als, ring_error, sequential_svd
-from ._stable import constrained_update
+from ._ring import (
+    _others,
+    _roll,
+    balanced_split,
+    ring_als,
+    ring_error,
+    ring_to_tensor,
+    sequential_svd,
+)
+from ._stable import constrained_update, least_squares_scale
 from .base import Decomposition
 
 __all__ = ["EQUATION", "TC", "TCOptions", "ring_sensitivity", "stabilize_ring"]
@@ -153,6 +162,10 @@ def stabilize_ring(
         ss = ring_sensitivity(cores)
         if before - ss <= tol * before:
             break
+    # undo the shrinkage of the constrained updates (lowers the error, see least_squares_scale)
+    c = least_squares_scale(tensor, ring_to_tensor(cores))
+    if c > 0:
+        cores = [core * c ** (1.0 / d) for core in cores]
     return cores
 
 
