@@ -197,6 +197,46 @@ class Factorization:
             return 0.0 if diff == 0.0 else math.inf
         return diff / norm
 
+    def sensitivity(self) -> float:
+        """First-order noise gain of the factors: ``sum_n ||dW/dG_n||_F^2``.
+
+        iid noise of variance ``sigma^2`` on every factor entry changes the kernel by
+        ``E ||dW||_F^2 ~= sigma^2 * sensitivity()`` (to first order in sigma). For CP it is the
+        ``ss = sum_n I_n ||G_{!=n}||_F^2`` of Phan et al. (ECCV 2020); here it is computed from the
+        equation alone, for any network linear in each factor (hyperedges and grouped modes
+        included): ``||dW/dG_n||^2`` is the squared norm of G_n's environment (the network with
+        G_n removed, keeping G_n's indices open), contracted with itself as one scalar einsum
+        so the environment is never materialised; an index only G_n carries contributes its size.
+        Computed in float64.
+        """
+        inputs, out = parse_equation(self.equation)
+        sizes = self.index_sizes()
+        factors = [f.detach().to(torch.float64) for f in self.factors]
+        total = 0.0
+        for n, term in enumerate(inputs):
+            others = [m for m in range(len(inputs)) if m != n]
+            carried = {c for m in others for c in inputs[m]}
+            kept = (set(out) | set(term)) & carried  # the environment's open indices
+            alone = math.prod(sizes[c] for c in term if c not in carried)
+            if not others:
+                total += float(alone)
+                continue
+            # the environment twice: summed indices get fresh (primed) names in the copy
+            fresh = iter(
+                opt_einsum.get_symbol(k)
+                for k in range(len(sizes) + 1000)
+                if opt_einsum.get_symbol(k) not in sizes
+            )
+            primed = {c: next(fresh) for c in sorted(carried - kept)}
+            terms = [inputs[m] for m in others]
+            terms += ["".join(primed.get(c, c) for c in inputs[m]) for m in others]
+            operands = [factors[m] for m in others] * 2
+            norm_sq = opt_einsum.contract(
+                ",".join(terms) + "->", *operands, backend="torch", optimize="auto"
+            )
+            total += alone * float(norm_sq)
+        return total
+
     def with_factors(self, factors: Sequence[torch.Tensor]) -> Factorization:
         """The same network (equation, shape, ranks, method, modes, info) with other factors."""
         return Factorization(

@@ -43,6 +43,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "tnconv.decompositions.tr",
     "tnconv.decompositions.rsdtr",
     "tnconv.decompositions.stp",
+    "tnconv.decompositions.tc",
 )
 
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")

@@ -21,7 +21,9 @@ class LayerRow:
     """One convolution: what it is, what it costs, and (if factorized) how well it fits.
 
     ``relative_error`` is the kernel's relative error when it was factorized (fine-tuning moves
-    the factors afterwards); ``note`` says why a dense layer was left dense by ``compress``.
+    the factors afterwards); ``note`` says why a dense layer was left dense by ``compress``;
+    ``sensitivity`` is the current factors' first-order noise gain
+    (:meth:`Factorization.sensitivity`), None for a dense layer.
     """
 
     name: str
@@ -34,6 +36,7 @@ class LayerRow:
     flops: int
     relative_error: float | None
     note: str = ""
+    sensitivity: float | None = None
 
     @property
     def compression(self) -> float:
@@ -80,16 +83,17 @@ class Summary:
     def __str__(self) -> str:
         head = (
             f"{'layer':28s} {'method':8s} {'ranks':16s} {'params':>17s} {'MFLOPs':>17s} "
-            f"{'rel.err':>7s}  note"
+            f"{'rel.err':>7s} {'sensitiv.':>9s}  note"
         )
         lines = [head, "-" * len(head)]
         for r in self.rows:
             ranks = "x".join(map(str, r.ranks)) if r.ranks else "-"
             err = f"{r.relative_error:7.4f}" if r.relative_error is not None else "      -"
+            sens = f"{r.sensitivity:9.3g}" if r.sensitivity is not None else f"{'-':>9s}"
             lines.append(
                 f"{r.name[-28:]:28s} {r.method:8s} {ranks[:16]:16s} "
                 f"{r.dense_params:>8d}->{r.params:<8d} "
-                f"{r.dense_flops / 1e6:>8.2f}->{r.flops / 1e6:<8.2f} {err}  {r.note}"
+                f"{r.dense_flops / 1e6:>8.2f}->{r.flops / 1e6:<8.2f} {err} {sens}  {r.note}"
             )
         lines.append("-" * len(head))
         p_ratio = self.dense_params / max(self.params, 1)
@@ -140,6 +144,7 @@ def summary(model: nn.Module, input_size: Sequence[int] | None = None) -> Summar
                     module.flops(shape) if shape else 0,
                     float(err) if err is not None else None,
                     "" if shape else "not reached by the forward pass",
+                    module.factorization.sensitivity(),
                 )
             )
             kernel_params += module.num_params

@@ -8,6 +8,14 @@ CP has no error-bounded algorithm; ``eps`` searches R by bisection. CP-ALS can d
 (rank-one terms that grow and cancel); the fit reports the ratio
 ``sum(lambda_r**2) / ||W_hat||**2`` as ``info["degeneracy"]`` and warns when it is large, and the
 optional ridge ``l2_reg`` tames it.
+
+``stabilize=True`` runs the sensitivity-constrained CPD of Phan et al. (ECCV 2020) after ALS: it
+minimises the sensitivity ``ss = sum_n I_n ||KhatriRao_{m != n} A_m||_F^2`` (the first-order gain
+of factor noise, :meth:`Factorization.sensitivity`) subject to the relative error staying within
+``(1 + stabilize_slack)`` times the ALS fit's, one factor at a time (see ``_stable.py``), then
+scales every term so its factor norms minimise ``ss`` at the same product, and finally multiplies
+the kernel by its least-squares scalar (the constrained updates shrink it, like a ridge). ``info``
+reports ``sensitivity``, and ``unstabilized_error`` / ``unstabilized_sensitivity`` of the ALS fit.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..factorization import Factorization, KernelShape
 from ..registry import register
 from ._linalg import cached, mode_unfold, svd
+from ._stable import constrained_update, least_squares_scale
 from .base import Decomposition
 
 log = logging.getLogger(__name__)
@@ -47,6 +56,10 @@ class CPOptions(BaseModel):
     n_init: Annotated[int, Field(ge=1, le=100)] = 3
     l2_reg: Annotated[float, Field(ge=0.0)] = 0.0
     seed: int = 0
+    # sensitivity-constrained refinement (Phan et al., ECCV 2020) after ALS
+    stabilize: bool = False
+    stabilize_slack: Annotated[float, Field(ge=0.0, le=1.0)] = 0.02  # error <= (1+slack) * ALS's
+    stabilize_iter: Annotated[int, Field(ge=1, le=100_000)] = 100
 
 
 def exact_rank(shape: KernelShape) -> int:
@@ -259,6 +272,86 @@ def _balance(
     return balanced, err, degeneracy
 
 
+def cp_sensitivity(factors: list[torch.Tensor]) -> float:
+    """Closed form of the CP sensitivity: ``sum_n I_n sum_r prod_{m != n} ||a_r^(m)||^2``."""
+    sq = [torch.sum(f * f, dim=0) for f in factors]
+    return sum(
+        f.shape[0] * float(torch.sum(math.prod(sq[m] for m in range(len(sq)) if m != n)))
+        for n, f in enumerate(factors)
+    )
+
+
+def min_sensitivity_scaling(factors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Rescale each term's factors (same product) to minimise the sensitivity.
+
+    For a term with squared factor norms x_n and fixed product, ``sum_n I_n prod_{m != n} x_m``
+    is smallest when ``x_n`` is proportional to ``I_n`` (Lagrange), i.e. norms ``~ sqrt(I_n)``.
+    """
+    norms = [torch.linalg.vector_norm(f, dim=0).clamp_min(1e-300) for f in factors]
+    lam = math.prod(norms)
+    sizes = torch.tensor([float(f.shape[0]) for f in factors], dtype=torch.float64)
+    # target norms c * sqrt(I_n) with prod = lam
+    c = (lam / math.prod(math.sqrt(float(n)) for n in sizes)) ** (1.0 / len(factors))
+    return [
+        f / n * (c * math.sqrt(float(size)))
+        for f, n, size in zip(factors, norms, sizes, strict=True)
+    ]
+
+
+def stabilize_cp(
+    weight: torch.Tensor,
+    factors: list[torch.Tensor],
+    max_error: float,
+    max_iter: int,
+    tol: float = 1e-4,
+) -> list[torch.Tensor]:
+    """Sensitivity-constrained CPD: minimise ``cp_sensitivity`` with relative error <= max_error.
+
+    Starts from ``factors`` (an ALS fit) and updates one factor at a time with
+    :func:`constrained_update`, whose penalty for factor n is diagonal:
+    ``D[r] = sum_{m != n} I_m prod_{k != m, n} ||a_r^(k)||^2``. Stops when a sweep lowers the
+    sensitivity by less than the fraction ``tol``.
+    """
+    factors = min_sensitivity_scaling([f.clone() for f in factors])
+    order = len(factors)
+    norm_sq = float(torch.sum(weight * weight))
+    max_err_sq = max_error * max_error * norm_sq
+    letters = "tshw"
+    unfold_eqs = [
+        "tshw,"
+        + ",".join(letters[m] + "r" for m in range(order) if m != n)
+        + "->"
+        + letters[n]
+        + "r"
+        for n in range(order)
+    ]
+    sizes = [f.shape[0] for f in factors]
+    ss = cp_sensitivity(factors)
+    for _ in range(max_iter):
+        before = ss
+        for n in range(order):
+            others = [f for m, f in enumerate(factors) if m != n]
+            wz = opt_einsum.contract(unfold_eqs[n], weight, *others, backend="torch")
+            grams = [f.T @ f for f in factors]
+            gram = math.prod(g for m, g in enumerate(grams) if m != n)
+            sq = [torch.diagonal(g) for g in grams]
+            diag = sum(
+                sizes[m] * math.prod(sq[k] for k in range(order) if k not in (m, n))
+                for m in range(order)
+                if m != n
+            )
+            factors[n] = constrained_update(wz, gram, torch.diag(diag), norm_sq, max_err_sq)
+        factors = min_sensitivity_scaling(factors)
+        ss = cp_sensitivity(factors)
+        if before - ss <= tol * before:
+            break
+    # undo the shrinkage of the constrained updates (lowers the error, see least_squares_scale)
+    c = least_squares_scale(weight, opt_einsum.contract(EQUATION, *factors, backend="torch"))
+    if c > 0:
+        factors = [f * c ** (1.0 / order) for f in factors]
+    return factors
+
+
 @register("cp")
 class CP(Decomposition):
     """CP / CANDECOMP-PARAFAC by ALS (SVD init). Rank: R, the number of rank-one terms."""
@@ -275,11 +368,13 @@ class CP(Decomposition):
         return ranks[0] * sum(shape)
 
     def search_options(self, options: CPOptions) -> CPOptions:
+        # the rank search needs errors only; stabilisation keeps the error within its slack
         return options.model_copy(
             update={
                 "max_iter": min(options.max_iter, 100),
                 "n_init": 1,
                 "max_gflop": min(options.max_gflop, 2.0),
+                "stabilize": False,
             }
         )
 
@@ -292,6 +387,22 @@ class CP(Decomposition):
             factors, err, degeneracy = _exact_factors(weight), 0.0, 1.0
         else:
             factors, err, degeneracy = cp_als(weight, r, options)
+        info: dict = {}
+        if options.stabilize:
+            info = {"unstabilized_error": err, "unstabilized_sensitivity": cp_sensitivity(factors)}
+            if err > 0.0:
+                bound = err * (1.0 + options.stabilize_slack)
+                factors = stabilize_cp(weight, factors, bound, options.stabilize_iter)
+            else:
+                factors = min_sensitivity_scaling(factors)
+            # error and degeneracy of the stabilised factors (their scales are kept)
+            approx = opt_einsum.contract(EQUATION, *factors, backend="torch")
+            err = float(
+                torch.linalg.vector_norm(weight - approx) / torch.linalg.vector_norm(weight)
+            )
+            lam_sq = math.prod(torch.sum(f * f, dim=0) for f in factors)
+            degeneracy = float(torch.sum(lam_sq)) / max(float(torch.sum(approx * approx)), 1e-300)
+            info["sensitivity"] = cp_sensitivity(factors)
         if degeneracy > DEGENERACY_WARNING:
             warnings.warn(
                 f"cp rank {r} on {shape}: degenerate solution (sum of squared term norms is "
@@ -299,4 +410,6 @@ class CP(Decomposition):
                 RuntimeWarning,
                 stacklevel=4,
             )
-        return self.make(factors, EQUATION, shape, (r,), fit_error=err, degeneracy=degeneracy)
+        return self.make(
+            factors, EQUATION, shape, (r,), fit_error=err, degeneracy=degeneracy, **info
+        )
