@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 import tnconv
 from tnconv import calibration
+from tnconv.allocation import dense_conv_flops
+from tnconv.compress import conv_input_shapes
 from tnconv.calibration import DEFAULT_TABLES, CostTable, KindCost
 from tnconv.contraction import ConvGeometry, ConvNetwork, DataStep, plan_conv
 
@@ -279,3 +281,135 @@ def test_torch_compile_equals_eager() -> None:
         except Exception as exc:  # no C++ toolchain, unsupported platform
             pytest.skip(f"torch.compile unavailable here: {type(exc).__name__}: {exc}")
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# latency criteria in compress / allocation / summary (a deterministic fake clock)
+# ---------------------------------------------------------------------------------------------
+def _small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, stride=2, padding=1),
+    )
+
+
+def _fake_clock(slowdown: float, rounded_bonus: float = 1.0):
+    """Milliseconds from FLOPs: dense convs at 1 ms per MFLOP, factorized ones ``slowdown``
+    times slower per FLOP, and ``rounded_bonus`` times faster when every rank is a multiple
+    of 8."""
+
+    def fake(modules, shape, *, channels_last=False, repeats=0):
+        out = {}
+        for name, m in modules.items():
+            if isinstance(m, tnconv.FactorizedConv2d):
+                ms = slowdown * m.flops(tuple(shape)) / 1e6
+                if all(r % 8 == 0 for r in m.ranks):
+                    ms /= rounded_bonus
+            else:
+                ms = dense_conv_flops(m, shape) / 1e6
+            out[name] = ms + 0.01
+        return out
+
+    return fake
+
+
+def test_must_save_latency_keeps_slower_layers_dense(monkeypatch) -> None:
+    monkeypatch.setattr(tnconv.timing, "module_latencies", _fake_clock(slowdown=2.0))
+    size = (1, 3, 12, 12)
+    model = _small_model()
+    small = tnconv.compress(model, "tucker", rank=6, must_save="latency", input_size=size)
+    shapes = conv_input_shapes(model, size)
+    flops_only = tnconv.compress(model, "tucker", rank=6, must_save="flops", input_size=size)
+    for name, conv in model.named_modules():
+        if not isinstance(conv, torch.nn.Conv2d):
+            continue
+        fact = dict(flops_only.named_modules())[name]
+        if not isinstance(fact, tnconv.FactorizedConv2d):
+            continue
+        faster = 2.0 * fact.flops(shapes[name]) < dense_conv_flops(conv, shapes[name])
+        got = dict(small.named_modules())[name]
+        assert isinstance(got, tnconv.FactorizedConv2d) == faster, name
+        if not faster:
+            assert "measured" in tnconv.dense_reasons(small)[name]
+    assert any(isinstance(m, tnconv.FactorizedConv2d) for m in small.modules())
+    assert any("measured" in r for r in tnconv.dense_reasons(small).values())
+
+
+def test_latency_budget_is_met_on_the_measured_costs(monkeypatch) -> None:
+    clock = _fake_clock(slowdown=1.5)
+    monkeypatch.setattr(tnconv.timing, "module_latencies", clock)
+    size = (2, 3, 12, 12)
+    model = _small_model()
+    small = tnconv.compress(
+        model,
+        "tucker",
+        budget=("latency", 0.6),
+        input_size=size,
+        layers=lambda n, m: m.in_channels > 3,
+    )
+    shapes = conv_input_shapes(model, size)
+    spent = dense = 0.0
+    for name, conv in model.named_modules():
+        if isinstance(conv, torch.nn.Conv2d) and conv.in_channels > 3:
+            now = dict(small.named_modules())[name]
+            spent += clock({"m": now}, shapes[name])["m"]
+            dense += clock({"m": conv}, shapes[name])["m"]
+    assert spent <= 0.6 * dense + 1e-9
+    assert any(isinstance(m, tnconv.FactorizedConv2d) for m in small.modules())
+    with pytest.raises(tnconv.RankSpecError, match="latency"):
+        tnconv.compress(model, "tucker", budget=("time", 0.5))
+
+
+def test_round_to_keeps_rounded_ranks_only_when_faster(monkeypatch) -> None:
+    size = (1, 3, 12, 12)
+    model = _small_model()
+    layers = ["4"]  # 32 -> 32
+    monkeypatch.setattr(
+        tnconv.timing, "module_latencies", _fake_clock(slowdown=1.0, rounded_bonus=3.0)
+    )
+    small = tnconv.compress(model, "tucker", rank=11, layers=layers, input_size=size, round_to=8)
+    assert small[4].ranks == (8, 8)
+    assert "rounded" in small[4].info["round_to"]
+    # rounding 12 -> 16 adds FLOPs; with no bonus for multiples it is slower: not kept
+    monkeypatch.setattr(tnconv.timing, "module_latencies", _fake_clock(slowdown=1.0))
+    small = tnconv.compress(model, "tucker", rank=12, layers=layers, input_size=size, round_to=8)
+    assert small[4].ranks == (12, 12)
+    assert "kept unrounded" in small[4].info["round_to"]
+    torch.testing.assert_close(
+        small[4].to_tensor(), tnconv.get("tucker").factorize(model[4].weight, 12).to_tensor()
+    )
+    with pytest.raises(ValueError, match="round_to"):
+        tnconv.compress(model, "tucker", rank=4, round_to=0)
+
+
+def test_summary_shows_measured_latency(monkeypatch) -> None:
+    monkeypatch.setattr(tnconv.timing, "module_latencies", _fake_clock(slowdown=1.0))
+    small = tnconv.compress(_small_model(), "tt", rank=4, input_size=(1, 3, 12, 12))
+    s = tnconv.summary(small, latency=True)
+    assert all(r.latency_ms is not None and r.dense_latency_ms is not None for r in s.rows)
+    assert "ms (dense->this)" in str(s)
+    assert tnconv.summary(small).rows[0].latency_ms is None
+
+
+def test_real_latency_measurement_runs() -> None:
+    """The real clock end to end on a tiny model (no assertion on which layers win)."""
+    small = tnconv.compress(
+        _small_model(),
+        "tucker",
+        rank=4,
+        must_save="latency",
+        input_size=(1, 3, 8, 8),
+        channels_last=True,
+    )
+    x = torch.randn(1, 3, 8, 8)
+    for name, reason in tnconv.dense_reasons(small).items():
+        assert "measured" in reason or "saving" in reason, name
+    s = tnconv.summary(small, latency=True, repeats=2)
+    assert all(r.latency_ms > 0 for r in s.rows)
+    assert small(x).shape == (1, 32, 4, 4)
