@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 import tnconv
 from tnconv import calibration
 from tnconv.allocation import dense_conv_flops
-from tnconv.compress import conv_input_shapes
 from tnconv.calibration import DEFAULT_TABLES, CostTable, KindCost
+from tnconv.compress import conv_input_shapes
 from tnconv.contraction import ConvGeometry, ConvNetwork, DataStep, plan_conv
 
 from .conftest import METHODS

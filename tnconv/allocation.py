@@ -180,7 +180,7 @@ def candidate_for(
 ) -> Candidate:
     if f is None or layer is None:
         return Candidate(None, dense[0], dense[1] or 0, 0.0)
-    flops = layer.flops(shape) if shape is not None else 0
+    flops = layer.flops(shape, inference=True) if shape is not None else 0
     return Candidate(f, f.num_params, flops, float(f.info.get("relative_error", math.nan)))
 
 

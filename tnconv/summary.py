@@ -142,7 +142,8 @@ def summary(
     """Rows for every ``nn.Conv2d`` and ``FactorizedConv2d`` of ``model``.
 
     FLOPs are counted as ``torch.utils.flop_counter`` does (2 per multiply-add, biases excluded)
-    for one forward pass at ``input_size`` (B, C, H, W). The default is the size ``compress`` was
+    for one inference forward pass (no gradients: factor-only steps folded once) at
+    ``input_size`` (B, C, H, W). The default is the size ``compress`` was
     given, else ``(1, C, 224, 224)`` with C the first convolution's input channels.
 
     ``latency=True`` also times each layer (inference, at its input in the forward pass, on
@@ -173,7 +174,7 @@ def summary(
                     module.dense_params,
                     module.num_params,
                     dense_flops,
-                    module.flops(shape) if shape else 0,
+                    module.flops(shape, inference=True) if shape else 0,
                     float(err) if err is not None else None,
                     "" if shape else "not reached by the forward pass",
                 )

@@ -239,9 +239,15 @@ class FactorizedConv2d(nn.Module):
         """Parameters of the dense kernel this layer replaces (the bias excluded)."""
         return self.out_channels * self.in_channels * self.kernel_size[0] * self.kernel_size[1]
 
-    def flops(self, input_shape: tuple[int, ...], layout: str = "nchw") -> int:
-        """FLOPs of one (training-mode) forward pass on ``input_shape`` (B, S, H, W) in
-        ``layout``, bias excluded: those the executed plan runs."""
+    def flops(
+        self, input_shape: tuple[int, ...], layout: str = "nchw", inference: bool = False
+    ) -> int:
+        """FLOPs of one forward pass on ``input_shape`` (B, S, H, W) in ``layout``, bias
+        excluded: those the executed plan runs. ``inference``: a pass without gradients
+        (``torch.no_grad`` / ``inference_mode``), whose factor-only steps are folded once and
+        reused, so only the steps touching the feature map count."""
+        if inference:
+            return self.plan_for(input_shape, layout, frozen=True).data_flops
         return self.plan_for(input_shape, layout).flops
 
     def to_conv2d(self) -> nn.Conv2d:
