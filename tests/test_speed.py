@@ -413,3 +413,17 @@ def test_real_latency_measurement_runs() -> None:
     s = tnconv.summary(small, latency=True, repeats=2)
     assert all(r.latency_ms > 0 for r in s.rows)
     assert small(x).shape == (1, 32, 4, 4)
+
+
+def test_cli_calibrate_show_and_reset(tmp_path, monkeypatch, capsys) -> None:
+    from tnconv.cli import main
+
+    monkeypatch.setenv("TNCONV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(calibration, "_measure", lambda layout, repeats: DEFAULT_TABLES[layout])
+    assert main(["calibrate", "--threads", "1"]) == 0
+    assert (tmp_path / "calibration.json").exists()
+    assert main(["calibrate", "--show"]) == 0
+    assert "threads=1" in capsys.readouterr().out
+    assert main(["calibrate", "--reset", "--show"]) == 0
+    assert not (tmp_path / "calibration.json").exists()
+    assert main(["calibrate", "--threads", "0"]) == 2

@@ -46,6 +46,7 @@ __all__ = [
     "Layout",
     "cache_dir",
     "cache_file",
+    "cached",
     "calibrate",
     "cost_table",
     "machine_key",
@@ -182,6 +183,11 @@ def _write_cache(path: Path, entries: dict[str, dict]) -> None:
         os.replace(tmp, path)  # atomic: concurrent processes never read half a file
     except OSError as exc:  # a read-only home must not break inference
         log.warning("could not write the tnconv calibration cache %s: %s", path, exc)
+
+
+def cached() -> dict[str, dict]:
+    """The cached tables as stored (cache key -> table fields)."""
+    return _read_cache(cache_file())
 
 
 def reset() -> list[Path]:
