@@ -427,3 +427,22 @@ def test_cli_calibrate_show_and_reset(tmp_path, monkeypatch, capsys) -> None:
     assert main(["calibrate", "--reset", "--show"]) == 0
     assert not (tmp_path / "calibration.json").exists()
     assert main(["calibrate", "--threads", "0"]) == 2
+
+
+def test_copies_and_saved_models_plan_afresh(tmp_path) -> None:
+    import copy
+
+    f = _factorization("tr", (8, 8, 3, 3), 3)
+    layer = tnconv.FactorizedConv2d(f, padding=1)
+    x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer._plans and layer._folded is not None
+    twin = copy.deepcopy(layer)
+    assert not twin._plans and twin._folded is None
+    tnconv.save(torch.nn.Sequential(layer), tmp_path / "m.pt")
+    again = tnconv.load(tmp_path / "m.pt")[0]
+    assert not again._plans and again._folded is None
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), y)
+        torch.testing.assert_close(again(x), y)

@@ -96,6 +96,19 @@ class FactorizedConv2d(nn.Module):
         # unchanged (their storage and in-place version counters are the key)
         self._folded: tuple[tuple[Any, ...], dict[int, torch.Tensor]] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # plans are priced for this machine and folded weights are derived data: neither is
+        # copied or pickled (a loaded or copied layer plans and folds afresh)
+        state = dict(self.__dict__)
+        state["_plans"] = OrderedDict()
+        state["_folded"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_folded", None)
+        self._plans = OrderedDict()
+
     # -- construction from a dense layer ------------------------------------------------------
     @classmethod
     def from_conv(
