@@ -88,7 +88,9 @@ def tnconv_layers(conv: nn.Conv2d, ratio: float) -> dict[str, nn.Module]:
                 continue
             ranks = dec.bond_ranks(max(fits), shape)
             fields = getattr(dec.Options, "model_fields", {})
-            options = {k: v for k, v in (("max_iter", 1), ("n_init", 1)) if k in fields}
+            options = {
+                k: v for k, v in (("max_iter", 1), ("n_init", 1), ("als_sweeps", 0)) if k in fields
+            }
             layers[name] = tnconv.FactorizedConv2d.from_conv(conv, dec, ranks, **options)
         except Exception as exc:  # a plugin method that cannot take this shape
             print(f"  skipped {name}: {exc}", file=sys.stderr)

@@ -11,7 +11,10 @@ For batch 1 and 32, NCHW and channels-last, the dense model and every compressed
 round-robin in one loop (inference: eval mode, ``torch.no_grad``); the table gives the
 wall-clock speed-up, the FLOP reduction (whole model, ``torch.utils.flop_counter``, inference
 pass), the realized share (speed-up / FLOP reduction) and the peak memory of the tensors the
-forward pass creates. ``--compile`` adds ``torch.compile`` of the dense and Tucker models.
+forward pass creates. In channels-last, ``<method>+guard`` is the compressed model with every
+factorized layer that is not faster than its dense original (timed at its input, as
+``compress(..., must_save="latency")`` decides, without refitting) put back to dense.
+``--compile`` adds ``torch.compile`` of the dense and Tucker models.
 
 Run:  python benchmarks/model_speed.py [--quick] [--threads 2] [--compile]
 """
@@ -19,6 +22,7 @@ Run:  python benchmarks/model_speed.py [--quick] [--threads 2] [--compile]
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from dataclasses import dataclass
@@ -29,7 +33,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import tnconv
+from tnconv.compress import conv_input_shapes
 from tnconv.models import create
+from tnconv.timing import module_latencies
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _memory import PeakMemory
@@ -92,7 +98,7 @@ def compress_at_share(model: nn.Module, method: str, share: float) -> nn.Module:
     """Every conv but the stem at the largest uniform rank within ``share`` of its params."""
     dec = tnconv.get(method)
     fields = getattr(dec.Options, "model_fields", {})
-    options = {k: v for k, v in (("max_iter", 1), ("n_init", 1)) if k in fields}
+    options = {k: v for k, v in (("max_iter", 1), ("n_init", 1), ("als_sweeps", 0)) if k in fields}
     spec = {}
     first = stem(model)
     for name, conv in model.named_modules():
@@ -109,6 +115,30 @@ def compress_at_share(model: nn.Module, method: str, share: float) -> nn.Module:
         if fits:
             spec[name] = {"rank": dec.bond_ranks(max(fits), shape), "options": options}
     return tnconv.compress(model, method, spec=spec, progress=False)
+
+
+def latency_guarded(
+    dense: nn.Module, small: nn.Module, size: tuple[int, ...], channels_last: bool
+) -> nn.Module:
+    """``small`` with each factorized layer that is not faster than the dense original at its
+    input (round-robin, as compress(must_save="latency") times) replaced by that original."""
+    guarded = copy.deepcopy(small)
+    originals = dict(dense.named_modules())
+    shapes = conv_input_shapes(small, size)
+    for name, layer in small.named_modules():
+        if not isinstance(layer, tnconv.FactorizedConv2d) or name not in shapes:
+            continue
+        ms = module_latencies(
+            {"dense": originals[name], "f": layer},
+            shapes[name],
+            channels_last=channels_last,
+            repeats=5,
+        )
+        if ms["f"] >= ms["dense"]:
+            parent, _, child = name.rpartition(".")
+            holder = guarded.get_submodule(parent) if parent else guarded
+            setattr(holder, child, copy.deepcopy(originals[name]))
+    return guarded.eval()
 
 
 def conv_params(model: nn.Module) -> int:
@@ -163,9 +193,16 @@ def run_model(
     for batch in batches:
         for layout, fmt in LAYOUTS.items():
             x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
-            for m in variants.values():
+            setting = dict(variants)
+            if layout == "nhwc":
+                for method in methods:
+                    if method in variants:
+                        setting[f"{method}+guard"] = latency_guarded(
+                            dense, variants[method], tuple(x.shape), True
+                        )
+            for m in setting.values():
                 m.to(memory_format=fmt)
-            fns = {k: (lambda m=m, x=x: m(x)) for k, m in variants.items()}
+            fns = {k: (lambda m=m, x=x: m(x)) for k, m in setting.items()}
             if compiled and layout == "nhwc":
                 for k in ("dense", "tucker"):
                     if k in variants:
@@ -175,7 +212,7 @@ def run_model(
                 times = time_round_robin(fns, repeats)
             dense_flops, _ = flops_and_peak(dense, x)
             for k, ms in times.items():
-                module = variants[k.split("+")[0]]
+                module = setting[k.removesuffix("+compile")]
                 flops, peak = flops_and_peak(module, x)
                 speedup = times["dense"] / ms
                 reduction = dense_flops / flops
