@@ -289,6 +289,15 @@ def _fit(rows: list[tuple[float, float, float]]) -> KindCost:
     scale = a.max(axis=0)
     coef, _ = nnls((a / scale) / t[:, None], np.ones(len(rows)))
     call, mac, elem = (coef / scale).tolist()
+    misfit = float(np.max(np.abs(a @ (coef / scale) / t - 1.0)))
+    if misfit > 0.5:
+        # timings this far from any linear model: other processes were competing for the cores
+        log.warning(
+            "tnconv calibration: op timings are inconsistent (a fit is off by %.0f%%); the "
+            "machine looks busy. Plans may be slower; re-run `tnconv calibrate --reset` when "
+            "it is quiet.",
+            100 * misfit,
+        )
     return KindCost(call, mac, elem)
 
 

@@ -22,6 +22,20 @@ __all__ = ["FactorizedConv2d"]
 _MAX_PLANS = 16
 
 
+@torch.compiler.disable
+def _make_plan(
+    network: ConvNetwork,
+    geometry: ConvGeometry,
+    shape: tuple[Any, ...],
+    layout: str,
+    frozen: bool,
+    threads: int,
+) -> ConvPlan:
+    # planning (and a first calibration, which times ops) runs eagerly, never traced
+    tables = {lay: cost_table(lay, threads) for lay in ("nchw", "nhwc")}
+    return plan_conv(network, geometry, shape, layout=layout, tables=tables, frozen=frozen)
+
+
 class FactorizedConv2d(nn.Module):
     """A 2-D convolution whose kernel is a tensor network of trainable factors.
 
@@ -169,15 +183,7 @@ class FactorizedConv2d(nn.Module):
             shape = key[:-3]
             if len(shape) != 4:
                 raise ValueError(f"expected input of shape (B, S, H, W); got {shape}")
-            tables = {lay: cost_table(lay, threads) for lay in ("nchw", "nhwc")}
-            plan = plan_conv(
-                self.network,
-                self.geometry,
-                shape,  # type: ignore[arg-type]
-                layout=layout,
-                tables=tables,
-                frozen=frozen,
-            )
+            plan = _make_plan(self.network, self.geometry, shape, layout, frozen, threads)
             self._plans[key] = plan
             if len(self._plans) > _MAX_PLANS:
                 self._plans.popitem(last=False)
