@@ -24,6 +24,7 @@ machine, so each machine measures once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ __all__ = [
     "cached",
     "calibrate",
     "cost_table",
+    "effective_macs",
     "machine_key",
     "reset",
 ]
@@ -58,7 +60,7 @@ log = logging.getLogger(__name__)
 Layout = Literal["nchw", "nhwc"]
 LAYOUTS: tuple[Layout, ...] = ("nchw", "nhwc")
 _FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
-_VERSION = 1  # bump when the measured quantities change: old caches are then ignored
+_VERSION = 2  # bump when the measured quantities change: old caches are then ignored
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class CostTable:
     ``grouped``: convolutions with groups > 1; ``copy``: seconds per element of a copy that
     changes the memory order (a permute made contiguous); ``einsum``: seconds per call of a
     weights-only ``torch.einsum`` (its multiply-adds are priced as ``pointwise.mac``).
+    Multiply-adds are counted as the vector kernels run them (:func:`effective_macs`: output
+    channels per group padded to ``simd`` floats).
     """
 
     layout: str
@@ -91,6 +95,7 @@ class CostTable:
     copy: float
     einsum: float
     source: str = "default"
+    simd: int = 8  # floats per vector register
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -104,6 +109,7 @@ class CostTable:
             copy=float(data["copy"]),
             einsum=float(data["einsum"]),
             source=str(data.get("source", "file")),
+            simd=int(data.get("simd", 8)),
             **kinds,
         )
 
@@ -125,6 +131,30 @@ def _default(layout: Layout) -> CostTable:
 
 
 DEFAULT_TABLES: dict[str, CostTable] = {layout: _default(layout) for layout in LAYOUTS}
+
+
+def effective_macs(table: CostTable, macs: float, groups: int, cin: int, cout: int) -> float:
+    """Multiply-adds as vectorised conv kernels run them: each group's ``cout`` output channels
+    padded to a whole vector of ``table.simd`` floats (a conv with 1 output channel per group
+    costs as much as one with ``simd``), except depthwise convs (1 in, 1 out per group), which
+    vectorise across groups."""
+    if cout <= 0 or (groups > 1 and cin == 1 and cout == 1):
+        return macs
+    w = table.simd
+    return macs * (-(-cout // w) * w) / cout
+
+
+def _simd_width() -> int:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:
+        return 8
+    if "avx512f" in flags:
+        return 16
+    if "avx2" in flags or "avx" in flags:
+        return 8
+    return 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +293,8 @@ _CONVS: dict[str, list[tuple[int, int, int, int, int, int, int]]] = {
         (8, 121, 121, 14, 1, 3, 11),
         (8, 64, 64, 14, 3, 3, 4),
         (1, 256, 256, 7, 3, 3, 256),
+        (4, 243, 27, 14, 3, 3, 27),
+        (8, 64, 64, 14, 3, 3, 32),
     ],
 }
 
@@ -303,6 +335,8 @@ def _fit(rows: list[tuple[float, float, float]]) -> KindCost:
 
 def _measure(layout: Layout, repeats: int) -> CostTable:
     fmt = _FORMATS[layout]
+    simd = _simd_width()
+    padding = dataclasses.replace(DEFAULT_TABLES[layout], simd=simd)
     gen = torch.Generator().manual_seed(0)
     fits: dict[str, KindCost] = {}
     with torch.no_grad():
@@ -321,6 +355,7 @@ def _measure(layout: Layout, repeats: int) -> CostTable:
                 )
                 out = b * cout * size * size
                 macs = out * (cin // groups) * kh * kw
+                macs = effective_macs(padding, macs, groups, cin // groups, cout // groups)
                 rows.append((float(macs), float(b * cin * size * size + out), seconds))
             fits[kind] = _fit(rows)
         copies = []
@@ -339,6 +374,7 @@ def _measure(layout: Layout, repeats: int) -> CostTable:
         copy=statistics.median(copies),
         einsum=einsum,
         source="measured",
+        simd=simd,
         **fits,
     )
 

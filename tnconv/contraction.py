@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from opt_einsum.paths import PathOptimizer, ssa_to_linear
 
-from .calibration import CostTable
+from .calibration import CostTable, effective_macs
 from .errors import EquationError
 from .factorization import Factorization, parse_equation
 
@@ -208,9 +208,11 @@ def step_seconds(
     elems_in: float,
     elems_out: float,
     fold: str | None = None,
+    channels: tuple[int, int] = (0, 0),
 ) -> tuple[float, bool]:
     """Predicted seconds of one data step and whether its fold indices should run as conv
-    groups (weight repeated) rather than be folded into the batch.
+    groups (weight repeated) rather than be folded into the batch. ``channels``: the conv's
+    (in, out) channels per group, for :func:`~tnconv.calibration.effective_macs`.
 
     Folding into the batch is a view in NCHW but, in channels-last, moves the folded axes
     between the channel and batch dimensions (a copy of the step's input and output); a grouped
@@ -218,18 +220,20 @@ def step_seconds(
     ``"batch"`` or ``"groups"``.
     """
     elems = elems_in + elems_out
+    cin, cout = channels
 
     def kind(groups: int) -> float:
+        eff = effective_macs(table, macs, groups, cin, cout)
         if groups > 1:
-            return table.grouped.seconds(macs, elems)
-        return (table.spatial if spatial else table.pointwise).seconds(macs, elems)
+            return table.grouped.seconds(eff, elems)
+        return (table.spatial if spatial else table.pointwise).seconds(eff, elems)
 
     batch = kind(n_group)
     if n_fold == 1:
         return batch, False
     if table.layout == "nhwc":
         batch += table.copy * elems
-    grouped = table.grouped.seconds(macs, elems)
+    grouped = kind(n_fold * n_group)
     if fold == "batch":
         return batch, False
     if fold == "groups":
@@ -328,10 +332,12 @@ class ConvPathOptimizer(PathOptimizer):
         table = self.table
 
         def factor_step_cost(a: int, b: int) -> float:
+            if self.frozen:
+                return 0.0  # contracted once, reused by every forward
             macs = prod(open_of(a) | open_of(b))
             if table is None:
                 return macs
-            return 0.0 if self.frozen else table.einsum + table.pointwise.mac * macs
+            return table.einsum + table.pointwise.mac * macs
 
         # factor-only sub-networks: classic subset DP on contraction counts
         factor_ids = list(range(1, n))
@@ -375,7 +381,14 @@ class ConvPathOptimizer(PathOptimizer):
             if table is not None:
                 spatial = kh * kw > 1
                 return step_seconds(
-                    table, prod(fold), prod(grouped), spatial, macs, in_elems, out_elems
+                    table,
+                    prod(fold),
+                    prod(grouped),
+                    spatial,
+                    macs,
+                    in_elems,
+                    out_elems,
+                    channels=(prod(contracted), prod(new)),
                 )[0]
             return macs + self.memory_weight * (in_elems + out_elems)
 
@@ -511,6 +524,11 @@ class ConvPlan:
         """Multiply(-add)s of one forward pass, broadcast products included (what the
         path optimizer minimises when memory traffic is weighed at 0)."""
         return sum(s.macs if isinstance(s, FactorStep) else s.flops // 2 for s in self.steps)
+
+    @property
+    def data_macs(self) -> int:
+        """Multiply-adds of the steps that touch the feature map (all a frozen layer runs)."""
+        return sum(step.flops // 2 for step in self.steps if isinstance(step, DataStep))
 
     @property
     def data_flops(self) -> int:
@@ -655,8 +673,9 @@ def plan_conv(
     Without tables the order minimises multiply-adds + ``memory_weight`` x elements moved.
 
     Either way the order is replaced by the FLOP-optimal one when it would run more than
-    ``1 + flop_slack`` times its multiply-adds: the FLOPs tnconv reports are those it runs and
-    stay near the network's minimum. ``path`` forces an order (opt_einsum's linear format,
+    ``1 + flop_slack`` times its multiply-adds per forward pass (frozen: those touching the
+    feature map): the FLOPs tnconv reports are those it runs and stay near the network's
+    minimum. ``path`` forces an order (opt_einsum's linear format,
     operand 0 being the feature map); ``fold`` forces "batch" or "groups" for every data step.
     """
     if layout not in ("nchw", "nhwc"):
@@ -729,7 +748,11 @@ def _plan_in(
     plan = _build_plan(*args, None, memory_weight, table, frozen, fold, layout)
     if memory_weight > 0 or table is not None:
         lean = _build_plan(*args, None, 0.0, None, frozen, fold, layout)
-        if plan.macs > (1.0 + flop_slack) * lean.macs:
+
+        def work(p: ConvPlan) -> int:  # what runs per forward pass
+            return p.data_macs if frozen else p.macs
+
+        if work(plan) > (1.0 + flop_slack) * work(lean):
             if table is not None:  # price the FLOP-optimal order with the table
                 return _build_plan(*args, lean.path, 0.0, table, frozen, fold, layout)
             return lean
@@ -939,7 +962,15 @@ def _data_step(
     if table is not None:
         in_elems = b * n_fold * n_group * n_con * cur_h * cur_w
         seconds, as_groups = step_seconds(
-            table, n_fold, n_group, kh * kw > 1, flops // 2, in_elems, out_elems, fold_mode
+            table,
+            n_fold,
+            n_group,
+            kh * kw > 1,
+            flops // 2,
+            in_elems,
+            out_elems,
+            fold_mode,
+            (n_con, n_new),
         )
     repeat = n_fold if as_groups else 1
     if as_groups:

@@ -18,13 +18,19 @@ LATENCY_REPEATS = 9
 
 def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median milliseconds per call of each function, timed in turn in one loop so that machine
-    noise hits them alike (each is warmed up twice first: plans, allocator, oneDNN primitives)."""
+    noise hits them alike (each is warmed up twice first: plans, allocator, oneDNN primitives).
+
+    Each round starts one function further along: whichever function runs right after a big
+    one finds the caches cold (measured: up to 2x slower), so no function may always hold that
+    place."""
     for fn in fns.values():
         fn()
         fn()
+    items = list(fns.items())
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for round_no in range(repeats):
+        shift = round_no % len(items)
+        for name, fn in items[shift:] + items[:shift]:
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
