@@ -162,6 +162,51 @@ def run(
     return rows
 
 
+def round_to_effect(repeats: int, ratio: float, multiple: int = 8) -> None:
+    """Each method at its ranks and at the ranks rounded to the nearest multiple of
+    ``multiple`` (what ``compress(..., round_to=8)`` tries), 256@14 batch 32 channels-last, timed
+    in one loop: does rounding pay on this machine?"""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(256, 256, 3, padding=1, bias=False)
+    x = torch.randn(32, 256, 14, 14).contiguous(memory_format=torch.channels_last)
+    modules: dict[str, nn.Module] = {}
+    for name, layer in tnconv_layers(conv, ratio).items():
+        dec = tnconv.get(name)
+        shape = tuple(conv.weight.shape)
+        target = tuple(
+            max(multiple, multiple * math.floor(r / multiple + 0.5)) for r in layer.ranks
+        )
+        rounded = dec.bond_ranks(target, shape)
+        if tuple(rounded) == tuple(layer.ranks):
+            continue
+        fields = getattr(dec.Options, "model_fields", {})
+        options = {
+            k: v for k, v in (("max_iter", 1), ("n_init", 1), ("als_sweeps", 0)) if k in fields
+        }
+        modules[name] = layer.eval()
+        modules[f"{name}@{multiple}"] = tnconv.FactorizedConv2d.from_conv(
+            conv, dec, rounded, **options
+        ).eval()
+    if not modules:
+        return
+    with torch.no_grad():
+        times = time_round_robin({k: (lambda m=m: m(x)) for k, m in modules.items()}, repeats)
+    print(f"\nround_to={multiple} (256@14 b32 nhwc; ranks rounded to the nearest multiple):\n")
+    print(
+        "| method | ranks | ms | rounded ranks | ms | FLOP ratio | time ratio | "
+        "time per FLOP ratio |"
+    )
+    print("|---|---|---:|---|---:|---:|---:|---:|")
+    for name in [k for k in modules if "@" not in k]:
+        a, b = modules[name], modules[f"{name}@{multiple}"]
+        fa, fb = count_flops(a, x), count_flops(b, x)
+        ta, tb = times[name], times[f"{name}@{multiple}"]
+        print(
+            f"| {name} | {a.ranks} | {ta:.3f} | {b.ranks} | {tb:.3f} | {fb / fa:.2f} | "
+            f"{tb / ta:.2f} | {(tb / ta) / (fb / fa):.2f} |"
+        )
+
+
 def print_tables(rows: list[Row]) -> None:
     print("| layer | layout | method | params | GFLOP | ms | speed-up | FLOP red. | realized |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
@@ -248,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|")
     for target, ok, detail in check_targets(rows):
         print(f"| {target} | {'PASS' if ok else 'FAIL'} | {detail} |")
+    round_to_effect(repeats, args.ratio)
     print(f"\n({time.perf_counter() - start:.0f} s, {repeats} round-robin repeats)")
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
