@@ -1,16 +1,20 @@
 """Latency and FLOPs of factorized convolutions against the dense layer and TensorLy-Torch.
 
-For ResNet-like layers it times the dense ``nn.Conv2d``, tnconv's generic ``FactorizedConv2d``
-for every registered method at about the same parameter budget, and TensorLy-Torch's
-``FactorizedConv`` (implementation="factorized") at tnconv's ranks where it has the method
-(Tucker-2 and CP). All candidates are timed round-robin in one loop, so machine noise hits them
-alike; the median of the repeats is reported. FLOPs come from ``torch.utils.flop_counter``.
+For ResNet-like 3x3 layers it times the dense ``nn.Conv2d``, tnconv's generic
+``FactorizedConv2d`` for every registered method at about the same parameter share, and
+TensorLy-Torch's ``FactorizedConv`` (implementation="factorized") at tnconv's ranks where it
+has the same network (Tucker-2 and CP). All candidates of one shape and layout are timed
+round-robin in one loop (inference: ``torch.no_grad``), so machine noise hits them alike; the
+median of the repeats is reported. FLOPs are those executed, counted by
+``torch.utils.flop_counter`` on the same inference pass.
 
     realized = (dense latency / factorized latency) / (dense FLOPs / factorized FLOPs)
 
-is the share of the FLOP saving that turns into speed (1.0 = all of it).
+is the share of the FLOP saving that turns into speed (1.0 = all of it). The issue's targets
+(channels-last, 2 threads): realized >= 0.85 for tucker, >= 0.75 for every other method, none
+below 0.5 anywhere (both layouts), and never slower than TensorLy-Torch at equal ranks.
 
-Run:  python benchmarks/layer_speed.py [--repeats 30] [--csv out.csv]
+Run:  python benchmarks/layer_speed.py [--quick] [--threads 2] [--repeats 30] [--compile]
 """
 
 from __future__ import annotations
@@ -19,20 +23,28 @@ import argparse
 import csv
 import math
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import tnconv
+from tnconv import calibration
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))
 from _timing import pin_allocator, time_round_robin
 
 # (in = out channels, spatial size, batch): ResNet stage shapes, 3x3 kernels
-SHAPES = [(256, 14, 32), (128, 28, 32), (64, 56, 16)]
-LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+SHAPES = [(c, s, b) for c, s in ((256, 14), (128, 28), (64, 56), (512, 7)) for b in (32, 1)]
+QUICK_SHAPES = [(256, 14, 32), (256, 14, 1)]
+LAYOUTS = {"nhwc": torch.channels_last, "nchw": torch.contiguous_format}
+TARGET_LAYOUT = "nhwc"
+TARGETS = {"tucker": 0.85}  # every other method: DEFAULT_TARGET
+DEFAULT_TARGET = 0.75
+FLOOR = 0.5
 
 
 @dataclass
@@ -59,31 +71,35 @@ def params_of(module: nn.Module) -> int:
 
 
 def tnconv_layers(conv: nn.Conv2d, ratio: float) -> dict[str, nn.Module]:
-    """Every registered method at ``ratio`` of the dense parameters (uniform ranks, so the
-    layers are built without fitting: speed does not depend on the kernel's values)."""
+    """Every registered method at ``ratio`` of the dense parameters (the largest uniform rank
+    that fits; speed does not depend on the kernel's values, so CP fits with one sweep)."""
     shape = tuple(conv.weight.shape)
     budget = ratio * math.prod(shape)
     layers: dict[str, nn.Module] = {}
     for name in tnconv.available():
         dec = tnconv.get(name)
-        fits = [
-            r
-            for r in range(1, 1025)
-            if dec.num_params_at(shape, dec.bond_ranks(r, shape)) <= budget
-        ]
-        if not fits:
-            continue
-        ranks = dec.bond_ranks(max(fits), shape)
-        options = {"max_iter": 1, "n_init": 1} if name == "cp" else {}
         try:
+            fits = [
+                r
+                for r in range(1, 1025)
+                if dec.num_params_at(shape, dec.bond_ranks(r, shape)) <= budget
+            ]
+            if not fits:
+                continue
+            ranks = dec.bond_ranks(max(fits), shape)
+            fields = getattr(dec.Options, "model_fields", {})
+            options = {
+                k: v for k, v in (("max_iter", 1), ("n_init", 1), ("als_sweeps", 0)) if k in fields
+            }
             layers[name] = tnconv.FactorizedConv2d.from_conv(conv, dec, ranks, **options)
-        except Exception as exc:
+        except Exception as exc:  # a plugin method that cannot take this shape
             print(f"  skipped {name}: {exc}", file=sys.stderr)
     return layers
 
 
 def tltorch_layers(conv: nn.Conv2d, ours: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """TensorLy-Torch factorized convs at the same ranks as tnconv's Tucker-2 and CP."""
+    """TensorLy-Torch factorized convs with the same network and ranks as tnconv's Tucker-2
+    and CP (its TT orders the modes differently, so it is not the same network)."""
     try:
         import tltorch
     except ImportError:
@@ -111,7 +127,9 @@ def tltorch_layers(conv: nn.Conv2d, ours: dict[str, nn.Module]) -> dict[str, nn.
     return layers
 
 
-def run(repeats: int, ratio: float, shapes: list[tuple[int, int, int]]) -> list[Row]:
+def run(
+    repeats: int, ratio: float, shapes: list[tuple[int, int, int]], compiled: bool
+) -> list[Row]:
     rows: list[Row] = []
     torch.manual_seed(0)
     for channels, size, batch in shapes:
@@ -120,66 +138,163 @@ def run(repeats: int, ratio: float, shapes: list[tuple[int, int, int]]) -> list[
         modules: dict[str, nn.Module] = {"dense": conv, **ours, **tltorch_layers(conv, ours)}
         for module in modules.values():
             module.eval()
-        label = f"{channels}->{channels} 3x3 @{size}x{size} b{batch}"
+        label = f"{channels}@{size} b{batch}"
         for layout, fmt in LAYOUTS.items():
             x = torch.randn(batch, channels, size, size).contiguous(memory_format=fmt)
             conv.to(memory_format=fmt)  # the dense baseline in its best form for the layout
+            fns = {k: (lambda m=m, x=x: m(x)) for k, m in modules.items()}
+            if compiled and layout == TARGET_LAYOUT:
+                for k in ("tucker", "tt"):
+                    if k in ours:
+                        c = torch.compile(ours[k])
+                        fns[f"{k}+compile"] = lambda c=c, x=x: c(x)
             with torch.no_grad():
-                times = time_round_robin(
-                    {k: (lambda m=m, x=x: m(x)) for k, m in modules.items()}, repeats
-                )
+                times = time_round_robin(fns, repeats)
             dense_flops = count_flops(conv, x)
-            for name, module in modules.items():
+            for name, ms in times.items():
+                module = modules[name.split("+")[0]]
                 flops = count_flops(module, x)
-                row = Row(label, layout, name, params_of(module), flops, times[name])
-                row.speedup = times["dense"] / times[name]
+                row = Row(label, layout, name, params_of(module), flops, ms)
+                row.speedup = times["dense"] / ms
                 row.flop_reduction = dense_flops / flops
                 row.realized = row.speedup / row.flop_reduction
                 rows.append(row)
     return rows
 
 
-def print_table(rows: list[Row]) -> None:
-    header = (
-        f"{'layer':30s} {'layout':6s} {'method':16s} {'params':>9s} {'GFLOP':>7s} {'ms':>7s} "
-        f"{'speed-up':>8s} {'FLOP red.':>9s} {'realized':>8s}"
+def round_to_effect(repeats: int, ratio: float, multiple: int = 8) -> None:
+    """Each method at its ranks and at the ranks rounded to the nearest multiple of
+    ``multiple`` (what ``compress(..., round_to=8)`` tries), 256@14 batch 32 channels-last, timed
+    in one loop: does rounding pay on this machine?"""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(256, 256, 3, padding=1, bias=False)
+    x = torch.randn(32, 256, 14, 14).contiguous(memory_format=torch.channels_last)
+    modules: dict[str, nn.Module] = {}
+    for name, layer in tnconv_layers(conv, ratio).items():
+        dec = tnconv.get(name)
+        shape = tuple(conv.weight.shape)
+        target = tuple(
+            max(multiple, multiple * math.floor(r / multiple + 0.5)) for r in layer.ranks
+        )
+        rounded = dec.bond_ranks(target, shape)
+        if tuple(rounded) == tuple(layer.ranks):
+            continue
+        fields = getattr(dec.Options, "model_fields", {})
+        options = {
+            k: v for k, v in (("max_iter", 1), ("n_init", 1), ("als_sweeps", 0)) if k in fields
+        }
+        modules[name] = layer.eval()
+        modules[f"{name}@{multiple}"] = tnconv.FactorizedConv2d.from_conv(
+            conv, dec, rounded, **options
+        ).eval()
+    if not modules:
+        return
+    with torch.no_grad():
+        times = time_round_robin({k: (lambda m=m: m(x)) for k, m in modules.items()}, repeats)
+    print(f"\nround_to={multiple} (256@14 b32 nhwc; ranks rounded to the nearest multiple):\n")
+    print(
+        "| method | ranks | ms | rounded ranks | ms | FLOP ratio | time ratio | "
+        "time per FLOP ratio |"
     )
-    print(header)
-    print("-" * len(header))
+    print("|---|---|---:|---|---:|---:|---:|---:|")
+    for name in [k for k in modules if "@" not in k]:
+        a, b = modules[name], modules[f"{name}@{multiple}"]
+        fa, fb = count_flops(a, x), count_flops(b, x)
+        ta, tb = times[name], times[f"{name}@{multiple}"]
+        print(
+            f"| {name} | {a.ranks} | {ta:.3f} | {b.ranks} | {tb:.3f} | {fb / fa:.2f} | "
+            f"{tb / ta:.2f} | {(tb / ta) / (fb / fa):.2f} |"
+        )
+
+
+def print_tables(rows: list[Row]) -> None:
+    print("| layer | layout | method | params | GFLOP | ms | speed-up | FLOP red. | realized |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"{r.shape:30s} {r.layout:6s} {r.name:16s} {r.params:9d} {r.flops / 1e9:7.3f} "
-            f"{r.ms:7.2f} {r.speedup:8.2f} {r.flop_reduction:9.2f} {r.realized:8.2f}"
+            f"| {r.shape} | {r.layout} | {r.name} | {r.params} | {r.flops / 1e9:.3f} | "
+            f"{r.ms:.3f} | {r.speedup:.2f} | {r.flop_reduction:.2f} | {r.realized:.2f} |"
         )
+    methods = [m for m in dict.fromkeys(r.name for r in rows) if m != "dense"]
+    shapes = list(dict.fromkeys(r.shape for r in rows))
+    for layout in LAYOUTS:
+        print(f"\nRealized share of the FLOP saving, {layout}:\n")
+        print("| method | " + " | ".join(shapes) + " |")
+        print("|---|" + "---:|" * len(shapes))
+        by = {(r.name, r.shape): r for r in rows if r.layout == layout}
+        for m in methods:
+            cells = [f"{by[(m, s)].realized:.2f}" if (m, s) in by else "-" for s in shapes]
+            print(f"| {m} | " + " | ".join(cells) + " |")
+
+
+def check_targets(rows: list[Row]) -> list[tuple[str, bool, str]]:
+    """(target, passed, detail) for each item-2 target."""
+    results = []
+    ours = [r for r in rows if r.name in tnconv.available()]
+    for method in dict.fromkeys(r.name for r in ours):
+        goal = TARGETS.get(method, DEFAULT_TARGET)
+        mine = [r for r in ours if r.name == method and r.layout == TARGET_LAYOUT]
+        worst = min(mine, key=lambda r: r.realized)
+        results.append(
+            (
+                f"{method} realized >= {goal} ({TARGET_LAYOUT}, every shape)",
+                worst.realized >= goal,
+                f"worst {worst.realized:.2f} at {worst.shape}",
+            )
+        )
+    worst = min(ours, key=lambda r: r.realized)
+    results.append(
+        (
+            f"no method below {FLOOR} anywhere (both layouts)",
+            worst.realized >= FLOOR,
+            f"worst {worst.realized:.2f}: {worst.name} {worst.shape} {worst.layout}",
+        )
+    )
+    by = {(r.name, r.shape, r.layout): r for r in rows}
+    for (name, shape, layout), theirs in by.items():
+        if not name.startswith("tltorch-"):
+            continue
+        mine = by.get((name.removeprefix("tltorch-"), shape, layout))
+        if mine is not None:
+            results.append(
+                (
+                    f"{mine.name} not slower than TensorLy-Torch ({shape}, {layout})",
+                    mine.ms <= theirs.ms,
+                    f"{mine.ms:.3f} ms vs {theirs.ms:.3f} ms (x{theirs.ms / mine.ms:.2f})",
+                )
+            )
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=None, help="default 30 (quick: 12)")
     parser.add_argument("--ratio", type=float, default=0.12, help="parameter share per method")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="only the 256-channel shape")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="only 256@14, batch 32 and 1")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     pinned = pin_allocator()
+    start = time.perf_counter()
+    tables = {lay: calibration.cost_table(lay) for lay in ("nchw", "nhwc")}
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, tnconv "
-        f"{tnconv.__version__}, methods {tnconv.available()}, allocator pinned: {pinned}"
+        f"{tnconv.__version__}, methods {tnconv.available()}, allocator pinned: {pinned}, "
+        f"cost tables: {tables['nhwc'].source} ({calibration.cache_file()})\n"
     )
-    shapes = SHAPES[:1] if args.quick else SHAPES
-    rows = run(args.repeats, args.ratio, shapes)
-    print_table(rows)
-    for layout in LAYOUTS:
-        by = {r.name: r for r in rows if r.layout == layout and r.shape == rows[0].shape}
-        for method in ("tucker", "cp"):
-            theirs = by.get(f"tltorch-{method}")
-            if method in by and theirs is not None:
-                print(
-                    f"{layout}: tnconv {method} {by[method].ms:.2f} ms vs TensorLy-Torch "
-                    f"{theirs.ms:.2f} ms at equal ranks (ratio {theirs.ms / by[method].ms:.2f})"
-                )
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    repeats = args.repeats or (12 if args.quick else 30)
+    rows = run(repeats, args.ratio, shapes, args.compile)
+    print_tables(rows)
+    print("\nItem-2 targets:\n")
+    print("| target | result | detail |")
+    print("|---|---|---|")
+    for target, ok, detail in check_targets(rows):
+        print(f"| {target} | {'PASS' if ok else 'FAIL'} | {detail} |")
+    round_to_effect(repeats, args.ratio)
+    print(f"\n({time.perf_counter() - start:.0f} s, {repeats} round-robin repeats)")
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(Row.__dataclass_fields__))

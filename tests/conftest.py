@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,12 @@ import tnconv
 from tnconv.errors import StructureError
 
 DATA = Path(__file__).parent / "data"
+
+# Plans must not depend on timings: the planner prices steps with the built-in cost tables
+# (tests that need measured or custom tables set these themselves), and nothing is cached
+# outside a temporary directory.
+os.environ.setdefault("TNCONV_CALIBRATION", "default")
+os.environ.setdefault("TNCONV_CACHE_DIR", tempfile.mkdtemp(prefix="tnconv-cache-"))
 
 settings.register_profile(
     "ci",

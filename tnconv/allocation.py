@@ -1,10 +1,12 @@
-"""Budget allocation: per-layer ranks that meet a global parameter or FLOP budget.
+"""Budget allocation: per-layer ranks that meet a global parameter, FLOP or latency budget.
 
 Model surgery (:mod:`tnconv.compress`) decides *which* layers to replace; this module decides *how
 much* each layer keeps when a whole-model budget is given. It prices candidate factorizations of
-each layer (parameters, FLOPs at the layer's input, relative kernel error) and chooses one per
-layer so that the summed ``-log(1 - e^2)`` is minimal under the budget. It knows layers and
-decompositions only through their public interfaces.
+each layer (parameters, FLOPs at the layer's input, relative kernel error, and, when asked,
+latency measured on this machine) and chooses one per layer so that the summed
+``-log(1 - e^2)`` is minimal under the budget. It knows layers and decompositions only through
+their public interfaces. :func:`round_ranks` rounds a layer's ranks to multiples (``round_to``)
+when that measurably helps.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from . import timing
 from .decompositions.base import Decomposition
-from .errors import BudgetError, RankSpecError, StructureError
+from .errors import BudgetError, RankSpecError, StructureError, TnconvError
 from .factorization import Factorization
 from .layers import FactorizedConv2d
 
 __all__ = [
     "Budget",
     "Candidate",
+    "LatencyProbe",
     "SaveCriterion",
     "allocate",
     "candidate_for",
@@ -33,12 +37,13 @@ __all__ = [
     "layer_from_conv",
     "options_for_layer",
     "parse_budget",
+    "round_ranks",
     "saving_shortfall",
 ]
 
 log = logging.getLogger(__name__)
 
-SaveCriterion = Literal["params", "flops", "both"]
+SaveCriterion = Literal["params", "flops", "both", "latency"]
 
 # error levels tried per layer when allocating a global budget (error-bounded methods)
 _EPS_GRID = (0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.36, 0.43, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -46,12 +51,13 @@ _RANK_STEPS = 14  # geometric rank levels tried per layer for methods without an
 
 
 class Budget(BaseModel):
-    """A global compression target: keep ``share`` of the selected layers' params or FLOPs."""
+    """A global compression target: keep ``share`` of the selected layers' params, FLOPs or
+    latency (dense latency measured on this machine at each layer's input)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     share: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
-    kind: Literal["params", "flops"] = "params"
+    kind: Literal["params", "flops", "latency"] = "params"
 
 
 def parse_budget(budget: Any) -> Budget:
@@ -66,7 +72,7 @@ def parse_budget(budget: Any) -> Budget:
     except ValidationError as exc:
         raise RankSpecError(
             f"budget={budget!r} is invalid: budget must be a share in (0, 1] of the selected "
-            "layers' parameters, or (kind, share) with kind 'params' or 'flops'"
+            "layers' parameters, or (kind, share) with kind 'params', 'flops' or 'latency'"
         ) from exc
 
 
@@ -129,10 +135,34 @@ class Candidate:
     params: int
     flops: int
     error: float
+    latency: float = math.nan  # ms per inference forward at the layer's input, when measured
+
+
+@dataclass(frozen=True)
+class LatencyProbe:
+    """Times candidate layers against their dense conv at the layer's input shape, round-robin
+    in one loop (:func:`tnconv.timing.module_latencies`), on channels-last inputs if asked."""
+
+    channels_last: bool = False
+    repeats: int = timing.LATENCY_REPEATS
+
+    def measure(
+        self, conv: nn.Module, layers: Sequence[nn.Module], shape: Sequence[int]
+    ) -> tuple[float, list[float]]:
+        """(dense ms, [ms of each layer])."""
+        modules = {"dense": conv, **{str(i): layer for i, layer in enumerate(layers)}}
+        ms = timing.module_latencies(
+            modules, shape, channels_last=self.channels_last, repeats=self.repeats
+        )
+        return ms["dense"], [ms[str(i)] for i in range(len(layers))]
 
 
 def saving_shortfall(
-    cand: Candidate, dense_params: int, dense_flops: int | None, must_save: SaveCriterion
+    cand: Candidate,
+    dense_params: int,
+    dense_flops: int | None,
+    must_save: SaveCriterion,
+    dense_latency: float | None = None,
 ) -> str:
     """Why ``cand`` is no better than the dense layer ("" when it saves what is required)."""
     reasons = []
@@ -140,6 +170,8 @@ def saving_shortfall(
         reasons.append(f"{cand.params} factorized params >= {dense_params} dense")
     if must_save in ("flops", "both") and dense_flops is not None and cand.flops >= dense_flops:
         reasons.append(f"{cand.flops} factorized FLOPs >= {dense_flops} dense")
+    if must_save == "latency" and dense_latency is not None and not cand.latency < dense_latency:
+        reasons.append(f"measured {cand.latency:.3f} ms factorized >= {dense_latency:.3f} ms dense")
     return "; ".join(reasons)
 
 
@@ -148,7 +180,7 @@ def candidate_for(
 ) -> Candidate:
     if f is None or layer is None:
         return Candidate(None, dense[0], dense[1] or 0, 0.0)
-    flops = layer.flops(shape) if shape is not None else 0
+    flops = layer.flops(shape, inference=True) if shape is not None else 0
     return Candidate(f, f.num_params, flops, float(f.info.get("relative_error", math.nan)))
 
 
@@ -198,6 +230,7 @@ def _layer_candidates(
     levels: list[int],
     options: dict[str, Any],
     must_save: SaveCriterion,
+    probe: LatencyProbe | None = None,
 ) -> _LayerOptions:
     weight = conv.weight.detach()
     dense_info = (weight.numel(), dense_conv_flops(conv, shape) if shape else None)
@@ -205,24 +238,35 @@ def _layer_candidates(
     specs: list[tuple[str, Any]] = [("rank", r) for r in levels]
     if decomposition.guarantees_eps:
         specs += [("eps", e) for e in _EPS_GRID]
-    found: dict[tuple[int, ...], Candidate] = {}
-    by_level: dict[int, Candidate] = {}
     log.info(
         "%s: %d %s candidates for kernel %s", name, len(specs), decomposition.name, weight.shape
     )
     # one call, so the family computes each kernel's spectra once for all the candidates
-    fits = decomposition.factorize_many(weight, [{kind: value} for kind, value in specs], **options)
-    for (kind, value), f in zip(specs, fits, strict=True):
-        cand = found.get(f.ranks)
-        if cand is None:
-            cand = candidate_for(layer_from_conv(conv, f), f, shape, dense_info)
-            if saving_shortfall(cand, dense_info[0], dense_info[1], must_save):
-                cand = dense
-            else:
-                found[f.ranks] = cand
+    fitted = decomposition.factorize_many(
+        weight, [{kind: value} for kind, value in specs], **options
+    )
+    fits: dict[tuple[int, ...], tuple[Factorization, FactorizedConv2d]] = {}
+    level_ranks: dict[int, tuple[int, ...]] = {}
+    for (kind, value), f in zip(specs, fitted, strict=True):
         if kind == "rank":
-            by_level[value] = cand
-    return _LayerOptions(by_level, [*found.values(), dense])
+            level_ranks[value] = f.ranks
+        if f.ranks not in fits:
+            fits[f.ranks] = (f, layer_from_conv(conv, f))
+    cands = {r: candidate_for(layer, f, shape, dense_info) for r, (f, layer) in fits.items()}
+    dense_latency = None
+    if probe is not None and shape is not None:
+        # every candidate of the layer and the dense conv in one round-robin loop
+        dense_latency, ms = probe.measure(conv, [layer for _, layer in fits.values()], shape)
+        dense.latency = dense_latency
+        for cand, t in zip(cands.values(), ms, strict=True):
+            cand.latency = t
+    saving = {
+        r: c
+        for r, c in cands.items()
+        if not saving_shortfall(c, dense_info[0], dense_info[1], must_save, dense_latency)
+    }
+    by_level = {level: saving.get(r, dense) for level, r in level_ranks.items()}
+    return _LayerOptions(by_level, [*saving.values(), dense])
 
 
 def _loss(c: Candidate) -> float:
@@ -232,7 +276,7 @@ def _loss(c: Candidate) -> float:
     return -math.log(max(1.0 - c.error**2, 1e-12))
 
 
-def _hull(cands: list[Candidate], cost: Callable[[Candidate], int]) -> list[Candidate]:
+def _hull(cands: list[Candidate], cost: Callable[[Candidate], float]) -> list[Candidate]:
     """Lower convex hull of (cost, loss), cheapest first: the efficient upgrades."""
     pts = sorted(cands, key=lambda c: (cost(c), c.error))
     frontier: list[Candidate] = []
@@ -255,7 +299,10 @@ def _hull(cands: list[Candidate], cost: Callable[[Candidate], int]) -> list[Cand
 
 
 def _greedy(
-    options: dict[str, _LayerOptions], cost: Callable[[Candidate], int], allowed: float
+    options: dict[str, _LayerOptions],
+    cost: Callable[[Candidate], float],
+    allowed: float,
+    unit: float = 1.0,
 ) -> dict[str, Candidate] | None:
     """Climb every layer's convex hull, most loss saved per unit of cost first."""
     hulls = {name: _hull(o.all, cost) for name, o in options.items()}
@@ -268,7 +315,7 @@ def _greedy(
         for k in range(1, len(hull)):
             gain = _loss(hull[k - 1]) - _loss(hull[k])
             extra = cost(hull[k]) - cost(hull[k - 1])
-            steps.append((gain / max(extra, 1), name, k))
+            steps.append((gain / max(extra, unit), name, k))
     steps.sort(key=lambda s: -s[0])
     for _, name, k in steps:
         if choice[name] != k - 1:  # an earlier step of this layer did not fit
@@ -282,8 +329,9 @@ def _greedy(
 def _fill(
     picked: dict[str, Candidate],
     options: dict[str, _LayerOptions],
-    cost: Callable[[Candidate], int],
+    cost: Callable[[Candidate], float],
     allowed: float,
+    unit: float = 1.0,
 ) -> dict[str, Candidate]:
     """Spend what is left: repeatedly take the single swap that saves the most loss per unit of
     extra cost and still fits."""
@@ -298,7 +346,7 @@ def _fill(
                 extra = cost(c) - cost(cur)
                 if not gain > 0 or spent + extra > allowed:  # (NaN-safe: never loops on NaN)
                     continue
-                score = gain / max(extra, 1)
+                score = gain / max(extra, unit)
                 if best is None or score > best[0]:
                     best = (score, name, c)
         if best is None:
@@ -316,13 +364,21 @@ def allocate(
     options: dict[str, Any],
     must_save: SaveCriterion,
     bar: Iterable[tuple[str, nn.Conv2d]],
+    probe: LatencyProbe | None = None,
 ) -> dict[str, tuple[Candidate, str]]:
     """Choose one candidate per layer, minimising the summed :func:`_loss` under the budget:
     the better of a greedy climb of the layers' convex hulls and the best uniform rank, each
-    then topped up with whatever budget is left."""
+    then topped up with whatever budget is left. A latency budget or ``must_save="latency"``
+    times every candidate against the dense layer with ``probe`` (default: NCHW inputs)."""
 
-    def cost(c: Candidate) -> int:
+    def cost(c: Candidate) -> float:
+        if budget.kind == "latency":
+            return c.latency
         return c.params if budget.kind == "params" else c.flops
+
+    if probe is None and (budget.kind == "latency" or must_save == "latency"):
+        probe = LatencyProbe()
+    unit = 1e-6 if budget.kind == "latency" else 1.0  # ms: a free upgrade is not worth 1 ms
 
     full = decomposition.parse_options(options)
     quick = decomposition.search_options(full)
@@ -345,6 +401,7 @@ def allocate(
             levels_by_layer[name],
             options_for_layer(decomposition, conv, shapes.get(name), quick_options),
             must_save,
+            probe,
         )
     if not options_by_layer:
         return {name: (Candidate(None, 0, 0, 0.0), reason) for name, reason in unfit.items()}
@@ -354,7 +411,7 @@ def allocate(
     def total_loss(p: dict[str, Candidate]) -> float:
         return sum(_loss(c) for c in p.values())
 
-    greedy = _greedy(options_by_layer, cost, allowed)
+    greedy = _greedy(options_by_layer, cost, allowed, unit)
     uniform: list[dict[str, Candidate]] = []
     for r in sorted({r for levels in levels_by_layer.values() for r in levels}):
         # a layer whose ladder stops below r stays dense at that level, as compress(rank=r) does
@@ -367,12 +424,12 @@ def allocate(
             f"budget {budget.share} of the selected layers' {budget.kind} allows {allowed:.0f}, "
             f"but the smallest {decomposition.name} factorizations need {smallest}"
         )
-    filled = [_fill(p, options_by_layer, cost, allowed) for p in [greedy, *uniform] if p]
+    filled = [_fill(p, options_by_layer, cost, allowed, unit) for p in [greedy, *uniform] if p]
     # the search ran with the method's quick options; refit the finalists with the full ones
     # (the best found, and the largest uniform rank that fits, the natural baseline)
     finalists = [min(filled, key=total_loss)]
     if uniform:
-        finalists.append(_fill(uniform[-1], options_by_layer, cost, allowed))
+        finalists.append(_fill(uniform[-1], options_by_layer, cost, allowed, unit))
     convs = dict(layers)
     refitted: dict[tuple[str, tuple[int, ...]], Candidate] = {}
 
@@ -386,6 +443,7 @@ def allocate(
             f = decomposition.factorize(conv.weight.detach(), c.factorization.ranks, **opts)
             dense = (conv.weight.numel(), c.flops)
             better = candidate_for(layer_from_conv(conv, f), f, shapes.get(name), dense)
+            better.latency = c.latency  # same ranks, same structure: the same executed plan
             ok = better.error < c.error and cost(better) <= cost(c)
             refitted[key] = better if ok else c
         return refitted[key]
@@ -393,7 +451,7 @@ def allocate(
     finals = [{n: refit(n, c) for n, c in p.items()} for p in finalists]
     best = min(finals, key=total_loss)
     log.info(
-        "budget %s of %s: spent %d of %.0f, summed loss %.4f",
+        "budget %s of %s: spent %.6g of %.6g, summed loss %.4f",
         budget.share,
         budget.kind,
         sum(cost(c) for c in best.values()),
@@ -412,3 +470,55 @@ def allocate(
     for name, reason in unfit.items():
         plan[name] = (Candidate(None, 0, 0, 0.0), reason)
     return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# hardware-friendly ranks
+# ---------------------------------------------------------------------------------------------
+def round_ranks(
+    decomposition: Decomposition,
+    conv: nn.Conv2d,
+    f: Factorization,
+    shape: tuple[int, int, int, int],
+    multiple: int,
+    options: dict[str, Any],
+    must_save: SaveCriterion,
+    probe: LatencyProbe,
+    budget_kind: str | None = None,
+) -> tuple[Factorization, str]:
+    """``f`` refitted at its ranks rounded to the nearest multiple of ``multiple`` (at least
+    ``multiple``, ties up, then capped at what each bond can carry), kept only when measured
+    faster than ``f`` at ``shape`` (one round-robin loop with the dense layer), still saving what
+    ``must_save`` asks and, under a ``budget_kind`` budget, costing no more than ``f``.
+
+    Returns the factorization kept and a one-line note of the measurement (also stored as
+    ``info["round_to"]`` of the result).
+    """
+    kshape = tuple(conv.weight.shape)
+    target = tuple(max(multiple, multiple * math.floor(r / multiple + 0.5)) for r in f.ranks)
+    try:
+        ranks = decomposition.bond_ranks(target, kshape)  # type: ignore[arg-type]
+        if tuple(ranks) == tuple(f.ranks):
+            return f, ""
+        g = decomposition.factorize(conv.weight.detach(), ranks, **options)
+    except (TnconvError, ValueError) as exc:
+        return f, f"round_to={multiple}: ranks {f.ranks} kept ({exc})"
+    layers = [layer_from_conv(conv, f), layer_from_conv(conv, g)]
+    dense_ms, (f_ms, g_ms) = probe.measure(conv, layers, shape)
+    dense = (conv.weight.numel(), dense_conv_flops(conv, shape))
+    cf = candidate_for(layers[0], f, shape, dense)
+    cg = candidate_for(layers[1], g, shape, dense)
+    cf.latency, cg.latency = f_ms, g_ms
+    keep = g_ms < f_ms and not saving_shortfall(cg, dense[0], dense[1], must_save, dense_ms)
+    if budget_kind == "params":
+        keep = keep and cg.params <= cf.params
+    elif budget_kind == "flops":
+        keep = keep and cg.flops <= cf.flops
+    note = (
+        f"round_to={multiple}: ranks {f.ranks} {f_ms:.3f} ms -> {g.ranks} {g_ms:.3f} ms "
+        f"(dense {dense_ms:.3f} ms), {'rounded' if keep else 'kept unrounded'}"
+    )
+    log.info("%s", note)
+    kept = g if keep else f
+    kept.info["round_to"] = note
+    return kept, note

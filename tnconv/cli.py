@@ -1,4 +1,5 @@
-"""The ``tnconv`` command: list, compress, summary, study, analyze, demo, cifar, reduction.
+"""The ``tnconv`` command: list, compress, summary, calibrate, study, analyze, demo, cifar,
+reduction.
 
 Every failure a user can cause (a missing file, a bad argument, a rank that does not fit) ends
 with one line on stderr, ``tnconv: error: ...``, and exit status 2.
@@ -140,6 +141,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         input_size=size,
         must_save=args.must_save,
         progress=not args.quiet,
+        round_to=args.round_to,
+        channels_last=args.channels_last,
         **spec,
         **_options(args.option),
     )
@@ -152,11 +155,33 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     model = _read_model(args.input)
     size = _ints(args.input_size, "--input-size") if args.input_size else None
-    s = summary(model, size)
+    s = summary(model, size, latency=args.latency, channels_last=args.channels_last)
     print(s)
     if args.csv:
         s.to_csv(args.csv)
         print(f"wrote {args.csv}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from . import calibration
+
+    if args.reset:
+        removed = calibration.reset()
+        print(f"removed {removed[0]}" if removed else "no cached calibration to remove")
+    if args.show:
+        path = calibration.cache_file()
+        entries = calibration.cached()
+        print(f"{path}: {len(entries)} table(s)")
+        for key, table in sorted(entries.items()):
+            print(f"{key}\n  {json.dumps(table)}")
+        return 0
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be >= 1, got {args.threads}")
+    tables = calibration.calibrate(args.threads)
+    for layout, table in tables.items():
+        print(f"{layout} ({table.threads} threads): {table}")
+    print(f"cached in {calibration.cache_file()}")
     return 0
 
 
@@ -332,10 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--eps", type=float, help="relative error bound in (0, 1)")
     spec.add_argument("--ratio", type=float, help="share of each layer's parameters in (0, 1]")
     spec.add_argument("--budget", type=float, help="global share of the layers' params / FLOPs")
-    p.add_argument("--budget-kind", choices=["params", "flops"], default="params")
+    p.add_argument("--budget-kind", choices=["params", "flops", "latency"], default="params")
     p.add_argument("--layers", help="comma-separated conv names (default: all convs)")
     p.add_argument("--input-size", help="B,C,H,W for FLOPs, e.g. 1,3,32,32")
-    p.add_argument("--must-save", choices=["params", "flops", "both"], default="params")
+    p.add_argument("--must-save", choices=["params", "flops", "both", "latency"], default="params")
+    p.add_argument("--round-to", type=int, help="round ranks to multiples when measured faster")
+    p.add_argument(
+        "--channels-last", action="store_true", help="time layers on channels-last inputs"
+    )
     p.add_argument("--option", action="append", default=[], help="method option key=value")
     p.add_argument("-o", "--output", required=True, help="where to tnconv.save the result")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -345,7 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("--input-size", help="B,C,H,W (default: as compressed, else 1,C,224,224)")
     p.add_argument("--csv", help="also write the rows to this CSV file")
+    p.add_argument("--latency", action="store_true", help="time each layer against dense")
+    p.add_argument("--channels-last", action="store_true", help="time on channels-last inputs")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("calibrate", help="measure this machine's cost tables for the planner")
+    p.add_argument("--reset", action="store_true", help="delete the cached tables first")
+    p.add_argument("--threads", type=int, help="thread count to calibrate (default: torch's)")
+    p.add_argument("--show", action="store_true", help="print the cached tables, measure none")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("study", help="compare methods at matched budgets")
     p.add_argument("input", help="a saved model, or an .npz of kernels (T, S, kh, kw)")

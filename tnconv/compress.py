@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .allocation import (
     Budget,
+    LatencyProbe,
     SaveCriterion,
     allocate,
     candidate_for,
@@ -28,10 +29,12 @@ from .allocation import (
     layer_from_conv,
     options_for_layer,
     parse_budget,
+    round_ranks,
     saving_shortfall,
 )
 from .decompositions.base import Decomposition
 from .errors import BudgetError, RankSpecError, StructureError
+from .factorization import Factorization
 from .layers import FactorizedConv2d
 from .rank import parse_rank_spec
 from .registry import get
@@ -189,6 +192,8 @@ def compress(
     input_size: Sequence[int] | None = None,
     must_save: SaveCriterion | None = None,
     progress: bool | None = None,
+    round_to: int | None = None,
+    channels_last: bool = False,
     **options: Any,
 ) -> nn.Module:
     """Replace the chosen ``nn.Conv2d`` layers of ``model`` by ``FactorizedConv2d``.
@@ -203,10 +208,11 @@ def compress(
         rank, eps, ratio: the per-layer spec, as for ``Decomposition.factorize``.
         layers: conv names, a predicate ``(name, module) -> bool``, or None for every conv.
         budget: instead of a per-layer spec, a global target: a share in (0, 1] of the selected
-            layers' parameters, or ``("flops", share)`` / ``Budget(kind=..., share=...)``. Ranks
-            are allocated across layers (:func:`tnconv.allocation.allocate`) by error saved per
-            parameter (or FLOP): the sum over layers of ``-log(1 - e^2)`` (e: relative kernel
-            error) is minimised under the budget.
+            layers' parameters, or ``("flops", share)`` / ``("latency", share)`` /
+            ``Budget(kind=..., share=...)``. Ranks are allocated across layers
+            (:func:`tnconv.allocation.allocate`) by error saved per parameter (FLOP, or
+            millisecond measured on this machine at each layer's input): the sum over layers of
+            ``-log(1 - e^2)`` (e: relative kernel error) is minimised under the budget.
         spec: per-layer specs instead of one for all: ``{layer name: rank}`` or ``{layer name:
             {"rank" | "eps" | "ratio": value, "method": name, "options": {...}}}`` (see
             :class:`LayerSpec`). Exactly the named layers are compressed; it excludes ``rank`` /
@@ -215,10 +221,19 @@ def compress(
         input_size: input (B, C, H, W) used to measure FLOPs; defaults to
             :func:`default_input_size`. Needed only for FLOP criteria; recorded on the result.
         must_save: a layer is replaced only if the factorization has fewer parameters
-            ("params"), fewer FLOPs ("flops") or both ("both") than the dense layer; otherwise it
-            stays dense and ``tnconv.summary`` says why. Default: "flops" when the method's
-            options ask for ``objective="flops"``, else "params".
+            ("params"), fewer FLOPs ("flops"), both ("both"), or runs faster than the dense
+            layer ("latency": both timed at the layer's input from ``input_size`` on this
+            machine, round-robin in one loop, inference mode); otherwise it stays dense and
+            ``tnconv.summary`` says why. Default: "flops" when the method's options ask for
+            ``objective="flops"``, else "params".
         progress: show a tqdm bar over layers (default: when there are 8 or more).
+        round_to: round each factorized layer's ranks to the nearest multiple of this (as
+            AIMET does for SIMD-friendly channel counts), keeping the rounded layer only where
+            it is measured faster at the layer's input and still meets ``must_save`` and the
+            budget (:func:`tnconv.allocation.round_ranks`; the measurement is logged and kept
+            in the layer's ``info["round_to"]``).
+        channels_last: time layers (latency criteria, ``round_to``) on channels-last inputs,
+            for models that will run in that layout.
         **options: method options, as for ``factorize``.
 
     Returns:
@@ -245,8 +260,14 @@ def compress(
         return target
     if must_save is None:
         must_save = "flops" if options.get("objective") == "flops" else "params"
-    if must_save not in ("params", "flops", "both"):
-        raise ValueError(f"must_save must be 'params', 'flops' or 'both'; got {must_save!r}")
+    if must_save not in ("params", "flops", "both", "latency"):
+        raise ValueError(
+            f"must_save must be 'params', 'flops', 'both' or 'latency'; got {must_save!r}"
+        )
+    if round_to is not None and (
+        isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1
+    ):
+        raise ValueError(f"round_to must be a positive int (e.g. 8) or None; got {round_to!r}")
     target_budget = None
     if spec is not None:
         if any(v is not None for v in (rank, eps, ratio, budget, layers)):
@@ -271,8 +292,16 @@ def compress(
 
     target = model if inplace else copy.deepcopy(model)
     chosen = select_convs(target, layers)
-    need_flops = must_save != "params" or (
-        target_budget is not None and target_budget.kind == "flops"
+    timed = (
+        must_save == "latency"
+        or round_to is not None
+        or (target_budget is not None and target_budget.kind == "latency")
+    )
+    probe = LatencyProbe(channels_last=channels_last) if timed else None
+    need_flops = (
+        must_save != "params"
+        or timed
+        or (target_budget is not None and target_budget.kind == "flops")
     )
     size = tuple(input_size) if input_size is not None else None
     shapes: dict[str, tuple[int, int, int, int]] = {}
@@ -285,7 +314,9 @@ def compress(
         if conv.groups != 1:
             reasons[name] = f"grouped convolution (groups={conv.groups}) is not supported"
         elif need_flops and name not in shapes:
-            reasons[name] = f"not reached by a forward pass on input {size}: FLOPs unknown"
+            reasons[name] = (
+                f"not reached by a forward pass on input {size}: FLOPs and latency unknown"
+            )
         else:
             eligible.append((name, conv))
     show = progress if progress is not None else len(eligible) >= 8
@@ -304,11 +335,27 @@ def compress(
         return per_layer[name][0].name if spec is not None else decomposition.name
 
     steps = _announce(bar, method_of)
+
+    def rounded(
+        dec: Decomposition, name: str, conv: nn.Conv2d, f: Factorization, opts: dict
+    ) -> Factorization:
+        if round_to is None or probe is None:
+            return f
+        kind = target_budget.kind if target_budget is not None else None
+        layer_opts = options_for_layer(dec, conv, shapes[name], opts)
+        return round_ranks(
+            dec, conv, f, shapes[name], round_to, layer_opts, must_save, probe, kind
+        )[0]
+
     if target_budget is not None:
-        plan = allocate(decomposition, eligible, shapes, target_budget, options, must_save, steps)
+        plan = allocate(
+            decomposition, eligible, shapes, target_budget, options, must_save, steps, probe
+        )
         for name, conv in eligible:
             cand, reason = plan[name]
             f = cand.factorization
+            if f is not None:
+                f = rounded(decomposition, name, conv, f, options)
             install(name, None if f is None else layer_from_conv(conv, f), reason)
     else:
         for name, conv in steps:
@@ -317,9 +364,13 @@ def compress(
                 triple = (lspec.rank, lspec.eps, lspec.ratio)
             else:
                 dec, layer_opts, triple = decomposition, options, (rank, eps, ratio)
-            install(
-                name, *_factorize_layer(dec, conv, shapes.get(name), triple, layer_opts, must_save)
+            layer, reason = _factorize_layer(
+                dec, conv, shapes.get(name), triple, layer_opts, must_save, probe
             )
+            if layer is not None and round_to is not None:
+                f = rounded(dec, name, conv, layer.factorization, layer_opts)
+                layer = layer_from_conv(conv, f)
+            install(name, layer, reason)
     setattr(target, DENSE_REASONS, reasons)
     if size is not None:
         setattr(target, INPUT_SIZE, tuple(size))
@@ -368,6 +419,7 @@ def _factorize_layer(
     spec: tuple[Any, Any, Any],
     options: dict[str, Any],
     must_save: SaveCriterion,
+    probe: LatencyProbe | None = None,
 ) -> tuple[FactorizedConv2d | None, str]:
     rank, eps, ratio = spec
     options = options_for_layer(decomposition, conv, shape, options)
@@ -377,7 +429,11 @@ def _factorize_layer(
         return None, str(exc)
     layer = layer_from_conv(conv, f)
     dense = (conv.weight.numel(), dense_conv_flops(conv, shape) if shape else None)
-    reason = saving_shortfall(candidate_for(layer, f, shape, dense), dense[0], dense[1], must_save)
+    cand = candidate_for(layer, f, shape, dense)
+    dense_ms = None
+    if must_save == "latency" and probe is not None and shape is not None:
+        dense_ms, (cand.latency,) = probe.measure(conv, [layer], shape)
+    reason = saving_shortfall(cand, dense[0], dense[1], must_save, dense_ms)
     if reason:
         return None, f"no saving at the requested accuracy: {reason}"
     return layer, ""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from opt_einsum.paths import PathOptimizer, ssa_to_linear
 
+from .calibration import CostTable, effective_macs
 from .errors import EquationError
 from .factorization import Factorization, parse_equation
 
@@ -42,12 +43,15 @@ __all__ = [
     "ConvNetwork",
     "ConvPathOptimizer",
     "ConvPlan",
+    "DataStep",
+    "FactorStep",
     "plan_conv",
+    "step_seconds",
 ]
 
-# Moving one element costs about as much time as 8 multiply-adds: the thin 1x1 and depthwise
-# steps of a tensor network are memory bound on CPUs (calibrated with benchmarks/layer_speed.py;
-# 8 to 32 all gave the same plans within noise, 1 gave slower ones).
+# Without a cost table (plan_conv(..., tables=None)): moving one element costs about as much
+# time as 8 multiply-adds, the thin 1x1 and depthwise steps of a tensor network being memory
+# bound on CPUs. FactorizedConv2d always plans with a measured table (tnconv.calibration).
 MEMORY_WEIGHT = 8.0
 # ...but a plan may not execute more than 10% more FLOPs than the FLOP-optimal order: the FLOPs
 # tnconv reports are the ones a layer runs, and they must stay close to the network's minimum.
@@ -195,15 +199,64 @@ class ConvNetwork:
 
 
 # ---------------------------------------------------------------------------------------------
+# pricing a step with a machine's cost table
+# ---------------------------------------------------------------------------------------------
+def step_seconds(
+    table: CostTable,
+    n_fold: int,
+    n_group: int,
+    spatial: bool,
+    macs: float,
+    elems_in: float,
+    elems_out: float,
+    fold: str | None = None,
+    channels: tuple[int, int] = (0, 0),
+) -> tuple[float, bool]:
+    """Predicted seconds of one data step and whether its fold indices should run as conv
+    groups (weight repeated) rather than be folded into the batch. ``channels``: the conv's
+    (in, out) channels per group, for :func:`~tnconv.calibration.effective_macs`.
+
+    Folding into the batch is a view in NCHW but, in channels-last, moves the folded axes
+    between the channel and batch dimensions (a copy of the step's input and output); a grouped
+    conv needs no copy in either layout but runs at the grouped-conv rate. ``fold`` forces
+    ``"batch"`` or ``"groups"``.
+    """
+    elems = elems_in + elems_out
+    cin, cout = channels
+
+    def kind(groups: int) -> float:
+        eff = effective_macs(table, macs, groups, cin, cout)
+        if groups > 1:
+            return table.grouped.seconds(eff, elems)
+        return (table.spatial if spatial else table.pointwise).seconds(eff, elems)
+
+    batch = kind(n_group)
+    if n_fold == 1:
+        return batch, False
+    if table.layout == "nhwc":
+        batch += table.copy * elems
+    grouped = kind(n_fold * n_group)
+    if fold == "batch":
+        return batch, False
+    if fold == "groups":
+        return grouped, True
+    return (grouped, True) if grouped < batch else (batch, False)
+
+
+# ---------------------------------------------------------------------------------------------
 # the path optimizer
 # ---------------------------------------------------------------------------------------------
 class ConvPathOptimizer(PathOptimizer):
     """opt_einsum path optimizer for a conv-einsum whose operand 0 is the feature map.
 
     Exact dynamic programming over subsets (a conv kernel has few factors). A step that touches
-    the feature map costs ``B * H_out * W_out`` times the channel sizes it multiplies (at the
-    resolution before the factor carrying ``h`` / ``w`` and after it, per axis), plus the
-    memory it moves; factor-only steps cost their plain contraction count, once per forward.
+    the feature map multiplies ``B * H_out * W_out`` times the channel sizes it multiplies (at
+    the resolution before the factor carrying ``h`` / ``w`` and after it, per axis). With a
+    :class:`~tnconv.calibration.CostTable` a step is priced in predicted seconds (its kind's
+    call overhead, multiply-adds and elements moved, the cheaper of batch-folding and grouping
+    its fold indices, see :func:`step_seconds`); factor-only steps cost an einsum call each, or
+    nothing when ``frozen`` (folded once and reused). Without a table a step costs its
+    multiply-adds plus ``memory_weight`` x the elements it moves.
     """
 
     def __init__(
@@ -212,11 +265,15 @@ class ConvPathOptimizer(PathOptimizer):
         in_hw: tuple[int, int],
         out_hw: tuple[int, int],
         memory_weight: float = MEMORY_WEIGHT,
+        table: CostTable | None = None,
+        frozen: bool = False,
     ) -> None:
         self.network = network
         self.in_hw = in_hw
         self.out_hw = out_hw
         self.memory_weight = memory_weight
+        self.table = table
+        self.frozen = frozen
         self.cost: float = math.nan  # cost of the last path found
 
     def __call__(
@@ -274,6 +331,16 @@ class ConvPathOptimizer(PathOptimizer):
                 prod_cache[m] = p
             return prod_cache[m]
 
+        table = self.table
+
+        def factor_step_cost(a: int, b: int) -> float:
+            if self.frozen:
+                return 0.0  # contracted once, reused by every forward
+            macs = prod(open_of(a) | open_of(b))
+            if table is None:
+                return macs
+            return table.einsum + table.pointwise.mac * macs
+
         # factor-only sub-networks: classic subset DP on contraction counts
         factor_ids = list(range(1, n))
         fcost: dict[int, float] = {}
@@ -290,7 +357,7 @@ class ConvPathOptimizer(PathOptimizer):
             while sub:
                 if sub & low:  # each unordered split once
                     rest = s & ~sub
-                    c = fcost[sub] + fcost[rest] + prod(open_of(sub) | open_of(rest))
+                    c = fcost[sub] + fcost[rest] + factor_step_cost(sub, rest)
                     if c < best:
                         best, fsplit[s] = c, (sub, rest)
                 sub = (sub - 1) & s
@@ -312,8 +379,20 @@ class ConvPathOptimizer(PathOptimizer):
             wa = self.out_hw[1] if (t | u) >> owner_w & 1 else self.in_hw[1]
             out_elems = batch * prod(fold) * prod(grouped) * prod(new) * ha * wa
             macs = out_elems * prod(contracted) * kh * kw
-            traffic = batch * prod(d) * hb * wb + out_elems
-            return macs + self.memory_weight * traffic
+            in_elems = batch * prod(d) * hb * wb
+            if table is not None:
+                spatial = kh * kw > 1
+                return step_seconds(
+                    table,
+                    prod(fold),
+                    prod(grouped),
+                    spatial,
+                    macs,
+                    in_elems,
+                    out_elems,
+                    channels=(prod(contracted), prod(new)),
+                )[0]
+            return macs + self.memory_weight * (in_elems + out_elems)
 
         dcost: dict[int, float] = {1: 0.0}
         dchoice: dict[int, tuple[int, int]] = {}
@@ -404,6 +483,10 @@ class DataStep:
     dilation: tuple[int, int]
     out_shape: tuple[int, ...]  # (B, *fold, *groups, *new, H', W')
     flops: int
+    # > 1: the fold indices run as conv groups with the weight repeated this many times
+    # (channels (fold, groups, contracted)) instead of being folded into the batch
+    repeat: int = 1
+    seconds: float = math.nan  # predicted by the cost table (nan without one)
 
     @property
     def pointwise(self) -> bool:
@@ -427,6 +510,11 @@ class ConvPlan:
     final_perm: tuple[int, ...] | None = None
     path: list[tuple[int, ...]] = field(default_factory=list)
     cost: float = math.nan
+    layout: str = "nchw"  # the layout the plan was priced for
+    # run an NCHW input in channels-last (converted in, and the output back): the cost table
+    # predicted the conversions cost less than they save
+    convert: bool = False
+    frozen: bool = False  # priced for folded factor-only steps (inference)
 
     @property
     def flops(self) -> int:
@@ -438,6 +526,11 @@ class ConvPlan:
         """Multiply(-add)s of one forward pass, broadcast products included (what the
         path optimizer minimises when memory traffic is weighed at 0)."""
         return sum(s.macs if isinstance(s, FactorStep) else s.flops // 2 for s in self.steps)
+
+    @property
+    def data_macs(self) -> int:
+        """Multiply-adds of the steps that touch the feature map (all a frozen layer runs)."""
+        return sum(step.flops // 2 for step in self.steps if isinstance(step, DataStep))
 
     @property
     def data_flops(self) -> int:
@@ -456,29 +549,58 @@ class ConvPlan:
                 grp = f", groups={step.groups}" if step.groups > 1 else ""
                 fold = step.data_shape[0] // self.input_shape[0]
                 bat = f", batch x{fold}" if fold > 1 else ""
+                if step.repeat > 1:
+                    bat = f", weight x{step.repeat} over groups"
                 lines.append(
                     f"{kind} {c * step.groups}->{o}{grp}{bat}, stride={step.stride} "
                     f"({step.flops} FLOPs)"
                 )
         return lines
 
+    def fold_factors(self, factors: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """The conv2d weight of every data step (factor-only steps contracted, reshaped,
+        repeated), keyed ``-1 - step index``: what a frozen layer computes once and reuses."""
+        ops: dict[int, torch.Tensor] = dict(enumerate(factors, start=1))
+        slot = len(factors) + 1
+        weights: dict[int, torch.Tensor] = {}
+        for k, step in enumerate(self.steps):
+            if isinstance(step, FactorStep):
+                ops[slot] = torch.einsum(step.equation, ops[step.left], ops[step.right])
+                slot += 1
+            else:
+                weights[-1 - k] = _step_weight(step, ops[step.factor])
+        return weights
+
     def __call__(
-        self, x: torch.Tensor, factors: Sequence[torch.Tensor], bias: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        factors: Sequence[torch.Tensor],
+        bias: torch.Tensor | None = None,
+        folded: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """Run the plan on ``x`` (B, S, H, W). ``folded`` (from :meth:`fold_factors` on the
+        same factors) skips every weights-only computation."""
         # The steps run in the input's memory layout and so does the output, as with
-        # torch.nn.Conv2d. Channels-last is the fast layout on CPUs (measured in
-        # benchmarks/layer_speed.py); converting inside the layer costs more than it saves.
+        # torch.nn.Conv2d, unless the plan converts an NCHW input (``convert``).
         nhwc = (
             x.dim() == 4
             and not x.is_contiguous()
             and x.is_contiguous(memory_format=torch.channels_last)
         )
-        ops: list[torch.Tensor] = [x.reshape(self.data_shape), *factors]
-        for step in self.steps:
+        converted = self.convert and not nhwc
+        if converted:
+            x = x.contiguous(memory_format=torch.channels_last)
+            nhwc = True
+        ops: list[torch.Tensor | None] = [x.reshape(self.data_shape), *factors]
+        for k, step in enumerate(self.steps):
             if isinstance(step, FactorStep):
+                if folded is not None:
+                    ops.append(None)  # never read: data steps take their weight from folded
+                    continue
                 ops.append(torch.einsum(step.equation, ops[step.left], ops[step.right]))
                 continue
             data = ops[0]
+            assert data is not None
             if nhwc:
                 n, c, h, w = step.data_shape
                 data = data.permute(step.nhwc_perm).reshape(n, h, w, c).permute(0, 3, 1, 2)
@@ -486,11 +608,12 @@ class ConvPlan:
                 if step.data_perm is not None:
                     data = data.permute(step.data_perm)
                 data = data.reshape(step.data_shape)
-            weight = ops[step.factor]
-            if step.factor_perm is not None:
-                weight = weight.permute(step.factor_perm)
-            # a weight with channels-last-like strides would switch conv2d's output layout
-            weight = weight.reshape(step.weight_shape).contiguous()
+            if folded is not None:
+                weight = folded[-1 - k]
+            else:
+                factor = ops[step.factor]
+                assert factor is not None
+                weight = _step_weight(step, factor)
             if step.pad is not None:
                 mode = "constant" if step.padding_mode == "zeros" else step.padding_mode
                 data = F.pad(data, step.pad, mode=mode)
@@ -503,6 +626,7 @@ class ConvPlan:
             )
             ops[0] = out.reshape(step.out_shape)
         y = ops[0]
+        assert y is not None
         if self.final_perm is not None:
             y = y.permute(self.final_perm)
         y = y.reshape(self.output_shape)
@@ -510,7 +634,21 @@ class ConvPlan:
             y = y.contiguous(memory_format=torch.channels_last)  # no-op unless regrouped
         if bias is not None:
             y = y + bias.view(1, -1, 1, 1)
+        if converted:
+            y = y.contiguous()
         return y
+
+
+def _step_weight(step: DataStep, factor: torch.Tensor) -> torch.Tensor:
+    """The conv2d weight of a data step from its (possibly contracted) factor."""
+    weight = factor
+    if step.factor_perm is not None:
+        weight = weight.permute(step.factor_perm)
+    # a weight with channels-last-like strides would switch conv2d's output layout
+    weight = weight.reshape(step.weight_shape[0] // step.repeat, *step.weight_shape[1:])
+    if step.repeat > 1:
+        return weight.repeat(step.repeat, 1, 1, 1)
+    return weight.contiguous()
 
 
 def plan_conv(
@@ -520,20 +658,105 @@ def plan_conv(
     memory_weight: float = MEMORY_WEIGHT,
     path: Sequence[tuple[int, int]] | None = None,
     flop_slack: float = FLOP_SLACK,
+    *,
+    layout: str = "nchw",
+    tables: Mapping[str, CostTable] | None = None,
+    frozen: bool = False,
+    fold: str | None = None,
+    convert: bool | None = None,
 ) -> ConvPlan:
-    """Plan the factorized convolution of an input of shape (B, S, H, W).
+    """Plan the factorized convolution of an input of shape (B, S, H, W) in ``layout``.
 
-    The order minimises multiply-adds + ``memory_weight`` x elements moved, unless that order
-    runs more than ``1 + flop_slack`` times the FLOPs of the FLOP-optimal order, which is then
-    used instead. ``path`` forces an order (opt_einsum's linear format, operand 0 being the
-    feature map).
+    With ``tables`` (a :class:`~tnconv.calibration.CostTable` per layout, "nchw" / "nhwc") the
+    order minimises the predicted seconds of the steps in ``layout``, each data step choosing
+    between folding and grouping its fold indices; for an NCHW input the channels-last plan
+    plus the two layout conversions is taken when predicted faster (``convert`` forces or
+    forbids it). ``frozen`` prices factor-only steps at nothing (they are folded once).
+    Without tables the order minimises multiply-adds + ``memory_weight`` x elements moved.
+
+    Either way the order is replaced by the FLOP-optimal one when it would run more than
+    ``1 + flop_slack`` times its multiply-adds per forward pass (frozen: those touching the
+    feature map): the FLOPs tnconv reports are those it runs and stay near the network's
+    minimum. ``path`` forces an order (opt_einsum's linear format,
+    operand 0 being the feature map); ``fold`` forces "batch" or "groups" for every data step.
     """
+    if layout not in ("nchw", "nhwc"):
+        raise ValueError(f"layout must be 'nchw' or 'nhwc'; got {layout!r}")
+    if fold not in (None, "batch", "groups"):
+        raise ValueError(f"fold must be None, 'batch' or 'groups'; got {fold!r}")
+    if tables is None:
+        if convert:
+            raise ValueError("convert=True needs cost tables")
+        return _plan_in(
+            network,
+            geometry,
+            input_shape,
+            memory_weight,
+            path,
+            flop_slack,
+            None,
+            frozen,
+            fold,
+            "nchw" if layout == "nchw" else "nhwc",
+        )
+    plan = _plan_in(
+        network,
+        geometry,
+        input_shape,
+        memory_weight,
+        path,
+        flop_slack,
+        tables[layout],
+        frozen,
+        fold,
+        layout,
+    )
+    if layout == "nchw" and convert is not False:
+        other = _plan_in(
+            network,
+            geometry,
+            input_shape,
+            memory_weight,
+            path,
+            flop_slack,
+            tables["nhwc"],
+            frozen,
+            fold,
+            "nhwc",
+        )
+        elems = math.prod(other.input_shape) + math.prod(other.output_shape)
+        other.cost += tables["nhwc"].copy * elems
+        other.convert = True
+        if convert or other.cost < plan.cost:
+            return other
+    return plan
+
+
+def _plan_in(
+    network: ConvNetwork,
+    geometry: ConvGeometry,
+    input_shape: tuple[int, int, int, int],
+    memory_weight: float,
+    path: Sequence[tuple[int, int]] | None,
+    flop_slack: float,
+    table: CostTable | None,
+    frozen: bool,
+    fold: str | None,
+    layout: str,
+) -> ConvPlan:
+    args = (network, geometry, input_shape)
     if path is not None:
-        return _build_plan(network, geometry, input_shape, path, memory_weight)
-    plan = _build_plan(network, geometry, input_shape, None, memory_weight)
-    if memory_weight > 0:
-        lean = _build_plan(network, geometry, input_shape, None, 0.0)
-        if plan.macs > (1.0 + flop_slack) * lean.macs:
+        return _build_plan(*args, path, memory_weight, table, frozen, fold, layout)
+    plan = _build_plan(*args, None, memory_weight, table, frozen, fold, layout)
+    if memory_weight > 0 or table is not None:
+        lean = _build_plan(*args, None, 0.0, None, frozen, fold, layout)
+
+        def work(p: ConvPlan) -> int:  # what runs per forward pass
+            return p.data_macs if frozen else p.macs
+
+        if work(plan) > (1.0 + flop_slack) * work(lean):
+            if table is not None:  # price the FLOP-optimal order with the table
+                return _build_plan(*args, lean.path, 0.0, table, frozen, fold, layout)
             return lean
     return plan
 
@@ -544,6 +767,10 @@ def _build_plan(
     input_shape: tuple[int, int, int, int],
     path: Sequence[tuple[int, int]] | None,
     memory_weight: float,
+    table: CostTable | None = None,
+    frozen: bool = False,
+    fold: str | None = None,
+    layout: str = "nchw",
 ) -> ConvPlan:
     b, s, h_in, w_in = input_shape
     sz = network.size_of
@@ -558,7 +785,14 @@ def _build_plan(
             f"input has {s} channels, the factorized kernel expects {math.prod(in_sizes)}"
         )
 
-    optimizer = ConvPathOptimizer(network, (h_in, w_in), (h_out, w_out), memory_weight)
+    optimizer = ConvPathOptimizer(
+        network,
+        (h_in, w_in),
+        (h_out, w_out),
+        memory_weight,
+        table if fold is None else None,
+        frozen,
+    )
     equation = network.einsum()
     shapes = [(b, *in_sizes, h_in, w_in)] + [tuple(sizes[c] for c in t) for t in network.terms]
     if path is not None:
@@ -576,6 +810,8 @@ def _build_plan(
         data_shape=(b, *in_sizes, h_in, w_in),
         path=path,
         cost=optimizer.cost,
+        layout=layout,
+        frozen=frozen,
     )
     operands = [_Operand(network.in_modes, True, 0)] + [
         _Operand(t, False, i + 1) for i, t in enumerate(network.terms)
@@ -615,9 +851,19 @@ def _build_plan(
             consumed,
             (b, h_in, w_in, h_out, w_out),
             order_hint[step_no],
+            table,
+            fold,
         )
         plan.steps.append(step)
         operands.append(_Operand(new_indices, True, 0))
+    if table is not None:
+        # the cost of what is executed (a forced path or fold is priced here, not by the DP)
+        plan.cost = sum(
+            st.seconds
+            if isinstance(st, DataStep)
+            else (0.0 if frozen else table.einsum + table.pointwise.mac * st.macs)
+            for st in plan.steps
+        )
     (final,) = operands
     if final.indices != network.out_modes:
         perm = [final.indices.index(c) + 1 for c in network.out_modes]
@@ -657,6 +903,8 @@ def _data_step(
     consumed: dict[str, bool],
     dims: tuple[int, int, int, int, int],
     next_use: dict[str, int],
+    table: CostTable | None = None,
+    fold_mode: str | None = None,
 ) -> tuple[DataStep, str]:
     b, h_in, w_in, h_out, w_out = dims
     fidx = factor.indices
@@ -686,14 +934,12 @@ def _data_step(
     n_group = math.prod(sizes[c] for c in grouped)
     n_con = math.prod(sizes[c] for c in contracted)
     n_new = math.prod(sizes[c] for c in new)
-    data_shape = (b * n_fold, n_group * n_con, cur_h, cur_w)
 
     f_order = grouped + new + contracted + ([net.h] if has_h else []) + ([net.w] if has_w else [])
     fperm = tuple(fidx.index(c) for c in f_order)
     factor_perm = None if fperm == tuple(range(len(fperm))) else fperm
     kh = sizes[net.h] if has_h else 1
     kw = sizes[net.w] if has_w else 1
-    weight_shape = (n_group * n_new, n_con, kh, kw)
 
     top, bottom, left, right = geo.padding
     ph = (top, bottom) if has_h else (0, 0)
@@ -714,6 +960,31 @@ def _data_step(
     out_shape = (b, *(sizes[c] for c in new_indices), new_h, new_w)
     out_elems = b * n_fold * n_group * n_new * new_h * new_w
     flops = 2 * out_elems * n_con * kh * kw
+    seconds, as_groups = math.nan, fold_mode == "groups" and n_fold > 1
+    if table is not None:
+        in_elems = b * n_fold * n_group * n_con * cur_h * cur_w
+        seconds, as_groups = step_seconds(
+            table,
+            n_fold,
+            n_group,
+            kh * kw > 1,
+            flops // 2,
+            in_elems,
+            out_elems,
+            fold_mode,
+            (n_con, n_new),
+        )
+    repeat = n_fold if as_groups else 1
+    if as_groups:
+        # channels (fold, groups, contracted), groups = fold x groups, weight repeated per fold
+        data_shape = (b, n_fold * n_group * n_con, cur_h, cur_w)
+        hw = [len(data) + 1, len(data) + 2]
+        nhwc_perm = tuple([0, *hw] + [data.index(c) + 1 for c in order])
+        groups = n_fold * n_group
+    else:
+        data_shape = (b * n_fold, n_group * n_con, cur_h, cur_w)
+        groups = n_group
+    weight_shape = (repeat * n_group * n_new, n_con, kh, kw)
     step = DataStep(
         factor=factor.slot,
         data_perm=data_perm,
@@ -721,7 +992,7 @@ def _data_step(
         nhwc_perm=nhwc_perm,
         factor_perm=factor_perm,
         weight_shape=weight_shape,
-        groups=n_group,
+        groups=groups,
         stride=stride,
         padding=padding,
         pad=pad,
@@ -729,5 +1000,7 @@ def _data_step(
         dilation=dilation,
         out_shape=out_shape,
         flops=flops,
+        repeat=repeat,
+        seconds=seconds,
     )
     return step, new_indices

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
+from . import timing
 from .compress import DENSE_REASONS, conv_input_shapes, default_input_size, dense_conv_flops
 from .layers import FactorizedConv2d
 
@@ -24,6 +25,8 @@ class LayerRow:
     the factors afterwards); ``note`` says why a dense layer was left dense by ``compress``;
     ``sensitivity`` is the current factors' first-order noise gain
     (:meth:`Factorization.sensitivity`), None for a dense layer.
+    ``latency_ms`` / ``dense_latency_ms``: measured inference time of the layer and of its dense
+    equivalent at the layer's input (``summary(..., latency=True)``), else None.
     """
 
     name: str
@@ -37,6 +40,8 @@ class LayerRow:
     relative_error: float | None
     note: str = ""
     sensitivity: float | None = None
+    latency_ms: float | None = None
+    dense_latency_ms: float | None = None
 
     @property
     def compression(self) -> float:
@@ -68,6 +73,17 @@ class Summary:
     def flops(self) -> int:
         return sum(r.flops for r in self.rows)
 
+    @property
+    def timed(self) -> bool:
+        return any(r.latency_ms is not None for r in self.rows)
+
+    def _ms(self, dense: bool) -> float:
+        return sum(
+            (r.dense_latency_ms if dense else r.latency_ms) or 0.0
+            for r in self.rows
+            if r.latency_ms is not None
+        )
+
     def to_dicts(self) -> list[dict]:
         return [asdict(r) for r in self.rows]
 
@@ -81,19 +97,27 @@ class Summary:
                 writer.writerow(row)
 
     def __str__(self) -> str:
+        ms_head = f" {'ms (dense->this)':>17s}" if self.timed else ""
         head = (
-            f"{'layer':28s} {'method':8s} {'ranks':16s} {'params':>17s} {'MFLOPs':>17s} "
-            f"{'rel.err':>7s} {'sensitiv.':>9s}  note"
+            f"{'layer':28s} {'method':8s} {'ranks':16s} {'params':>17s} {'MFLOPs':>17s}"
+            f"{ms_head} {'rel.err':>7s} {'sensitiv.':>9s}  note"
         )
         lines = [head, "-" * len(head)]
         for r in self.rows:
             ranks = "x".join(map(str, r.ranks)) if r.ranks else "-"
             err = f"{r.relative_error:7.4f}" if r.relative_error is not None else "      -"
             sens = f"{r.sensitivity:9.3g}" if r.sensitivity is not None else f"{'-':>9s}"
+            ms = ""
+            if self.timed:
+                ms = (
+                    f" {r.dense_latency_ms:>8.3f}->{r.latency_ms:<8.3f}"
+                    if r.latency_ms is not None and r.dense_latency_ms is not None
+                    else f" {'-':>17s}"
+                )
             lines.append(
                 f"{r.name[-28:]:28s} {r.method:8s} {ranks[:16]:16s} "
                 f"{r.dense_params:>8d}->{r.params:<8d} "
-                f"{r.dense_flops / 1e6:>8.2f}->{r.flops / 1e6:<8.2f} {err} {sens}  {r.note}"
+                f"{r.dense_flops / 1e6:>8.2f}->{r.flops / 1e6:<8.2f}{ms} {err} {sens}  {r.note}"
             )
         lines.append("-" * len(head))
         p_ratio = self.dense_params / max(self.params, 1)
@@ -101,6 +125,7 @@ class Summary:
         lines.append(
             f"{'conv total':28s} {'':8s} {'':16s} {self.dense_params:>8d}->{self.params:<8d} "
             f"{self.dense_flops / 1e6:>8.2f}->{self.flops / 1e6:<8.2f}"
+            + (f" {self._ms(True):>8.3f}->{self._ms(False):<8.3f}" if self.timed else "")
         )
         lines.append(
             f"conv params x{p_ratio:.2f} smaller, FLOPs x{f_ratio:.2f} fewer at input "
@@ -110,12 +135,24 @@ class Summary:
         return "\n".join(lines)
 
 
-def summary(model: nn.Module, input_size: Sequence[int] | None = None) -> Summary:
+def summary(
+    model: nn.Module,
+    input_size: Sequence[int] | None = None,
+    *,
+    latency: bool = False,
+    channels_last: bool = False,
+    repeats: int = timing.LATENCY_REPEATS,
+) -> Summary:
     """Rows for every ``nn.Conv2d`` and ``FactorizedConv2d`` of ``model``.
 
     FLOPs are counted as ``torch.utils.flop_counter`` does (2 per multiply-add, biases excluded)
-    for one forward pass at ``input_size`` (B, C, H, W). The default is the size ``compress`` was
+    for one inference forward pass (no gradients: factor-only steps folded once) at
+    ``input_size`` (B, C, H, W). The default is the size ``compress`` was
     given, else ``(1, C, 224, 224)`` with C the first convolution's input channels.
+
+    ``latency=True`` also times each layer (inference, at its input in the forward pass, on
+    channels-last inputs if ``channels_last``) against its dense equivalent, round-robin in one
+    loop per layer with ``repeats`` rounds; the table then shows milliseconds per layer.
     """
     size = tuple(input_size) if input_size is not None else default_input_size(model)
     shapes = conv_input_shapes(model, size)
@@ -141,7 +178,7 @@ def summary(model: nn.Module, input_size: Sequence[int] | None = None) -> Summar
                     module.dense_params,
                     module.num_params,
                     dense_flops,
-                    module.flops(shape) if shape else 0,
+                    module.flops(shape, inference=True) if shape else 0,
                     float(err) if err is not None else None,
                     "" if shape else "not reached by the forward pass",
                     module.factorization.sensitivity(),
@@ -168,6 +205,19 @@ def summary(model: nn.Module, input_size: Sequence[int] | None = None) -> Summar
                 )
             )
             kernel_params += module.weight.numel()
+    if latency:
+        modules = dict(model.named_modules())
+        for row in rows:
+            shape = shapes.get(row.name)
+            if shape is None:
+                continue
+            module = modules[row.name]
+            pair = {"this": module}
+            if isinstance(module, FactorizedConv2d):
+                pair["dense"] = module.to_conv2d()
+            ms = timing.module_latencies(pair, shape, channels_last=channels_last, repeats=repeats)
+            row.latency_ms = ms["this"]
+            row.dense_latency_ms = ms.get("dense", ms["this"])
     total = sum(p.numel() for p in model.parameters())
     return Summary(rows, size, total, total - kernel_params)
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..calibration import cost_table
 from ..contraction import ConvGeometry, ConvNetwork, ConvPlan, plan_conv
 from ..decompositions.base import Decomposition
 from ..errors import InputShapeError
@@ -20,6 +21,20 @@ from ..factorization import Factorization
 __all__ = ["FactorizedConv2d"]
 
 _MAX_PLANS = 16
+
+
+@torch.compiler.disable
+def _make_plan(
+    network: ConvNetwork,
+    geometry: ConvGeometry,
+    shape: tuple[Any, ...],
+    layout: str,
+    frozen: bool,
+    threads: int,
+) -> ConvPlan:
+    # planning (and a first calibration, which times ops) runs eagerly, never traced
+    tables = {lay: cost_table(lay, threads) for lay in ("nchw", "nhwc")}
+    return plan_conv(network, geometry, shape, layout=layout, tables=tables, frozen=frozen)
 
 
 class FactorizedConv2d(nn.Module):
@@ -91,7 +106,23 @@ class FactorizedConv2d(nn.Module):
             self.register_parameter("bias", None)
         else:
             raise TypeError(f"bias must be a tensor, a bool or None; got {type(bias).__name__}")
-        self._plans: OrderedDict[tuple[int, ...], ConvPlan] = OrderedDict()
+        self._plans: OrderedDict[tuple[Any, ...], ConvPlan] = OrderedDict()
+        # frozen inference: the folded weights of one plan, valid while the factors are
+        # unchanged (their storage and in-place version counters are the key)
+        self._folded: tuple[tuple[Any, ...], dict[int, torch.Tensor]] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # plans are priced for this machine and folded weights are derived data: neither is
+        # copied or pickled (a loaded or copied layer plans and folds afresh)
+        state = dict(self.__dict__)
+        state["_plans"] = OrderedDict()
+        state["_folded"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_folded", None)
+        self._plans = OrderedDict()
 
     # -- construction from a dense layer ------------------------------------------------------
     @classmethod
@@ -195,18 +226,50 @@ class FactorizedConv2d(nn.Module):
         )
 
     # -- execution ----------------------------------------------------------------------------
-    def plan_for(self, input_shape: tuple[int, ...]) -> ConvPlan:
-        """The (cached) execution plan for inputs of shape (B, S, H, W)."""
-        key = tuple(int(n) for n in input_shape)
+    def plan_for(
+        self,
+        input_shape: tuple[int, ...],
+        layout: str = "nchw",
+        frozen: bool = False,
+    ) -> ConvPlan:
+        """The (cached) execution plan for inputs of shape (B, S, H, W) in ``layout``
+        ("nchw" or "nhwc" = channels-last), priced with this machine's cost tables at the
+        current thread count (:mod:`tnconv.calibration`); ``frozen`` plans for folded
+        factor-only steps (inference)."""
+        threads = torch.get_num_threads()
+        key = (*(int(n) for n in input_shape), layout, frozen, threads)
         plan = self._plans.get(key)
         if plan is None:
-            if len(key) != 4:
-                raise ValueError(f"expected input of shape (B, S, H, W); got {key}")
-            plan = plan_conv(self.network, self.geometry, key)  # type: ignore[arg-type]
+            shape = key[:-3]
+            if len(shape) != 4:
+                raise ValueError(f"expected input of shape (B, S, H, W); got {shape}")
+            plan = _make_plan(self.network, self.geometry, shape, layout, frozen, threads)
             self._plans[key] = plan
             if len(self._plans) > _MAX_PLANS:
                 self._plans.popitem(last=False)
         return plan
+
+    def _frozen(self) -> bool:
+        """Fold factor-only steps when no gradient can reach the factors through this call:
+        under ``torch.no_grad`` / ``torch.inference_mode``, or in ``eval()`` with frozen
+        factors. Never while being traced by ``torch.compile`` (it folds constants itself)."""
+        if torch.compiler.is_compiling():
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not self.training and not any(p.requires_grad for p in self.factors)
+
+    def _folded_weights(self, plan: ConvPlan) -> dict[int, torch.Tensor]:
+        factors = list(self.factors)
+        key = (
+            id(plan),
+            torch.is_inference_mode_enabled(),
+            *((p.data_ptr(), p._version) for p in factors),
+        )
+        if self._folded is None or self._folded[0] != key:
+            with torch.no_grad():
+                self._folded = (key, plan.fold_factors(factors))
+        return self._folded[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):  # as nn.Conv2d: a TypeError, not an AttributeError
@@ -231,7 +294,11 @@ class FactorizedConv2d(nn.Module):
                 f"input{list(x.shape)} to have {self.in_channels} channels, but got "
                 f"{x.shape[1]} channels instead"
             )
-        y = self.plan_for(tuple(x.shape))(x, list(self.factors), self.bias)
+        nhwc = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        frozen = self._frozen()
+        plan = self.plan_for(tuple(x.shape), "nhwc" if nhwc else "nchw", frozen)
+        folded = self._folded_weights(plan) if frozen else None
+        y = plan(x, list(self.factors), self.bias, folded)
         return y.squeeze(0) if unbatched else y
 
     # -- inspection -----------------------------------------------------------------------------
@@ -265,9 +332,16 @@ class FactorizedConv2d(nn.Module):
         """Parameters of the dense kernel this layer replaces (the bias excluded)."""
         return self.out_channels * self.in_channels * self.kernel_size[0] * self.kernel_size[1]
 
-    def flops(self, input_shape: tuple[int, ...]) -> int:
-        """FLOPs of one forward pass on ``input_shape`` (B, S, H, W), bias excluded."""
-        return self.plan_for(input_shape).flops
+    def flops(
+        self, input_shape: tuple[int, ...], layout: str = "nchw", inference: bool = False
+    ) -> int:
+        """FLOPs of one forward pass on ``input_shape`` (B, S, H, W) in ``layout``, bias
+        excluded: those the executed plan runs. ``inference``: a pass without gradients
+        (``torch.no_grad`` / ``inference_mode``), whose factor-only steps are folded once and
+        reused, so only the steps touching the feature map count."""
+        if inference:
+            return self.plan_for(input_shape, layout, frozen=True).data_flops
+        return self.plan_for(input_shape, layout).flops
 
     def to_conv2d(self) -> nn.Conv2d:
         """A dense ``nn.Conv2d`` with the reconstructed kernel (e.g. to undo compression)."""

@@ -1,0 +1,297 @@
+"""Whole-model speed: dense vs every method at 0.25 of the conv parameters.
+
+Models: CIFAR ResNet-20 / ResNet-56 and VGG-19-BN at 32x32 (tnconv.models) and a
+ResNet-18-shaped ImageNet model at 224x224 (defined here: the torchvision layout, random
+weights). Every conv but the stem is factorized at the largest uniform rank whose parameters fit
+in 0.25 of that layer's (so the compressed conv parameters are at most 0.25 of the dense ones;
+the table gives the exact share). Speed does not depend on the weights' values, so random
+weights are used and CP fits with one sweep.
+
+For batch 1 and 32, NCHW and channels-last, the dense model and every compressed one are timed
+round-robin in one loop (inference: eval mode, ``torch.no_grad``); the table gives the
+wall-clock speed-up, the FLOP reduction (whole model, ``torch.utils.flop_counter``, inference
+pass), the realized share (speed-up / FLOP reduction) and the peak memory of the tensors the
+forward pass creates. In channels-last, ``<method>+guard`` is the compressed model with every
+factorized layer that is not faster than its dense original (timed at its input, as
+``compress(..., must_save="latency")`` decides, without refitting) put back to dense.
+``--compile`` adds ``torch.compile`` of the dense and Tucker models.
+
+Run:  python benchmarks/model_speed.py [--quick] [--threads 2] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import tnconv
+from tnconv.compress import conv_input_shapes
+from tnconv.models import create
+from tnconv.timing import module_latencies
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _memory import PeakMemory
+from _timing import pin_allocator, time_round_robin
+
+SHARE = 0.25
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+# ---------------------------------------------------------------------------------------------
+# a ResNet-18-shaped ImageNet model (torchvision's layout; torchvision is not a dependency)
+# ---------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+def resnet18_imagenet(num_classes: int = 1000) -> nn.Module:
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+    ]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers)
+
+
+MODELS = {
+    "resnet20": (lambda: create("resnet20"), 32),
+    "resnet56": (lambda: create("resnet56"), 32),
+    "vgg19_bn": (lambda: create("vgg19_bn"), 32),
+    "resnet18-imagenet": (resnet18_imagenet, 224),
+}
+
+
+def stem(model: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+
+
+def compress_at_share(model: nn.Module, method: str, share: float) -> nn.Module:
+    """Every conv but the stem at the largest uniform rank within ``share`` of its params."""
+    dec = tnconv.get(method)
+    fields = getattr(dec.Options, "model_fields", {})
+    options = {k: v for k, v in (("max_iter", 1), ("n_init", 1), ("als_sweeps", 0)) if k in fields}
+    spec = {}
+    first = stem(model)
+    for name, conv in model.named_modules():
+        if not isinstance(conv, nn.Conv2d) or name == first:
+            continue
+        shape = tuple(conv.weight.shape)
+        budget = share * conv.weight.numel()
+        top = max(dec.bond_ranks(10**9, shape))
+        fits = [
+            r
+            for r in range(1, min(top, 1024) + 1)
+            if dec.num_params_at(shape, dec.bond_ranks(r, shape)) <= budget
+        ]
+        if fits:
+            spec[name] = {"rank": dec.bond_ranks(max(fits), shape), "options": options}
+    return tnconv.compress(model, method, spec=spec, progress=False)
+
+
+def latency_guarded(
+    dense: nn.Module, small: nn.Module, size: tuple[int, ...], channels_last: bool
+) -> nn.Module:
+    """``small`` with each factorized layer that is not faster than the dense original at its
+    input (round-robin, as compress(must_save="latency") times) replaced by that original."""
+    guarded = copy.deepcopy(small)
+    originals = dict(dense.named_modules())
+    shapes = conv_input_shapes(small, size)
+    for name, layer in small.named_modules():
+        if not isinstance(layer, tnconv.FactorizedConv2d) or name not in shapes:
+            continue
+        ms = module_latencies(
+            {"dense": originals[name], "f": layer},
+            shapes[name],
+            channels_last=channels_last,
+            repeats=5,
+        )
+        if ms["f"] >= ms["dense"]:
+            parent, _, child = name.rpartition(".")
+            holder = guarded.get_submodule(parent) if parent else guarded
+            setattr(holder, child, copy.deepcopy(originals[name]))
+    return guarded.eval()
+
+
+def conv_params(model: nn.Module) -> int:
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            total += m.weight.numel()
+        elif isinstance(m, tnconv.FactorizedConv2d):
+            total += m.num_params
+    return total
+
+
+@dataclass
+class Row:
+    model: str
+    batch: int
+    layout: str
+    name: str
+    param_share: float
+    gflops: float
+    ms: float
+    speedup: float
+    flop_reduction: float
+    realized: float
+    peak_mb: float
+
+
+def flops_and_peak(model: nn.Module, x: torch.Tensor) -> tuple[int, float]:
+    with torch.no_grad():
+        model(x)  # plans and folded weights exist before measuring
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+        with PeakMemory() as mem:
+            model(x)
+    return counter.get_total_flops(), mem.peak / 2**20
+
+
+def run_model(
+    name: str, batches: list[int], repeats: int, methods: list[str], compiled: bool
+) -> list[Row]:
+    build, size = MODELS[name]
+    torch.manual_seed(0)
+    dense = build().eval()
+    variants: dict[str, nn.Module] = {"dense": dense}
+    for method in methods:
+        try:
+            variants[method] = compress_at_share(dense, method, SHARE).eval()
+        except Exception as exc:
+            print(f"  {name}: skipped {method}: {exc}", file=sys.stderr)
+    dense_params = conv_params(dense)
+    rows = []
+    for batch in batches:
+        for layout, fmt in LAYOUTS.items():
+            x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
+            setting = dict(variants)
+            if layout == "nhwc":
+                for method in methods:
+                    if method in variants:
+                        setting[f"{method}+guard"] = latency_guarded(
+                            dense, variants[method], tuple(x.shape), True
+                        )
+            for m in setting.values():
+                m.to(memory_format=fmt)
+            fns = {k: (lambda m=m, x=x: m(x)) for k, m in setting.items()}
+            if compiled and layout == "nhwc":
+                for k in ("dense", "tucker"):
+                    if k in variants:
+                        c = torch.compile(variants[k])
+                        fns[f"{k}+compile"] = lambda c=c, x=x: c(x)
+            with torch.no_grad():
+                times = time_round_robin(fns, repeats)
+            dense_flops, _ = flops_and_peak(dense, x)
+            for k, ms in times.items():
+                module = setting[k.removesuffix("+compile")]
+                flops, peak = flops_and_peak(module, x)
+                speedup = times["dense"] / ms
+                reduction = dense_flops / flops
+                rows.append(
+                    Row(
+                        name,
+                        batch,
+                        layout,
+                        k,
+                        conv_params(module) / dense_params,
+                        flops / 1e9,
+                        ms,
+                        speedup,
+                        reduction,
+                        speedup / reduction,
+                        peak,
+                    )
+                )
+    return rows
+
+
+def print_rows(rows: list[Row]) -> None:
+    print(
+        "| model | batch | layout | method | conv params | GFLOP | ms | speed-up | FLOP red. | "
+        "realized | peak MB |"
+    )
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r.model} | {r.batch} | {r.layout} | {r.name} | {r.param_share:.3f} | "
+            f"{r.gflops:.3f} | {r.ms:.2f} | {r.speedup:.2f} | {r.flop_reduction:.2f} | "
+            f"{r.realized:.2f} | {r.peak_mb:.1f} |"
+        )
+
+
+def print_speedups(rows: list[Row]) -> None:
+    """One line per model x method: wall-clock speed-up in each setting."""
+    settings = list(dict.fromkeys((r.batch, r.layout) for r in rows))
+    print("\nWall-clock speed-up over the dense model (realized share in brackets):\n")
+    print("| model | method | " + " | ".join(f"b{b} {lay}" for b, lay in settings) + " |")
+    print("|---|---|" + "---:|" * len(settings))
+    by = {(r.model, r.name, r.batch, r.layout): r for r in rows}
+    for model, name in dict.fromkeys((r.model, r.name) for r in rows if r.name != "dense"):
+        cells = []
+        for b, lay in settings:
+            r = by.get((model, name, b, lay))
+            cells.append(f"{r.speedup:.2f} ({r.realized:.2f})" if r else "-")
+        print(f"| {model} | {name} | " + " | ".join(cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="ResNet-20 only")
+    parser.add_argument("--models", default=None, help="comma-separated subset of the models")
+    parser.add_argument("--repeats", type=int, default=None, help="default 10 (quick: 8)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pinned = pin_allocator()
+    names = ["resnet20"] if args.quick else list(MODELS)
+    if args.models:
+        names = args.models.split(",")
+    methods = tnconv.available()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, methods {methods}, "
+        f"allocator pinned: {pinned}; conv params at <= {SHARE} per layer (stem dense)\n"
+    )
+    start = time.perf_counter()
+    rows: list[Row] = []
+    for name in names:
+        # the 224x224 model at batch 32 takes ~1 s per forward on 2 cores: fewer repeats
+        big = MODELS[name][1] > 64
+        repeats = args.repeats or (8 if args.quick else (4 if big else 10))
+        rows += run_model(name, [1, 32], repeats, methods, args.compile)
+    print_rows(rows)
+    print_speedups(rows)
+    print(f"\n({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

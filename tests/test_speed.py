@@ -1,0 +1,448 @@
+"""Speed machinery: the calibrated cost model, every execution variant against conv2d, frozen
+inference and torch.compile. No test here depends on a timing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tnconv
+from tnconv import calibration
+from tnconv.allocation import dense_conv_flops
+from tnconv.calibration import DEFAULT_TABLES, CostTable, KindCost
+from tnconv.compress import conv_input_shapes
+from tnconv.contraction import ConvGeometry, ConvNetwork, DataStep, plan_conv
+
+from .conftest import METHODS
+
+
+def _factorization(method: str, shape: tuple, rank, seed: int = 0) -> tnconv.Factorization:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen, dtype=torch.float64)
+    opts = {"max_iter": 3, "n_init": 1} if method == "cp" else {}
+    return tnconv.get(method).factorize(w, rank, **opts)
+
+
+def _table(layout: str, grouped_mac: float, copy: float) -> CostTable:
+    base = DEFAULT_TABLES[layout]
+    return dataclasses.replace(
+        base, grouped=KindCost(base.grouped.call, grouped_mac, base.grouped.elem), copy=copy
+    )
+
+
+# tables that make each variant win: grouped convs cheap or dear, layout copies free or dear
+TABLES = {
+    "default": DEFAULT_TABLES,
+    "groups-cheap": {lay: _table(lay, 1e-13, 1e-8) for lay in ("nchw", "nhwc")},
+    "groups-dear": {lay: _table(lay, 1e-8, 1e-13) for lay in ("nchw", "nhwc")},
+}
+
+
+@settings(max_examples=16)
+@given(
+    method=st.sampled_from(METHODS),
+    k=st.sampled_from([(1, 1), (3, 3), (3, 1), (2, 3)]),
+    rank=st.integers(1, 4),
+    batch=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    padding=st.sampled_from([0, 1, "same"]),
+    table=st.sampled_from(sorted(TABLES)),
+    fold=st.sampled_from([None, "batch", "groups"]),
+    layout=st.sampled_from(["nchw", "nhwc"]),
+    convert=st.sampled_from([None, True, False]),
+    frozen=st.booleans(),
+)
+def test_every_execution_variant_equals_conv2d(
+    method, k, rank, batch, stride, dilation, padding, table, fold, layout, convert, frozen
+) -> None:
+    """Whatever the cost table, fold mode, layout, conversion or frozen folding, the plan runs
+    exactly ``F.conv2d`` on the reconstructed kernel, in the input's layout."""
+    if padding == "same" and stride != 1:
+        stride = 1
+    f = _factorization(method, (6, 4, *k), rank)
+    net = ConvNetwork.from_factorization(f)
+    geo = ConvGeometry.make(k, stride, padding, dilation)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 4, 9, 8, generator=gen, dtype=torch.float64)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+        convert = None if convert else convert
+    plan = plan_conv(
+        net,
+        geo,
+        tuple(x.shape),
+        layout=layout,
+        tables=TABLES[table],
+        frozen=frozen,
+        fold=fold,
+        convert=convert,
+    )
+    folded = plan.fold_factors(f.factors) if frozen else None
+    y = plan(x, f.factors, None, folded)
+    ref = F.conv2d(x, f.to_tensor(), None, stride, padding, dilation)
+    torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-9)
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)  # the output keeps the input's layout
+    steps = [s for s in plan.steps if isinstance(s, DataStep)]
+    if fold == "groups":
+        assert all(s.data_shape[0] == batch for s in steps)  # nothing folded into the batch
+    if fold == "batch":
+        assert all(s.repeat == 1 for s in steps)
+
+
+def test_fold_choice_follows_the_table_and_layout() -> None:
+    """A ring's middle steps fold a bond: into the batch when grouped convs are dear, as conv
+    groups with a repeated weight when the layout copies that batch folding needs are dear."""
+    f = _factorization("tr", (32, 32, 3, 3), 4)
+    net = ConvNetwork.from_factorization(f)
+    geo = ConvGeometry.make((3, 3), 1, 1)
+    shape = (8, 32, 14, 14)
+
+    def repeats(tables: dict, layout: str) -> list[int]:
+        plan = plan_conv(net, geo, shape, layout=layout, tables=tables, convert=False)
+        return [s.repeat for s in plan.steps if isinstance(s, DataStep)]
+
+    assert max(repeats(TABLES["groups-dear"], "nhwc")) == 1
+    assert max(repeats(TABLES["groups-cheap"], "nhwc")) > 1
+    # the plan is a pure function of the table: same table, same plan
+    a = plan_conv(net, geo, shape, layout="nhwc", tables=TABLES["default"])
+    b = plan_conv(net, geo, shape, layout="nhwc", tables=TABLES["default"])
+    assert a.path == b.path and a.steps == b.steps
+
+
+def test_nchw_input_converted_only_when_predicted_faster() -> None:
+    f = _factorization("tucker", (64, 64, 3, 3), (16, 16))
+    net = ConvNetwork.from_factorization(f)
+    geo = ConvGeometry.make((3, 3), 1, 1)
+    cheap_nhwc = {
+        "nchw": dataclasses.replace(DEFAULT_TABLES["nchw"], spatial=KindCost(1e-3, 1e-9, 1e-9)),
+        "nhwc": dataclasses.replace(DEFAULT_TABLES["nhwc"], copy=1e-12),
+    }
+    dear_copy = {
+        "nchw": DEFAULT_TABLES["nchw"],
+        "nhwc": dataclasses.replace(DEFAULT_TABLES["nhwc"], copy=1e-6),
+    }
+    assert plan_conv(net, geo, (4, 64, 14, 14), tables=cheap_nhwc).convert
+    assert not plan_conv(net, geo, (4, 64, 14, 14), tables=dear_copy).convert
+
+
+def test_flops_are_those_executed_and_near_the_minimum() -> None:
+    """With any table, the plan's FLOPs equal torch's count of what runs and stay within the
+    10% slack of the FLOP-optimal order."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for method in ("tr", "tt", "cp", "tucker"):
+        f = _factorization(method, (32, 24, 3, 3), 5)
+        layer = tnconv.FactorizedConv2d(f, padding=1).float()
+        net, geo = layer.network, layer.geometry
+        lean = plan_conv(net, geo, (4, 24, 10, 10), memory_weight=0.0)
+        for tables in TABLES.values():
+            for layout in ("nchw", "nhwc"):
+                plan = plan_conv(net, geo, (4, 24, 10, 10), layout=layout, tables=tables)
+                assert plan.macs <= 1.1 * lean.macs
+                x = torch.randn(4, 24, 10, 10)
+                with FlopCounterMode(display=False) as counter:
+                    plan(x, list(layer.factors))
+                assert counter.get_total_flops() == plan.flops
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration cache
+# ---------------------------------------------------------------------------------------------
+def test_calibration_is_measured_once_cached_and_reset(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TNCONV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TNCONV_CALIBRATION", "")
+    calls = []
+    real = calibration._measure
+
+    def fake_measure(layout: str, repeats: int) -> CostTable:
+        calls.append(layout)
+        return dataclasses.replace(DEFAULT_TABLES[layout], source="measured")
+
+    monkeypatch.setattr(calibration, "_measure", fake_measure)
+    calibration._MEMO.clear()
+    table = calibration.cost_table("nhwc", threads=1)
+    assert table.source == "measured" and sorted(calls) == ["nchw", "nhwc"]
+    data = json.loads((tmp_path / "calibration.json").read_text())
+    assert calibration.machine_key("nhwc", 1) in data
+    assert "threads=1" in calibration.machine_key("nhwc", 1)
+    calibration._MEMO.clear()
+    assert calibration.cost_table("nchw", threads=1).source == "measured"  # from disk
+    assert len(calls) == 2
+    calibration.cost_table("nchw", threads=2)  # another thread count: measured again
+    assert len(calls) == 4
+    assert calibration.reset() == [tmp_path / "calibration.json"]
+    assert not (tmp_path / "calibration.json").exists()
+    calibration.cost_table("nchw", threads=1)
+    assert len(calls) == 6
+    monkeypatch.setattr(calibration, "_measure", real)
+
+
+def test_calibration_table_file_and_errors(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "tables.json"
+    path.write_text(json.dumps({k: t.to_json() for k, t in DEFAULT_TABLES.items()}))
+    monkeypatch.setenv("TNCONV_CALIBRATION", str(path))
+    assert calibration.cost_table("nhwc") == DEFAULT_TABLES["nhwc"]
+    with pytest.raises(ValueError, match="layout"):
+        calibration.cost_table("nwhc")
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="per layout"):
+        calibration.cost_table("nchw")
+
+
+def test_real_calibration_is_small_and_sane(tmp_path, monkeypatch) -> None:
+    """The measurement itself runs (a few seconds) and yields positive, finite rates."""
+    monkeypatch.setenv("TNCONV_CACHE_DIR", str(tmp_path))
+    tables = calibration.calibrate(threads=1, repeats=1)
+    for table in tables.values():
+        assert table.source == "measured" and table.threads == 1
+        for kind in (table.pointwise, table.spatial, table.grouped):
+            assert all(v >= 0 and v < 1 for v in (kind.call, kind.mac, kind.elem))
+            assert kind.mac > 0 or kind.elem > 0
+        assert table.copy >= 0
+    assert (tmp_path / "calibration.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# frozen inference
+# ---------------------------------------------------------------------------------------------
+def test_frozen_inference_folds_once_and_follows_the_factors() -> None:
+    torch.manual_seed(0)
+    f = _factorization("tt", (16, 12, 3, 3), 4)
+    layer = tnconv.FactorizedConv2d(f, padding=1).float()
+    x = torch.randn(2, 12, 9, 9)
+    with torch.no_grad():
+        y1 = layer(x)
+        folded = layer._folded
+        assert folded is not None
+        y2 = layer(x)
+        assert layer._folded is folded  # reused, not recomputed
+    ref = F.conv2d(x, layer.to_tensor().detach(), None, 1, 1)
+    torch.testing.assert_close(y1, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y2, y1)
+    # an optimizer step changes the factors in place: the folded weights must follow
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer.train()
+    loss = layer(x).square().mean()
+    loss.backward()
+    opt.step()
+    with torch.inference_mode():
+        y3 = layer(x)
+    ref3 = F.conv2d(x, layer.to_tensor().detach(), None, 1, 1)
+    torch.testing.assert_close(y3, ref3, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(y3, y1)
+    # training with gradients never uses folded weights: gradients reach every factor
+    layer.train()
+    layer.zero_grad()
+    layer(x).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.factors)
+
+
+def test_eval_mode_with_frozen_factors_folds() -> None:
+    f = _factorization("tr", (8, 8, 3, 3), 3)
+    layer = tnconv.FactorizedConv2d(f, padding=1).eval()
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(1, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert layer._folded is not None
+    y.sum().backward()  # gradients still reach the input
+    ref = F.conv2d(x.detach(), layer.to_tensor(), None, 1, 1)
+    torch.testing.assert_close(y.detach(), ref)
+    assert x.grad is not None
+
+
+@pytest.mark.slow
+def test_torch_compile_equals_eager() -> None:
+    """torch.compile runs compressed layers with the eager outputs (skipped when inductor
+    cannot build on this machine)."""
+    torch.manual_seed(0)
+    model = (
+        torch.nn.Sequential(
+            tnconv.FactorizedConv2d(_factorization("tucker", (8, 3, 3, 3), (4, 3)), padding=1),
+            torch.nn.ReLU(),
+            tnconv.FactorizedConv2d(_factorization("tt", (8, 8, 3, 3), 3), stride=2, padding=1),
+        )
+        .float()
+        .eval()
+    )
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        eager = model(x)
+        try:
+            compiled = torch.compile(model)(x)
+        except Exception as exc:  # no C++ toolchain, unsupported platform
+            pytest.skip(f"torch.compile unavailable here: {type(exc).__name__}: {exc}")
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# latency criteria in compress / allocation / summary (a deterministic fake clock)
+# ---------------------------------------------------------------------------------------------
+def _small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, stride=2, padding=1),
+    )
+
+
+def _fake_clock(slowdown: float, rounded_bonus: float = 1.0):
+    """Milliseconds from FLOPs: dense convs at 1 ms per MFLOP, factorized ones ``slowdown``
+    times slower per FLOP, and ``rounded_bonus`` times faster when every rank is a multiple
+    of 8."""
+
+    def fake(modules, shape, *, channels_last=False, repeats=0):
+        out = {}
+        for name, m in modules.items():
+            if isinstance(m, tnconv.FactorizedConv2d):
+                ms = slowdown * m.flops(tuple(shape)) / 1e6
+                if all(r % 8 == 0 for r in m.ranks):
+                    ms /= rounded_bonus
+            else:
+                ms = dense_conv_flops(m, shape) / 1e6
+            out[name] = ms + 0.01
+        return out
+
+    return fake
+
+
+def test_must_save_latency_keeps_slower_layers_dense(monkeypatch) -> None:
+    monkeypatch.setattr(tnconv.timing, "module_latencies", _fake_clock(slowdown=2.0))
+    size = (1, 3, 12, 12)
+    model = _small_model()
+    small = tnconv.compress(model, "tucker", rank=6, must_save="latency", input_size=size)
+    shapes = conv_input_shapes(model, size)
+    flops_only = tnconv.compress(model, "tucker", rank=6, must_save="flops", input_size=size)
+    for name, conv in model.named_modules():
+        if not isinstance(conv, torch.nn.Conv2d):
+            continue
+        fact = dict(flops_only.named_modules())[name]
+        if not isinstance(fact, tnconv.FactorizedConv2d):
+            continue
+        faster = 2.0 * fact.flops(shapes[name]) < dense_conv_flops(conv, shapes[name])
+        got = dict(small.named_modules())[name]
+        assert isinstance(got, tnconv.FactorizedConv2d) == faster, name
+        if not faster:
+            assert "measured" in tnconv.dense_reasons(small)[name]
+    assert any(isinstance(m, tnconv.FactorizedConv2d) for m in small.modules())
+    assert any("measured" in r for r in tnconv.dense_reasons(small).values())
+
+
+def test_latency_budget_is_met_on_the_measured_costs(monkeypatch) -> None:
+    clock = _fake_clock(slowdown=1.5)
+    monkeypatch.setattr(tnconv.timing, "module_latencies", clock)
+    size = (2, 3, 12, 12)
+    model = _small_model()
+    small = tnconv.compress(
+        model,
+        "tucker",
+        budget=("latency", 0.6),
+        input_size=size,
+        layers=lambda n, m: m.in_channels > 3,
+    )
+    shapes = conv_input_shapes(model, size)
+    spent = dense = 0.0
+    for name, conv in model.named_modules():
+        if isinstance(conv, torch.nn.Conv2d) and conv.in_channels > 3:
+            now = dict(small.named_modules())[name]
+            spent += clock({"m": now}, shapes[name])["m"]
+            dense += clock({"m": conv}, shapes[name])["m"]
+    assert spent <= 0.6 * dense + 1e-9
+    assert any(isinstance(m, tnconv.FactorizedConv2d) for m in small.modules())
+    with pytest.raises(tnconv.RankSpecError, match="latency"):
+        tnconv.compress(model, "tucker", budget=("time", 0.5))
+
+
+def test_round_to_keeps_rounded_ranks_only_when_faster(monkeypatch) -> None:
+    size = (1, 3, 12, 12)
+    model = _small_model()
+    layers = ["4"]  # 32 -> 32
+    monkeypatch.setattr(
+        tnconv.timing, "module_latencies", _fake_clock(slowdown=1.0, rounded_bonus=3.0)
+    )
+    small = tnconv.compress(model, "tucker", rank=11, layers=layers, input_size=size, round_to=8)
+    assert small[4].ranks == (8, 8)
+    assert "rounded" in small[4].info["round_to"]
+    # rounding 12 -> 16 adds FLOPs; with no bonus for multiples it is slower: not kept
+    monkeypatch.setattr(tnconv.timing, "module_latencies", _fake_clock(slowdown=1.0))
+    small = tnconv.compress(model, "tucker", rank=12, layers=layers, input_size=size, round_to=8)
+    assert small[4].ranks == (12, 12)
+    assert "kept unrounded" in small[4].info["round_to"]
+    torch.testing.assert_close(
+        small[4].to_tensor(), tnconv.get("tucker").factorize(model[4].weight, 12).to_tensor()
+    )
+    with pytest.raises(ValueError, match="round_to"):
+        tnconv.compress(model, "tucker", rank=4, round_to=0)
+
+
+def test_summary_shows_measured_latency(monkeypatch) -> None:
+    monkeypatch.setattr(tnconv.timing, "module_latencies", _fake_clock(slowdown=1.0))
+    small = tnconv.compress(_small_model(), "tt", rank=4, input_size=(1, 3, 12, 12))
+    s = tnconv.summary(small, latency=True)
+    assert all(r.latency_ms is not None and r.dense_latency_ms is not None for r in s.rows)
+    assert "ms (dense->this)" in str(s)
+    assert tnconv.summary(small).rows[0].latency_ms is None
+
+
+def test_real_latency_measurement_runs() -> None:
+    """The real clock end to end on a tiny model (no assertion on which layers win)."""
+    small = tnconv.compress(
+        _small_model(),
+        "tucker",
+        rank=4,
+        must_save="latency",
+        input_size=(1, 3, 8, 8),
+        channels_last=True,
+    )
+    x = torch.randn(1, 3, 8, 8)
+    for name, reason in tnconv.dense_reasons(small).items():
+        assert "measured" in reason or "saving" in reason, name
+    s = tnconv.summary(small, latency=True, repeats=2)
+    assert all(r.latency_ms > 0 for r in s.rows)
+    assert small(x).shape == (1, 32, 4, 4)
+
+
+def test_cli_calibrate_show_and_reset(tmp_path, monkeypatch, capsys) -> None:
+    from tnconv.cli import main
+
+    monkeypatch.setenv("TNCONV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(calibration, "_measure", lambda layout, repeats: DEFAULT_TABLES[layout])
+    assert main(["calibrate", "--threads", "1"]) == 0
+    assert (tmp_path / "calibration.json").exists()
+    assert main(["calibrate", "--show"]) == 0
+    assert "threads=1" in capsys.readouterr().out
+    assert main(["calibrate", "--reset", "--show"]) == 0
+    assert not (tmp_path / "calibration.json").exists()
+    assert main(["calibrate", "--threads", "0"]) == 2
+
+
+def test_copies_and_saved_models_plan_afresh(tmp_path) -> None:
+    import copy
+
+    f = _factorization("tr", (8, 8, 3, 3), 3)
+    layer = tnconv.FactorizedConv2d(f, padding=1)
+    x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer._plans and layer._folded is not None
+    twin = copy.deepcopy(layer)
+    assert not twin._plans and twin._folded is None
+    tnconv.save(torch.nn.Sequential(layer), tmp_path / "m.pt")
+    again = tnconv.load(tmp_path / "m.pt")[0]
+    assert not again._plans and again._folded is None
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), y)
+        torch.testing.assert_close(again(x), y)
