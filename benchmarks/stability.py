@@ -225,6 +225,7 @@ def digits_part(
         return " | ".join(cells)
 
     dense_params = sum(m.weight.numel() for n, m in model.named_modules() if compressible(n, m))
+    notes: list[str] = []
     print(f"| dense | {dense_params} | 0 | - | {dense_acc:.4f} | - | {divergence(model)} |")
     for label, (method, opts) in variants.items():
         with warnings.catch_warnings():
@@ -234,6 +235,16 @@ def digits_part(
         params = sum(m.num_params for m in layers)
         err = float(np.mean([m.info["relative_error"] for m in layers]))
         sens = sum(m.factorization.sensitivity() for m in layers)
+        notes.append(
+            f"{label}: ranks "
+            + ", ".join("x".join(map(str, m.ranks)) for m in layers)
+            + (
+                "; stabilisation sweeps "
+                + ", ".join(str(m.info.get("stabilize_sweeps", "-")) for m in layers)
+                if method == "tc"
+                else ""
+            )
+        )
         before = evaluate(small, test_loader)
         after = []
         for seed in range(tune_seeds):
@@ -251,6 +262,7 @@ def digits_part(
         "in one epoch of constant-lr SGD (momentum 0.9, batch 32) per seed; (xG): median ratio "
         "of that mean to the first loss.\n"
     )
+    print("\n".join(f"- {n}" for n in notes) + "\n")
 
 
 def main() -> None:

@@ -127,7 +127,8 @@ def run_demo(out: str | Path, config: DemoConfig | None = None) -> StudyResult:
         input_size=(cfg.batch_size, *image),
         evaluate=lambda m: evaluate(m, test_loader),
         fine_tune=tune,
-        options={"cp": {"n_init": 1, "max_iter": 200}},  # CP's ALS is the slow one; one start
+        # CP's ALS is the slow one; one start
+        options={m: {"n_init": 1, "max_iter": 200} for m in ("cp", "cp-stable")},
         progress=cfg.progress,
     )
     result.to_csv(out / "results.csv")

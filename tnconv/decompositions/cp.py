@@ -413,3 +413,20 @@ class CP(Decomposition):
         return self.make(
             factors, EQUATION, shape, (r,), fit_error=err, degeneracy=degeneracy, **info
         )
+
+
+class CPStableOptions(CPOptions):
+    """Options of ``cp-stable``: those of ``cp`` with ``stabilize=True`` by default."""
+
+    stabilize: bool = True
+
+
+@register("cp-stable")
+class CPStable(CP):
+    """``cp`` with the sensitivity-constrained refinement on (``cp`` with ``stabilize=True``).
+
+    Registered under its own name so every method-parametrized suite and ``compress`` /
+    ``study`` pick the stabilised fit up like any other method.
+    """
+
+    Options = CPStableOptions
