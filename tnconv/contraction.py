@@ -24,7 +24,7 @@ once per input shape and cached by its owner.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -461,8 +461,18 @@ class ConvPlan:
         return lines
 
     def __call__(
-        self, x: torch.Tensor, factors: Sequence[torch.Tensor], bias: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        factors: Sequence[torch.Tensor],
+        bias: torch.Tensor | None = None,
+        between: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """Run the plan on ``x`` (B, S, H, W) with ``factors``; returns (B, T, H', W').
+
+        ``between(k, y)``, if given, replaces the feature map ``y`` produced by the k-th data
+        step (k = 0, 1, ...) whenever another data step follows (e.g. to quantize the feature
+        maps between a layer's steps); the last step's output is left to the caller.
+        """
         # The steps run in the input's memory layout and so does the output, as with
         # torch.nn.Conv2d. Channels-last is the fast layout on CPUs (measured in
         # benchmarks/layer_speed.py); converting inside the layer costs more than it saves.
@@ -472,6 +482,8 @@ class ConvPlan:
             and x.is_contiguous(memory_format=torch.channels_last)
         )
         ops: list[torch.Tensor] = [x.reshape(self.data_shape), *factors]
+        data_steps = sum(isinstance(step, DataStep) for step in self.steps)
+        k = 0
         for step in self.steps:
             if isinstance(step, FactorStep):
                 ops.append(torch.einsum(step.equation, ops[step.left], ops[step.right]))
@@ -500,6 +512,9 @@ class ConvPlan:
                 data, weight, None, step.stride, step.padding, step.dilation, step.groups
             )
             ops[0] = out.reshape(step.out_shape)
+            if between is not None and k + 1 < data_steps:
+                ops[0] = between(k, ops[0])
+            k += 1
         y = ops[0]
         if self.final_perm is not None:
             y = y.permute(self.final_perm)
