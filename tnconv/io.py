@@ -353,7 +353,7 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: Any = "
                 current = result.get_submodule(qspec.name)
             except AttributeError as exc:
                 raise LoadError(f"the model has no module {qspec.name!r} to quantize") from exc
-            setattr(parent, child, qspec.wrap(current))
+            setattr(parent, child, qspec.wrap(current).train(current.training))
     state = dict(payload["state_dict"])
     for qspec in header.quantized:
         try:

@@ -168,15 +168,18 @@ class ActivationQuantizer(nn.Module):
 
     While ``calibrating`` it records the running min / max of what passes through (and returns
     its input unchanged); afterwards it maps ``x`` onto ``2**bits`` levels spanning
-    ``[min(lo, 0), max(hi, 0)]`` with the straight-through gradient.
+    ``[min(lo, 0), max(hi, 0)]`` with the straight-through gradient. In training mode (fine-
+    tuning) the range follows the batches' min / max as an exponential moving average with
+    weight ``momentum`` (as torch's QAT observers do); in eval mode it is fixed.
     """
 
     lo: torch.Tensor
     hi: torch.Tensor
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, momentum: float = 0.1) -> None:
         super().__init__()
         self.bits = _check_bits(bits, "activation_bits")
+        self.momentum = momentum
         self.calibrating = False
         self.register_buffer("lo", torch.tensor(math.inf))
         self.register_buffer("hi", torch.tensor(-math.inf))
@@ -206,6 +209,12 @@ class ActivationQuantizer(nn.Module):
                 self.lo.copy_(torch.minimum(self.lo, x.detach().amin().to(self.lo)))
                 self.hi.copy_(torch.maximum(self.hi, x.detach().amax().to(self.hi)))
             return x
+        if self.training and self.momentum > 0 and self.calibrated:
+            # fine-tuning moves the feature maps: follow them as torch's QAT observers do
+            with torch.no_grad():
+                m = self.momentum
+                self.lo.mul_(1 - m).add_(m * x.detach().amin().to(self.lo))
+                self.hi.mul_(1 - m).add_(m * x.detach().amax().to(self.hi))
         scale, zero = self.qparams()
         return fake_quantize(x, scale, zero, 0, 2**self.bits - 1)
 
@@ -529,17 +538,18 @@ def quantize(
             size = input_size if input_size is not None else default_input_size(target)
         shapes = conv_input_shapes(target, size)
     for name, module in list(target.named_modules()):
+        new: nn.Module | None = None
         if isinstance(module, FactorizedConv2d):
             shape = shapes.get(name) or (1, module.in_channels, 32, 32)
             plan = module.plan_for(shape)
             axes = factor_axes(plan, len(module.factors), per_channel)
-            _set_module(
-                target, name, QuantizedFactorizedConv2d.from_layer(module, config, plan.path, axes)
-            )
+            new = QuantizedFactorizedConv2d.from_layer(module, config, plan.path, axes)
         elif dense and type(module) is nn.Conv2d:
-            _set_module(target, name, QuantizedConv2d.from_conv(module, config))
+            new = QuantizedConv2d.from_conv(module, config)
         elif dense and type(module) is nn.Linear:
-            _set_module(target, name, QuantizedLinear.from_linear(module, config))
+            new = QuantizedLinear.from_linear(module, config)
+        if new is not None:
+            _set_module(target, name, new.train(module.training))
     if activation_bits is not None:
         calibrate(target, batches, device)
     return target
