@@ -3,7 +3,8 @@
 Public API (see docs/): the registry (``available``, ``get``, ``register``), the
 :class:`Decomposition` base class and its :class:`Factorization` result, the generic
 :class:`FactorizedConv2d` layer that executes any registered decomposition, and whole-model
-tools: ``compress``, ``summary``, ``save`` / ``load``, ``study``.
+tools: ``compress``, ``summary``, ``save`` / ``load``, ``study``, ``quantize`` (quantized
+factors and feature maps) and ``select_ranks`` (rank selection by a user metric).
 """
 
 from .compress import Budget, compress, dense_reasons
@@ -22,7 +23,9 @@ from .errors import (
 from .factorization import Factorization
 from .io import load, save
 from .layers import FactorizedConv2d
+from .quantization import quantize
 from .registry import available, get, refresh, register, unregister
+from .selection import RankSelection, select_ranks
 from .study import StudyResult, study
 from .summary import Summary, summary
 
@@ -38,6 +41,7 @@ __all__ = [
     "InvalidWeightError",
     "OptionError",
     "PluginLoadError",
+    "RankSelection",
     "RankSpecError",
     "RegistrationError",
     "StudyResult",
@@ -50,9 +54,11 @@ __all__ = [
     "dense_reasons",
     "get",
     "load",
+    "quantize",
     "refresh",
     "register",
     "save",
+    "select_ranks",
     "study",
     "summary",
     "unregister",
