@@ -586,3 +586,188 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], device: Any = N
             f"{missing} feature-map quantizer(s) saw no data: the calibration batches do not "
             "reach every quantized layer"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# real int8 execution (PyTorch's quantized CPU kernels)
+# ---------------------------------------------------------------------------------------------
+def int8_support(layer: nn.Module) -> str:
+    """Why ``layer`` cannot run on PyTorch's int8 kernels ("" when it can)."""
+    if not isinstance(layer, _Quantized):
+        return f"{type(layer).__name__} is not a quantized layer"
+    if layer.config.activation_bits != 8:
+        return (
+            "int8 kernels requantize every output onto 256 levels: feature maps must be 8-bit "
+            f"(activation_bits={layer.config.activation_bits})"
+        )
+    if isinstance(layer, QuantizedFactorizedConv2d):
+        plan = layer._plan_with_path(None)
+        if any(not isinstance(s, DataStep) for s in plan.steps):
+            return (
+                "its contraction order multiplies factors together before they meet the feature "
+                "map; the product of two int8 factors is not an int8 tensor"
+            )
+        if any(s.pad is not None for s in plan.steps):
+            return "asymmetric or non-zero padding has no int8 kernel"
+    elif isinstance(layer, QuantizedConv2d) and layer.padding_mode != "zeros":
+        return f"padding_mode={layer.padding_mode!r} has no int8 kernel"
+    return ""
+
+
+def _int8_weight(
+    codes: torch.Tensor, scale: torch.Tensor, perm: tuple[int, ...] | None, shape: Sequence[int]
+) -> torch.Tensor:
+    """Codes and scales laid out as a conv / linear weight with one scale per output row."""
+    scales = scale.expand(codes.shape)
+    if perm is not None:
+        codes, scales = codes.permute(perm), scales.permute(perm)
+    codes = codes.reshape(shape).contiguous()
+    scales = scales.reshape(shape[0], -1)
+    if not bool((scales == scales[:, :1]).all()):
+        raise QuantizationError("the weight scales do not run along the output channels")
+    return torch._make_per_channel_quantized_tensor(
+        codes,
+        scales[:, 0].double(),
+        torch.zeros(shape[0], dtype=torch.long),
+        0,
+    )
+
+
+def _quint8(x: torch.Tensor, q: ActivationQuantizer) -> torch.Tensor:
+    scale, zero = q.qparams()
+    return torch.quantize_per_tensor(x, float(scale), int(zero), torch.quint8)
+
+
+class Int8FactorizedConv2d(nn.Module):
+    """A quantized factorized layer run on PyTorch's int8 conv kernels: the input is quantized
+    to uint8, every step is one ``quantized::conv2d`` (int8 weights, int32 accumulation,
+    requantized to the next feature map's calibrated range), and the output is dequantized."""
+
+    def __init__(self, layer: QuantizedFactorizedConv2d) -> None:
+        super().__init__()
+        reason = int8_support(layer)
+        if reason:
+            raise QuantizationError(f"cannot run in int8: {reason}")
+        self.source = layer  # float reference (plans, ranges); not called in forward
+        plan = layer._plan_with_path(None)
+        bits = layer.config.weight_bits
+        quantized = [
+            quantize_weight(f, bits, a) for f, a in zip(layer.factors, layer.axes, strict=True)
+        ]
+        steps = [s for s in plan.steps if isinstance(s, DataStep)]
+        self._packed = []
+        self._out_q: list[tuple[float, int]] = []
+        quantizers = [*layer.between_quant, layer.output_quant]
+        for k, step in enumerate(steps):
+            codes, scale = quantized[step.factor - 1]
+            weight = _int8_weight(codes, scale, step.factor_perm, step.weight_shape)
+            bias = (
+                layer.bias.detach().float()
+                if (k == len(steps) - 1 and layer.bias is not None)
+                else None
+            )
+            self._packed.append(
+                torch.ops.quantized.conv2d_prepack(
+                    weight,
+                    bias,
+                    list(step.stride),
+                    list(step.padding),
+                    list(step.dilation),
+                    step.groups,
+                )
+            )
+            s, z = quantizers[k].qparams()  # type: ignore[union-attr]
+            self._out_q.append((float(s), int(z)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.source
+        plan = layer.plan_for(tuple(x.shape))
+        q = _quint8(x, layer.input_quant).reshape(plan.data_shape)  # type: ignore[arg-type]
+        for k, step in enumerate(plan.steps):
+            assert isinstance(step, DataStep)
+            if step.data_perm is not None:
+                q = q.permute(step.data_perm)
+            q = q.reshape(step.data_shape)
+            scale, zero = self._out_q[k]
+            q = torch.ops.quantized.conv2d(q, self._packed[k], scale, zero).reshape(step.out_shape)
+        if plan.final_perm is not None:
+            q = q.permute(plan.final_perm)
+        return q.reshape(plan.output_shape).dequantize()
+
+
+class Int8Conv2d(nn.Module):
+    """A quantized dense conv run on ``quantized::conv2d`` (uint8 in, int8 weights)."""
+
+    def __init__(self, layer: QuantizedConv2d) -> None:
+        super().__init__()
+        reason = int8_support(layer)
+        if reason:
+            raise QuantizationError(f"cannot run in int8: {reason}")
+        codes, scale = quantize_weight(layer.weight, layer.config.weight_bits, layer.axes[0])
+        weight = _int8_weight(codes, scale, None, tuple(codes.shape))
+        bias = None if layer.bias is None else layer.bias.detach().float()
+        self._packed = torch.ops.quantized.conv2d_prepack(
+            weight,
+            bias,
+            list(layer.stride),
+            list(layer.padding),
+            list(layer.dilation),
+            layer.groups,
+        )
+        self.input_quant = layer.input_quant
+        s, z = layer.output_quant.qparams()  # type: ignore[union-attr]
+        self._out = (float(s), int(z))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = _quint8(x, self.input_quant)  # type: ignore[arg-type]
+        return torch.ops.quantized.conv2d(q, self._packed, *self._out).dequantize()
+
+
+class Int8Linear(nn.Module):
+    """A quantized linear layer run on ``quantized::linear``."""
+
+    def __init__(self, layer: QuantizedLinear) -> None:
+        super().__init__()
+        reason = int8_support(layer)
+        if reason:
+            raise QuantizationError(f"cannot run in int8: {reason}")
+        codes, scale = quantize_weight(layer.weight, layer.config.weight_bits, layer.axes[0])
+        weight = _int8_weight(codes, scale, None, tuple(codes.shape))
+        bias = None if layer.bias is None else layer.bias.detach().float()
+        self._packed = torch.ops.quantized.linear_prepack(weight, bias)
+        self.input_quant = layer.input_quant
+        s, z = layer.output_quant.qparams()  # type: ignore[union-attr]
+        self._out = (float(s), int(z))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = _quint8(x, self.input_quant)  # type: ignore[arg-type]
+        return torch.ops.quantized.linear(q, self._packed, *self._out).dequantize()
+
+
+def to_int8(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
+    """A copy of a :func:`quantize`-d model whose quantized layers run on PyTorch's int8 CPU
+    kernels (the engine in ``torch.backends.quantized.engine``) for inference.
+
+    Layers that cannot (:func:`int8_support` says why) keep running fake-quantized in floating
+    point. Returns the model (eval mode, inference only: int8 kernels have no gradient) and
+    ``{layer name: reason}`` for the layers left in floating point.
+    """
+    target = copy.deepcopy(model).eval()
+    left: dict[str, str] = {}
+    for name, layer in quantized_layers(target):
+        reason = int8_support(layer)
+        if reason:
+            left[name] = reason
+            log.info("%s stays in floating point: %s", name, reason)
+            continue
+        if isinstance(layer, QuantizedFactorizedConv2d):
+            new: nn.Module = Int8FactorizedConv2d(layer)
+        elif isinstance(layer, QuantizedConv2d):
+            new = Int8Conv2d(layer)
+        else:
+            new = Int8Linear(layer)  # type: ignore[arg-type]
+        if name:
+            _set_module(target, name, new)
+        else:
+            target = new
+    return target, left
