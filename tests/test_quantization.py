@@ -335,3 +335,27 @@ def test_version_1_files_still_load(tmp_path) -> None:
     x = _inputs()
     assert torch.equal(tnconv.load(tmp_path / "v1.pt")(x), small(x))
     assert torch.equal(tnconv.load(tmp_path / "v1.pt", model=_net(5))(x), small(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 execution
+# ---------------------------------------------------------------------------------------------
+def test_int8_execution_matches_fake_quantization() -> None:
+    """Tucker-2 runs its three steps on quantized::conv2d; the result is within one output step
+    of the fake-quantized model (int32 accumulation vs float rounding), and layers that cannot
+    run in int8 say why."""
+    model = Net(width=16).eval()
+    small = tnconv.compress(model, "tucker", ratio=0.4, layers=COMPRESSED)
+    x = _inputs(16)
+    q = quantize(small, 8, 8, calibration=[x]).eval()
+    int8, left = tnconv.quantization.to_int8(q)
+    assert left == {}
+    assert type(int8.a).__name__ == "Int8FactorizedConv2d"
+    with torch.no_grad():
+        ref, out = q(x), int8(x)
+    step = q.head.output_quant.qparams()[0]
+    assert float((ref - out).abs().max()) <= float(step) * 1.001
+    q4 = quantize(small, 8, 4, calibration=[x])
+    _, left4 = tnconv.quantization.to_int8(q4)
+    assert set(left4) == {"stem", "a", "b", "head"}
+    assert all("8-bit" in r for r in left4.values())

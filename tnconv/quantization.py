@@ -25,10 +25,11 @@ Real integer kernels: :func:`to_int8` (see docs/quantization.md for what runs in
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -428,6 +429,29 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _Quantized)]
 
 
+def data_first_path(
+    layer: FactorizedConv2d, input_shape: tuple[int, int, int, int]
+) -> list[tuple[int, int]]:
+    """The contraction order, among those that take the factors into the feature map one at a
+    time (every step a conv, no factor x factor product), with the fewest multiply-adds at
+    ``input_shape``. opt_einsum's linear format: the feature map is operand 0, then moves to
+    the end of the list after each step."""
+    n = len(layer.factors)
+    best: tuple[int, list[tuple[int, int]]] | None = None
+    for order in itertools.permutations(range(1, n + 1)):
+        remaining = list(range(n + 1))  # operand ids in list order; 0 is the feature map
+        path: list[tuple[int, int]] = []
+        for f in order:
+            i, j = sorted((remaining.index(0), remaining.index(f)))
+            path.append((i, j))
+            remaining = [r for r in remaining if r not in (0, f)] + [0]
+        plan = plan_conv(layer.network, layer.geometry, input_shape, path=path)
+        if best is None or plan.macs < best[0]:
+            best = (plan.macs, path)
+    assert best is not None
+    return best[1]
+
+
 def factor_axes(plan: ConvPlan, n_factors: int, per_channel: bool) -> list[int | None]:
     """Per-channel axis of each factor: the (outermost) factor index that the conv step
     consuming the factor turns into output channels; 0 for factors that are first contracted
@@ -438,7 +462,9 @@ def factor_axes(plan: ConvPlan, n_factors: int, per_channel: bool) -> list[int |
     for step in plan.steps:
         if isinstance(step, DataStep) and 1 <= step.factor <= n_factors:
             perm = step.factor_perm
-            axes[step.factor - 1] = perm[0] if perm is not None else 0
+            # no output channel at all (the step only sums): one scale for the factor
+            one_row = step.weight_shape[0] == 1
+            axes[step.factor - 1] = None if one_row else (perm[0] if perm is not None else 0)
     return axes
 
 
@@ -471,6 +497,7 @@ def quantize(
     *,
     dense: bool = True,
     input_size: Sequence[int] | None = None,
+    steps: Literal["conv", "planned"] = "conv",
 ) -> nn.Module:
     """A copy of ``model`` whose layers run with quantized weights and feature maps.
 
@@ -489,6 +516,11 @@ def quantize(
         dense: also quantize ``nn.Conv2d`` and ``nn.Linear`` layers.
         input_size: (B, C, H, W) fixing the contraction orders when there is no calibration
             data (default: :func:`tnconv.compress.default_input_size`).
+        steps: ``"conv"`` (default): every factor meets the feature map in its own conv step,
+            in the cheapest such order (a Tucker-2 layer runs 1x1, kxk, 1x1 as in the paper),
+            so every step has int8 weights and can run on int8 kernels (:func:`to_int8`);
+            ``"planned"``: the planner's order, which may first multiply factors together
+            (fewer FLOPs for some shapes, but those products are not int8 tensors).
 
     Returns:
         The quantized model (train / eval mode as ``model``'s).
@@ -504,6 +536,8 @@ def quantize(
         _check_bits(activation_bits, "activation_bits")
     if not isinstance(per_channel, bool):
         raise TypeError(f"per_channel must be a bool; got {per_channel!r}")
+    if steps not in ("conv", "planned"):
+        raise ValueError(f"steps must be 'conv' or 'planned'; got {steps!r}")
     try:
         config = QuantConfig(
             weight_bits=weight_bits, activation_bits=activation_bits, per_channel=per_channel
@@ -541,7 +575,11 @@ def quantize(
         new: nn.Module | None = None
         if isinstance(module, FactorizedConv2d):
             shape = shapes.get(name) or (1, module.in_channels, 32, 32)
-            plan = module.plan_for(shape)
+            if steps == "conv":
+                path = data_first_path(module, shape)
+                plan = plan_conv(module.network, module.geometry, shape, path=path)
+            else:
+                plan = module.plan_for(shape)
             axes = factor_axes(plan, len(module.factors), per_channel)
             new = QuantizedFactorizedConv2d.from_layer(module, config, plan.path, axes)
         elif dense and type(module) is nn.Conv2d:
