@@ -294,7 +294,8 @@ class QuantizedFactorizedConv2d(_Quantized, FactorizedConv2d):
     def _plan_with_path(self, shape: tuple[int, ...] | None) -> ConvPlan:
         if shape is None:  # any shape: the step structure does not depend on it
             kh, kw = self.kernel_size
-            shape = (1, self.in_channels, 2 * kh + 8, 2 * kw + 8)
+            dh, dw = self.dilation
+            shape = (1, self.in_channels, 2 * dh * kh + 8, 2 * dw * kw + 8)
         return plan_conv(self.network, self.geometry, shape, path=self.path)  # type: ignore[arg-type]
 
     def plan_for(self, input_shape: tuple[int, ...]) -> ConvPlan:
@@ -419,9 +420,6 @@ class QuantizedLinear(_Quantized, nn.Linear):
             f"{super().extra_repr()}, weight_bits={c.weight_bits}, "
             f"activation_bits={c.activation_bits}, per_channel={c.per_channel}"
         )
-
-
-QuantizedLayer = QuantizedFactorizedConv2d | QuantizedConv2d | QuantizedLinear
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
