@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -35,6 +36,7 @@ import tnconv
 from tnconv.datasets import digits
 from tnconv.demo import DigitsNet, compressible
 from tnconv.quantization import quantize, quantized_layers, to_int8
+from tnconv.selection import DEFAULT_SHARES
 from tnconv.training import evaluate, fit
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -87,6 +89,7 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(1)
     started = time.perf_counter()
+    cpu_started = time.process_time()
     train_all, test = digits(cfg.source, seed=cfg.seed)
     train, val = split(train_all, 0.2, cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -124,8 +127,9 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
 
         return copy.deepcopy(m)
 
-    def q(m: nn.Module, bits: int) -> nn.Module:
-        return quantize(m, bits, bits, calibration=calibration).eval()
+    def q(m: nn.Module, w_bits: int, a_bits: int | None = None) -> nn.Module:
+        a_bits = w_bits if a_bits is None else a_bits
+        return quantize(m, w_bits, a_bits, calibration=calibration).eval()
 
     budget = cfg.budget
     compressed = {}
@@ -140,8 +144,8 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
     for method in ("tucker", best_other):
         small = compressed[method]
         table1.append(row(f"{method} fp32", small))
-        for bits in (8, 4):
-            table1.append(row(f"{method} w{bits}a{bits}", q(small, bits)))
+        for w_bits, a_bits in ((8, 8), (4, 8), (4, 4)):
+            table1.append(row(f"{method} w{w_bits}a{a_bits}", q(small, w_bits, a_bits)))
 
     # rank selection at the same budget, selected on validation, reported on test
     table2 = []
@@ -170,6 +174,7 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
             budget,
             strategy=strategy,
             layers=compressible,
+            shares=cfg.shares,
             progress=False,
         )
         seconds = time.perf_counter() - t0
@@ -250,6 +255,8 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
         "int8_top1_agreement_with_simulated": agree,
         "int8_layer_latency": table4,
         "seconds": round(time.perf_counter() - started, 1),
+        "cpu_seconds": round(time.process_time() - cpu_started, 1),
+        "load_average": [round(v, 1) for v in os.getloadavg()],
     }
 
 
@@ -275,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--layer-channels", type=int, default=256)
     p.add_argument("--layer-batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shares", type=float, nargs="+", default=list(DEFAULT_SHARES))
     p.add_argument("--methods", nargs="*", default=None, help="default: every registered one")
     p.add_argument("--json", type=Path, default=None)
     cfg = p.parse_args(argv)
@@ -282,6 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg.source, cfg.width, cfg.epochs, cfg.repeats = "sklearn", 8, 2, 2
         cfg.layer_channels, cfg.layer_batch, cfg.calibration_batches = 16, 2, 2
         cfg.methods = cfg.methods or ["tucker", "tt"]
+        cfg.shares = [0.1, 0.25, 0.5]
     pin_allocator()
     warnings.filterwarnings("ignore", message=".*quantize_per.*deprecated")
     warnings.filterwarnings("ignore", message=".*quantized tensor.*")

@@ -52,7 +52,8 @@ def test_quick_benchmark_runs_and_reports_every_table(bench, capsys) -> None:
         f"{other} w4a4",
     }
     for name in ("tucker", other):  # fewer bits, smaller model
-        assert rows[f"{name} w4a4"]["size_kbit"] < rows[f"{name} w8a8"]["size_kbit"]
+        assert rows[f"{name} w4a8"]["size_kbit"] < rows[f"{name} w8a8"]["size_kbit"]
+        assert rows[f"{name} w4a4"]["size_kbit"] == rows[f"{name} w4a8"]["size_kbit"]
     assert rows["tucker w8a8"]["size_kbit"] < rows["tucker fp32"]["size_kbit"]
     assert rows["dense w8a8"]["size_kbit"] < rows["dense fp32"]["size_kbit"]
     selection = {r["selection"]: r for r in result["selection"]}

@@ -129,13 +129,13 @@ def test_errors(setup) -> None:
     with pytest.raises(ValueError, match="strategy"):
         tnconv.select_ranks(model, "tucker", ev, 0.3, strategy="two-step", layers=LAYERS)
     with pytest.raises(BudgetError, match="smallest candidates"):
-        tnconv.select_ranks(model, "tucker", ev, 0.001, layers=LAYERS, progress=False)
+        tnconv.select_ranks(model, "tucker", ev, 0.001, layers=["a"], progress=False)
     with pytest.raises(ValueError, match="finite"):
         tnconv.select_ranks(
-            model, "tucker", lambda m: float("nan"), 0.3, layers=LAYERS, progress=False
+            model, "tucker", lambda m: float("nan"), 0.3, layers=["a"], progress=False
         )
     with pytest.raises(TypeError, match="number"):
-        tnconv.select_ranks(model, "tucker", lambda m: "good", 0.3, layers=LAYERS, progress=False)
+        tnconv.select_ranks(model, "tucker", lambda m: "good", 0.3, layers=["a"], progress=False)
     with pytest.raises(ValueError, match="shares"):
         tnconv.select_ranks(model, "tucker", ev, 0.3, layers=LAYERS, shares=(0.5, 1.5))
     with pytest.raises(ValueError, match="budget"):
