@@ -3,9 +3,10 @@
 Public API (see docs/): the registry (``available``, ``get``, ``register``), the
 :class:`Decomposition` base class and its :class:`Factorization` result, the generic
 :class:`FactorizedConv2d` layer that executes any registered decomposition, and whole-model
-tools: ``compress``, ``summary``, ``save`` / ``load``, ``study``; compressibility analysis
-(``tnconv.analysis``: cuts, spectra, entropies, truncation sweeps) and the per-layer method / rank
-``recommend``ation behind ``compress(model, "auto", budget=...)``.
+tools: ``compress``, ``summary``, ``save`` / ``load``, ``study``, ``quantize`` (quantized
+factors and feature maps) and ``select_ranks`` (rank selection by a user metric); compressibility
+analysis (``tnconv.analysis``: cuts, spectra, entropies, truncation sweeps) and the per-layer
+method / rank ``recommend``ation behind ``compress(model, "auto", budget=...)``.
 """
 
 from . import analysis
@@ -26,8 +27,10 @@ from .errors import (
 from .factorization import Factorization
 from .io import load, save
 from .layers import FactorizedConv2d
+from .quantization import quantize
 from .recommend import Recommendation, recommend
 from .registry import available, get, refresh, register, unregister
+from .selection import RankSelection, select_ranks
 from .study import StudyResult, study
 from .summary import Summary, summary
 
@@ -43,6 +46,7 @@ __all__ = [
     "InvalidWeightError",
     "OptionError",
     "PluginLoadError",
+    "RankSelection",
     "RankSpecError",
     "Recommendation",
     "RegistrationError",
@@ -58,10 +62,12 @@ __all__ = [
     "dense_reasons",
     "get",
     "load",
+    "quantize",
     "recommend",
     "refresh",
     "register",
     "save",
+    "select_ranks",
     "study",
     "summary",
     "unregister",

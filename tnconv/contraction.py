@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -577,9 +577,15 @@ class ConvPlan:
         factors: Sequence[torch.Tensor],
         bias: torch.Tensor | None = None,
         folded: dict[int, torch.Tensor] | None = None,
+        between: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Run the plan on ``x`` (B, S, H, W). ``folded`` (from :meth:`fold_factors` on the
-        same factors) skips every weights-only computation."""
+        """Run the plan on ``x`` (B, S, H, W) with ``factors``; returns (B, T, H', W').
+
+        ``folded`` (from :meth:`fold_factors` on the same factors) skips every weights-only
+        computation. ``between(j, y)``, if given, replaces the feature map ``y`` produced by the
+        j-th data step (j = 0, 1, ...) whenever another data step follows (e.g. to quantize the
+        feature maps between a layer's steps); the last step's output is left to the caller.
+        """
         # The steps run in the input's memory layout and so does the output, as with
         # torch.nn.Conv2d, unless the plan converts an NCHW input (``convert``).
         nhwc = (
@@ -592,6 +598,8 @@ class ConvPlan:
             x = x.contiguous(memory_format=torch.channels_last)
             nhwc = True
         ops: list[torch.Tensor | None] = [x.reshape(self.data_shape), *factors]
+        data_steps = sum(isinstance(step, DataStep) for step in self.steps)
+        j = 0  # index of the data step
         for k, step in enumerate(self.steps):
             if isinstance(step, FactorStep):
                 if folded is not None:
@@ -625,6 +633,9 @@ class ConvPlan:
                 data, weight, None, step.stride, step.padding, step.dilation, step.groups
             )
             ops[0] = out.reshape(step.out_shape)
+            if between is not None and j + 1 < data_steps:
+                ops[0] = between(j, ops[0])
+            j += 1
         y = ops[0]
         assert y is not None
         if self.final_perm is not None:

@@ -1,0 +1,809 @@
+"""Quantized factors and feature maps: ``tnconv.quantize``.
+
+:func:`quantize` returns a copy of a model whose ``FactorizedConv2d`` layers run with quantized
+factors and, when asked, quantized feature maps at the layer's input, between its steps and at
+its output; dense ``nn.Conv2d`` and ``nn.Linear`` layers are quantized the same way, so a dense
+and a compressed model can be compared at equal bit widths.
+
+* Weights (every factor, every dense kernel): symmetric, ``2**(bits-1) - 1`` levels each side of
+  zero, one scale per output channel (or one per tensor). A factor's output channel is the axis
+  that becomes the output channels of the conv step consuming it (found from the layer's
+  contraction plan), so that step could run as a per-channel int8 convolution.
+* Feature maps: affine (scale and zero point), ``2**bits`` levels over a range calibrated on the
+  batches given (running min / max, widened to contain 0).
+* Training: quantization is simulated in floating point ("fake quantization") and its gradient is
+  the straight-through estimator, 1 inside the representable range and 0 outside, so a quantized
+  model fine-tunes like any other. Weight scales follow the weights at every forward pass.
+
+Scales are rounded up to 16 significant bits. That costs at most 2**-16 of the step, and makes the
+quantizer idempotent in exact arithmetic (``code * scale`` is exact in float32), so a model
+reloaded from its int8 codes and scales (:func:`tnconv.save`) gives bit-identical outputs.
+
+Real integer kernels: :func:`to_int8` (see docs/quantization.md for what runs in int8).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from .compress import conv_input_shapes, default_input_size
+from .contraction import ConvPlan, DataStep, plan_conv
+from .errors import TnconvError
+from .layers import FactorizedConv2d
+
+__all__ = [
+    "ActivationQuantizer",
+    "CalibrationError",
+    "QuantConfig",
+    "QuantizationError",
+    "QuantizedConv2d",
+    "QuantizedFactorizedConv2d",
+    "QuantizedLinear",
+    "dequantize_weight",
+    "fake_quantize",
+    "quantize",
+    "quantize_weight",
+    "quantized_layers",
+    "weight_scale",
+]
+
+log = logging.getLogger(__name__)
+
+_SCALE_BITS = 16  # significant bits kept in a weight scale (see the module docstring)
+
+
+class QuantizationError(TnconvError, ValueError):
+    """A bad quantization setting (bit width, axis) or a model that cannot be quantized."""
+
+
+class CalibrationError(QuantizationError):
+    """No calibration data, or a feature-map quantizer that never saw any."""
+
+
+class QuantConfig(BaseModel):
+    """Bit widths of a quantized layer: weights always, feature maps optionally (None: fp32)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    weight_bits: int = Field(ge=2, le=8, strict=True)
+    activation_bits: int | None = Field(default=None, ge=2, le=8, strict=True)
+    per_channel: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# the quantizer
+# ---------------------------------------------------------------------------------------------
+class _FakeQuant(torch.autograd.Function):
+    """Quantize-dequantize with the clipped straight-through gradient."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int
+    ) -> torch.Tensor:
+        t = x / scale + zero
+        codes = torch.clamp(torch.round(t), lo, hi)
+        ctx.save_for_backward((t >= lo - 0.5) & (t <= hi + 0.5))
+        return (codes - zero) * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float, lo: int, hi: int
+) -> torch.Tensor:
+    """``(clamp(round(x / scale + zero), lo, hi) - zero) * scale``, with gradient 1 where ``x``
+    lies in the representable range and 0 outside (straight-through estimator). ``scale`` and
+    ``zero`` broadcast against ``x`` and receive no gradient."""
+    zero_t = torch.as_tensor(zero, dtype=x.dtype, device=x.device)
+    return _FakeQuant.apply(x, scale.detach().to(x.dtype), zero_t, lo, hi)
+
+
+def _round_scale_up(s: torch.Tensor) -> torch.Tensor:
+    """Round positive ``s`` up to ``_SCALE_BITS`` significant bits (exact in float32)."""
+    mantissa, exponent = torch.frexp(s)
+    step = float(2**_SCALE_BITS)
+    return torch.ldexp(torch.ceil(mantissa * step) / step, exponent)
+
+
+def _check_bits(bits: Any, name: str) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise QuantizationError(f"{name} must be an int from 2 to 8; got {bits!r}")
+    return bits
+
+
+def weight_scale(w: torch.Tensor, bits: int, axis: int | None) -> torch.Tensor:
+    """Symmetric scale of ``w`` at ``bits``: max |w| / (2**(bits-1) - 1) over the whole tensor
+    (``axis=None``) or per slice along ``axis``; shaped to broadcast against ``w``. Rounded up to
+    16 significant bits; an all-zero slice gets scale 1."""
+    _check_bits(bits, "weight_bits")
+    levels = 2 ** (bits - 1) - 1
+    w = w.detach()
+    if axis is None:
+        peak = w.abs().amax().reshape([1] * w.ndim)
+    else:
+        if not -w.ndim <= axis < w.ndim:
+            raise QuantizationError(f"axis {axis} out of range for a {w.ndim}-D weight")
+        axis %= w.ndim
+        dims = [d for d in range(w.ndim) if d != axis]
+        peak = w.abs().amax(dim=dims, keepdim=True) if dims else w.abs()
+    scale = torch.where(peak > 0, peak / levels, torch.ones_like(peak))
+    return _round_scale_up(scale)
+
+
+def quantize_weight(
+    w: torch.Tensor, bits: int, axis: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (int8, in [-(2**(bits-1) - 1), 2**(bits-1) - 1]) and the scale of ``w``;
+    ``codes * scale`` is the quantized weight."""
+    scale = weight_scale(w, bits, axis)
+    levels = 2 ** (bits - 1) - 1
+    codes = torch.clamp(torch.round(w.detach() / scale), -levels, levels).to(torch.int8)
+    return codes, scale
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``codes * scale`` in ``dtype`` (exact: a scale has 16 significant bits)."""
+    return codes.to(dtype) * scale.to(dtype)
+
+
+def _fake_quantize_weight(w: torch.Tensor, bits: int, axis: int | None) -> torch.Tensor:
+    levels = 2 ** (bits - 1) - 1
+    return fake_quantize(w, weight_scale(w, bits, axis), 0.0, -levels, levels)
+
+
+class ActivationQuantizer(nn.Module):
+    """Affine fake quantization of a feature map over a calibrated range.
+
+    While ``calibrating`` it records the running min / max of what passes through (and returns
+    its input unchanged); afterwards it maps ``x`` onto ``2**bits`` levels spanning
+    ``[min(lo, 0), max(hi, 0)]`` with the straight-through gradient. In training mode (fine-
+    tuning) the range follows the batches' min / max as an exponential moving average with
+    weight ``momentum`` (as torch's QAT observers do); in eval mode it is fixed.
+    """
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    def __init__(self, bits: int, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.bits = _check_bits(bits, "activation_bits")
+        self.momentum = momentum
+        self.calibrating = False
+        self.register_buffer("lo", torch.tensor(math.inf))
+        self.register_buffer("hi", torch.tensor(-math.inf))
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.lo <= self.hi)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point) of the calibrated range; the zero point is an integer value."""
+        if not self.calibrated:
+            raise CalibrationError(
+                "a feature-map quantizer was never calibrated: the calibration batches did not "
+                "reach this layer (or it runs a contraction step it was not calibrated for)"
+            )
+        lo = torch.clamp(self.lo, max=0.0)
+        hi = torch.clamp(self.hi, min=0.0)
+        top = 2**self.bits - 1
+        span = hi - lo
+        scale = torch.where(span > 0, span / top, torch.ones_like(span))
+        zero = torch.clamp(torch.round(-lo / scale), 0, top)
+        return scale, zero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            with torch.no_grad():
+                self.lo.copy_(torch.minimum(self.lo, x.detach().amin().to(self.lo)))
+                self.hi.copy_(torch.maximum(self.hi, x.detach().amax().to(self.hi)))
+            return x
+        if self.training and self.momentum > 0 and self.calibrated:
+            # fine-tuning moves the feature maps: follow them as torch's QAT observers do
+            with torch.no_grad():
+                m = self.momentum
+                self.lo.mul_(1 - m).add_(m * x.detach().amin().to(self.lo))
+                self.hi.mul_(1 - m).add_(m * x.detach().amax().to(self.hi))
+        scale, zero = self.qparams()
+        return fake_quantize(x, scale, zero, 0, 2**self.bits - 1)
+
+    def extra_repr(self) -> str:
+        rng = f"[{float(self.lo):.4g}, {float(self.hi):.4g}]" if self.calibrated else "uncalibrated"
+        return f"bits={self.bits}, range={rng}"
+
+
+# ---------------------------------------------------------------------------------------------
+# quantized layers
+# ---------------------------------------------------------------------------------------------
+class _Quantized:
+    """What the three quantized layer types share: their config and feature-map quantizers."""
+
+    config: QuantConfig
+    input_quant: ActivationQuantizer | None
+    output_quant: ActivationQuantizer | None
+
+    def _set_activation_quantizers(self, between: int = 0) -> None:
+        bits = self.config.activation_bits
+        make = (lambda: ActivationQuantizer(bits)) if bits is not None else (lambda: None)
+        self.input_quant = make()  # type: ignore[assignment]
+        self.output_quant = make()  # type: ignore[assignment]
+        if isinstance(self, QuantizedFactorizedConv2d):
+            self.between_quant = nn.ModuleList(
+                [ActivationQuantizer(bits) for _ in range(between)] if bits is not None else []
+            )
+
+    def _quant_in(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quant is None else self.input_quant(x)
+
+    def _quant_out(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.output_quant is None else self.output_quant(y)
+
+
+class QuantizedFactorizedConv2d(_Quantized, FactorizedConv2d):
+    """A ``FactorizedConv2d`` whose factors and feature maps are fake-quantized.
+
+    It runs one fixed contraction order (``path``, chosen at quantization time for the
+    calibration input), so the feature maps between its steps are the same tensors whatever
+    the input size, and each has its own calibrated range. ``axes[k]`` is the per-channel axis
+    of factor k (None: one scale for the factor).
+    """
+
+    between_quant: nn.ModuleList
+
+    @classmethod
+    def from_layer(
+        cls,
+        layer: FactorizedConv2d,
+        config: QuantConfig,
+        path: Sequence[Sequence[int]],
+        axes: Sequence[int | None],
+    ) -> QuantizedFactorizedConv2d:
+        """A quantized copy of ``layer`` (``layer`` is left untouched)."""
+        q = cls(
+            layer.factorization,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            bias=None if layer.bias is None else layer.bias.detach(),
+            padding_mode=layer.padding_mode,
+        )
+        q.info = dict(layer.info)
+        device = layer.factors[0].device
+        q = q.to(device)
+        q.config = config
+        q.path = tuple(tuple(int(i) for i in p) for p in path)
+        if len(axes) != len(q.factors):
+            raise QuantizationError(f"{len(axes)} axes for {len(q.factors)} factors")
+        q.axes = tuple(axes)
+        n_between = sum(isinstance(s, DataStep) for s in q._plan_with_path(None).steps) - 1
+        q._set_activation_quantizers(max(n_between, 0))
+        return q.to(device)
+
+    def _plan_with_path(self, shape: tuple[int, ...] | None) -> ConvPlan:
+        if shape is None:  # any shape: the step structure does not depend on it
+            kh, kw = self.kernel_size
+            dh, dw = self.dilation
+            shape = (1, self.in_channels, 2 * dh * kh + 8, 2 * dw * kw + 8)
+        return plan_conv(self.network, self.geometry, shape, path=self.path)  # type: ignore[arg-type]
+
+    def plan_for(self, input_shape: tuple[int, ...]) -> ConvPlan:
+        key = tuple(int(n) for n in input_shape)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(key) != 4:
+                raise ValueError(f"expected input of shape (B, S, H, W); got {key}")
+            plan = self._plan_with_path(key)
+            self._plans[key] = plan
+            if len(self._plans) > 16:
+                self._plans.popitem(last=False)
+        return plan
+
+    def quantized_factors(self) -> list[torch.Tensor]:
+        """The factors as the layer uses them: quantized, differentiable (straight-through)."""
+        bits = self.config.weight_bits
+        return [
+            _fake_quantize_weight(f, bits, a) for f, a in zip(self.factors, self.axes, strict=True)
+        ]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.ndim == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected input (B, {self.in_channels}, H, W) or ({self.in_channels}, H, W); "
+                f"got {tuple(x.shape)}"
+            )
+        x = self._quant_in(x)
+        between = None
+        if len(self.between_quant):
+
+            def between(k: int, y: torch.Tensor) -> torch.Tensor:
+                return self.between_quant[k](y)
+
+        plan = self.plan_for(tuple(x.shape))
+        y = plan(x, self.quantized_factors(), self.bias, between)
+        y = self._quant_out(y)
+        return y.squeeze(0) if unbatched else y
+
+    def to_tensor(self) -> torch.Tensor:
+        """The dense kernel of the *quantized* factors."""
+        return self._network(self.quantized_factors()).to_tensor()
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"{super().extra_repr()}, weight_bits={c.weight_bits}, "
+            f"activation_bits={c.activation_bits}, per_channel={c.per_channel}"
+        )
+
+
+class QuantizedConv2d(_Quantized, nn.Conv2d):
+    """An ``nn.Conv2d`` with a fake-quantized kernel (per output channel) and feature maps."""
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, config: QuantConfig) -> QuantizedConv2d:
+        q = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,  # type: ignore[arg-type]
+            stride=conv.stride,  # type: ignore[arg-type]
+            padding=conv.padding,  # type: ignore[arg-type]
+            dilation=conv.dilation,  # type: ignore[arg-type]
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        q.load_state_dict(conv.state_dict())
+        q.config = config
+        q.axes = (0 if config.per_channel else None,)
+        q._set_activation_quantizers()
+        return q.to(conv.weight.device)
+
+    def quantized_weight(self) -> torch.Tensor:
+        return _fake_quantize_weight(self.weight, self.config.weight_bits, self.axes[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._conv_forward(self._quant_in(x), self.quantized_weight(), self.bias)
+        return self._quant_out(y)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"{super().extra_repr()}, weight_bits={c.weight_bits}, "
+            f"activation_bits={c.activation_bits}, per_channel={c.per_channel}"
+        )
+
+
+class QuantizedLinear(_Quantized, nn.Linear):
+    """An ``nn.Linear`` with a fake-quantized weight (per output feature) and feature maps."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> QuantizedLinear:
+        q = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        q.load_state_dict(linear.state_dict())
+        q.config = config
+        q.axes = (0 if config.per_channel else None,)
+        q._set_activation_quantizers()
+        return q
+
+    def quantized_weight(self) -> torch.Tensor:
+        return _fake_quantize_weight(self.weight, self.config.weight_bits, self.axes[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(self._quant_in(x), self.quantized_weight(), self.bias)
+        return self._quant_out(y)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"{super().extra_repr()}, weight_bits={c.weight_bits}, "
+            f"activation_bits={c.activation_bits}, per_channel={c.per_channel}"
+        )
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The quantized layers of ``model`` (name, module)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _Quantized)]
+
+
+def data_first_path(
+    layer: FactorizedConv2d, input_shape: tuple[int, int, int, int]
+) -> list[tuple[int, int]]:
+    """The contraction order, among those that take the factors into the feature map one at a
+    time (every step a conv, no factor x factor product), with the fewest multiply-adds at
+    ``input_shape``. opt_einsum's linear format: the feature map is operand 0, then moves to
+    the end of the list after each step."""
+    n = len(layer.factors)
+    best: tuple[int, list[tuple[int, int]]] | None = None
+    for order in itertools.permutations(range(1, n + 1)):
+        remaining = list(range(n + 1))  # operand ids in list order; 0 is the feature map
+        path: list[tuple[int, int]] = []
+        for f in order:
+            i, j = sorted((remaining.index(0), remaining.index(f)))
+            path.append((i, j))
+            remaining = [r for r in remaining if r not in (0, f)] + [0]
+        plan = plan_conv(layer.network, layer.geometry, input_shape, path=path)
+        if best is None or plan.macs < best[0]:
+            best = (plan.macs, path)
+    assert best is not None
+    return best[1]
+
+
+def factor_axes(plan: ConvPlan, n_factors: int, per_channel: bool) -> list[int | None]:
+    """Per-channel axis of each factor: the (outermost) factor index that the conv step
+    consuming the factor turns into output channels; 0 for factors that are first contracted
+    with other factors; None everywhere without ``per_channel``."""
+    if not per_channel:
+        return [None] * n_factors
+    axes: list[int | None] = [0] * n_factors
+    for step in plan.steps:
+        if isinstance(step, DataStep) and 1 <= step.factor <= n_factors:
+            perm = step.factor_perm
+            # no output channel at all (the step only sums): one scale for the factor
+            one_row = step.weight_shape[0] == 1
+            axes[step.factor - 1] = None if one_row else (perm[0] if perm is not None else 0)
+    return axes
+
+
+# ---------------------------------------------------------------------------------------------
+# model level
+# ---------------------------------------------------------------------------------------------
+def _first_input(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise CalibrationError(
+        "calibration batches must be tensors or (inputs, ...) tuples (e.g. a DataLoader); got "
+        f"{type(batch).__name__}"
+    )
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def quantize(
+    model: nn.Module,
+    weight_bits: int = 8,
+    activation_bits: int | None = 8,
+    calibration: Iterable[Any] | None = None,
+    per_channel: bool = True,
+    *,
+    dense: bool = True,
+    input_size: Sequence[int] | None = None,
+    steps: Literal["conv", "planned"] = "conv",
+) -> nn.Module:
+    """A copy of ``model`` whose layers run with quantized weights and feature maps.
+
+    Args:
+        model: any module; it is deep-copied, never modified.
+        weight_bits: 2 to 8; every factor of a ``FactorizedConv2d`` and (with ``dense``) every
+            ``nn.Conv2d`` kernel and ``nn.Linear`` weight.
+        activation_bits: 2 to 8, or None to keep feature maps in floating point. Quantized feature
+            maps: each quantized layer's input and output, and the maps between a factorized
+            layer's steps.
+        calibration: batches (tensors, or ``(inputs, labels)`` pairs such as a ``DataLoader``)
+            run through the model, in eval mode, to fix the feature-map ranges; required when
+            ``activation_bits`` is set. Its first batch also fixes each factorized layer's
+            contraction order.
+        per_channel: one weight scale per output channel (else one per tensor).
+        dense: also quantize ``nn.Conv2d`` and ``nn.Linear`` layers.
+        input_size: (B, C, H, W) fixing the contraction orders when there is no calibration
+            data (default: :func:`tnconv.compress.default_input_size`).
+        steps: ``"conv"`` (default): every factor meets the feature map in its own conv step,
+            in the cheapest such order (a Tucker-2 layer runs 1x1, kxk, 1x1 as in the paper),
+            so every step has int8 weights and can run on int8 kernels (:func:`to_int8`);
+            ``"planned"``: the planner's order, which may first multiply factors together
+            (fewer FLOPs for some shapes, but those products are not int8 tensors).
+
+    Returns:
+        The quantized model (train / eval mode as ``model``'s).
+
+    Raises:
+        QuantizationError: a bit width outside 2..8, or a model already quantized.
+        CalibrationError: ``activation_bits`` without calibration batches, or an empty set.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize needs a torch.nn.Module; got {type(model).__name__}")
+    _check_bits(weight_bits, "weight_bits")
+    if activation_bits is not None:
+        _check_bits(activation_bits, "activation_bits")
+    if not isinstance(per_channel, bool):
+        raise TypeError(f"per_channel must be a bool; got {per_channel!r}")
+    if steps not in ("conv", "planned"):
+        raise ValueError(f"steps must be 'conv' or 'planned'; got {steps!r}")
+    try:
+        config = QuantConfig(
+            weight_bits=weight_bits, activation_bits=activation_bits, per_channel=per_channel
+        )
+    except ValidationError as exc:  # unreachable after the checks above; kept for safety
+        raise QuantizationError(str(exc)) from exc
+    if quantized_layers(model):
+        raise QuantizationError("the model is already quantized; quantize the original instead")
+    batches: list[torch.Tensor] = []
+    if calibration is not None:
+        if isinstance(calibration, torch.Tensor):
+            calibration = [calibration]
+        batches = [_first_input(b) for b in calibration]
+        if not batches:
+            raise CalibrationError("the calibration set is empty: give at least one batch")
+    elif activation_bits is not None:
+        raise CalibrationError(
+            "quantizing feature maps needs calibration batches (calibration=loader); or pass "
+            "activation_bits=None to quantize the weights only"
+        )
+
+    target = copy.deepcopy(model)
+    param = next(target.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    # the input shape of every factorized layer fixes its contraction order
+    factorized = [(n, m) for n, m in target.named_modules() if isinstance(m, FactorizedConv2d)]
+    shapes: dict[str, tuple[int, int, int, int]] = {}
+    if factorized:
+        if batches:
+            size: Sequence[int] = tuple(batches[0].shape)
+        else:
+            size = input_size if input_size is not None else default_input_size(target)
+        shapes = conv_input_shapes(target, size)
+    for name, module in list(target.named_modules()):
+        new: nn.Module | None = None
+        if isinstance(module, FactorizedConv2d):
+            shape = shapes.get(name) or (1, module.in_channels, 32, 32)
+            if steps == "conv":
+                path = data_first_path(module, shape)
+                plan = plan_conv(module.network, module.geometry, shape, path=path)
+            else:
+                plan = module.plan_for(shape)
+            axes = factor_axes(plan, len(module.factors), per_channel)
+            new = QuantizedFactorizedConv2d.from_layer(module, config, plan.path, axes)
+        elif dense and type(module) is nn.Conv2d:
+            new = QuantizedConv2d.from_conv(module, config)
+        elif dense and type(module) is nn.Linear:
+            new = QuantizedLinear.from_linear(module, config)
+        if new is not None:
+            _set_module(target, name, new.train(module.training))
+    if activation_bits is not None:
+        calibrate(target, batches, device)
+    return target
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], device: Any = None) -> None:
+    """Reset and re-measure the feature-map ranges of every quantized layer of ``model`` on
+    ``batches`` (run in eval mode; the model's mode is restored)."""
+    quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    if not quantizers:
+        return
+    for q in quantizers:
+        q.lo.fill_(math.inf)
+        q.hi.fill_(-math.inf)
+        q.calibrating = True
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for batch in batches:
+            x = _first_input(batch)
+            model(x if device is None else x.to(device))
+            seen += 1
+    finally:
+        for q in quantizers:
+            q.calibrating = False
+        model.train(was_training)
+    if not seen:
+        raise CalibrationError("the calibration set is empty: give at least one batch")
+    missing = sum(not q.calibrated for q in quantizers)
+    if missing:
+        raise CalibrationError(
+            f"{missing} feature-map quantizer(s) saw no data: the calibration batches do not "
+            "reach every quantized layer"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# real int8 execution (PyTorch's quantized CPU kernels)
+# ---------------------------------------------------------------------------------------------
+def int8_support(layer: nn.Module) -> str:
+    """Why ``layer`` cannot run on PyTorch's int8 kernels ("" when it can)."""
+    if not isinstance(layer, _Quantized):
+        return f"{type(layer).__name__} is not a quantized layer"
+    if layer.config.activation_bits != 8:
+        return (
+            "int8 kernels requantize every output onto 256 levels: feature maps must be 8-bit "
+            f"(activation_bits={layer.config.activation_bits})"
+        )
+    if isinstance(layer, QuantizedFactorizedConv2d):
+        plan = layer._plan_with_path(None)
+        if any(not isinstance(s, DataStep) for s in plan.steps):
+            return (
+                "its contraction order multiplies factors together before they meet the feature "
+                "map; the product of two int8 factors is not an int8 tensor"
+            )
+        if any(s.pad is not None for s in plan.steps):
+            return "asymmetric or non-zero padding has no int8 kernel"
+    elif isinstance(layer, QuantizedConv2d) and layer.padding_mode != "zeros":
+        return f"padding_mode={layer.padding_mode!r} has no int8 kernel"
+    return ""
+
+
+def _int8_weight(
+    codes: torch.Tensor, scale: torch.Tensor, perm: tuple[int, ...] | None, shape: Sequence[int]
+) -> torch.Tensor:
+    """Codes and scales laid out as a conv / linear weight with one scale per output row."""
+    scales = scale.expand(codes.shape)
+    if perm is not None:
+        codes, scales = codes.permute(perm), scales.permute(perm)
+    codes = codes.reshape(shape).contiguous()
+    scales = scales.reshape(shape[0], -1)
+    if not bool((scales == scales[:, :1]).all()):
+        raise QuantizationError("the weight scales do not run along the output channels")
+    return torch._make_per_channel_quantized_tensor(
+        codes,
+        scales[:, 0].double(),
+        torch.zeros(shape[0], dtype=torch.long),
+        0,
+    )
+
+
+def _quint8(x: torch.Tensor, q: ActivationQuantizer) -> torch.Tensor:
+    scale, zero = q.qparams()
+    return torch.quantize_per_tensor(x, float(scale), int(zero), torch.quint8)
+
+
+class Int8FactorizedConv2d(nn.Module):
+    """A quantized factorized layer run on PyTorch's int8 conv kernels: the input is quantized
+    to uint8, every step is one ``quantized::conv2d`` (int8 weights, int32 accumulation,
+    requantized to the next feature map's calibrated range), and the output is dequantized."""
+
+    def __init__(self, layer: QuantizedFactorizedConv2d) -> None:
+        super().__init__()
+        reason = int8_support(layer)
+        if reason:
+            raise QuantizationError(f"cannot run in int8: {reason}")
+        self.source = layer  # float reference (plans, ranges); not called in forward
+        plan = layer._plan_with_path(None)
+        bits = layer.config.weight_bits
+        quantized = [
+            quantize_weight(f, bits, a) for f, a in zip(layer.factors, layer.axes, strict=True)
+        ]
+        steps = [s for s in plan.steps if isinstance(s, DataStep)]
+        self._packed = []
+        self._out_q: list[tuple[float, int]] = []
+        quantizers = [*layer.between_quant, layer.output_quant]
+        for k, step in enumerate(steps):
+            codes, scale = quantized[step.factor - 1]
+            weight = _int8_weight(codes, scale, step.factor_perm, step.weight_shape)
+            bias = (
+                layer.bias.detach().float()
+                if (k == len(steps) - 1 and layer.bias is not None)
+                else None
+            )
+            self._packed.append(
+                torch.ops.quantized.conv2d_prepack(
+                    weight,
+                    bias,
+                    list(step.stride),
+                    list(step.padding),
+                    list(step.dilation),
+                    step.groups,
+                )
+            )
+            s, z = quantizers[k].qparams()  # type: ignore[union-attr]
+            self._out_q.append((float(s), int(z)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.source
+        plan = layer.plan_for(tuple(x.shape))
+        q = _quint8(x, layer.input_quant).reshape(plan.data_shape)  # type: ignore[arg-type]
+        for k, step in enumerate(plan.steps):
+            assert isinstance(step, DataStep)
+            if step.data_perm is not None:
+                q = q.permute(step.data_perm)
+            q = q.reshape(step.data_shape)
+            scale, zero = self._out_q[k]
+            q = torch.ops.quantized.conv2d(q, self._packed[k], scale, zero).reshape(step.out_shape)
+        if plan.final_perm is not None:
+            q = q.permute(plan.final_perm)
+        return q.reshape(plan.output_shape).dequantize()
+
+
+class Int8Conv2d(nn.Module):
+    """A quantized dense conv run on ``quantized::conv2d`` (uint8 in, int8 weights)."""
+
+    def __init__(self, layer: QuantizedConv2d) -> None:
+        super().__init__()
+        reason = int8_support(layer)
+        if reason:
+            raise QuantizationError(f"cannot run in int8: {reason}")
+        codes, scale = quantize_weight(layer.weight, layer.config.weight_bits, layer.axes[0])
+        weight = _int8_weight(codes, scale, None, tuple(codes.shape))
+        bias = None if layer.bias is None else layer.bias.detach().float()
+        self._packed = torch.ops.quantized.conv2d_prepack(
+            weight,
+            bias,
+            list(layer.stride),
+            list(layer.padding),
+            list(layer.dilation),
+            layer.groups,
+        )
+        self.input_quant = layer.input_quant
+        s, z = layer.output_quant.qparams()  # type: ignore[union-attr]
+        self._out = (float(s), int(z))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = _quint8(x, self.input_quant)  # type: ignore[arg-type]
+        return torch.ops.quantized.conv2d(q, self._packed, *self._out).dequantize()
+
+
+class Int8Linear(nn.Module):
+    """A quantized linear layer run on ``quantized::linear``."""
+
+    def __init__(self, layer: QuantizedLinear) -> None:
+        super().__init__()
+        reason = int8_support(layer)
+        if reason:
+            raise QuantizationError(f"cannot run in int8: {reason}")
+        codes, scale = quantize_weight(layer.weight, layer.config.weight_bits, layer.axes[0])
+        weight = _int8_weight(codes, scale, None, tuple(codes.shape))
+        bias = None if layer.bias is None else layer.bias.detach().float()
+        self._packed = torch.ops.quantized.linear_prepack(weight, bias)
+        self.input_quant = layer.input_quant
+        s, z = layer.output_quant.qparams()  # type: ignore[union-attr]
+        self._out = (float(s), int(z))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = _quint8(x, self.input_quant)  # type: ignore[arg-type]
+        return torch.ops.quantized.linear(q, self._packed, *self._out).dequantize()
+
+
+def to_int8(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
+    """A copy of a :func:`quantize`-d model whose quantized layers run on PyTorch's int8 CPU
+    kernels (the engine in ``torch.backends.quantized.engine``) for inference.
+
+    Layers that cannot (:func:`int8_support` says why) keep running fake-quantized in floating
+    point. Returns the model (eval mode, inference only: int8 kernels have no gradient) and
+    ``{layer name: reason}`` for the layers left in floating point.
+    """
+    target = copy.deepcopy(model).eval()
+    left: dict[str, str] = {}
+    for name, layer in quantized_layers(target):
+        reason = int8_support(layer)
+        if reason:
+            left[name] = reason
+            log.info("%s stays in floating point: %s", name, reason)
+            continue
+        if isinstance(layer, QuantizedFactorizedConv2d):
+            new: nn.Module = Int8FactorizedConv2d(layer)
+        elif isinstance(layer, QuantizedConv2d):
+            new = Int8Conv2d(layer)
+        else:
+            new = Int8Linear(layer)  # type: ignore[arg-type]
+        if name:
+            _set_module(target, name, new)
+        else:
+            target = new
+    return target, left
