@@ -167,7 +167,8 @@ def test_quantized_layer_runs_its_quantized_factors(method: str) -> None:
         assert bool(((f - fq).abs() <= scale / 2 * (1 + 1e-6)).all())
     # oracle: the quantized factors as leaves, reconstructed and convolved densely
     leaves = [t.detach().clone().requires_grad_(True) for t in qf]
-    kernel = Factorization(leaves, layer.equation, (16, 12, 3, 3), layer.ranks).to_tensor()
+    network = Factorization(leaves, layer.equation, (16, 12, 3, 3), layer.ranks, modes=layer.modes)
+    kernel = network.to_tensor()
     ref = F.conv2d(x, kernel, q.bias.detach(), 1, 1)
     y = q(x)
     assert torch.allclose(y, ref, atol=1e-5, rtol=1e-4)

@@ -334,7 +334,7 @@ class QuantizedFactorizedConv2d(_Quantized, FactorizedConv2d):
                 return self.between_quant[k](y)
 
         plan = self.plan_for(tuple(x.shape))
-        y = plan(x, self.quantized_factors(), self.bias, between)
+        y = plan(x, self.quantized_factors(), self.bias, between=between)
         y = self._quant_out(y)
         return y.squeeze(0) if unbatched else y
 
