@@ -64,7 +64,7 @@ def tnconv_layers(conv: nn.Conv2d, ratio: float) -> dict[str, nn.Module]:
     shape = tuple(conv.weight.shape)
     budget = ratio * math.prod(shape)
     layers: dict[str, nn.Module] = {}
-    for name in tnconv.available():
+    for name in tnconv.available(kind="base"):
         dec = tnconv.get(name)
         fits = [
             r

@@ -46,3 +46,16 @@ class EquationError(TnconvError, ValueError):
 
 class PluginLoadError(TnconvError, ImportError):
     """A decomposition plugin's entry point was found but could not be loaded."""
+
+
+class ADMMError(TnconvError, RuntimeError):
+    """An ADMM trainer was used out of order (``compress()`` before any ``step()``) or given a
+    state that does not match its model."""
+
+
+class ProjectionError(ADMMError):
+    """ADMM's projection (factorize at the spec, then reconstruct) failed for a layer."""
+
+
+class NonFiniteWeightError(ADMMError, FloatingPointError):
+    """A weight (or ADMM's Z / U for it) became NaN or Inf during training; names the layer."""
