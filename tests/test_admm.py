@@ -437,3 +437,8 @@ def test_cli_admm_end_to_end(tmp_path, capsys: pytest.CaptureFixture) -> None:
     assert any(isinstance(m, tnconv.FactorizedConv2d) for m in small.modules())
     assert main(["admm", "-m", "tt", "-o", str(out)]) == 2
     assert "give one of" in capsys.readouterr().err
+    # bad values fail at once, before any data is loaded or model trained
+    assert main(["admm", "-m", "tt", "--rank", "2", "--rho", "0", "-o", str(out)]) == 2
+    assert "rho" in capsys.readouterr().err
+    assert main(["admm", "-m", "nope", "--rank", "2", "-o", str(out)]) == 2
+    assert "unknown decomposition" in capsys.readouterr().err

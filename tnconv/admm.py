@@ -78,6 +78,18 @@ class ADMMSchedule(BaseModel):
             raise ValueError(f"rho_max={self.rho_max} is below rho={self.rho}")
         return self
 
+    @classmethod
+    def parse(cls, rho: Any, rho_growth: Any = 1.0, rho_max: Any = None) -> ADMMSchedule:
+        """Validate a schedule; :class:`OptionError` (a ``ValueError``) names the bad field."""
+        try:
+            return cls(rho=rho, rho_growth=rho_growth, rho_max=rho_max)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'schedule'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise OptionError(f"bad ADMM schedule: {problems}") from exc
+
     def next(self, rho: float) -> float:
         """The rho after one more step."""
         grown = rho * self.rho_growth
@@ -154,14 +166,7 @@ class ADMM:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"ADMM needs a torch.nn.Module; got {type(model).__name__}")
-        try:
-            self.schedule = ADMMSchedule(rho=rho, rho_growth=rho_growth, rho_max=rho_max)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'schedule'}: {e['msg']}"
-                for e in exc.errors()
-            )
-            raise OptionError(f"bad ADMM schedule: {problems}") from exc
+        self.schedule = ADMMSchedule.parse(rho, rho_growth, rho_max)
         decomposition = method if isinstance(method, Decomposition) else get(method)
         if isinstance(decomposition, ADMMDecomposition):
             decomposition = decomposition.base  # admm-<base>: this trainer is its ADMM part

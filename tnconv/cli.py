@@ -20,6 +20,7 @@ from torch import nn
 from .compress import compress
 from .errors import TnconvError
 from .io import load, save
+from .rank import parse_rank_spec
 from .registry import available, get
 from .study import study
 from .summary import summary
@@ -213,7 +214,7 @@ def cmd_admm(args: argparse.Namespace) -> int:
     """ADMM training toward a method on the shipped digits, compression, fine-tuning."""
     import copy
 
-    from .admm import ADMM
+    from .admm import ADMM, ADMMSchedule
     from .experiments.admm import (
         ADMMRun,
         admm_arm,
@@ -239,6 +240,15 @@ def cmd_admm(args: argparse.Namespace) -> int:
     for flag, value in (("--epochs", args.epochs), ("--tune-epochs", args.tune_epochs)):
         if value < (1 if flag == "--epochs" else 0):
             raise CLIError(f"{flag} must be >= {1 if flag == '--epochs' else 0}; got {value}")
+    # everything that can be checked without a model fails before any training
+    ADMMSchedule.parse(args.rho, args.rho_growth, args.rho_max)
+    method = get(args.method).name
+    base = getattr(get(method), "base_name", "") or method  # admm-<base> means <base>
+    get(base).parse_options(_options(args.option))
+    if "budget" not in spec:
+        parse_rank_spec(spec.get("rank"), spec.get("eps"), spec.get("ratio"))
+    if args.batch_size < 1 or (args.train_limit is not None and args.train_limit < 1):
+        raise CLIError("--batch-size and --train-limit must be >= 1")
     torch.manual_seed(args.seed)
     data = load_digits(args.source, seed=args.seed, limit=args.train_limit)
     progress = not args.quiet
@@ -256,8 +266,6 @@ def cmd_admm(args: argparse.Namespace) -> int:
             f"{type(exc).__name__}: {exc}"
         ) from exc
     layers: Any = args.layers.split(",") if args.layers else default_layers
-    method = get(args.method).name
-    base = getattr(get(method), "base_name", "") or method  # admm-<base> means <base>
     run = ADMMRun(
         admm_epochs=args.epochs,
         tune_epochs=args.tune_epochs,
