@@ -76,7 +76,7 @@ def tnconv_layers(conv: nn.Conv2d, ratio: float) -> dict[str, nn.Module]:
     shape = tuple(conv.weight.shape)
     budget = ratio * math.prod(shape)
     layers: dict[str, nn.Module] = {}
-    for name in tnconv.available():
+    for name in tnconv.available(kind="base"):
         dec = tnconv.get(name)
         try:
             fits = [
@@ -230,7 +230,7 @@ def print_tables(rows: list[Row]) -> None:
 def check_targets(rows: list[Row]) -> list[tuple[str, bool, str]]:
     """(target, passed, detail) for each item-2 target."""
     results = []
-    ours = [r for r in rows if r.name in tnconv.available()]
+    ours = [r for r in rows if r.name in tnconv.available("base")]
     for method in dict.fromkeys(r.name for r in ours):
         goal = TARGETS.get(method, DEFAULT_TARGET)
         mine = [r for r in ours if r.name == method and r.layout == TARGET_LAYOUT]
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     tables = {lay: calibration.cost_table(lay) for lay in ("nchw", "nhwc")}
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, tnconv "
-        f"{tnconv.__version__}, methods {tnconv.available()}, allocator pinned: {pinned}, "
+        f"{tnconv.__version__}, methods {tnconv.available('base')}, allocator pinned: {pinned}, "
         f"cost tables: {tables['nhwc'].source} ({calibration.cache_file()})\n"
     )
     shapes = QUICK_SHAPES if args.quick else SHAPES

@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     names = ["resnet20"] if args.quick else list(MODELS)
     if args.models:
         names = args.models.split(",")
-    methods = tnconv.available()
+    methods = tnconv.available("base")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, methods {methods}, "
         f"allocator pinned: {pinned}; conv params at <= {SHARE} per layer (stem dense)\n"

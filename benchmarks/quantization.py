@@ -133,7 +133,7 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
 
     budget = cfg.budget
     compressed = {}
-    for method in cfg.methods or tnconv.available():
+    for method in cfg.methods or tnconv.available("base"):
         compressed[method] = tnconv.compress(
             model, method, budget=budget, layers=compressible, **OTHER_OPTIONS.get(method, {})
         )

@@ -177,6 +177,24 @@ def test_entry_point_plugin_is_discovered(plugin_path: Path) -> None:
     torch.testing.assert_close(layer(x), torch.nn.functional.conv2d(x, f.to_tensor(), padding=1))
 
 
+def test_entry_point_plugin_gets_derived_entries(plugin_path: Path) -> None:
+    _make_distribution(
+        plugin_path,
+        "tnconv_test_plugin",
+        "tnconv_test_plugin",
+        PLUGIN_SOURCE,
+        "rank-one = tnconv_test_plugin:Rank1",
+    )
+    # the first lookup of the derived name finds the base through its entry point
+    assert "tnconv_test_plugin" not in sys.modules
+    dec = tnconv.get("admm-rank-one")
+    assert dec.training_time and "admm-rank-one" in tnconv.available(kind="derived")
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(
+        dec.factorize(w, 1).to_tensor(), tnconv.get("rank-one").factorize(w, 1).to_tensor()
+    )
+
+
 def test_broken_plugin_is_reported_not_fatal(plugin_path: Path) -> None:
     _make_distribution(
         plugin_path,

@@ -6,18 +6,23 @@ Public API (see docs/): the registry (``available``, ``get``, ``register``), the
 tools: ``compress``, ``summary``, ``save`` / ``load``, ``study``, ``quantize`` (quantized
 factors and feature maps) and ``select_ranks`` (rank selection by a user metric); compressibility
 analysis (``tnconv.analysis``: cuts, spectra, entropies, truncation sweeps) and the per-layer
-method / rank ``recommend``ation behind ``compress(model, "auto", budget=...)``.
+method / rank ``recommend``ation behind ``compress(model, "auto", budget=...)``; :class:`ADMM`
+(training toward a decomposition before compressing).
 """
 
 from . import analysis
+from .admm import ADMM
 from .compress import Budget, compress, dense_reasons
 from .decompositions.base import Decomposition
 from .errors import (
+    ADMMError,
     BudgetError,
     EquationError,
     InvalidWeightError,
+    NonFiniteWeightError,
     OptionError,
     PluginLoadError,
+    ProjectionError,
     RankSpecError,
     RegistrationError,
     StructureError,
@@ -29,7 +34,15 @@ from .io import load, save
 from .layers import FactorizedConv2d
 from .quantization import quantize
 from .recommend import Recommendation, recommend
-from .registry import available, get, refresh, register, unregister
+from .registry import (
+    available,
+    get,
+    refresh,
+    register,
+    register_derived,
+    unregister,
+    unregister_derived,
+)
 from .selection import RankSelection, select_ranks
 from .study import StudyResult, study
 from .summary import Summary, summary
@@ -37,6 +50,8 @@ from .summary import Summary, summary
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADMM",
+    "ADMMError",
     "Budget",
     "BudgetError",
     "Decomposition",
@@ -44,8 +59,10 @@ __all__ = [
     "Factorization",
     "FactorizedConv2d",
     "InvalidWeightError",
+    "NonFiniteWeightError",
     "OptionError",
     "PluginLoadError",
+    "ProjectionError",
     "RankSelection",
     "RankSpecError",
     "Recommendation",
@@ -66,9 +83,11 @@ __all__ = [
     "recommend",
     "refresh",
     "register",
+    "register_derived",
     "save",
     "select_ranks",
     "study",
     "summary",
     "unregister",
+    "unregister_derived",
 ]

@@ -1,5 +1,5 @@
-"""The ``tnconv`` command: list, compress, summary, calibrate, study, analyze, demo, cifar,
-reduction.
+"""The ``tnconv`` command: list, compress, summary, calibrate, study, analyze, demo, admm,
+cifar, reduction.
 
 Every failure a user can cause (a missing file, a bad argument, a rank that does not fit) ends
 with one line on stderr, ``tnconv: error: ...``, and exit status 2.
@@ -21,6 +21,7 @@ from torch import nn
 from .compress import compress
 from .errors import TnconvError
 from .io import load, save
+from .rank import parse_rank_spec
 from .registry import available, get
 from .study import study
 from .summary import summary
@@ -115,7 +116,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         dec = get(name)
         opts = ", ".join(dec.Options.model_fields) or "-"
         eps = "eps guaranteed" if dec.guarantees_eps else "eps searched"
-        print(f"{name:10s} ranks {dec.rank_order}; {eps}; options: {opts}")
+        when = " [training-time: see `tnconv admm`]" if dec.training_time else ""
+        print(f"{name:12s} ranks {dec.rank_order}; {eps}; options: {opts}{when}")
     return 0
 
 
@@ -326,6 +328,117 @@ def _analyze_sweep(
     return written
 
 
+def cmd_admm(args: argparse.Namespace) -> int:
+    """ADMM training toward a method on the shipped digits, compression, fine-tuning."""
+    import copy
+
+    from .admm import ADMM, ADMMSchedule
+    from .experiments.admm import (
+        ADMMRun,
+        admm_arm,
+        default_layers,
+        direct_arm,
+        layer_params,
+        load_digits,
+        train_dense,
+    )
+    from .training import evaluate
+
+    spec: dict[str, Any] = {}
+    if args.rank is not None:
+        spec["rank"] = _rank(args.rank)
+    if args.eps is not None:
+        spec["eps"] = args.eps
+    if args.ratio is not None:
+        spec["ratio"] = args.ratio
+    if args.budget is not None:
+        spec["budget"] = (args.budget_kind, args.budget)
+    if not spec:
+        raise CLIError("give one of --rank, --eps, --ratio or --budget")
+    for flag, value in (("--epochs", args.epochs), ("--tune-epochs", args.tune_epochs)):
+        if value < (1 if flag == "--epochs" else 0):
+            raise CLIError(f"{flag} must be >= {1 if flag == '--epochs' else 0}; got {value}")
+    # everything that can be checked without a model fails before any training
+    ADMMSchedule.parse(args.rho, args.rho_growth, args.rho_max)
+    method = get(args.method).name
+    base = getattr(get(method), "base_name", "") or method  # admm-<base> means <base>
+    get(base).parse_options(_options(args.option))
+    if "budget" not in spec:
+        parse_rank_spec(spec.get("rank"), spec.get("eps"), spec.get("ratio"))
+    if args.batch_size < 1 or (args.train_limit is not None and args.train_limit < 1):
+        raise CLIError("--batch-size and --train-limit must be >= 1")
+    torch.manual_seed(args.seed)
+    data = load_digits(args.source, seed=args.seed, limit=args.train_limit)
+    progress = not args.quiet
+    if args.input:
+        model = _read_model(args.input)
+    else:
+        model = train_dense(
+            data, width=args.width, epochs=args.dense_epochs, seed=args.seed, progress=progress
+        )
+    try:
+        dense_acc = evaluate(model, data.test_loader())
+    except Exception as exc:
+        raise CLIError(
+            f"the model cannot classify the {args.source} digits (images {data.image}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    layers: Any = args.layers.split(",") if args.layers else default_layers
+    run = ADMMRun(
+        admm_epochs=args.epochs,
+        tune_epochs=args.tune_epochs,
+        rho=args.rho,
+        rho_growth=args.rho_growth,
+        rho_max=args.rho_max,
+        admm_lr=args.lr,
+        tune_lr=args.tune_lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=progress,
+        options={base: _options(args.option)},
+    )
+    ADMM(
+        copy.deepcopy(model),
+        base,
+        layers=layers,
+        rho=args.rho,
+        rho_growth=args.rho_growth,
+        rho_max=args.rho_max,
+        **spec,
+        **run.options[base],
+    )  # bad input fails before training
+    arms = [("admm", admm_arm(model, base, data, run, layers, **spec), args.epochs)]
+    if args.compare:
+        arms.append(("direct", direct_arm(model, base, data, run, layers, **spec), 0))
+    admm = arms[0][1].admm
+    assert admm is not None
+    for h in admm.history:
+        print(
+            f"admm step {h['step']:3d}  rho {h['rho']:.3g}  max ||W-Z||/||W|| "
+            f"{h['max_distance']:.4f}"
+        )
+    names = list(admm._layers)
+    rows = [
+        f"{'arm':7s} {'params (chosen convs)':>22s} {'before':>7s} {'tuned':>6s} "
+        f"{'epochs':>13s} {'s':>5s}"
+    ]
+    dense_params = layer_params(model, names)[1]
+    rows.append(f"{'dense':7s} {dense_params:>10d}->{dense_params:<11d} {100 * dense_acc:7.1f}")
+    for label, arm, admm_epochs in arms:
+        params = layer_params(arm.model, names)[0]
+        tune = args.epochs + args.tune_epochs - admm_epochs
+        epochs = f"{admm_epochs} admm+{tune} ft"
+        rows.append(
+            f"{label:7s} {dense_params:>10d}->{params:<11d} {100 * arm.before:7.1f} "
+            f"{100 * arm.after:6.1f} {epochs:>13s} {arm.seconds:5.0f}"
+        )
+    print("\n".join(rows))
+    print("(accuracy % on the test digits before / after fine-tuning)")
+    save(arms[0][1].model, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     """Hand the remaining arguments to an experiment script's own ``main``."""
     if args.command == "cifar":
@@ -424,6 +537,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain-epochs", type=int, default=0, help="re-train each truncation")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser(
+        "admm",
+        help="ADMM-train a digits model toward a method, compress, fine-tune (docs/admm.md)",
+    )
+    p.add_argument("input", nargs="?", help="a saved digits model (default: train a DigitsNet)")
+    p.add_argument("-m", "--method", required=True, help="a name from `tnconv list`")
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--rank", help="int, tuple like 4,8,8,4, or a float ratio")
+    spec.add_argument("--eps", type=float, help="relative error bound in (0, 1)")
+    spec.add_argument("--ratio", type=float, help="share of each layer's parameters in (0, 1]")
+    spec.add_argument("--budget", type=float, help="global share, ranks fixed on the first step")
+    p.add_argument("--budget-kind", choices=["params", "flops"], default="params")
+    p.add_argument("--epochs", type=int, default=3, help="ADMM training epochs")
+    p.add_argument("--tune-epochs", type=int, default=1, help="fine-tuning epochs after it")
+    p.add_argument("--rho", type=float, default=0.5, help="initial penalty weight")
+    p.add_argument("--rho-growth", type=float, default=2.0, help="rho *= this per step")
+    p.add_argument("--rho-max", type=float, default=8.0, help="cap on rho")
+    p.add_argument("--lr", type=float, default=0.02, help="ADMM training peak lr (OneCycle)")
+    p.add_argument("--tune-lr", type=float, default=0.005, help="fine-tuning peak lr")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--source", choices=["mnist", "sklearn"], default="mnist")
+    p.add_argument("--train-limit", type=int, help="use at most this many training digits")
+    p.add_argument("--width", type=int, default=32, help="DigitsNet width (no input model)")
+    p.add_argument("--dense-epochs", type=int, default=6, help="DigitsNet training epochs")
+    p.add_argument("--layers", help="comma-separated conv names (default: convs with >1 input)")
+    p.add_argument("--compare", action="store_true", help="also run direct compression")
+    p.add_argument("--option", action="append", default=[], help="method option key=value")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True, help="where to tnconv.save the result")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_admm)
 
     for name, text in (
         ("cifar", "the RSDTR paper's CIFAR-10 protocol on a local folder (docs/cifar.md)"),

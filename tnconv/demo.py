@@ -121,7 +121,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None) -> StudyResult:
     image = tuple(train.tensors[0].shape[1:])
     result = study(
         model,
-        methods=list(cfg.methods) if cfg.methods is not None else available(),
+        methods=list(cfg.methods) if cfg.methods is not None else available(kind="base"),
         budgets=[cfg.budget],
         layers=compressible,
         input_size=(cfg.batch_size, *image),

@@ -59,3 +59,16 @@ class InputShapeError(TnconvError, ValueError, RuntimeError):
     ``torch.nn.Conv2d`` raises ``RuntimeError`` for these; this error is both that and a
     ``ValueError``, so either ``except`` clause catches it.
     """
+
+
+class ADMMError(TnconvError, RuntimeError):
+    """An ADMM trainer was used out of order (``compress()`` before any ``step()``) or given a
+    state that does not match its model."""
+
+
+class ProjectionError(ADMMError):
+    """ADMM's projection (factorize at the spec, then reconstruct) failed for a layer."""
+
+
+class NonFiniteWeightError(ADMMError, FloatingPointError):
+    """A weight (or ADMM's Z / U for it) became NaN or Inf during training; names the layer."""

@@ -219,7 +219,8 @@ def study(
             ``compress(..., budget=b)``, a global allocation at the same share for every
             method), or a mapping name -> kernel (T, S, kh, kw) (each factorized with ratio=b and
             run as a stride-1 'same' convolution).
-        methods: registered names; default: all of ``tnconv.available()``.
+        methods: registered names; default: the base methods, ``tnconv.available("base")``
+            (a derived ``admm-<base>`` factorizes exactly as its base).
         budgets: shares of the dense parameters, in (0, 1].
         layers: which convs of a model to compress (names or predicate).
         input_size: (B, C, H, W) for FLOPs and latency; models default to
@@ -231,7 +232,7 @@ def study(
         options: per-method factorize options, e.g. ``{"cp": {"n_init": 1}}``.
         progress: tqdm bar over the runs.
     """
-    names = list(methods) if methods is not None else available()
+    names = list(methods) if methods is not None else available(kind="base")
     for name in names:
         get(name)  # unknown names fail before any work
     for b in budgets:

@@ -7,7 +7,7 @@ being ordinary parameters.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
@@ -37,6 +37,9 @@ def fit(
     schedule: Literal["onecycle", "constant"] = "onecycle",
     progress: bool = False,
     desc: str = "train",
+    penalty: Callable[[], torch.Tensor] | None = None,
+    after_batch: Callable[[int], None] | None = None,
+    after_epoch: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Train ``model`` in place with SGD (Nesterov-free momentum) and cross-entropy.
 
@@ -46,6 +49,11 @@ def fit(
     anneals to ``lr / 25e4``, and SGD's momentum is cycled 0.95 -> 0.85 -> 0.95 against it, so
     ``momentum`` only takes effect with ``schedule="constant"``. Returns the mean loss of each
     epoch. Batches are ``(inputs, integer labels)``.
+
+    Hooks (e.g. ADMM, :class:`tnconv.ADMM`): ``penalty()`` is added to every batch's loss (the
+    returned history is the cross-entropy alone); ``after_batch(k)`` runs after the k-th
+    optimizer step (counted from 1 over the whole run) and ``after_epoch(e)`` after epoch e
+    (from 1), both under ``torch.no_grad``.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1; got {epochs}")
@@ -62,6 +70,7 @@ def fit(
         raise ValueError(f"schedule must be 'onecycle' or 'constant'; got {schedule!r}")
     model.train()
     history = []
+    step = 0
     for epoch in range(epochs):
         total, count = 0.0, 0
         batches: Iterable = tqdm(
@@ -71,13 +80,21 @@ def fit(
             inputs, labels = inputs.to(device), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(inputs), labels)
-            loss.backward()
+            objective = loss if penalty is None else loss + penalty()
+            objective.backward()
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             total += float(loss.detach()) * len(labels)
             count += len(labels)
+            step += 1
+            if after_batch is not None:
+                with torch.no_grad():
+                    after_batch(step)
         history.append(total / max(count, 1))
+        if after_epoch is not None:
+            with torch.no_grad():
+                after_epoch(epoch + 1)
         log.info("%s epoch %d: loss %.4f", desc, epoch + 1, history[-1])
     model.eval()
     return history

@@ -52,14 +52,17 @@ class Decomposition(ABC):
     """A tensor-network family for conv kernels (T, S, kh, kw).
 
     Subclasses set ``rank_order`` (documentation of the bond tuple), ``guarantees_eps`` (True when
-    ``fit_eps`` provably meets ``relative_error <= eps``) and ``Options`` (a pydantic model of the
-    keyword options ``factorize`` accepts).
+    ``fit_eps`` provably meets ``relative_error <= eps``), ``Options`` (a pydantic model of the
+    keyword options ``factorize`` accepts) and, for training-time methods, ``training_time``.
     """
 
     name: ClassVar[str] = ""
     rank_order: ClassVar[str] = ""
     guarantees_eps: ClassVar[bool] = False
     Options: ClassVar[type[BaseModel]] = NoOptions
+    # True for methods whose real work happens while the network trains (``admm-<base>``): their
+    # ``factorize`` is the base method's, and ``tnconv list`` marks them
+    training_time: ClassVar[bool] = False
 
     # -- the public entry point -------------------------------------------------------------
     def factorize(
