@@ -65,7 +65,7 @@ def test_admm_entry_factorizes_as_its_base(base: str) -> None:
     assert isinstance(dec, tnconv.Decomposition)
     assert dec.training_time and not tnconv.get(base).training_time
     assert dec.name == f"admm-{base}" and dec.rank_order == tnconv.get(base).rank_order
-    w = torch.randn(6, 5, 3, 3, generator=torch.Generator().manual_seed(3))
+    w = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(3))
     # the options pass through too (cp: one short ALS start, to keep the test fast)
     opts = {"n_init": 1, "max_iter": 30} if "n_init" in dec.Options.model_fields else {}
     f, g = dec.factorize(w, 2, **opts), tnconv.get(base).factorize(w, 2, **opts)
