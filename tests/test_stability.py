@@ -44,7 +44,7 @@ def monte_carlo_gain(f: Factorization, sigma: float, draws: int, seed: int) -> f
 
 
 @pytest.mark.parametrize("method", METHODS)
-@settings(max_examples=8)
+@settings(max_examples=4)
 @given(
     shape=st.tuples(
         st.integers(1, 6), st.integers(1, 6), st.sampled_from([1, 3]), st.sampled_from([1, 3])
@@ -153,10 +153,10 @@ def test_min_sensitivity_scaling_keeps_kernel(shape: tuple, rank: int, seed: int
 
 @pytest.mark.parametrize("name", ["dlib_mmod/conv02", "ppocrv4_det/49_conv2d_156.w_0"])
 def test_stabilized_cp_same_error_much_lower_sensitivity(name: str, one_thread: None) -> None:
-    w = torch.tensor(REAL_3D[name], dtype=torch.float64)[:10, :10]
+    w = torch.tensor(REAL_3D[name], dtype=torch.float64)
     cp = tnconv.get("cp")
-    plain = cp.factorize(w, 6, n_init=1, max_iter=100)
-    stable = cp.factorize(w, 6, n_init=1, max_iter=100, stabilize=True, stabilize_iter=30)
+    plain = cp.factorize(w, 8, n_init=1, max_iter=100)
+    stable = cp.factorize(w, 8, n_init=1, max_iter=100, stabilize=True, stabilize_iter=30)
     assert stable.relative_error(w) <= 1.02 * plain.relative_error(w) + 1e-12
     assert stable.sensitivity() <= 0.5 * plain.sensitivity()
     assert stable.info["sensitivity"] == pytest.approx(stable.sensitivity(), rel=1e-9)
