@@ -123,6 +123,16 @@ def fixed_rank_rows(kernels: dict[str, torch.Tensor], repeats: int, cp: bool) ->
                 lambda x=x, rk=tt_ranks: _tl_tt(x, rk),
             )
         )
+        cases.append(
+            (
+                "tt (als_sweeps=0: TT-SVD only)",
+                tt_ranks,
+                lambda w=w, rk=tt_ranks: (
+                    tnconv.get("tt").factorize(w, rk, als_sweeps=0).relative_error(w)
+                ),
+                lambda x=x, rk=tt_ranks: _tl_tt(x, rk),
+            )
+        )
         if cp:
             rc = max(1, c // 8)
             cases.append(
@@ -284,25 +294,36 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="256-channel fits + eps searches")
     parser.add_argument("--repeats", type=int, default=1, help="round-robin rounds per case")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every row")
+    parser.add_argument(
+        "--sections",
+        default="fixed,eps,compress,study",
+        help="comma-separated subset of fixed,eps,compress,study (the full preset runs all)",
+    )
+    parser.add_argument("--methods", default=None, help="comma-separated methods (default all)")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    if args.quick:
+        sections &= {"fixed", "eps"}
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     warnings.filterwarnings("ignore")
     import tensorly as tl
 
     tl.set_backend("numpy")
-    methods = tnconv.available()
+    methods = args.methods.split(",") if args.methods else tnconv.available()
     rows: list[Row] = []
-    sizes = (256,) if args.quick else (256, 512)
-    kernels = {f"random {c}x{c}x3x3": _random_kernel(c) for c in sizes}
-    if not args.quick:
-        for name, w in list(_trained_kernels(128).items())[:2]:
-            kernels[f"trained {name} {tuple(w.shape)}"] = w
-    rows += fixed_rank_rows(kernels, args.repeats, cp=True)
-    big = _random_kernel(512)
-    rows += eps_rows(big, "random 512x512x3x3", methods)
-    if not args.quick:
+    if "fixed" in sections:
+        sizes = (256,) if args.quick else (256, 512)
+        kernels = {f"random {c}x{c}x3x3": _random_kernel(c) for c in sizes}
+        if not args.quick:
+            for name, w in list(_trained_kernels(128).items())[:2]:
+                kernels[f"trained {name} {tuple(w.shape)}"] = w
+        rows += fixed_rank_rows(kernels, args.repeats, cp="cp" in methods)
+    if "eps" in sections:
+        rows += eps_rows(_random_kernel(512), "random 512x512x3x3", methods)
+    if "compress" in sections:
         rows += compress_rows(methods)
+    if "study" in sections:
         rows += study_rows()
     print(
         f"\nfit_speed: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
