@@ -305,7 +305,8 @@ def main() -> None:
     if args.quick:
         sections &= {"fixed", "eps"}
     torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    logging.getLogger("fit_speed").setLevel(logging.INFO)  # one line per row as it finishes
     warnings.filterwarnings("ignore")
     import tensorly as tl
 

@@ -318,7 +318,7 @@ class Decomposition(ABC):
             if target <= 0:
                 break
             result = self._finish(self.fit_eps(w64, target, opts), w)
-            if result.relative_error(w) <= eps:
+            if result.info["relative_error"] <= eps:  # (measured by _finish, in w's dtype)
                 return result
         assert result is not None
         warnings.warn(
