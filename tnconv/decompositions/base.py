@@ -180,7 +180,10 @@ class Decomposition(ABC):
 
         def misses(r: int) -> bool:
             if r not in cache:
-                cache[r] = self.fit(weight, self.bond_ranks(r, shape), quick).relative_error(weight)
+                f = self.fit(weight, self.bond_ranks(r, shape), quick)
+                # a fit that measured its own error on this (float64) weight saves a rebuild
+                known = f.info.get("fit_error")
+                cache[r] = float(known) if known is not None else f.relative_error(weight)
             return cache[r] > eps
 
         # Ranks whose factors outgrow the dense kernel are searched no further: when even the
