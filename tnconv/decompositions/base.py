@@ -254,12 +254,32 @@ class Decomposition(ABC):
 
         def misses(r: int) -> bool:
             if r not in cache:
-                cache[r] = self.fit(weight, self.bond_ranks(r, shape), quick).relative_error(weight)
+                f = self.fit(weight, self.bond_ranks(r, shape), quick)
+                # a fit that measured its own error on this (float64) weight saves a rebuild
+                known = f.info.get("fit_error")
+                cache[r] = float(known) if known is not None else f.relative_error(weight)
             return cache[r] > eps
 
-        # the largest rank that still misses eps; one above it is the smallest that meets it
-        missing = largest_fitting(1, top, misses)
-        r = 1 if missing is None else min(missing + 1, top)
+        # Ranks whose factors outgrow the dense kernel are searched no further: when even the
+        # largest rank as small as the kernel misses eps, the top rank (the best fit there is)
+        # is returned at once. Fits at those ranks were the cost of a search on kernels that do
+        # not compress (CP on a random 512x512x3x3 kernel: thousands of rank-one terms each).
+        dense = math.prod(shape)
+        cap = largest_fitting(
+            1, top, lambda r: self.num_params_at(shape, self.bond_ranks(r, shape)) <= dense
+        )
+        if cap is not None and cap < top and misses(cap):
+            log.info(
+                "%s: no factorization smaller than the %s kernel meets eps=%s",
+                self.name,
+                shape,
+                eps,
+            )
+            r = top
+        else:
+            # the largest rank that still misses eps; one above it is the smallest that meets it
+            missing = largest_fitting(1, top if cap is None else cap, misses)
+            r = 1 if missing is None else min(missing + 1, top)
         result = self.fit(weight, self.bond_ranks(r, shape), options)
         if result.relative_error(weight) > eps:
             warnings.warn(
@@ -375,7 +395,7 @@ class Decomposition(ABC):
             if target <= 0:
                 break
             result = self._finish(self.fit_eps(w64, target, opts), w)
-            if result.relative_error(w) <= eps:
+            if result.info["relative_error"] <= eps:  # (measured by _finish, in w's dtype)
                 return result
         assert result is not None
         warnings.warn(

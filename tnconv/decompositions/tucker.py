@@ -185,11 +185,19 @@ class Tucker(Decomposition):
         init: dict[int, torch.Tensor] | None = None,
     ) -> tuple[Factorization, dict[int, torch.Tensor]]:
         shape: KernelShape = tuple(weight.shape)  # type: ignore[assignment]
-        if init is None:  # the HOSVD, from the shared bases
-            init = {n: self._bases(weight, n)[:, :r] for n, r in enumerate(ranks)}
-        core, factors, err = hooi(
-            weight, dict(enumerate(ranks)), options.max_iter, options.tol, init=init
-        )
+        if init is None and options.max_iter == 0:
+            # a plain HOSVD truncation: a sub-block of the cached full-basis core, no product
+            factors = {n: self._bases(weight, n)[:, :r] for n, r in enumerate(ranks)}
+            core = self._full_core(weight, len(ranks))[tuple(slice(0, r) for r in ranks)]
+            core = core.contiguous()
+            norm_sq = float(torch.sum(weight * weight))
+            err = _rel_err(norm_sq, float(torch.sum(core * core)))
+        else:
+            if init is None:  # the HOSVD, from the shared bases
+                init = {n: self._bases(weight, n)[:, :r] for n, r in enumerate(ranks)}
+            core, factors, err = hooi(
+                weight, dict(enumerate(ranks)), options.max_iter, options.tol, init=init
+            )
         if len(ranks) == 2:
             out = self.make([core, factors[0], factors[1]], TUCKER2, shape, ranks, fit_error=err)
         else:
@@ -197,6 +205,15 @@ class Tucker(Decomposition):
                 [core, *(factors[n] for n in range(4))], FULL, shape, ranks, fit_error=err
             )
         return out, factors
+
+    def _full_core(self, weight: torch.Tensor, n_modes: int) -> torch.Tensor:
+        """``W x_n U_n^T`` over the first ``n_modes`` modes with the full bases (cached): every
+        HOSVD truncation's core is a leading sub-block of it."""
+
+        def compute() -> torch.Tensor:
+            return _project(weight, {n: self._bases(weight, n) for n in range(n_modes)})
+
+        return cached(weight, ("tucker-core", n_modes), compute)
 
     def _rank_table(
         self, weight: torch.Tensor, n_modes: int
@@ -216,8 +233,7 @@ class Tucker(Decomposition):
         """
         shape = tuple(weight.shape)
         dev = weight.device
-        bases = {n: self._bases(weight, n) for n in range(n_modes)}
-        energy = _project(weight, bases) ** 2
+        energy = self._full_core(weight, n_modes) ** 2
         if n_modes == 2:
             energy = energy.sum(dim=(2, 3))
         captured = energy
