@@ -228,11 +228,9 @@ def compress_rows(methods: list[str]) -> list[Row]:
             )
             dense = sum(c.weight.numel() for c in model.modules() if isinstance(c, nn.Conv2d))
             kept = sum(
-                p.numel()
+                mod.num_params if isinstance(mod, tnconv.FactorizedConv2d) else mod.weight.numel()
                 for mod in small.modules()
                 if isinstance(mod, (nn.Conv2d, tnconv.FactorizedConv2d))
-                for name, p in mod.named_parameters(recurse=False)
-                if name != "bias"
             )
             rows.append(
                 {

@@ -95,7 +95,9 @@ def sequential_svd(
     dims = tuple(tensor.shape)
     d = len(dims)
     if first is None:  # shared by every fit on this tensor (the same unfolding each time)
-        u, s, sv = cached(tensor, "ring-first", lambda: _first_split(tensor))
+        # a ring's first split regroups singular pairs, so its result depends on their signs:
+        # it keeps LAPACK's SVD (as RSDTR and the paper do); a train is sign-invariant
+        u, s, sv = cached(tensor, ("ring-first", ring), lambda: _first_split(tensor, gram=not ring))
     else:
         u, s, sv = first[0], first[1], first[1][:, None] * first[2]
     rank = min(choose_rank(0, s), s.numel())
@@ -119,8 +121,11 @@ def sequential_svd(
     return cores, discarded
 
 
-def _first_split(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(U, s, S @ Vh)`` of the first unfolding ``(I_0, rest)``.
+def _first_split(
+    tensor: torch.Tensor, gram: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, s, S @ Vh)`` of the first unfolding ``(I_0, rest)``; ``gram``: may use the Gram
+    matrix (a train), else LAPACK's SVD exactly (a ring, whose result depends on the signs).
 
     A wide unfolding (the usual conv kernel: T rows, S*kh*kw columns) goes through the eigen-
     decomposition of its small Gram matrix: ``U`` is orthonormal to rounding and ``S @ Vh =
@@ -129,10 +134,10 @@ def _first_split(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     """
     mat = tensor.reshape(tensor.shape[0], -1)
     m, n = mat.shape
-    if n >= 4 * m:
+    if gram and n >= 4 * m:
         lam, u = sym_eig_desc(mat @ mat.T)
         return u, lam.sqrt(), u.T @ mat
-    u, s, vh = svd(mat)
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False) if not gram else svd(mat)
     return u, s, s[:, None] * vh
 
 

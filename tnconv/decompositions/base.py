@@ -36,6 +36,7 @@ from ..rank import (
     param_budget,
     parse_rank_spec,
 )
+from ._linalg import cached
 
 __all__ = ["Decomposition", "NoOptions"]
 
@@ -125,7 +126,7 @@ class Decomposition(ABC):
         if isinstance(spec, FixedRank):
             ranks = self.bond_ranks(spec.ranks, shape)
             result = self.fit(w64, ranks, opts)
-            return self._finish(result, w)
+            return self._finish(result, w, w64)
         if isinstance(spec, ErrorBound):
             return self._factorize_eps(w, w64, spec.eps, opts)
         budget = param_budget(spec.ratio, math.prod(shape))
@@ -136,7 +137,7 @@ class Decomposition(ABC):
                 f"factorization of a {shape} kernel needs {smallest}"
             )
         result = self.fit_ratio(w64, budget, opts)
-        return self._finish(result, w)
+        return self._finish(result, w, w64)
 
     def random(
         self,
@@ -385,7 +386,7 @@ class Decomposition(ABC):
         self, w: torch.Tensor, w64: torch.Tensor, eps: float, opts: BaseModel
     ) -> Factorization:
         if not self.guarantees_eps:
-            return self._finish(self.fit_eps(w64, eps, opts), w)
+            return self._finish(self.fit_eps(w64, eps, opts), w, w64)
         # The bound holds in float64; casting the factors to the weight's dtype adds rounding, so
         # aim a little below eps and tighten if the cast result still misses.
         unit = torch.finfo(w.dtype).eps
@@ -394,7 +395,7 @@ class Decomposition(ABC):
             target = eps * (1.0 - 8.0 * unit * 4.0**attempt)
             if target <= 0:
                 break
-            result = self._finish(self.fit_eps(w64, target, opts), w)
+            result = self._finish(self.fit_eps(w64, target, opts), w, w64)
             if result.info["relative_error"] <= eps:  # (measured by _finish, in w's dtype)
                 return result
         assert result is not None
@@ -434,10 +435,22 @@ class Decomposition(ABC):
         result.info = {}
         return self._finish(result, w)
 
-    def _finish(self, result: Factorization, w: torch.Tensor) -> Factorization:
+    def _finish(
+        self, result: Factorization, w: torch.Tensor, w64: torch.Tensor | None = None
+    ) -> Factorization:
         out = result.to(device=w.device, dtype=w.dtype).detach()
         out.method = self.name
-        out.info["relative_error"] = out.relative_error(w)
+        if w64 is None:
+            out.info["relative_error"] = out.relative_error(w)
+        else:
+            # the same number as out.relative_error(w) (w64 is w in float64), without re-checking
+            # and re-casting the weight for every candidate of a search
+            approx = out.to_tensor().detach().to(device=w64.device, dtype=torch.float64)
+            norm = cached(w64, "norm", lambda: float(torch.linalg.vector_norm(w64)))
+            diff = float(torch.linalg.vector_norm(w64 - approx))
+            out.info["relative_error"] = (
+                diff / norm if norm > 0 else (0.0 if diff == 0.0 else math.inf)
+            )
         return out
 
     def __repr__(self) -> str:

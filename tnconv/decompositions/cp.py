@@ -137,8 +137,9 @@ class _CPProblem:
         self.eye = torch.eye(rank, dtype=weight.dtype, device=weight.device)
 
     def sweep_flops(self) -> float:
-        """Multiply-adds of one sweep (the two passes over the kernel dominate)."""
-        return 2.0 * math.prod(self.shape) * self.rank
+        """Multiply-adds of one sweep: two passes over the kernel and four R x R solves (which
+        dominate at high ranks of small kernels), plus the line search's error pass."""
+        return 3.0 * math.prod(self.shape) * self.rank + 8.0 * self.rank**3
 
     def _spatial(self, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """Khatri-Rao product ``(kh * kw, R)`` of the spatial factors."""
