@@ -296,8 +296,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=".*quantized tensor.*")
     result = run(cfg)
     print(
-        f"# tnconv quantization benchmark ({result['seconds']} s, torch {result['torch']}, "
-        f"engine {result['engine']}, 1 thread)"
+        f"# tnconv quantization benchmark ({result['seconds']} s wall, "
+        f"{result['cpu_seconds']} s CPU, load average {result['load_average']}, "
+        f"torch {result['torch']}, engine {result['engine']}, 1 thread)"
     )
     print(
         f"\n{result['train_images']} train / {result['val_images']} val / "

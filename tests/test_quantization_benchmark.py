@@ -46,9 +46,11 @@ def test_quick_benchmark_runs_and_reports_every_table(bench, capsys) -> None:
         "dense w8a8",
         "tucker fp32",
         "tucker w8a8",
+        "tucker w4a8",
         "tucker w4a4",
         f"{other} fp32",
         f"{other} w8a8",
+        f"{other} w4a8",
         f"{other} w4a4",
     }
     for name in ("tucker", other):  # fewer bits, smaller model
