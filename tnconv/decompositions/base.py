@@ -415,7 +415,7 @@ class Decomposition(ABC):
         if isinstance(spec, FixedRank):
             ranks = self.bond_ranks(spec.ranks, shape)
         else:
-            ranks = self.bond_ranks(1, shape)
+            ranks = self.min_ranks(shape)
             if isinstance(spec, ParamRatio):
                 budget = param_budget(spec.ratio, math.prod(shape))
                 if self.num_params_at(shape, ranks) > budget:

@@ -430,6 +430,15 @@ class CP(Decomposition):
         plain = super().fit_eps(weight, eps, options.model_copy(update={"stabilize": False}))
         return self.fit(weight, plain.ranks, options, max_error=eps * (1.0 - 1e-9))
 
+    def fit_ratio(self, weight: torch.Tensor, budget: int, options: CPOptions) -> Factorization:
+        """The generic budget search; with ``stabilize`` the search and its refits run without
+        it (stabilising every candidate cost minutes) and only the winner is stabilised, at its
+        ranks (same parameters, so the budget still holds)."""
+        if not options.stabilize:
+            return super().fit_ratio(weight, budget, options)
+        plain = super().fit_ratio(weight, budget, options.model_copy(update={"stabilize": False}))
+        return self.fit(weight, plain.ranks, options)
+
 
 class CPStableOptions(CPOptions):
     """Options of ``cp-stable``: those of ``cp`` with ``stabilize=True`` by default, and one ALS

@@ -226,9 +226,12 @@ class STTuckerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     t: TFactor = 2
-    max_iter: Annotated[int, Field(ge=0, le=10_000)] = 100
-    tol: Annotated[float, Field(ge=0.0, lt=1.0)] = 1e-10
-    shrink: bool = True
+    # tucker's own defaults, so that t = 1 is exactly the classical Tucker-2
+    max_iter: Annotated[int, Field(ge=0, le=10_000)] = TuckerOptions.model_fields[
+        "max_iter"
+    ].default
+    tol: Annotated[float, Field(ge=0.0, lt=1.0)] = TuckerOptions.model_fields["tol"].default
+    shrink: bool = TuckerOptions.model_fields["shrink"].default
 
 
 @register("sttucker")

@@ -89,7 +89,10 @@ def hooi(
     if max_iter == 0 or err == 0.0:
         return core, factors, err
     low = torch.float32 if weight.dtype == torch.float64 and err > 1e-3 else weight.dtype
-    w = weight.to(low)
+    # subspaces do not depend on the scale: unit max entry keeps float32 from overflowing
+    scale = float(weight.abs().max())
+    w = (weight / scale).to(low)
+    scaled_sq = norm_sq / scale**2
     work = {n: u.to(low) for n, u in factors.items()}
     current = err
     for it in range(max_iter):
@@ -98,7 +101,7 @@ def hooi(
             work[n] = leading_left_vectors(mode_unfold(partial, n), r)
         # the last partial already holds every other mode's product
         new_core = _project(partial, {n: work[n]})
-        new = _rel_err(norm_sq, float(torch.sum(new_core.to(torch.float64) ** 2)))
+        new = _rel_err(scaled_sq, float(torch.sum(new_core.to(torch.float64) ** 2)))
         done = current - new < tol * new
         current = min(current, new)
         if done:
