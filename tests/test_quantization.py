@@ -233,9 +233,10 @@ def test_quantized_model_fine_tunes() -> None:
     q = quantize(small, 4, 4, calibration=[x]).train()
     start = [p.detach().clone() for p in q.a.factors]
     hi_before = float(q.head.output_quant.hi)
-    opt = torch.optim.Adam(q.parameters(), lr=1e-2)
+    # 4-bit steps: a moderate rate (at 1e-2 Adam oscillated on some fits and the loss rose)
+    opt = torch.optim.Adam(q.parameters(), lr=5e-3)
     losses = []
-    for _ in range(40):
+    for _ in range(80):
         opt.zero_grad()
         loss = F.cross_entropy(q(x), labels)
         loss.backward()
