@@ -309,7 +309,7 @@ def main() -> None:
     import tensorly as tl
 
     tl.set_backend("numpy")
-    methods = args.methods.split(",") if args.methods else tnconv.available()
+    methods = args.methods.split(",") if args.methods else tnconv.available("base")
     rows: list[Row] = []
     if "fixed" in sections:
         sizes = (256,) if args.quick else (256, 512)

@@ -95,11 +95,22 @@ def _chain_tensor(weight: torch.Tensor) -> torch.Tensor:
 
 
 def ring_sensitivity(cores: list[torch.Tensor]) -> float:
-    """``sum_k I_k ||env_k||^2`` of a ring of 3-way cores (its :meth:`sensitivity`)."""
+    """``sum_k I_k ||env_k||^2`` of a ring of 3-way cores (its :meth:`sensitivity`).
+
+    For three cores the environment of core k is the product of the other two, and its squared
+    norm is ``sum(P * Q)`` with P the Gram of core k+1 over its right bond and Q that of core
+    k+2 over its left bond: never the (r, I_{k+1} I_{k+2}, r) environment itself (gigabytes for
+    a 512-channel kernel at large ranks)."""
+    d = len(cores)
     total = 0.0
     for k, core in enumerate(cores):
-        z = _others(cores, k)
-        total += core.shape[1] * float(torch.sum(z * z))
+        if d == 3:
+            p = _bond_gram(cores[(k + 1) % d], 2)
+            q = _bond_gram(cores[(k + 2) % d], 0)
+            total += core.shape[1] * float(torch.sum(p * q))
+        else:
+            z = _others(cores, k)
+            total += core.shape[1] * float(torch.sum(z * z))
     return total
 
 
