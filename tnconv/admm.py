@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .allocation import parse_budget
 from .compress import (
     Budget,
     LayerSelector,
@@ -96,22 +97,6 @@ class ADMMSchedule(BaseModel):
         return grown if self.rho_max is None else min(grown, self.rho_max)
 
 
-def _parse_budget(budget: Any) -> Budget:
-    try:
-        if isinstance(budget, Budget):
-            return budget
-        if isinstance(budget, dict):
-            return Budget.model_validate(budget)
-        if isinstance(budget, (tuple, list)) and len(budget) == 2:
-            return Budget(kind=budget[0], share=budget[1])
-        return Budget(share=budget)
-    except ValidationError as exc:
-        raise RankSpecError(
-            f"budget={budget!r} is invalid: a share in (0, 1] of the selected layers' "
-            "parameters, or (kind, share) with kind 'params' or 'flops'"
-        ) from exc
-
-
 class ADMM:
     """ADMM training of ``model``'s convolutions toward ``method`` at a rank spec.
 
@@ -175,7 +160,7 @@ class ADMM:
         if budget is not None:
             if any(v is not None for v in (rank, eps, ratio)):
                 raise RankSpecError("give either budget= or one of rank=, eps=, ratio=, not both")
-            self.budget: Budget | None = _parse_budget(budget)
+            self.budget: Budget | None = parse_budget(budget)
             self.spec: dict[str, Any] = {}
         else:
             parse_rank_spec(rank, eps, ratio)
