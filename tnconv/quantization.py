@@ -250,6 +250,14 @@ class _Quantized:
     def _quant_out(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.output_quant is None else self.output_quant(y)
 
+    def extra_repr(self) -> str:
+        # the layer's own description (the next class in the MRO), then the quantization
+        c = self.config
+        return (
+            f"{super().extra_repr()}, weight_bits={c.weight_bits}, "
+            f"activation_bits={c.activation_bits}, per_channel={c.per_channel}"
+        )
+
 
 class QuantizedFactorizedConv2d(_Quantized, FactorizedConv2d):
     """A ``FactorizedConv2d`` whose factors and feature maps are fake-quantized.
@@ -342,13 +350,6 @@ class QuantizedFactorizedConv2d(_Quantized, FactorizedConv2d):
         """The dense kernel of the *quantized* factors."""
         return self._network(self.quantized_factors()).to_tensor()
 
-    def extra_repr(self) -> str:
-        c = self.config
-        return (
-            f"{super().extra_repr()}, weight_bits={c.weight_bits}, "
-            f"activation_bits={c.activation_bits}, per_channel={c.per_channel}"
-        )
-
 
 class QuantizedConv2d(_Quantized, nn.Conv2d):
     """An ``nn.Conv2d`` with a fake-quantized kernel (per output channel) and feature maps."""
@@ -381,13 +382,6 @@ class QuantizedConv2d(_Quantized, nn.Conv2d):
         y = self._conv_forward(self._quant_in(x), self.quantized_weight(), self.bias)
         return self._quant_out(y)
 
-    def extra_repr(self) -> str:
-        c = self.config
-        return (
-            f"{super().extra_repr()}, weight_bits={c.weight_bits}, "
-            f"activation_bits={c.activation_bits}, per_channel={c.per_channel}"
-        )
-
 
 class QuantizedLinear(_Quantized, nn.Linear):
     """An ``nn.Linear`` with a fake-quantized weight (per output feature) and feature maps."""
@@ -413,13 +407,6 @@ class QuantizedLinear(_Quantized, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(self._quant_in(x), self.quantized_weight(), self.bias)
         return self._quant_out(y)
-
-    def extra_repr(self) -> str:
-        c = self.config
-        return (
-            f"{super().extra_repr()}, weight_bits={c.weight_bits}, "
-            f"activation_bits={c.activation_bits}, per_channel={c.per_channel}"
-        )
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
