@@ -212,6 +212,33 @@ def test_factorize_many_equals_factorize(method: str) -> None:
         assert f.relative_error(w) == pytest.approx(alone.relative_error(w), rel=1e-6, abs=1e-9)
 
 
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), ranks=st.lists(st.integers(1, 40), min_size=2, max_size=5))
+def test_cp_warm_started_ladder_never_gets_worse_with_rank(seed: int, ranks: list[int]) -> None:
+    """With one start, factorize_many fits CP ranks in increasing order, each from the smaller
+    fit plus new terms: the first ALS update can always return to the smaller fit, so the error
+    cannot grow with the rank. Results come back in the order of the specs."""
+    w = decaying_kernel((8, 6, 3, 3), seed=seed)
+    cp = tnconv.get("cp")
+    many = cp.factorize_many(w, [{"rank": r} for r in ranks], n_init=1, max_iter=25)
+    for r, f in zip(ranks, many, strict=True):
+        assert f.ranks == cp.bond_ranks(r, tuple(w.shape))
+    # fitted by rank, equal ranks in the order given (each continues the one before)
+    ladder = sorted((f.ranks[0], i, f.relative_error(w)) for i, f in enumerate(many))
+    for (_, _, smaller), (_, _, larger) in zip(ladder, ladder[1:]):
+        assert larger <= smaller + 1e-6
+
+
+def test_cp_warm_starts_fit_as_well_as_cold_starts() -> None:
+    w = decaying_kernel((16, 12, 3, 3), seed=3)
+    cp = tnconv.get("cp")
+    ranks = [2, 4, 8, 16, 32]
+    warm = cp.factorize_many(w, [{"rank": r} for r in ranks], n_init=1, max_iter=60)
+    for r, f in zip(ranks, warm, strict=True):
+        cold = cp.factorize(w, r, n_init=1, max_iter=60)
+        assert f.relative_error(w) <= cold.relative_error(w) + 0.01, r
+
+
 def test_cache_dies_with_in_place_change() -> None:
     w = torch.randn(3, 3)
     calls = []

@@ -74,3 +74,37 @@ def test_fit_lowers_loss_and_evaluate_counts() -> None:
     assert evaluate(model, loader) > max(before, 0.9)
     with pytest.raises(ValueError, match="schedule"):
         fit(model, loader, schedule="cosine")  # type: ignore[arg-type]
+
+
+def _small_cnn(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_channels_last_training_equals_nchw(compressed: bool) -> None:
+    """memory_format only changes the layout: same losses, same weights, same accuracy (a
+    compressed model too, whose factorized layer then runs its NHWC plan)."""
+    from tnconv import FactorizedConv2d, compress
+
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(48, 3, 8, 8, generator=gen), torch.randint(0, 4, (48,)))
+    nets = [_small_cnn(1), _small_cnn(1)]
+    if compressed:
+        nets = [compress(n, "tucker", rank=3, layers=["2"]) for n in nets]
+        assert isinstance(nets[0][2], FactorizedConv2d)
+    loader = DataLoader(data, batch_size=16)
+    plain = fit(nets[0], loader, 2, lr=0.05)
+    nhwc = fit(nets[1], loader, 2, lr=0.05, memory_format=torch.channels_last)
+    assert nets[1][0].weight.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(plain, nhwc, rtol=1e-4)
+    x = data.tensors[0]
+    torch.testing.assert_close(nets[0](x), nets[1](x), rtol=1e-4, atol=1e-5)
+    assert evaluate(nets[0], loader) == evaluate(nets[1], loader, torch.channels_last)

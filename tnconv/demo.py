@@ -61,21 +61,26 @@ def compressible(name: str, module: nn.Module) -> bool:
 
 @dataclass
 class DemoConfig:
-    """What the demo runs; the defaults finish in about 90 s on two CPU cores."""
+    """What the demo runs; the defaults finish in under 3 minutes on two CPU cores with the ten
+    registered methods (docs/models.md, "The demo")."""
 
     budget: float = 0.25  # share of the 3x3 convs' parameters every method keeps
     width: int = 32  # DigitsNet's first conv; 32 -> 32-64-128-128 channels, 240k conv params
-    epochs: int = 6  # dense training
+    # dense training: 4 epochs of batches of 32 (500 steps) reached 97.6% in 27 s where
+    # 6 epochs of 64 (378 steps) reached 97.7% in 39 s
+    epochs: int = 4
     fine_tune_epochs: int = 1
     lr: float = 0.05
     # one OneCycle epoch peaking at 0.005 with batches of 32 (125 steps) recovered more than at
     # 0.01 / 64 (63 steps) on every method measured (docs/models.md, "The demo")
     fine_tune_lr: float = 0.005
     fine_tune_batch_size: int = 32
-    batch_size: int = 64
+    batch_size: int = 32
     source: str = "mnist"
     seed: int = 0
     methods: Sequence[str] | None = None
+    # train, fine-tune and evaluate on NHWC batches: 25-40% faster steps on CPU for every method
+    channels_last: bool = True
     progress: bool = True
 
 
@@ -100,8 +105,17 @@ def run_demo(out: str | Path, config: DemoConfig | None = None) -> StudyResult:
     gen = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen)
     test_loader = DataLoader(test, batch_size=256)
+    layout = torch.channels_last if cfg.channels_last else torch.preserve_format
     model = DigitsNet(width=cfg.width)
-    fit(model, train_loader, cfg.epochs, lr=cfg.lr, progress=cfg.progress, desc="dense")
+    fit(
+        model,
+        train_loader,
+        cfg.epochs,
+        lr=cfg.lr,
+        progress=cfg.progress,
+        desc="dense",
+        memory_format=layout,
+    )
     trained = time.perf_counter() - started
 
     tune_loader = DataLoader(
@@ -116,6 +130,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None) -> StudyResult:
             lr=cfg.fine_tune_lr,
             progress=cfg.progress,
             desc="fine-tune",
+            memory_format=layout,
         )
 
     image = tuple(train.tensors[0].shape[1:])
@@ -125,7 +140,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None) -> StudyResult:
         budgets=[cfg.budget],
         layers=compressible,
         input_size=(cfg.batch_size, *image),
-        evaluate=lambda m: evaluate(m, test_loader),
+        evaluate=lambda m: evaluate(m.to(memory_format=layout), test_loader, layout),
         fine_tune=tune,
         # CP's ALS is the slow one; one start
         options={m: {"n_init": 1, "max_iter": 200} for m in ("cp", "cp-stable")},

@@ -23,13 +23,15 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Annotated, Literal
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal
 
 import opt_einsum
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..factorization import Factorization, KernelShape
+from ..factorization import Factorization, KernelShape, validate_weight
+from ..rank import FixedRank, parse_rank_spec
 from ..registry import register
 from ._linalg import cached, mode_unfold, svd
 from ._stable import constrained_update, least_squares_scale
@@ -227,9 +229,10 @@ _PROBE_SWEEPS = 20
 
 
 def cp_als(
-    weight: torch.Tensor, rank: int, opts: CPOptions
+    weight: torch.Tensor, rank: int, opts: CPOptions, start: list[torch.Tensor] | None = None
 ) -> tuple[list[torch.Tensor], float, float]:
-    """Fit a rank-``rank`` CP model by ALS from ``opts.n_init`` starts; keep the best.
+    """Fit a rank-``rank`` CP model by ALS from ``opts.n_init`` starts (or from ``start``, the
+    one start given, factors ``[(T, R), (S, R), (kh, R), (kw, R)]``); keep the best.
 
     Every start runs ``_PROBE_SWEEPS`` sweeps, then only the best is continued, to convergence
     (``opts.tol``), ``opts.max_iter`` sweeps or the work cap ``opts.max_gflop``. The sweeps stay
@@ -242,12 +245,15 @@ def cp_als(
     sweeps = opts.max_iter
     if math.isfinite(opts.max_gflop):
         sweeps = max(1, min(sweeps, int(opts.max_gflop * 1e9 // problem.sweep_flops())))
+    if start is not None:
+        factors, err = problem.solve([f.clone() for f in start], sweeps, opts.tol)
+        return _balance(factors, weight)
     probe = min(_PROBE_SWEEPS, sweeps) if opts.n_init > 1 else sweeps
-    starts = _STARTS if opts.init == "svd" else ("random",)
+    kinds = _STARTS if opts.init == "svd" else ("random",)
     best: tuple[list[torch.Tensor], float] | None = None
-    for start in range(opts.n_init):
-        init = starts[min(start, len(starts) - 1)]
-        factors, err = problem.solve(_init(weight, rank, init, opts.seed + start), probe, opts.tol)
+    for k in range(opts.n_init):
+        init = kinds[min(k, len(kinds) - 1)]
+        factors, err = problem.solve(_init(weight, rank, init, opts.seed + k), probe, opts.tol)
         if best is None or err < best[1]:
             best = (factors, err)
     assert best is not None
@@ -255,6 +261,19 @@ def cp_als(
     if sweeps > probe and err > 1e-13:
         factors, err = problem.solve(factors, sweeps - probe, opts.tol)
     return _balance(factors, weight)
+
+
+def _extend(weight: torch.Tensor, factors: list[torch.Tensor], rank: int) -> list[torch.Tensor]:
+    """An ALS start at ``rank`` from a fit with fewer terms: its terms, then the residual's
+    leading singular vectors (random columns where a mode is too small) for the new ones."""
+    k = factors[0].shape[1]
+    if rank <= k:
+        return [f[:, :rank].clone() for f in factors]
+    residual = weight - opt_einsum.contract(EQUATION, *factors, backend="torch")
+    if not bool(residual.any()):  # an exact fit: new terms from the kernel's own start
+        residual = weight
+    fresh = _init(residual, rank - k, "svd", seed=k)
+    return [torch.cat([f, g], dim=1) for f, g in zip(factors, fresh, strict=True)]
 
 
 def _balance(
@@ -375,6 +394,9 @@ class CP(Decomposition):
                 "max_iter": min(options.max_iter, 100),
                 "n_init": 1,
                 "max_gflop": min(options.max_gflop, 2.0),
+                # candidates are warm-started from each other (factorize_many): a sweep that
+                # improves the error by < 1e-4 of itself no longer reorders them
+                "tol": max(options.tol, 1e-4),
                 "stabilize": False,
             }
         )
@@ -385,14 +407,16 @@ class CP(Decomposition):
         ranks: tuple[int, ...],
         options: CPOptions,
         max_error: float | None = None,
+        start: list[torch.Tensor] | None = None,
     ) -> Factorization:
-        """ALS at ``ranks`` (then stabilised if asked, within ``max_error`` when given)."""
+        """ALS at ``ranks`` (then stabilised if asked, within ``max_error`` when given), from
+        ``start`` when given."""
         shape: KernelShape = tuple(weight.shape)  # type: ignore[assignment]
         (r,) = ranks
         if r >= exact_rank(shape):
             factors, err, degeneracy = _exact_factors(weight), 0.0, 1.0
         else:
-            factors, err, degeneracy = cp_als(weight, r, options)
+            factors, err, degeneracy = cp_als(weight, r, options, start)
         info: dict = {}
         if options.stabilize:
             info = {"unstabilized_error": err, "unstabilized_sensitivity": cp_sensitivity(factors)}
@@ -421,6 +445,41 @@ class CP(Decomposition):
         return self.make(
             factors, EQUATION, shape, (r,), fit_error=err, degeneracy=degeneracy, **info
         )
+
+    def factorize_many(
+        self, weight: Any, specs: Sequence[Mapping[str, Any]], **options: Any
+    ) -> list[Factorization]:
+        """:meth:`Decomposition.factorize_many` with warm starts: with one ALS start
+        (``n_init=1``, as in a budget search) the fixed-rank specs are fitted in increasing rank,
+        each from the previous fit plus new terms from its residual (:func:`_extend`), so a
+        ladder of ranks costs one continued fit instead of cold starts. Results differ from
+        independent ``factorize`` calls by what the stopping rule ``tol`` lets through (on the
+        demo CNN's kernels, errors within 0.01 either way at 1e-4, 2-3x faster)."""
+        opts = self.parse_options(options)
+        w = validate_weight(weight)
+        if opts.n_init > 1 or not bool(w.any()):
+            return super().factorize_many(w, specs, **options)
+        parsed = [parse_rank_spec(**dict(spec)) for spec in specs]
+        w64 = w.detach().to(torch.float64)
+        shape: KernelShape = tuple(int(n) for n in w.shape)  # type: ignore[assignment]
+        results: list[Factorization | None] = [None] * len(parsed)
+        ladder = sorted(
+            (self.bond_ranks(spec.ranks, shape), i)
+            for i, spec in enumerate(parsed)
+            if isinstance(spec, FixedRank)
+        )
+        previous: list[torch.Tensor] | None = None
+        for ranks, i in ladder:
+            exact = ranks[0] >= exact_rank(shape)
+            start = None if previous is None or exact else _extend(w64, previous, ranks[0])
+            fitted = self.fit(w64, ranks, opts, start=start)
+            if not exact:
+                previous = [f.detach() for f in fitted.factors]
+            results[i] = self._finish(fitted, w, w64)
+        for i, spec in enumerate(parsed):
+            if results[i] is None:
+                results[i] = self._factorize(w, w64, spec, opts)
+        return [r for r in results if r is not None]
 
     def fit_eps(self, weight: torch.Tensor, eps: float, options: CPOptions) -> Factorization:
         """The generic rank search; with ``stabilize`` the search runs without it and the final
