@@ -9,6 +9,7 @@ per-example deadline: a hang or a runaway search fails the test instead of stall
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import signal
@@ -225,7 +226,7 @@ def test_cp_warm_started_ladder_never_gets_worse_with_rank(seed: int, ranks: lis
         assert f.ranks == cp.bond_ranks(r, tuple(w.shape))
     # fitted by rank, equal ranks in the order given (each continues the one before)
     ladder = sorted((f.ranks[0], i, f.relative_error(w)) for i, f in enumerate(many))
-    for (_, _, smaller), (_, _, larger) in zip(ladder, ladder[1:]):
+    for (_, _, smaller), (_, _, larger) in itertools.pairwise(ladder):
         assert larger <= smaller + 1e-6
 
 
