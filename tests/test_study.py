@@ -111,3 +111,55 @@ def test_a_budget_a_method_cannot_meet_is_a_row_not_a_crash() -> None:
     )
     (row,) = [r for r in result.rows if r.method == "tt"]
     assert "no fit" in row.note and math.isnan(row.error)
+
+
+@pytest.mark.parametrize("method", ["tucker", "cp"])
+def test_study_budgets_share_candidate_fits_with_the_same_result(monkeypatch, method) -> None:
+    """A study fits each layer's candidates once per method (shared_candidates) and still
+    returns what separate compress calls return."""
+    model = conv_net()
+    kwargs = {"n_init": 1, "max_iter": 20} if method == "cp" else {}
+    budgets = [0.2, 0.35, 0.5]
+    alone = {
+        b: tnconv.summary(
+            tnconv.compress(model, method, budget=b, input_size=(2, 3, 12, 12), **kwargs),
+            (2, 3, 12, 12),
+        )
+        for b in budgets
+    }
+    dec = type(tnconv.get(method))
+    calls: list[tuple] = []
+    original = dec.factorize_many
+
+    def counting(self, weight, specs, **options):
+        calls.append(tuple(weight.shape))
+        return original(self, weight, specs, **options)
+
+    monkeypatch.setattr(dec, "factorize_many", counting)
+    result = tnconv.study(
+        model,
+        [method],
+        budgets,
+        input_size=(2, 3, 12, 12),
+        latency_repeats=0,
+        options={method: kwargs},
+        progress=False,
+    )
+    assert len(calls) == 3  # one ladder per conv, not one per conv and budget
+    for r in result.rows[1:]:
+        s = alone[r.budget]
+        assert r.params == sum(row.params for row in s.rows)
+        assert r.flops == sum(row.flops for row in s.rows)
+
+
+def test_shared_candidates_compares_kernels_by_value() -> None:
+    from tnconv.allocation import shared_candidates
+
+    model = conv_net()
+    with shared_candidates():
+        first = tnconv.compress(model, "tucker", budget=0.3, input_size=(2, 3, 12, 12))
+        with torch.no_grad():
+            model[2].weight.mul_(-1.0)  # same shape, other values: must be fitted again
+        second = tnconv.compress(model, "tucker", budget=0.3, input_size=(2, 3, 12, 12))
+    w1, w2 = first[2].to_tensor(), second[2].to_tensor()
+    torch.testing.assert_close(w1, -w2, rtol=1e-4, atol=1e-5)

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
@@ -39,6 +42,7 @@ __all__ = [
     "parse_budget",
     "round_ranks",
     "saving_shortfall",
+    "shared_candidates",
 ]
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,48 @@ SaveCriterion = Literal["params", "flops", "both", "latency"]
 # error levels tried per layer when allocating a global budget (error-bounded methods)
 _EPS_GRID = (0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.36, 0.43, 0.5, 0.6, 0.7, 0.8, 0.9)
 _RANK_STEPS = 14  # geometric rank levels tried per layer for methods without an eps guarantee
+
+
+# The candidate fits priced inside a `shared_candidates()` block: (what, kernel shape, key) ->
+# [(kernel values, result)]. None outside such a block (nothing is remembered).
+_SHARED: ContextVar[dict[Hashable, list[tuple[torch.Tensor, Any]]] | None] = ContextVar(
+    "tnconv_shared_candidates", default=None
+)
+
+
+@contextmanager
+def shared_candidates() -> Iterator[None]:
+    """Inside the block, budget allocations reuse the candidate fits of any layer already priced
+    with the same kernel values, method, options, input shape and save criterion, so one method
+    studied at several budgets fits each layer's rank ladder once (:func:`tnconv.study` does
+    this). Latency-timed candidates are always re-measured. Everything is forgotten on exit.
+    """
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _shared(what: str, weight: torch.Tensor, key: Hashable, compute: Callable[[], Any]) -> Any:
+    """``compute()``, or the result of an earlier call for an equal kernel and key in the
+    current :func:`shared_candidates` block (kernels compared by value: compress works on a
+    copy of the model, so the tensors differ from call to call)."""
+    store = _SHARED.get()
+    if store is None:
+        return compute()
+    w = weight.detach()
+    slot = store.setdefault((what, tuple(w.shape), key), [])
+    for kernel, result in slot:
+        if kernel.dtype == w.dtype and kernel.device == w.device and torch.equal(kernel, w):
+            return result
+    result = compute()
+    slot.append((w.clone(), result))
+    return result
+
+
+def _options_key(options: dict[str, Any]) -> str:
+    return repr(sorted(options.items()))
 
 
 class Budget(BaseModel):
@@ -393,15 +439,32 @@ def allocate(
         except StructureError as exc:
             unfit[name] = str(exc)
             continue
-        options_by_layer[name] = _layer_candidates(
-            name,
-            decomposition,
-            conv,
+        layer_options = options_for_layer(decomposition, conv, shapes.get(name), quick_options)
+
+        def price(
+            name: str = name, conv: nn.Conv2d = conv, layer_options: dict = layer_options
+        ) -> _LayerOptions:
+            return _layer_candidates(
+                name,
+                decomposition,
+                conv,
+                shapes.get(name),
+                levels_by_layer[name],
+                layer_options,
+                must_save,
+                probe,
+            )
+
+        key = (
+            decomposition.name,
+            _options_key(layer_options),
             shapes.get(name),
-            levels_by_layer[name],
-            options_for_layer(decomposition, conv, shapes.get(name), quick_options),
+            tuple(levels_by_layer[name]),
             must_save,
-            probe,
+        )
+        # timed candidates are measured afresh; fits alone are shared within a study
+        options_by_layer[name] = (
+            price() if probe is not None else _shared("candidates", conv.weight, key, price)
         )
     if not options_by_layer:
         return {name: (Candidate(None, 0, 0, 0.0), reason) for name, reason in unfit.items()}
@@ -440,7 +503,15 @@ def allocate(
         if key not in refitted:
             conv = convs[name]
             opts = options_for_layer(decomposition, conv, shapes.get(name), options)
-            f = decomposition.factorize(conv.weight.detach(), c.factorization.ranks, **opts)
+            ranks = c.factorization.ranks
+            f = _shared(
+                "refit",
+                conv.weight,
+                (decomposition.name, _options_key(opts), ranks),
+                lambda conv=conv, opts=opts, ranks=ranks: decomposition.factorize(
+                    conv.weight.detach(), ranks, **opts
+                ),
+            )
             dense = (conv.weight.numel(), c.flops)
             better = candidate_for(layer_from_conv(conv, f), f, shapes.get(name), dense)
             better.latency = c.latency  # same ranks, same structure: the same executed plan

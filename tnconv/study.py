@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .allocation import shared_candidates
 from .compress import LayerSelector, compress, default_input_size
 from .errors import BudgetError, StructureError
 from .factorization import validate_weight
@@ -303,63 +304,71 @@ def _study_model(
             dense_acc,
         )
     )
-    runs = [(m, b) for m in methods for b in budgets]
-    for method, budget in tqdm(runs, desc="study", disable=not progress, leave=False):
-        start = time.perf_counter()
-        try:
-            small = compress(
-                model,
-                method,
-                budget=budget,
-                layers=layers,
-                input_size=size,
-                **dict(options.get(method, {})),
-            )
-        except (BudgetError, StructureError) as exc:  # no such network for this kernel
-            result.rows.append(
-                StudyRow(
+    bar = tqdm(total=len(methods) * len(budgets), desc="study", disable=not progress, leave=False)
+    for method in methods:
+        # one method's budgets share its per-layer candidate fits: one rank ladder per layer
+        with shared_candidates():
+            for budget in budgets:
+                start = time.perf_counter()
+                try:
+                    small = compress(
+                        model,
+                        method,
+                        budget=budget,
+                        layers=layers,
+                        input_size=size,
+                        progress=False if not progress else None,
+                        **dict(options.get(method, {})),
+                    )
+                except (BudgetError, StructureError) as exc:  # no such network for this kernel
+                    result.rows.append(
+                        StudyRow(
+                            "model",
+                            method,
+                            budget,
+                            0,
+                            dense_params,
+                            0,
+                            dense_flops,
+                            math.nan,
+                            note=f"no fit: {exc}",
+                        )
+                    )
+                    bar.update()
+                    continue
+                seconds = time.perf_counter() - start
+                s = summary(small, size)
+                rows = [r for r in s.rows if chosen is None or r.name in chosen]
+                errors = [r.relative_error for r in rows if r.relative_error is not None]
+                row = StudyRow(
                     "model",
                     method,
                     budget,
-                    0,
-                    dense_params,
-                    0,
-                    dense_flops,
-                    math.nan,
-                    note=f"no fit: {exc}",
+                    params=sum(r.params for r in rows),
+                    dense_params=dense_params,
+                    flops=sum(r.flops for r in rows),
+                    dense_flops=dense_flops,
+                    error=math.sqrt(sum(e * e for e in errors) / len(rows)) if rows else math.nan,
+                    dense_latency_ms=dense_ms,
+                    fit_seconds=seconds,
+                    layers_dense=sum(1 for r in rows if r.method == "dense"),
                 )
-            )
-            continue
-        seconds = time.perf_counter() - start
-        s = summary(small, size)
-        rows = [r for r in s.rows if chosen is None or r.name in chosen]
-        errors = [r.relative_error for r in rows if r.relative_error is not None]
-        row = StudyRow(
-            "model",
-            method,
-            budget,
-            params=sum(r.params for r in rows),
-            dense_params=dense_params,
-            flops=sum(r.flops for r in rows),
-            dense_flops=dense_flops,
-            error=math.sqrt(sum(e * e for e in errors) / len(rows)) if rows else math.nan,
-            dense_latency_ms=dense_ms,
-            fit_seconds=seconds,
-            layers_dense=sum(1 for r in rows if r.method == "dense"),
-        )
-        if repeats:  # timed against the dense model in one loop: same noise for both
-            with torch.no_grad():
-                t = time_round_robin(
-                    {"dense": lambda: model(x), "small": lambda small=small: small(x)}, repeats
-                )
-            row.latency_ms, row.dense_latency_ms = t["small"], t["dense"]
-        if evaluate is not None:
-            row.accuracy = evaluate(small)
-            if fine_tune is not None:
-                fine_tune(small)
-                row.accuracy_tuned = evaluate(small)
-        result.rows.append(row)
-        log.info("study %s @ %.2f: %s", method, budget, row)
+                if repeats:  # timed against the dense model in one loop: same noise for both
+                    with torch.no_grad():
+                        t = time_round_robin(
+                            {"dense": lambda: model(x), "small": lambda small=small: small(x)},
+                            repeats,
+                        )
+                    row.latency_ms, row.dense_latency_ms = t["small"], t["dense"]
+                if evaluate is not None:
+                    row.accuracy = evaluate(small)
+                    if fine_tune is not None:
+                        fine_tune(small)
+                        row.accuracy_tuned = evaluate(small)
+                result.rows.append(row)
+                log.info("study %s @ %.2f: %s", method, budget, row)
+                bar.update()
+    bar.close()
     return result
 
 
