@@ -240,6 +240,26 @@ def test_cp_warm_starts_fit_as_well_as_cold_starts() -> None:
         assert f.relative_error(w) <= cold.relative_error(w) + 0.01, r
 
 
+@pytest.mark.parametrize("rank", [3, 40])
+def test_cp_sweep_khatri_rao_path_equals_the_dimension_tree(monkeypatch, rank: int) -> None:
+    """High ranks of wide kernels run the T and S updates as Khatri-Rao matrix products instead
+    of through Y (T x S x R); both are the same ALS."""
+    import tnconv.decompositions.cp as cp_module
+
+    w = torch.randn(20, 12, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    tree = cp_module._CPProblem(w, rank, 0.0)
+    monkeypatch.setattr(cp_module, "_Y_LIMIT", 0)
+    direct = cp_module._CPProblem(w, rank, 0.0)
+    assert direct.direct and not tree.direct
+    f1 = cp_module._init(w, rank, "svd", 0)
+    f2 = [f.clone() for f in f1]
+    for _ in range(4):
+        assert tree.sweep(f1) == pytest.approx(direct.sweep(f2), rel=1e-10)
+    for a, b in zip(f1, f2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert direct.error(f1) == pytest.approx(tree.error(f1), rel=1e-12)
+
+
 def test_cache_dies_with_in_place_change() -> None:
     w = torch.randn(3, 3)
     calls = []

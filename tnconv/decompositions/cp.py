@@ -118,13 +118,20 @@ def _init(weight: torch.Tensor, rank: int, init: str, seed: int) -> list[torch.T
     return factors
 
 
+# above this many entries of Y (T * S * R), the T and S updates use Khatri-Rao products
+_Y_LIMIT = 1 << 22
+
+
 class _CPProblem:
     """The ALS sub-problems of one kernel at one rank.
 
     The MTTKRPs of a sweep share two products with the kernel (a dimension tree): ``Y[t, s, r]
     = sum_hw W[t, s, hw] C[h, r] D[w, r]`` serves the T and S updates (C and D do not change
     between them) and ``Z[hw, r] = sum_ts W[t, s, hw] A[t, r] B[s, r]`` the kh and kw updates,
-    so a sweep costs two passes over the kernel instead of four.
+    so a sweep costs two passes over the kernel instead of four. Y has T * S * R entries: at
+    high ranks of wide kernels (512 x 512 at R = 2290: 4.8 GB) the T and S updates instead
+    multiply the unfoldings by Khatri-Rao products (``direct``), twice the multiply-adds but all
+    of them in matrix products over (S kh kw, R) and (T kh kw, R) operands.
     """
 
     def __init__(self, weight: torch.Tensor, rank: int, l2_reg: float) -> None:
@@ -133,6 +140,10 @@ class _CPProblem:
         t, s, kh, kw = self.shape
         self.w3 = weight.reshape(t, s, kh * kw)
         self.flat = weight.reshape(t * s, kh * kw)
+        self.direct = t * s * rank > _Y_LIMIT
+        if self.direct:
+            self.by_t = weight.reshape(t, s * kh * kw)
+            self.by_s = weight.transpose(0, 1).reshape(s, t * kh * kw)
         self.rank = rank
         self.l2_reg = l2_reg
         self.norm_sq = float(torch.sum(weight.to(torch.float64) ** 2))
@@ -152,6 +163,13 @@ class _CPProblem:
         t, s = self.shape[:2]
         return (self.flat @ self._spatial(c, d)).reshape(t, s, self.rank)
 
+    def _kr_mttkrp(
+        self, unfolding: torch.Tensor, other: torch.Tensor, spatial: torch.Tensor
+    ) -> torch.Tensor:
+        """``unfolding (I, J kh kw) @ KhatriRao(other (J, R), spatial (kh kw, R))``."""
+        kr = (other[:, None, :] * spatial[None, :, :]).reshape(-1, self.rank)
+        return unfolding @ kr
+
     def _rel_err(self, inner: float, approx_sq: float) -> float:
         if self.norm_sq <= 0.0:
             return 0.0
@@ -160,8 +178,10 @@ class _CPProblem:
     def error(self, factors: list[torch.Tensor]) -> float:
         """Relative error from ``||W||^2 - 2 <W, W_hat> + ||W_hat||^2`` (no reconstruction)."""
         a, b, c, d = factors
-        y = self._y(c, d)
-        inner = float(torch.sum((y * b).sum(1) * a))
+        if self.direct:
+            inner = float(torch.sum(self._kr_mttkrp(self.by_t, b, self._spatial(c, d)) * a))
+        else:
+            inner = float(torch.sum((self._y(c, d) * b).sum(1) * a))
         approx_sq = float(torch.sum(math.prod(f.T @ f for f in factors)))
         return self._rel_err(inner, approx_sq)
 
@@ -186,10 +206,16 @@ class _CPProblem:
         t, s, kh, kw = self.shape
         grams = [f.T @ f for f in factors]
         # (broadcast products and sums: torch.einsum was measured 8x slower on these shapes)
-        y = self._y(factors[2], factors[3])  # (T, S, R): C, D stay fixed for the A, B updates
-        factors[0] = self._solve(grams, 0, (y * factors[1]).sum(1))
-        grams[0] = factors[0].T @ factors[0]
-        factors[1] = self._solve(grams, 1, (y * factors[0][:, None, :]).sum(0))
+        if self.direct:
+            cd = self._spatial(factors[2], factors[3])
+            factors[0] = self._solve(grams, 0, self._kr_mttkrp(self.by_t, factors[1], cd))
+            grams[0] = factors[0].T @ factors[0]
+            factors[1] = self._solve(grams, 1, self._kr_mttkrp(self.by_s, factors[0], cd))
+        else:
+            y = self._y(factors[2], factors[3])  # (T, S, R): C, D fixed for the A, B updates
+            factors[0] = self._solve(grams, 0, (y * factors[1]).sum(1))
+            grams[0] = factors[0].T @ factors[0]
+            factors[1] = self._solve(grams, 1, (y * factors[0][:, None, :]).sum(0))
         grams[1] = factors[1].T @ factors[1]
         # (S * K, R) = W^T A, then B summed out: Z (kh, kw, R) for the spatial updates
         v = (self.w3.reshape(t, -1).T @ factors[0]).reshape(s, kh * kw, self.rank)

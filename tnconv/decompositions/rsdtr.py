@@ -232,17 +232,24 @@ def _eig_work(m1: int, m2: int) -> float:
     return float(k * k * big + 4 * k**3)
 
 
+# kernels with at least this many entries keep torch's thread pool: their eigen-decompositions
+# (up to 512 x 512 for 512-channel kernels) are large enough to gain from it (an eps=0.3 search
+# on a 512x512x3x3 kernel: 23.5 s on one thread, 16.2 s on two, quiet 2-core machine)
+_POOL_ENTRIES = 1 << 20
+
+
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+def _one_thread(weight: torch.Tensor | None = None) -> Iterator[None]:
     """Run torch's intra-op work on one thread for the duration, then restore the pool size.
 
     The search makes thousands of eigen-decompositions of matrices with tens to hundreds of
     rows: latency-bound work that gains nothing from threads. On a 2-core machine shared with
     another busy process, the 2-thread pool made the same factorization 20-100x slower (each
-    small call waits for both threads to be scheduled).
+    small call waits for both threads to be scheduled). A ``weight`` of at least
+    ``_POOL_ENTRIES`` entries keeps the pool.
     """
     threads = torch.get_num_threads()
-    if threads == 1:
+    if threads == 1 or (weight is not None and weight.numel() >= _POOL_ENTRIES):
         yield
         return
     torch.set_num_threads(1)
@@ -789,7 +796,7 @@ class RSDTR(Decomposition):
     ) -> Factorization:
         """TR-SVD at these ranks from every shift whose SVDs can carry them; the most accurate
         ring is refined by ALS (single-threaded, see :func:`_one_thread`)."""
-        with _one_thread():
+        with _one_thread(weight):
             return self._fit_fixed(weight, ranks, options)
 
     def _fit_fixed(
@@ -820,7 +827,7 @@ class RSDTR(Decomposition):
     def fit_eps(self, weight: torch.Tensor, eps: float, options: RSDTROptions) -> Factorization:
         """The cheapest ring within eps (see the module docstring), single-threaded (see
         :func:`_one_thread`)."""
-        with _one_thread():
+        with _one_thread(weight):
             return self._fit_eps(weight, eps, options)
 
     def _fit_eps(self, weight: torch.Tensor, eps: float, options: RSDTROptions) -> Factorization:
@@ -908,7 +915,7 @@ class RSDTR(Decomposition):
     def fit_ratio(self, weight: torch.Tensor, budget: int, options: RSDTROptions) -> Factorization:
         """The generic search (eps bisection + uniform ranks, grown within the budget), with one
         shared set of SVDs for all the eps and ranks it tries on this kernel."""
-        with _one_thread():
+        with _one_thread(weight):
             self._shared = _Search(weight)
             try:
                 return super().fit_ratio(weight, budget, options)

@@ -38,6 +38,7 @@ from ..errors import RankSpecError, StructureError
 from ..factorization import Factorization, KernelShape, validate_weight
 from ..rank import ParamRatio, parse_rank_spec
 from ..registry import register
+from ._linalg import cached
 from ._stp import move_inner_factor
 from .base import Decomposition
 from .tr import TR, TROptions
@@ -188,7 +189,9 @@ class _SemiTensor(Decomposition):
     def _v(self, weight: torch.Tensor, options: Any) -> torch.Tensor:
         self.t = options.t
         self.check_shape(tuple(weight.shape))  # type: ignore[arg-type]
-        return self.to_v(weight)
+        # one V per kernel and t, so the twin's per-kernel spectra (cached on the tensor it is
+        # given) are shared by every candidate of a search: a new V per fit recomputed them
+        return cached(weight, ("stp-v", self.name, self.t), lambda: self.to_v(weight))
 
     def search_options(self, options: Any) -> Any:
         quick = self.twin().search_options(self.twin_options(options))

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..factorization import Factorization, KernelShape
 from ..registry import register
-from ._linalg import rank_for_budget, tail_energy
+from ._linalg import cached, rank_for_budget, tail_energy
 from ._ring import (
     _others,
     _roll,
@@ -92,6 +92,12 @@ def _chain_tensor(weight: torch.Tensor) -> torch.Tensor:
     """(T, S, kh, kw) -> (T, kh*kw, S): the loop's mode order T, space, S."""
     t, s, kh, kw = weight.shape
     return weight.permute(0, 2, 3, 1).reshape(t, kh * kw, s)
+
+
+def _chain_of(weight: torch.Tensor) -> torch.Tensor:
+    """:func:`_chain_tensor`, one per kernel: the ring's first split (cached on the tensor it is
+    given) is then shared by every candidate of a search instead of recomputed per fit."""
+    return cached(weight, "tc-chain", lambda: _chain_tensor(weight))
 
 
 def ring_sensitivity(cores: list[torch.Tensor]) -> float:
@@ -240,7 +246,7 @@ class TC(Decomposition):
     ) -> Factorization:
         ra, rb, rc = ranks
         cores, _ = sequential_svd(
-            _chain_tensor(weight),
+            _chain_of(weight),
             lambda k, s: (ra * rb, rc)[k],
             ring=True,
             split=lambda _: (ra, rb),
@@ -257,7 +263,7 @@ class TC(Decomposition):
             spent[0] += float(tail_energy(s)[r])
             return r
 
-        cores, _ = sequential_svd(_chain_tensor(weight), choose, ring=True, split=balanced_split)
+        cores, _ = sequential_svd(_chain_of(weight), choose, ring=True, split=balanced_split)
         return self._finish_chain(weight, cores, options, eps)
 
 
