@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tnconv
 from tnconv import calibration
+from tnconv.errors import StructureError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import pin_allocator, time_round_robin
@@ -78,12 +79,15 @@ def tnconv_layers(conv: nn.Conv2d, ratio: float) -> dict[str, nn.Module]:
     layers: dict[str, nn.Module] = {}
     for name in tnconv.available(kind="base"):
         dec = tnconv.get(name)
+
+        def within(r: int, dec: tnconv.Decomposition = dec) -> bool:
+            try:  # a semi-tensor network takes only ranks its factor t divides
+                return dec.num_params_at(shape, dec.bond_ranks(r, shape)) <= budget
+            except StructureError:
+                return False
+
         try:
-            fits = [
-                r
-                for r in range(1, 1025)
-                if dec.num_params_at(shape, dec.bond_ranks(r, shape)) <= budget
-            ]
+            fits = [r for r in range(1, 1025) if within(r)]
             if not fits:
                 continue
             ranks = dec.bond_ranks(max(fits), shape)

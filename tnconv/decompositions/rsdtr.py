@@ -312,6 +312,8 @@ class _Shift:
     tail: torch.Tensor  # tail[r] = energy discarded at first rank r
     fast: dict[tuple[int, int], _Step1] = field(default_factory=dict)
     exact: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # third spectra by (r0, r1, r2): the searches of many budgets revisit the same nodes
+    third: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def of(cls, weight: torch.Tensor, p: int) -> _Shift:
@@ -344,8 +346,11 @@ class _Shift:
 
     def lam2(self, r0: int, r1: int, r2: int) -> torch.Tensor:
         """Squared singular values of the third SVD at second rank r2 (from a Gram matrix)."""
-        rows = self.step1(r0, r1).rows[:r2]
-        return _sq_svals(rows.reshape(r2 * self.dims[2], -1))
+        key = (r0, r1, r2)
+        if key not in self.third:
+            rows = self.step1(r0, r1).rows[:r2]
+            self.third[key] = _sq_svals(rows.reshape(r2 * self.dims[2], -1))
+        return self.third[key]
 
     def tail2(self, r0: int, r1: int, r2: int) -> torch.Tensor:
         """Discarded energy of the third SVD per rank, at second rank r2 (from a Gram matrix)."""
