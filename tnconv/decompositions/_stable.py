@@ -82,15 +82,13 @@ def constrained_update(
         den = mu + lam
         return norm_sq - torch.sum(p * (mu + 2 * lam) / (den * den), dim=1)
 
+    def err_at(log_lam: float) -> float:
+        return float(err_sq(torch.tensor([log_lam], dtype=mu.dtype, device=mu.device))[0])
+
     lam = floor
-    if float(err_sq(torch.tensor([math.log(floor)], dtype=mu.dtype, device=mu.device))[0]) < (
-        max_err_sq
-    ):
+    if err_at(math.log(floor)) < max_err_sq:
         lo, hi = math.log(floor), math.log(max(float(mu.max()), floor))
-        while hi < lo + 200:
-            probe = torch.tensor([hi], dtype=mu.dtype, device=mu.device)
-            if float(err_sq(probe)[0]) >= max_err_sq:
-                break
+        while err_at(hi) < max_err_sq and hi < lo + 200:
             hi += 5.0
         # err^2 increases with lam: the largest feasible log(lam) on a grid of the bracket,
         # four rounds of 64 points (the bracket shrinks 63-fold per round; one vectorised
