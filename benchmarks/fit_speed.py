@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -42,6 +43,9 @@ import torch
 from torch import nn
 
 import tnconv
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _models import resnet18_imagenet
 
 Row = dict[str, Any]
 
@@ -184,42 +188,8 @@ def eps_rows(w: torch.Tensor, label: str, methods: list[str], eps: float = 0.3) 
     return rows
 
 
-def resnet18() -> nn.Module:
-    """ResNet-18's convolutions (ImageNet shapes), PyTorch default init, built by hand."""
-
-    class Block(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.down = (
-                nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                if stride != 1 or cin != cout
-                else nn.Identity()
-            )
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = torch.relu(self.bn1(self.conv1(x)))
-            return torch.relu(self.bn2(self.conv2(y)) + self.down(x))
-
-    layers: list[nn.Module] = [
-        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
-        nn.BatchNorm2d(64),
-        nn.ReLU(),
-        nn.MaxPool2d(3, 2, 1),
-    ]
-    cin = 64
-    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
-        cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1000)]
-    return nn.Sequential(*layers)
-
-
 def compress_rows(methods: list[str]) -> list[Row]:
-    model = resnet18()
+    model = resnet18_imagenet()  # default init
     rows = []
     for m in methods:
         for kind, kwargs in (("eps=0.3", {"eps": 0.3}), ("budget=0.25", {"budget": 0.25})):
