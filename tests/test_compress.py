@@ -197,6 +197,47 @@ def test_budget_is_met_and_beats_uniform_ranks(kind: str) -> None:
     assert alloc_err <= best_uniform + 1e-9
 
 
+@pytest.mark.parametrize("must_save", ["params", "flops"])
+def test_budget_eps_ladder_stops_where_candidates_stop_saving(
+    must_save: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The allocation walks the eps grid from the loosest bound and, when parameters must be
+    saved, stops at the first factorization as large as the dense kernel; the plan is the one
+    the whole grid gives (the candidates it skips would be refused anyway)."""
+    from tnconv import allocation
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(12, 12, 3, padding=1)
+    ).eval()  # random: small eps do not compress
+    dec = type(tnconv.get("tucker"))
+    fitted: list[list] = []
+    original = dec.factorize_many
+
+    def recording(self, weight, specs, **options):
+        out = original(self, weight, specs, **options)
+        fitted.append([(spec, f.num_params) for spec, f in zip(specs, out, strict=False)])
+        return out
+
+    monkeypatch.setattr(dec, "factorize_many", recording)
+    kwargs = {"budget": 0.6, "input_size": (1, 12, 8, 8), "must_save": must_save}
+    walked = tnconv.compress(model, "tucker", **kwargs)
+    eps = [(spec["eps"], n) for spec, n in fitted[-1] if "eps" in spec]
+    assert [e for e, _ in eps] == sorted((e for e, _ in eps), reverse=True)
+    if must_save == "params":
+        assert len(eps) < len(allocation._EPS_GRID) and eps[-1][1] >= 12 * 12 * 9
+        assert all(n < 12 * 12 * 9 for _, n in eps[:-1])
+
+        def every(self, weight, specs, until=None, **options):  # the whole grid, no stop
+            return original(self, weight, specs, **options)
+
+        monkeypatch.setattr(dec, "factorize_many", every)
+        whole = tnconv.compress(model, "tucker", **kwargs)
+        assert tnconv.summary(whole).rows[0].ranks == tnconv.summary(walked).rows[0].ranks
+    else:
+        assert len(eps) == len(allocation._EPS_GRID)
+
+
 def test_budget_too_small_is_an_error() -> None:
     with pytest.raises(BudgetError, match="budget"):
         tnconv.compress(real_net(), "tt", budget=1e-4)

@@ -213,6 +213,24 @@ def test_factorize_many_equals_factorize(method: str) -> None:
         assert f.relative_error(w) == pytest.approx(alone.relative_error(w), rel=1e-6, abs=1e-9)
 
 
+@pytest.mark.parametrize("method", ["tucker", "rsdtr", "cp"])
+def test_factorize_many_stops_where_until_says(method: str) -> None:
+    w = decaying_kernel((6, 4, 3, 3), seed=2)
+    dec = tnconv.get(method)
+    options = {"n_init": 1} if method == "cp" else {}  # CP's warm ladder path too
+    specs = [{"rank": 3}, {"rank": 1}, {"rank": 2}]
+    seen: list[int] = []
+
+    def until(i: int, f: tnconv.Factorization) -> bool:
+        seen.append(i)
+        return i == 1
+
+    many = dec.factorize_many(w, specs, until=until, **options)
+    assert seen == [0, 1]  # fitted in the given order; the third is never fitted
+    alone = [dec.factorize(w, **spec, **options) for spec in specs[:2]]
+    assert [f.ranks for f in many] == [f.ranks for f in alone]
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), ranks=st.lists(st.integers(1, 40), min_size=2, max_size=5))
 def test_cp_warm_started_ladder_never_gets_worse_with_rank(seed: int, ranks: list[int]) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -393,3 +393,60 @@ def test_compress_gives_each_layer_its_input_size_and_stride() -> None:
     # an option the caller sets is kept
     fixed = tnconv.compress(model, "rsdtr", eps=0.5, stride=1, input_size=(1, 32, 24, 20))
     assert tuple(fixed[1].factorization.info["stride"]) == (1, 1)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    dims=st.tuples(st.integers(2, 7), st.integers(2, 7), st.integers(1, 3), st.integers(1, 3)),
+    p=st.integers(0, 3),
+    split=st.integers(0, 20),
+    seed=st.integers(0, 1000),
+    scale=st.sampled_from([1.0, 1e-30, 1e30]),
+)
+def test_second_split_spectra_equal_their_definition(
+    dims: tuple, p: int, split: int, seed: int, scale: float
+) -> None:
+    """The search's spectra of a split, taken without eigenvectors (and in float32 on request),
+    equal the definitions: the second SVD's squared singular values, and the energy profile of
+    the third SVD's matrix ``S @ Vh`` reshaped at the largest second rank."""
+    w = decaying_kernel(dims, seed) * scale
+    sh = rsdtr_module._Shift.of(w, p)
+    n = sh.dims
+    big_r = 1 + split % min(n[0], n[1] * n[2] * n[3])
+    r0 = rsdtr_module._divisors(big_r)[split % len(rsdtr_module._divisors(big_r))]
+    r1 = big_r // r0
+    mat = sh.remainder1(r0, r1)
+    _, s1, vh1 = torch.linalg.svd(mat, full_matrices=False)
+    third = torch.linalg.svdvals((s1[:, None] * vh1).reshape(s1.numel() * n[2], n[3] * r0))
+    energy = float(torch.sum(w * w))
+    for single, tol in ((False, 1e-12), (True, 1e-6)):
+        step = sh.step1(r0, r1, single)
+        assert torch.isfinite(step.lam).all() and torch.isfinite(step.head2).all()
+        assert torch.allclose(step.lam, s1**2, rtol=0, atol=tol * energy)
+        head2 = torch.cumsum(third**2, 0)
+        assert torch.allclose(step.head2[1 : head2.numel() + 1], head2, rtol=0, atol=tol * energy)
+        r2 = max(1, s1.numel() // 2)
+        want = torch.linalg.svdvals((s1[:r2, None] * vh1[:r2]).reshape(r2 * n[2], -1)) ** 2
+        got = sh.lam2(r0, r1, r2, single)
+        assert torch.allclose(got[: want.numel()], want, rtol=0, atol=tol * energy)
+
+
+def test_refinement_work_cap_bounds_the_dense_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every dense error check of the refinement is paid from ``als_max_gflop``: with no work
+    allowed, the refinement forms no dense ring at all and returns the sequential ring."""
+    w = decaying_kernel((12, 10, 3, 3), seed=4)
+    calls: list[int] = []
+    original = rsdtr_module._error
+
+    def counting(weight: torch.Tensor, cores: list) -> float:
+        calls.append(1)
+        return original(weight, cores)
+
+    monkeypatch.setattr(rsdtr_module, "_error", counting)
+    capped = tnconv.get("rsdtr").factorize(w, eps=0.3, als_max_gflop=0.0)
+    assert len(calls) <= 2  # the reported fit error only
+    calls.clear()
+    free = tnconv.get("rsdtr").factorize(w, eps=0.3)
+    assert len(calls) > 2
+    assert free.num_params <= capped.num_params
+    assert capped.relative_error(w) <= 0.3 and free.relative_error(w) <= 0.3

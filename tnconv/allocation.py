@@ -283,17 +283,31 @@ def _layer_candidates(
     dense = Candidate(None, dense_info[0], dense_info[1] or 0, 0.0)
     specs: list[tuple[str, Any]] = [("rank", r) for r in levels]
     if decomposition.guarantees_eps:
-        specs += [("eps", e) for e in _EPS_GRID]
+        # loosest bound first: the optimum at a smaller eps has no fewer parameters, so the walk
+        # stops at the first bound whose factorization has as many parameters as the dense kernel
+        specs += [("eps", e) for e in sorted(_EPS_GRID, reverse=True)]
     log.info(
-        "%s: %d %s candidates for kernel %s", name, len(specs), decomposition.name, weight.shape
+        "%s: up to %d %s candidates for kernel %s",
+        name,
+        len(specs),
+        decomposition.name,
+        weight.shape,
     )
+
+    def useless(i: int, f: Factorization) -> bool:
+        return (
+            specs[i][0] == "eps"
+            and must_save in ("params", "both")
+            and f.num_params >= dense_info[0]
+        )
+
     # one call, so the family computes each kernel's spectra once for all the candidates
     fitted = decomposition.factorize_many(
-        weight, [{kind: value} for kind, value in specs], **options
+        weight, [{kind: value} for kind, value in specs], until=useless, **options
     )
     fits: dict[tuple[int, ...], tuple[Factorization, FactorizedConv2d]] = {}
     level_ranks: dict[int, tuple[int, ...]] = {}
-    for (kind, value), f in zip(specs, fitted, strict=True):
+    for (kind, value), f in zip(specs, fitted, strict=False):
         if kind == "rank":
             level_ranks[value] = f.ranks
         if f.ranks not in fits:

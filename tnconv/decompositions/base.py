@@ -19,7 +19,7 @@ import logging
 import math
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -102,7 +102,12 @@ class Decomposition(ABC):
         return self._factorize(w, w.detach().to(torch.float64), spec, opts)
 
     def factorize_many(
-        self, weight: Any, specs: Sequence[Mapping[str, Any]], **options: Any
+        self,
+        weight: Any,
+        specs: Sequence[Mapping[str, Any]],
+        *,
+        until: Callable[[int, Factorization], bool] | None = None,
+        **options: Any,
     ) -> list[Factorization]:
         """``[factorize(weight, **spec, **options) for spec in specs]``, sharing the work.
 
@@ -110,14 +115,23 @@ class Decomposition(ABC):
         per kernel (HOSVD bases, first SVD of a train or ring, RSDTR's shifted SVDs) are shared
         by all the candidates: one decomposition, many truncations. ``specs`` are dicts with
         exactly one of ``rank`` / ``eps`` / ``ratio``. Used by budget allocation.
+
+        ``until(i, f)``: the specs are fitted in order, and none after the first one for which
+        it returns True (the list returned is then shorter than ``specs``): a caller walking a
+        ladder stops where the candidates stop being useful.
         """
         w = validate_weight(weight)
         parsed = [parse_rank_spec(**dict(spec)) for spec in specs]
         opts = self.parse_options(options)
-        if not bool(w.any()):
-            return [self._zero_kernel(w, spec, opts) for spec in parsed]
+        zero = not bool(w.any())
         w64 = w.detach().to(torch.float64)
-        return [self._factorize(w, w64, spec, opts) for spec in parsed]
+        fitted: list[Factorization] = []
+        for i, spec in enumerate(parsed):
+            f = self._zero_kernel(w, spec, opts) if zero else self._factorize(w, w64, spec, opts)
+            fitted.append(f)
+            if until is not None and until(i, f):
+                break
+        return fitted
 
     def _factorize(
         self, w: torch.Tensor, w64: torch.Tensor, spec: Any, opts: BaseModel

@@ -73,6 +73,9 @@ PositiveInt = Annotated[int, Field(gt=0)]
 # Shares of the error budget whose first ranks the search takes before all others. On the
 # trained kernels measured (../shared/data, eps 0.3 and 0.5) the optimum always had one of them.
 _FIRST_SHARES = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+# from this eps on, the search's later spectra are float32 (their tail sums are accurate to about
+# 1e-7 of the kernel's energy, i.e. 1e-3 of the budget here; the chosen ring's SVDs are float64)
+_SINGLE_EPS = 0.01
 # refinement starts from sequential rings costing at most this factor above the cheapest
 _SEED_SLACK = 1.2
 # ALS sweeps after a bond is truncated, before the bound is checked; a trial whose error after
@@ -185,19 +188,33 @@ def _thin_svd(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return q @ u, s, vh
 
 
-def _sq_svals(mat: torch.Tensor) -> torch.Tensor:
+def _sq_svals(mat: torch.Tensor, single: bool = False) -> torch.Tensor:
     """Squared singular values of ``mat``, descending, from the smaller Gram matrix.
 
     Accurate to about 1e-16 of the largest in absolute terms, which is all an energy budget
-    needs (a chosen ring's error is recomputed from its own SVDs).
+    needs (a chosen ring's error is recomputed from its own SVDs). ``single``: in float32 (on
+    ``mat`` scaled to unit max entry, so no kernel over- or underflows), about 1.3x faster; tail
+    sums are then accurate to about 1e-7 of the total energy.
     """
+    if single:
+        top = float(mat.abs().max())
+        if top == 0.0:
+            return mat.new_zeros(min(mat.shape))
+        return _sq_svals((mat / top).float()).to(mat.dtype) * (top * top)
     gram = mat @ mat.T if mat.shape[0] <= mat.shape[1] else mat.T @ mat
     return torch.flip(torch.linalg.eigvalsh(gram), (0,)).clamp_min(0.0)
 
 
-def _sq_spectrum(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _sq_spectrum(mat: torch.Tensor, single: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lam, rows)``: squared singular values of ``mat`` (m1, m2), descending, and
-    ``rows[j] = sigma_j * v_j`` (the rows of ``S @ Vh`` of a thin SVD), from the smaller Gram."""
+    ``rows[j] = sigma_j * v_j`` (the rows of ``S @ Vh`` of a thin SVD), from the smaller Gram.
+    ``single``: in float32, as :func:`_sq_svals`."""
+    if single:
+        top = float(mat.abs().max())
+        if top == 0.0:
+            return mat.new_zeros(min(mat.shape)), mat.new_zeros(min(mat.shape), mat.shape[1])
+        lam, rows = _sq_spectrum((mat / top).float())
+        return lam.to(mat.dtype) * (top * top), rows.to(mat.dtype) * top
     if mat.shape[0] <= mat.shape[1]:
         lam, u = torch.linalg.eigh(mat @ mat.T)
         lam, u = torch.flip(lam, (0,)).clamp_min(0.0), torch.flip(u, (1,))
@@ -289,15 +306,16 @@ class _Plan:
 class _Step1:
     """The second SVD of a first split (r0, r1), as the search needs it.
 
-    ``lam``: squared singular values; ``rows``: ``S @ Vh`` (the remainder passed on); ``tail``:
-    discarded energy per rank; ``head2[r]``: energy of the leading r singular values of the third
-    SVD's matrix at the largest second rank, which bounds the same at every smaller second rank.
+    ``lam``: squared singular values; ``tail``: discarded energy per rank; ``head2[r]``: energy
+    of the leading r singular values of the third SVD's matrix at the largest second rank, which
+    bounds the same at every smaller second rank; ``rows``: ``S @ Vh`` (the remainder passed
+    on), computed only when a third spectrum is asked for (most splits are pruned before).
     """
 
     lam: torch.Tensor
-    rows: torch.Tensor
     tail: torch.Tensor
     head2: torch.Tensor
+    rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -310,10 +328,10 @@ class _Shift:
     s: torch.Tensor
     vh: torch.Tensor
     tail: torch.Tensor  # tail[r] = energy discarded at first rank r
-    fast: dict[tuple[int, int], _Step1] = field(default_factory=dict)
+    fast: dict[tuple[int, int, bool], _Step1] = field(default_factory=dict)
     exact: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # third spectra by (r0, r1, r2): the searches of many budgets revisit the same nodes
-    third: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
+    third: dict[tuple[int, int, int, bool], torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def of(cls, weight: torch.Tensor, p: int) -> _Shift:
@@ -334,27 +352,38 @@ class _Shift:
         rest = rest.reshape(r0, r1, -1).permute(1, 2, 0)  # the closing bond rides along last
         return rest.reshape(r1 * self.dims[1], -1)
 
-    def step1(self, r0: int, r1: int) -> _Step1:
-        """The second SVD for the split (r0, r1), from Gram matrices (cached)."""
-        key = (r0, r1)
+    def step1(self, r0: int, r1: int, single: bool = False) -> _Step1:
+        """The second SVD's spectra for the split (r0, r1), from Gram matrices (cached).
+
+        No eigenvectors: the third matrix at the largest second rank is ``U^T M`` reshaped, with
+        ``M`` the second SVD's matrix and ``U`` orthogonal on its range, so its column Gram is
+        that of ``M`` reshaped to ``(r1 n1 n2, n3 r0)`` and ``head2`` comes from ``M`` alone.
+        ``single``: spectra in float32 (see :func:`_sq_svals`).
+        """
+        key = (r0, r1, single)
         if key not in self.fast:
-            lam, rows = _sq_spectrum(self.remainder1(r0, r1))
-            full = rows.reshape(rows.shape[0] * self.dims[2], -1)
-            head2 = torch.cat([lam.new_zeros(1), torch.cumsum(_sq_svals(full), 0)])
-            self.fast[key] = _Step1(lam, rows, _tail_sq(lam), head2)
+            mat = self.remainder1(r0, r1)
+            lam = _sq_svals(mat, single)
+            n = self.dims
+            third = _sq_svals(mat.reshape(r1 * n[1] * n[2], n[3] * r0), single)
+            head2 = torch.cat([lam.new_zeros(1), torch.cumsum(third, 0)])
+            self.fast[key] = _Step1(lam, _tail_sq(lam), head2)
         return self.fast[key]
 
-    def lam2(self, r0: int, r1: int, r2: int) -> torch.Tensor:
+    def lam2(self, r0: int, r1: int, r2: int, single: bool = False) -> torch.Tensor:
         """Squared singular values of the third SVD at second rank r2 (from a Gram matrix)."""
-        key = (r0, r1, r2)
+        key = (r0, r1, r2, single)
         if key not in self.third:
-            rows = self.step1(r0, r1).rows[:r2]
-            self.third[key] = _sq_svals(rows.reshape(r2 * self.dims[2], -1))
+            step = self.step1(r0, r1, single)
+            if step.rows is None:
+                step.rows = _sq_spectrum(self.remainder1(r0, r1), single)[1]
+            rows = step.rows[:r2]
+            self.third[key] = _sq_svals(rows.reshape(r2 * self.dims[2], -1), single)
         return self.third[key]
 
-    def tail2(self, r0: int, r1: int, r2: int) -> torch.Tensor:
+    def tail2(self, r0: int, r1: int, r2: int, single: bool = False) -> torch.Tensor:
         """Discarded energy of the third SVD per rank, at second rank r2 (from a Gram matrix)."""
-        return _tail_sq(self.lam2(r0, r1, r2))
+        return _tail_sq(self.lam2(r0, r1, r2, single))
 
     def build(
         self, bonds: Sequence[int], budget: float | None = None
@@ -435,7 +464,7 @@ class _Search:
         key = (eps, exact)
         if key in self._published:
             return self._published[key]
-        delta = eps / math.sqrt(3)
+        delta, single = eps / math.sqrt(3), eps >= _SINGLE_EPS
         plans = []
         for sh in self.shifts:
             big_r = _published_rank(sh.s, delta)
@@ -447,9 +476,9 @@ class _Search:
                     s2 = torch.linalg.svdvals(rows[:r2].reshape(r2 * sh.dims[2], -1))
                     r3 = _published_rank(s2, delta)
                 else:
-                    step = sh.step1(r0, r1)
+                    step = sh.step1(r0, r1, single)
                     r2 = _published_rank(step.lam.sqrt(), delta)
-                    r3 = _published_rank(sh.lam2(r0, r1, r2).sqrt(), delta)
+                    r3 = _published_rank(sh.lam2(r0, r1, r2, single).sqrt(), delta)
                 plans.append(_Plan(sh.p, (r0, r1, r2, r3)))
         self._published[key] = plans
         return plans
@@ -503,6 +532,7 @@ class _Search:
         (shift, then bonds).
         """
         budget = eps * eps * self.norm2
+        single = eps >= _SINGLE_EPS
         rho = self.eps_ranks(budget)
         found: dict[Ranks, tuple[float, _Plan]] = {}
         top: list[float] = []  # the costs of the `keep` cheapest distinct plans, a max-heap
@@ -553,11 +583,11 @@ class _Search:
             n = sh.dims
             if r2:
                 work += _eig_work(r2 * n[2], n[3] * r0)
-                offer(_Plan(p, (r0, r1, r2, _min_rank(sh.tail2(r0, r1, r2), left2))))
+                offer(_Plan(p, (r0, r1, r2, _min_rank(sh.tail2(r0, r1, r2, single), left2))))
                 continue
             work += _eig_work(r1 * n[1], n[2] * n[3] * r0)
             work += _eig_work(min(r1 * n[1], n[2] * n[3] * r0) * n[2], n[3] * r0)
-            st = sh.step1(r0, r1)
+            st = sh.step1(r0, r1, single)
             left1 = budget - float(sh.tail[r0 * r1])
             r2s = np.arange(1, st.lam.numel() + 1)
             left2s = left1 - st.tail.cpu().numpy()[1:]
@@ -591,6 +621,18 @@ def _dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """The kernel (T, S, kh, kw) of a 4-core ring in kernel order, contracted in the cheapest
     pairwise order (opt_einsum's exhaustive search over the four cores)."""
     return opt_einsum.contract(EQUATION, *cores, backend="torch", optimize="optimal")
+
+
+def _dense_work(shape: Sequence[int], ranks: Sequence[int]) -> float:
+    """Multiply-adds of forming the dense kernel of a ring (kernel order): the cheaper of the
+    two pairings, (G_T G_S)(G_H G_W) or (G_S G_H)(G_W G_T)."""
+    t, s, kh, kw = shape
+    r_wt, r_ts, r_sh, r_hw = ranks
+    first = (
+        r_wt * t * r_ts * s * r_sh + r_sh * kh * r_hw * kw * r_wt + t * s * kh * kw * r_sh * r_wt
+    )
+    second = r_ts * s * r_sh * kh * r_hw + r_hw * kw * r_wt * t * r_ts
+    return float(min(first, second + t * s * kh * kw * r_hw * r_ts))
 
 
 def _error(weight: torch.Tensor, cores: Sequence[torch.Tensor]) -> float:
@@ -663,14 +705,24 @@ class _RingALS:
         return core, err2
 
     def run(
-        self, cores: list[torch.Tensor], sweeps: int, budget: _Budget, tol: float = 1e-4
+        self,
+        cores: list[torch.Tensor],
+        sweeps: int,
+        budget: _Budget,
+        tol: float = 1e-4,
+        error: float | None = None,
     ) -> tuple[list[torch.Tensor], float]:
         """Up to ``sweeps`` sweeps the budget pays for (stopping when one gains less than the
-        fraction ``tol``); returns the cores and their relative error."""
+        fraction ``tol``); returns the cores and their relative error.
+
+        ``error``: the cores' relative error if the caller knows it. Unknown, the first update
+        is taken unconditionally (an exact least-squares solve for its core cannot be worse than
+        the core it replaces, up to rounding) and the dense ring is formed only if no update ran.
+        """
         cores = list(cores)
         if self.norm2 == 0.0:
             return cores, 0.0
-        err2 = _error(self.weight, cores) ** 2 * self.norm2
+        err2 = math.inf if error is None else error**2 * self.norm2
         per_sweep = self.sweep_work(_ranks_of(cores))
         for _ in range(sweeps):
             if per_sweep > budget.left or err2 <= 1e-26 * self.norm2:
@@ -681,8 +733,11 @@ class _RingALS:
                 core, new2 = self._update(cores, k)
                 if new2 <= err2:
                     cores[k], err2 = core, new2
-            if start - err2 <= tol * start:
+            if math.isfinite(start) and start - err2 <= tol * start:
                 break
+        if math.isinf(err2):
+            budget.left -= _dense_work(self.weight.shape, _ranks_of(cores))
+            err2 = _error(self.weight, cores) ** 2 * self.norm2
         return cores, math.sqrt(max(err2, 0.0) / self.norm2)
 
 
@@ -709,14 +764,16 @@ def _truncate_bond(cores: list[torch.Tensor], k: int, rank: int) -> list[torch.T
 def _shrink(
     als: _RingALS,
     cores: list[torch.Tensor],
+    error: float,
     eps: float,
     cost: Cost,
     sweeps: int,
     budget: _Budget,
 ) -> list[torch.Tensor]:
-    """ALS at the ring's ranks, then repeatedly lower the bond that saves most whose re-fitted
-    ring still meets ``eps`` (measured on the dense ring); returns the last ring that met it."""
-    cores, _ = als.run(cores, sweeps, budget)
+    """ALS at the ring's ranks (``error``: the ring's relative error, at most ``eps``), then
+    repeatedly lower the bond that saves most whose re-fitted ring still meets ``eps`` (measured
+    on the dense ring); returns the last ring that met it."""
+    cores, _ = als.run(cores, sweeps, budget, error=error)
     while True:
         ranks = _ranks_of(cores)
         savings = []
@@ -731,12 +788,17 @@ def _shrink(
             trial = _truncate_bond(cores, k, ranks[k] - 1)
             if _ranks_of(trial)[k] == ranks[k]:
                 continue
+            # a trial ends in one or two dense checks: stop when the work cap cannot pay them
+            check = _dense_work(als.weight.shape, _ranks_of(trial))
+            if budget.left < 2 * check:
+                return cores
             # one sweep recovers most of what ALS will: a trial still well above the bound after
             # it is dropped without paying for the rest
             trial, err = als.run(trial, 1, budget)
             if err > eps * _SHRINK_GIVE_UP:
                 continue
-            trial, err = als.run(trial, _SHRINK_SWEEPS - 1, budget)
+            trial, err = als.run(trial, _SHRINK_SWEEPS - 1, budget, error=err)
+            budget.left -= check if err <= eps else 0.0
             if err <= eps and _error(als.weight, trial) <= eps:
                 cores = trial
                 break
@@ -822,10 +884,11 @@ class RSDTR(Decomposition):
             if best is None or err < best[0]:
                 best = (err, p, _rotate_back(shifted, p))
         assert best is not None  # shift 0 carries every rank tuple bond_ranks lets through
-        _, shift, cores = best
+        sq_err, shift, cores = best
         if options.als_sweeps:
-            budget = _Budget(options.als_max_gflop * 1e9)
-            cores, _ = _RingALS(weight).run(cores, options.als_sweeps, budget)
+            budget, als = _Budget(options.als_max_gflop * 1e9), _RingALS(weight)
+            error = math.sqrt(max(sq_err, 0.0) / als.norm2) if als.norm2 else 0.0
+            cores, _ = als.run(cores, options.als_sweeps, budget, error=error)
         return self._make(weight, cores, options, shift=shift)
 
     # -- error bound --------------------------------------------------------------------------
@@ -889,13 +952,13 @@ class RSDTR(Decomposition):
         seeds = [pl for pl in seeds if float(cost(pl.kernel_ranks())) <= _SEED_SLACK * cheapest]
         seeds.sort(key=lambda pl: (min(pl.bonds) == 1, float(cost(pl.kernel_ranks())), pl))
         exhaustive = search.work <= cap
-        candidates = []
+        candidates = []  # (plan, cores, squared error)
         for plan in seeds:
             cores, sq_err = search.cores(plan, budget)
             if sq_err <= budget and float(cost(_ranks_of(cores))) <= float(
                 cost(plan.kernel_ranks())
             ):
-                candidates.append((plan, cores))
+                candidates.append((plan, cores, sq_err))
             else:  # rounding in the search's spectra cost this plan its edge
                 log.debug("rsdtr: plan %s does not hold with exact SVDs; skipped", plan)
         # the paper's plans hold with exact SVDs: the best of them backs up seeds that lost their
@@ -904,16 +967,17 @@ class RSDTR(Decomposition):
             search.published(eps, exact=False), key=lambda pl: float(cost(pl.kernel_ranks()))
         )
         if all(
-            float(cost(_ranks_of(c))) > float(cost(paper.kernel_ranks())) for _, c in candidates
+            float(cost(_ranks_of(c))) > float(cost(paper.kernel_ranks())) for _, c, _ in candidates
         ):
-            candidates.append((paper, search.cores(paper, budget)[0]))
+            candidates.append((paper, *search.cores(paper, budget)))
         if options.refine:
             als, work = _RingALS(search.weight), _Budget(options.als_max_gflop * 1e9)
             candidates = [
-                (plan, _shrink(als, cores, eps, cost, options.als_sweeps, work))
-                for plan, cores in candidates
+                (plan, _shrink(als, c, math.sqrt(sq / search.norm2), eps, cost, sweeps, work), 0)
+                for plan, c, sq in candidates
+                for sweeps in [options.als_sweeps]
             ]
-        plan, cores = min(candidates, key=lambda pc: float(cost(_ranks_of(pc[1]))))
+        plan, cores, _ = min(candidates, key=lambda pc: float(cost(_ranks_of(pc[1]))))
         return plan, cores, exhaustive
 
     # -- parameter budget ---------------------------------------------------------------------
