@@ -223,3 +223,20 @@ def test_summary_reports_sensitivity_per_layer() -> None:
     assert rows["0"].sensitivity is None
     assert rows["2"].sensitivity == pytest.approx(small[2].factorization.sensitivity())
     assert "sensitiv." in str(tnconv.summary(small, (1, 3, 6, 6)))
+
+
+@pytest.mark.parametrize("method", ["cp-stable", "tc"])
+def test_budget_allocation_keeps_the_stabilised_fit(method: str) -> None:
+    """Budget allocation searches with the quick (unstabilised) options, then refits the chosen
+    ranks with the user's: those are kept although stabilising raised the error a little."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3)
+    ).eval()
+    out = tnconv.compress(model, method, budget=0.4, input_size=(1, 8, 8, 8), progress=False)
+    layers = [m for m in out.modules() if getattr(m, "factorization", None) is not None]
+    assert layers
+    for layer in layers:
+        info = layer.factorization.info
+        assert "unstabilized_sensitivity" in info
+        assert info["sensitivity"] < info["unstabilized_sensitivity"]

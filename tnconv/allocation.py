@@ -527,10 +527,20 @@ def allocate(
                 ),
             )
             dense = (conv.weight.numel(), c.flops)
-            better = candidate_for(layer_from_conv(conv, f), f, shapes.get(name), dense)
-            better.latency = c.latency  # same ranks, same structure: the same executed plan
-            ok = better.error < c.error and cost(better) <= cost(c)
-            refitted[key] = better if ok else c
+            full_fit = candidate_for(layer_from_conv(conv, f), f, shapes.get(name), dense)
+            full_fit.latency = c.latency  # same ranks, same structure: the same executed plan
+            # the user's options define the factorization at these ranks (as compress(rank=)
+            # would fit it), even where they trade error for something else: cp-stable's
+            # stabilisation raises the error the quick search saw
+            if full_fit.error > c.error:
+                log.debug(
+                    "%s: refit at %s with the full options has error %.4g (search: %.4g)",
+                    name,
+                    ranks,
+                    full_fit.error,
+                    c.error,
+                )
+            refitted[key] = full_fit if cost(full_fit) <= cost(c) else c
         return refitted[key]
 
     finals = [{n: refit(n, c) for n, c in p.items()} for p in finalists]
