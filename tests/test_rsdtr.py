@@ -202,6 +202,17 @@ def test_search_finds_the_best_sequential_plan(shape: tuple, seed: int, eps: flo
     assert f.num_params == brute_force_min_params(w, eps)
 
 
+@pytest.mark.parametrize("shares", [(1.0,), (0.5, 1.0), (0.05, 0.3)])
+def test_search_is_exhaustive_whatever_its_first_shares(shares: tuple) -> None:
+    """The first shares only order the search: without a work cap it still finds the best."""
+    w = decaying_kernel((8, 6, 3, 3), 5)
+    f = tnconv.get("rsdtr").factorize(
+        w, eps=0.3, refine=False, search_max_gflop=1e6, first_shares=shares
+    )
+    assert f.info["search_exhaustive"]
+    assert f.num_params == brute_force_min_params(w, 0.3)
+
+
 def test_search_is_exhaustive_on_a_real_kernel() -> None:
     w = torch.tensor(REAL["ppocrv4_det/00_conv2d_0.w_0"])
     f = tnconv.get("rsdtr").factorize(w, eps=0.3, refine=False, search_max_gflop=1e6)
@@ -351,6 +362,8 @@ def test_fine_tuning_from_factors_lowers_the_loss() -> None:
         ({"refine_seeds": 0}, "refine_seeds"),
         ({"als_sweeps": -1}, "als_sweeps"),
         ({"als_max_gflop": float("nan")}, "als_max_gflop"),
+        ({"first_shares": ()}, "first_shares"),
+        ({"first_shares": (0.5, 0.0)}, "first_shares"),
         ({"shifts": 4}, "shifts"),
     ],
 )

@@ -41,6 +41,7 @@ The returned ring's error is measured, not assumed: ``relative_error <= eps`` al
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import heapq
 import itertools
@@ -73,6 +74,9 @@ PositiveInt = Annotated[int, Field(gt=0)]
 # Shares of the error budget whose first ranks the search takes before all others. On the
 # trained kernels measured (../shared/data, eps 0.3 and 0.5) the optimum always had one of them.
 _FIRST_SHARES = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+# the budget allocation's quick search takes only these: on trained, power-law and random kernels
+# at 15 error levels its rings had at most 0.01 of the dense parameters more, in 0.7x the time
+_QUICK_SHARES = (0.5, 1.0)
 # from this eps on, the search's later spectra are float32 (their tail sums are accurate to about
 # 1e-7 of the kernel's energy, i.e. 1e-3 of the budget here; the chosen ring's SVDs are float64)
 _SINGLE_EPS = 0.01
@@ -96,6 +100,8 @@ class RSDTROptions(BaseModel):
         stride: the layer's stride (int or pair), likewise.
         search_max_gflop: work cap of the SVD search beyond its first phase, in 1e9
             multiply-adds of eigen-decompositions; below it the search is exhaustive.
+        first_shares: shares of the error budget whose first ranks the search's first phase
+            takes (in full, whatever the work cap).
         refine: ALS + bond shrinking after the SVD search.
         refine_seeds: how many of the cheapest distinct rings the refinement starts from.
         als_sweeps: ALS sweeps at fixed ranks (in ``fit`` and before shrinking).
@@ -109,6 +115,9 @@ class RSDTROptions(BaseModel):
     input_size: tuple[PositiveInt, PositiveInt] = (32, 32)
     stride: tuple[PositiveInt, PositiveInt] = (1, 1)
     search_max_gflop: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 2.0
+    first_shares: tuple[Annotated[float, Field(gt=0.0, le=1.0)], ...] = Field(
+        default=_FIRST_SHARES, min_length=1
+    )
     refine: bool = True
     refine_seeds: Annotated[int, Field(ge=1, le=64)] = 8
     als_sweeps: Annotated[int, Field(ge=0, le=1000)] = 10
@@ -188,33 +197,22 @@ def _thin_svd(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return q @ u, s, vh
 
 
-def _sq_svals(mat: torch.Tensor, single: bool = False) -> torch.Tensor:
-    """Squared singular values of ``mat``, descending, from the smaller Gram matrix.
+def _sq_svals(mat: torch.Tensor) -> torch.Tensor:
+    """Squared singular values of ``mat``, descending, from the smaller Gram matrix, in the
+    matrix's dtype.
 
-    Accurate to about 1e-16 of the largest in absolute terms, which is all an energy budget
-    needs (a chosen ring's error is recomputed from its own SVDs). ``single``: in float32 (on
-    ``mat`` scaled to unit max entry, so no kernel over- or underflows), about 1.3x faster; tail
-    sums are then accurate to about 1e-7 of the total energy.
+    In float64 accurate to about 1e-16 of the largest in absolute terms, which is all an energy
+    budget needs (a chosen ring's error is recomputed from its own SVDs); in float32 (the search
+    at eps >= ``_SINGLE_EPS``, on unit-scaled matrices) tail sums are accurate to about 1e-7 of
+    the total energy.
     """
-    if single:
-        top = float(mat.abs().max())
-        if top == 0.0:
-            return mat.new_zeros(min(mat.shape))
-        return _sq_svals((mat / top).float()).to(mat.dtype) * (top * top)
     gram = mat @ mat.T if mat.shape[0] <= mat.shape[1] else mat.T @ mat
     return torch.flip(torch.linalg.eigvalsh(gram), (0,)).clamp_min(0.0)
 
 
-def _sq_spectrum(mat: torch.Tensor, single: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _sq_spectrum(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lam, rows)``: squared singular values of ``mat`` (m1, m2), descending, and
-    ``rows[j] = sigma_j * v_j`` (the rows of ``S @ Vh`` of a thin SVD), from the smaller Gram.
-    ``single``: in float32, as :func:`_sq_svals`."""
-    if single:
-        top = float(mat.abs().max())
-        if top == 0.0:
-            return mat.new_zeros(min(mat.shape)), mat.new_zeros(min(mat.shape), mat.shape[1])
-        lam, rows = _sq_spectrum((mat / top).float())
-        return lam.to(mat.dtype) * (top * top), rows.to(mat.dtype) * top
+    ``rows[j] = sigma_j * v_j`` (the rows of ``S @ Vh`` of a thin SVD), from the smaller Gram."""
     if mat.shape[0] <= mat.shape[1]:
         lam, u = torch.linalg.eigh(mat @ mat.T)
         lam, u = torch.flip(lam, (0,)).clamp_min(0.0), torch.flip(u, (1,))
@@ -332,6 +330,7 @@ class _Shift:
     exact: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # third spectra by (r0, r1, r2): the searches of many budgets revisit the same nodes
     third: dict[tuple[int, int, int, bool], torch.Tensor] = field(default_factory=dict)
+    unit32: torch.Tensor | None = None  # S @ Vh / s[0] in float32, for the float32 spectra
 
     @classmethod
     def of(cls, weight: torch.Tensor, p: int) -> _Shift:
@@ -345,12 +344,27 @@ class _Shift:
     def dims(self) -> tuple[int, ...]:
         return tuple(self.x.shape)
 
-    def remainder1(self, r0: int, r1: int) -> torch.Tensor:
-        """The second SVD's matrix ``(r1 * n1, n2 * n3 * r0)`` for the first split (r0, r1)."""
+    def remainder1(self, r0: int, r1: int, single: bool = False) -> torch.Tensor:
+        """The second SVD's matrix ``(r1 * n1, n2 * n3 * r0)`` for the first split (r0, r1);
+        ``single``: in float32 and divided by the largest singular value (see :meth:`energy`).
+        """
         big_r = r0 * r1
-        rest = self.s[:big_r, None] * self.vh[:big_r]  # row a0 * r1 + a1, as the paper splits
+        if single:
+            if self.unit32 is None:  # entries of S @ Vh / s[0] are at most 1: no over/underflow
+                top = float(self.s[0]) or 1.0
+                self.unit32 = (self.s[:, None] * self.vh / top).float()
+            rest = self.unit32[:big_r]
+        else:
+            rest = self.s[:big_r, None] * self.vh[:big_r]  # row a0 * r1 + a1, as the paper splits
         rest = rest.reshape(r0, r1, -1).permute(1, 2, 0)  # the closing bond rides along last
         return rest.reshape(r1 * self.dims[1], -1)
+
+    def energy(self, lam: torch.Tensor) -> torch.Tensor:
+        """Squared singular values of a matrix derived from :meth:`remainder1` back in the
+        kernel's dtype and scale (float32 ones were computed on the unit-scaled remainder)."""
+        if lam.dtype == self.s.dtype:
+            return lam
+        return lam.to(self.s.dtype) * (float(self.s[0]) or 1.0) ** 2
 
     def step1(self, r0: int, r1: int, single: bool = False) -> _Step1:
         """The second SVD's spectra for the split (r0, r1), from Gram matrices (cached).
@@ -362,10 +376,10 @@ class _Shift:
         """
         key = (r0, r1, single)
         if key not in self.fast:
-            mat = self.remainder1(r0, r1)
-            lam = _sq_svals(mat, single)
+            mat = self.remainder1(r0, r1, single)
+            lam = self.energy(_sq_svals(mat))
             n = self.dims
-            third = _sq_svals(mat.reshape(r1 * n[1] * n[2], n[3] * r0), single)
+            third = self.energy(_sq_svals(mat.reshape(r1 * n[1] * n[2], n[3] * r0)))
             head2 = torch.cat([lam.new_zeros(1), torch.cumsum(third, 0)])
             self.fast[key] = _Step1(lam, _tail_sq(lam), head2)
         return self.fast[key]
@@ -375,10 +389,10 @@ class _Shift:
         key = (r0, r1, r2, single)
         if key not in self.third:
             step = self.step1(r0, r1, single)
-            if step.rows is None:
-                step.rows = _sq_spectrum(self.remainder1(r0, r1), single)[1]
+            if step.rows is None:  # S @ Vh of the second SVD, in the remainder's dtype and scale
+                step.rows = _sq_spectrum(self.remainder1(r0, r1, single))[1]
             rows = step.rows[:r2]
-            self.third[key] = _sq_svals(rows.reshape(r2 * self.dims[2], -1), single)
+            self.third[key] = self.energy(_sq_svals(rows.reshape(r2 * self.dims[2], -1)))
         return self.third[key]
 
     def tail2(self, r0: int, r1: int, r2: int, single: bool = False) -> torch.Tensor:
@@ -518,14 +532,19 @@ class _Search:
         return float(self.floors(cost, rho, p, b0, b1, np.arange(lo2, hi2 + 1)).min())
 
     def best(
-        self, cost: Cost, eps: float, keep: int = 1, max_work: float = math.inf
+        self,
+        cost: Cost,
+        eps: float,
+        keep: int = 1,
+        max_work: float = math.inf,
+        shares: Sequence[float] = _FIRST_SHARES,
     ) -> list[_Plan]:
         """The ``keep`` cheapest distinct sequential plans found within the budget, cheapest first.
 
         The first is the cheapest plan of all sequential plans (every shift, every split of every
         first rank, every second rank, the smallest third rank the budget allows) unless the work
         cap stopped the search: nodes are taken in two phases, first the first ranks that spend a
-        grid of shares of the budget (``_FIRST_SHARES``), then all others, best-first by floor,
+        grid of shares of the budget (``shares``), then all others, best-first by floor,
         until ``max_work`` multiply-adds (counted by estimate, cached or not, so the answer does
         not depend on what an earlier search left in the caches). The paper's plans are offered
         first, so the first plan never costs more than the paper's. Ties go to the smaller plan
@@ -559,9 +578,10 @@ class _Search:
         # second rank r2 under it, whose evaluation costs the third
         queue: list[tuple[int, float, int, tuple[int, int, int, int, float]]] = []
         order = itertools.count()
+        evaluated: dict[tuple[int, int, int], list[int]] = {}  # second ranks evaluated per split
         for p, sh in enumerate(self.shifts):
             tail0 = sh.tail.tolist()
-            grid = {_min_rank(sh.tail, share * budget) for share in _FIRST_SHARES}
+            grid = {_min_rank(sh.tail, share * budget) for share in shares}
             for big_r in range(1, sh.s.numel() + 1):
                 if tail0[big_r] > budget:
                     continue
@@ -571,7 +591,8 @@ class _Search:
                     floor = self.branch_floor(cost, rho, p, r0, r1)
                     heapq.heappush(queue, (phase, floor, next(order), (p, r0, r1, 0, 0.0)))
         while queue:
-            phase, floor, _, (p, r0, r1, r2, left2) = heapq.heappop(queue)
+            phase, floor, _, node = heapq.heappop(queue)
+            p, r0, r1, r2, left2 = node
             if floor > bar():
                 if phase == 1:
                     break  # phase 1 is ordered by floor: every node left is hopeless too
@@ -582,7 +603,23 @@ class _Search:
             sh = self.shifts[p]
             n = sh.dims
             if r2:
+                # the third matrix at r2 extends the one at any smaller second rank by rows, so
+                # its energy beyond every rank is no smaller (Ky Fan): the tail at the nearest
+                # smaller r2 this search evaluated floors the third rank, often enough to skip
+                # this node or to put it back in the queue behind better ones
+                done = evaluated.setdefault((p, r0, r1), [])
+                below = bisect.bisect_left(done, r2)
+                if below:
+                    tail_below = sh.tail2(r0, r1, done[below - 1], single)
+                    r3_min = _min_rank(tail_below, left2)
+                    refined = float(self.floors(cost, rho, p, r0, r1, np.array([r2]), r3_min)[0])
+                    if refined > bar():
+                        continue
+                    if refined > floor:
+                        heapq.heappush(queue, (phase, refined, next(order), node))
+                        continue
                 work += _eig_work(r2 * n[2], n[3] * r0)
+                bisect.insort(done, r2)
                 offer(_Plan(p, (r0, r1, r2, _min_rank(sh.tail2(r0, r1, r2, single), left2))))
                 continue
             work += _eig_work(r1 * n[1], n[2] * n[3] * r0)
@@ -830,7 +867,12 @@ class RSDTR(Decomposition):
 
     def search_options(self, options: RSDTROptions) -> RSDTROptions:
         return options.model_copy(
-            update={"als_sweeps": 0, "refine": False, "search_max_gflop": 0.0}
+            update={
+                "als_sweeps": 0,
+                "refine": False,
+                "search_max_gflop": 0.0,
+                "first_shares": _QUICK_SHARES,
+            }
         )
 
     def _search_for(self, weight: torch.Tensor) -> _Search:
@@ -944,7 +986,8 @@ class RSDTR(Decomposition):
         cheapest few. Returns (the sequential plan it came from, cores, search exhaustive?)."""
         budget = eps * eps * search.norm2
         cap = options.search_max_gflop * 1e9
-        seeds = search.best(cost, eps, options.refine_seeds if options.refine else 1, cap)
+        keep = options.refine_seeds if options.refine else 1
+        seeds = search.best(cost, eps, keep, cap, options.first_shares)
         # refinement only shrinks: a seed far above the cheapest is not worth its ALS work. Rings
         # with a unit bond are trains, for which the sequential SVD is already near optimal
         # (ALS rarely frees a bond); closed rings gain most, so they go first.
