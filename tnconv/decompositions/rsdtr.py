@@ -883,16 +883,29 @@ class RSDTR(Decomposition):
         return cached(weight, "rsdtr-search", lambda: _Search(weight))
 
     def _make(
-        self, weight: torch.Tensor, cores: list[torch.Tensor], options: RSDTROptions, **info: object
+        self,
+        weight: torch.Tensor,
+        cores: list[torch.Tensor],
+        options: RSDTROptions,
+        sq_err: float | None = None,
+        **info: object,
     ) -> Factorization:
+        """The factorization of these cores; ``sq_err``: their squared error when it is known
+        exactly (a sequential TR-SVD's discarded energy), else it is measured on the dense ring.
+        """
         shape: KernelShape = tuple(weight.shape)  # type: ignore[assignment]
         ranks = _ranks_of(cores)
+        norm2 = float(torch.sum(weight * weight))
+        if sq_err is None or norm2 == 0.0:
+            fit_error = _error(weight, cores)
+        else:
+            fit_error = math.sqrt(max(sq_err, 0.0) / norm2)
         return self.make(
             [c.contiguous() for c in cores],
             EQUATION,
             shape,
             ranks,
-            fit_error=_error(weight, cores),
+            fit_error=fit_error,
             pipeline_flops=pipeline_flops(shape, ranks, options.input_size, options.stride),
             input_size=list(options.input_size),
             stride=list(options.stride),
@@ -931,7 +944,8 @@ class RSDTR(Decomposition):
             budget, als = _Budget(options.als_max_gflop * 1e9), _RingALS(weight)
             error = math.sqrt(max(sq_err, 0.0) / als.norm2) if als.norm2 else 0.0
             cores, _ = als.run(cores, options.als_sweeps, budget, error=error)
-        return self._make(weight, cores, options, shift=shift)
+            return self._make(weight, cores, options, shift=shift)
+        return self._make(weight, cores, options, sq_err, shift=shift)
 
     # -- error bound --------------------------------------------------------------------------
     def fit_eps(self, weight: torch.Tensor, eps: float, options: RSDTROptions) -> Factorization:
@@ -954,8 +968,8 @@ class RSDTR(Decomposition):
         if options.search == "published":
             # the paper keeps the first ring with strictly fewer parameters: shift, then divisor
             paper = min(search.published(eps), key=lambda pl: params(pl.kernel_ranks()))
-            cores, _ = search.cores(paper, budget)
-            return self._make(weight, cores, options, shift=paper.shift, search="published")
+            cores, sq_err = search.cores(paper, budget)
+            return self._make(weight, cores, options, sq_err, shift=paper.shift, search="published")
 
         def flops(r: Sequence) -> float | np.ndarray:
             return _pipeline_macs(shape, r, options.input_size, options.stride)
@@ -966,13 +980,14 @@ class RSDTR(Decomposition):
             lean = self._search_and_refine(search, eps, flops, options)
             found = min(
                 (lean, found),
-                key=lambda c: (flops(_ranks_of(c[1])), params(_ranks_of(c[1]))),
+                key=lambda c: (flops(_ranks_of(c[0][1])), params(_ranks_of(c[0][1]))),
             )
-        plan, cores, exhaustive = found
+        (plan, cores, sq_err), exhaustive = found
         return self._make(
             weight,
             cores,
             options,
+            sq_err,
             shift=plan.shift,
             search="tnconv",
             sequential_ranks=list(plan.kernel_ranks()),
@@ -981,9 +996,10 @@ class RSDTR(Decomposition):
 
     def _search_and_refine(
         self, search: _Search, eps: float, cost: Cost, options: RSDTROptions
-    ) -> tuple[_Plan, list[torch.Tensor], bool]:
+    ) -> tuple[tuple[_Plan, list[torch.Tensor], float | None], bool]:
         """The cheapest ring within eps under ``cost``: SVD search, then refinement of the
-        cheapest few. Returns (the sequential plan it came from, cores, search exhaustive?)."""
+        cheapest few. Returns ((the sequential plan it came from, cores, their squared error if
+        known without the dense ring), search exhaustive?)."""
         budget = eps * eps * search.norm2
         cap = options.search_max_gflop * 1e9
         keep = options.refine_seeds if options.refine else 1
@@ -1016,12 +1032,11 @@ class RSDTR(Decomposition):
         if options.refine:
             als, work = _RingALS(search.weight), _Budget(options.als_max_gflop * 1e9)
             candidates = [
-                (plan, _shrink(als, c, math.sqrt(sq / search.norm2), eps, cost, sweeps, work), 0)
+                (plan, _shrink(als, c, math.sqrt(sq / search.norm2), eps, cost, sweeps, work), None)
                 for plan, c, sq in candidates
                 for sweeps in [options.als_sweeps]
             ]
-        plan, cores, _ = min(candidates, key=lambda pc: float(cost(_ranks_of(pc[1]))))
-        return plan, cores, exhaustive
+        return min(candidates, key=lambda pc: float(cost(_ranks_of(pc[1])))), exhaustive
 
     # -- parameter budget ---------------------------------------------------------------------
     def fit_ratio(self, weight: torch.Tensor, budget: int, options: RSDTROptions) -> Factorization:
