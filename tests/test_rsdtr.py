@@ -213,6 +213,21 @@ def test_search_is_exhaustive_whatever_its_first_shares(shares: tuple) -> None:
     assert f.num_params == brute_force_min_params(w, 0.3)
 
 
+@pytest.mark.parametrize("name", sorted(REAL)[:4])
+def test_quick_search_without_paper_plans_keeps_the_bound(name: str) -> None:
+    """The allocation's quick search (two shares, no paper plans, no refinement) still returns
+    rings within eps, and on real kernels within 2% of the full search's parameters."""
+    w = torch.tensor(REAL[name])
+    rsdtr = tnconv.get("rsdtr")
+    quick = rsdtr.search_options(rsdtr.parse_options({}))
+    assert not quick.paper_plans and quick.first_shares == (0.5, 1.0)
+    for eps in (0.2, 0.5):
+        fast = rsdtr.factorize(w, eps=eps, **quick.model_dump())
+        full = rsdtr.factorize(w, eps=eps, refine=False)
+        assert fast.relative_error(w) <= eps
+        assert fast.num_params <= 1.02 * full.num_params + 4
+
+
 def test_search_is_exhaustive_on_a_real_kernel() -> None:
     w = torch.tensor(REAL["ppocrv4_det/00_conv2d_0.w_0"])
     f = tnconv.get("rsdtr").factorize(w, eps=0.3, refine=False, search_max_gflop=1e6)

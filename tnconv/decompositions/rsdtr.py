@@ -74,8 +74,9 @@ PositiveInt = Annotated[int, Field(gt=0)]
 # Shares of the error budget whose first ranks the search takes before all others. On the
 # trained kernels measured (../shared/data, eps 0.3 and 0.5) the optimum always had one of them.
 _FIRST_SHARES = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
-# the budget allocation's quick search takes only these: on trained, power-law and random kernels
-# at 15 error levels its rings had at most 0.01 of the dense parameters more, in 0.7x the time
+# the budget allocation's quick search takes only these, without the paper's plans: on a trained
+# 24x96, a trained 45x45x5x5, a power-law and a random 256x256x3x3 kernel at its 15 error levels
+# its rings had at most 0.01 of the dense parameters more, in 0.45-0.75x the time
 _QUICK_SHARES = (0.5, 1.0)
 # from this eps on, the search's later spectra are float32 (their tail sums are accurate to about
 # 1e-7 of the kernel's energy, i.e. 1e-3 of the budget here; the chosen ring's SVDs are float64)
@@ -102,6 +103,9 @@ class RSDTROptions(BaseModel):
             multiply-adds of eigen-decompositions; below it the search is exhaustive.
         first_shares: shares of the error budget whose first ranks the search's first phase
             takes (in full, whatever the work cap).
+        paper_plans: offer the paper's plans first and keep the best of them as a backup, so
+            the ring never has more parameters than the published search's (the allocation's
+            quick search turns this off: they were a third of its time).
         refine: ALS + bond shrinking after the SVD search.
         refine_seeds: how many of the cheapest distinct rings the refinement starts from.
         als_sweeps: ALS sweeps at fixed ranks (in ``fit`` and before shrinking).
@@ -118,6 +122,7 @@ class RSDTROptions(BaseModel):
     first_shares: tuple[Annotated[float, Field(gt=0.0, le=1.0)], ...] = Field(
         default=_FIRST_SHARES, min_length=1
     )
+    paper_plans: bool = True
     refine: bool = True
     refine_seeds: Annotated[int, Field(ge=1, le=64)] = 8
     als_sweeps: Annotated[int, Field(ge=0, le=1000)] = 10
@@ -558,6 +563,7 @@ class _Search:
         keep: int = 1,
         max_work: float = math.inf,
         shares: Sequence[float] = _FIRST_SHARES,
+        paper_plans: bool = True,
     ) -> list[_Plan]:
         """The ``keep`` cheapest distinct sequential plans found within the budget, cheapest first.
 
@@ -567,8 +573,8 @@ class _Search:
         grid of shares of the budget (``shares``), then all others, best-first by floor,
         until ``max_work`` multiply-adds (counted by estimate, cached or not, so the answer does
         not depend on what an earlier search left in the caches). The paper's plans are offered
-        first, so the first plan never costs more than the paper's. Ties go to the smaller plan
-        (shift, then bonds).
+        first (``paper_plans``), so the first plan never costs more than the paper's. Ties go to
+        the smaller plan (shift, then bonds).
         """
         budget = eps * eps * self.norm2
         single = eps >= _SINGLE_EPS
@@ -592,7 +598,7 @@ class _Search:
             """A node whose floor is above this cannot hold one of the `keep` cheapest."""
             return -top[0] if len(top) == keep else math.inf
 
-        for plan in self.published(eps, exact=False):
+        for plan in self.published(eps, exact=False) if paper_plans else []:
             offer(plan)
         # two kinds of node: a first split (r0, r1), whose expansion costs the second SVD, and a
         # second rank r2 under it, whose evaluation costs the third
@@ -892,6 +898,7 @@ class RSDTR(Decomposition):
                 "refine": False,
                 "search_max_gflop": 0.0,
                 "first_shares": _QUICK_SHARES,
+                "paper_plans": False,
             }
         )
 
@@ -1023,11 +1030,11 @@ class RSDTR(Decomposition):
         budget = eps * eps * search.norm2
         cap = options.search_max_gflop * 1e9
         keep = options.refine_seeds if options.refine else 1
-        seeds = search.best(cost, eps, keep, cap, options.first_shares)
+        seeds = search.best(cost, eps, keep, cap, options.first_shares, options.paper_plans)
         # refinement only shrinks: a seed far above the cheapest is not worth its ALS work. Rings
         # with a unit bond are trains, for which the sequential SVD is already near optimal
         # (ALS rarely frees a bond); closed rings gain most, so they go first.
-        cheapest = float(cost(seeds[0].kernel_ranks()))
+        cheapest = float(cost(seeds[0].kernel_ranks())) if seeds else math.inf
         seeds = [pl for pl in seeds if float(cost(pl.kernel_ranks())) <= _SEED_SLACK * cheapest]
         seeds.sort(key=lambda pl: (min(pl.bonds) == 1, float(cost(pl.kernel_ranks())), pl))
         exhaustive = search.work <= cap
@@ -1042,13 +1049,15 @@ class RSDTR(Decomposition):
                 log.debug("rsdtr: plan %s does not hold with exact SVDs; skipped", plan)
         # the paper's plans hold with exact SVDs: the best of them backs up seeds that lost their
         # edge to rounding, so the answer never costs more than the paper's
-        paper = min(
-            search.published(eps, exact=False), key=lambda pl: float(cost(pl.kernel_ranks()))
-        )
-        if all(
-            float(cost(_ranks_of(c))) > float(cost(paper.kernel_ranks())) for _, c, _ in candidates
-        ):
-            candidates.append((paper, *search.cores(paper, budget)))
+        if options.paper_plans or not candidates:
+            paper = min(
+                search.published(eps, exact=False), key=lambda pl: float(cost(pl.kernel_ranks()))
+            )
+            if all(
+                float(cost(_ranks_of(c))) > float(cost(paper.kernel_ranks()))
+                for _, c, _ in candidates
+            ):
+                candidates.append((paper, *search.cores(paper, budget)))
         if options.refine:
             als, work = _RingALS(search.weight), _Budget(options.als_max_gflop * 1e9)
             candidates = [
