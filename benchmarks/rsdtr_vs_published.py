@@ -226,7 +226,7 @@ def markdown(rows: list[Row]) -> list[str]:
     thorough = all(r.thorough_params for r in rows)
     out = [
         "| kernels | eps | dense | published | ours | ours / published (max per layer) "
-        "| layers with more | fast | thorough | objective=\"flops\" (MFLOP ours -> flops) |",
+        '| layers with more | fast | thorough | objective="flops" (MFLOP ours -> flops) |',
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups = [(g, e) for g in ("kxk", "1x1") for e in sorted({r.eps for r in rows})]
@@ -247,7 +247,7 @@ def markdown(rows: list[Row]) -> list[str]:
         )
     out += [
         "",
-        "| kernels | eps | published | ours | search=\"published\" (agrees) | fast | thorough |",
+        '| kernels | eps | published | ours | search="published" (agrees) | fast | thorough |',
         "|---|---|---|---|---|---|---|",
     ]
     for group, eps in groups:
