@@ -710,11 +710,12 @@ def _dense_work(shape: Sequence[int], ranks: Sequence[int]) -> float:
     two pairings, (G_T G_S)(G_H G_W) or (G_S G_H)(G_W G_T)."""
     t, s, kh, kw = shape
     r_wt, r_ts, r_sh, r_hw = ranks
-    first = (
-        r_wt * t * r_ts * s * r_sh + r_sh * kh * r_hw * kw * r_wt + t * s * kh * kw * r_sh * r_wt
-    )
-    second = r_ts * s * r_sh * kh * r_hw + r_hw * kw * r_wt * t * r_ts
-    return float(min(first, second + t * s * kh * kw * r_hw * r_ts))
+    dense = t * s * kh * kw
+    # (R_WT, T, S, R_SH) x (R_SH, kh, kw, R_WT), closing over R_SH and R_WT
+    first = r_wt * t * r_ts * s * r_sh + r_sh * kh * r_hw * kw * r_wt + dense * r_sh * r_wt
+    # (R_TS, S, kh, R_HW) x (R_HW, kw, T, R_TS), closing over R_HW and R_TS
+    second = r_ts * s * r_sh * kh * r_hw + r_hw * kw * r_wt * t * r_ts + dense * r_hw * r_ts
+    return float(min(first, second))
 
 
 def _error(weight: torch.Tensor, cores: Sequence[torch.Tensor]) -> float:
