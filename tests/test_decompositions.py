@@ -236,3 +236,44 @@ def test_float32_input_gives_float32_and_device_preserved(method: str) -> None:
     w = decaying_kernel((6, 5, 3, 3), 4).float()
     f = tnconv.get(method).factorize(w, 2)
     assert all(t.dtype == torch.float32 and t.device == w.device for t in f.factors)
+
+
+@given(seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_contract_contiguous_equals_einsum_for_every_method(seed: int, data: st.DataObject) -> None:
+    """The dense kernel of every registered network, in any sizes: einsum's values, contiguous."""
+    from tnconv.factorization import contract_contiguous
+
+    method = data.draw(st.sampled_from(METHODS))
+    shape = data.draw(kernel_shapes.map(lambda s: (2 * s[0], 2 * s[1], s[2], s[3])))
+    rank = data.draw(st.sampled_from([2, 4]))
+    assume(supports(method, shape, rank))
+    f = tnconv.get(method).random(shape, rank, seed=seed, dtype=torch.float64)
+    dense = contract_contiguous(f.equation, f.factors)
+    assert dense.is_contiguous()
+    torch.testing.assert_close(dense, torch.einsum(f.equation, *f.factors), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "equation",
+    [
+        "ab,bc->ac",  # the last matmul as written
+        "ab,bc->ca",  # the last matmul with its operands swapped
+        "ab,bc,cd->da",  # a pairwise step first
+        "abc,cd->bda",  # interleaved output: einsum, then one copy
+        "ab,ab->ab",  # a batch index (shared and kept)
+        "abc,cd->ad",  # an index summed inside one operand
+        "ab->ba",  # one operand
+    ],
+)
+def test_contract_contiguous_layouts(equation: str) -> None:
+    from tnconv.factorization import contract_contiguous
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = dict(zip("abcd", (3, 4, 5, 2), strict=True))
+    ops = [
+        torch.randn([sizes[c] for c in term], generator=gen, dtype=torch.float64)
+        for term in equation.split("->")[0].split(",")
+    ]
+    dense = contract_contiguous(equation, ops)
+    assert dense.is_contiguous()
+    torch.testing.assert_close(dense, torch.einsum(equation, *ops))

@@ -10,6 +10,7 @@ row-major), the spatial modes are always single indices, each carried by exactly
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ import torch
 
 from .errors import EquationError, InvalidWeightError
 
-__all__ = ["Factorization", "parse_equation", "validate_weight"]
+__all__ = ["Factorization", "contract_contiguous", "parse_equation", "validate_weight"]
 
 KernelShape = tuple[int, int, int, int]
 
@@ -36,6 +37,55 @@ def parse_equation(equation: str) -> tuple[list[str], str]:
         if not all(c.isalpha() for c in term):
             raise EquationError(f"equation {equation!r}: indices must be letters (got {term!r})")
     return inputs, out
+
+
+@functools.lru_cache(maxsize=256)
+def _contraction_path(equation: str, shapes: tuple[tuple[int, ...], ...]) -> list[tuple[int, ...]]:
+    path, _ = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="auto")
+    return [tuple(p) for p in path]
+
+
+def contract_contiguous(equation: str, operands: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``einsum(equation, *operands)`` as a contiguous tensor, in opt_einsum's pairwise order.
+
+    A plain contraction usually ends in a transposed layout (the last tensordot lays out its
+    operands' free indices in their order, then permutes), and copying a kernel-sized tensor
+    out of such a layout cost 3-6x the contraction itself (measured on 256x256x3x3 kernels).
+    The last pairwise step here is a matmul whose operands are permuted instead (they are
+    smaller than its output), so the result is written in the requested order directly.
+    """
+    inputs, out = parse_equation(equation)
+    path = _contraction_path(equation, tuple(tuple(op.shape) for op in operands))
+    ops, terms = list(operands), list(inputs)
+    for step, positions in enumerate(path):
+        picked = sorted(positions, reverse=True)
+        xs = [ops.pop(p) for p in picked][::-1]
+        ts = [terms.pop(p) for p in picked][::-1]
+        if step == len(path) - 1:
+            return _last_contraction(ts, xs, out)
+        needed = set(out).union(*terms)
+        term = "".join(dict.fromkeys(c for t in ts for c in t if c in needed))
+        ops.append(torch.einsum(",".join(ts) + "->" + term, *xs))
+        terms.append(term)
+    return torch.einsum(equation, *operands).contiguous()  # no pairwise step (one operand)
+
+
+def _last_contraction(terms: list[str], ops: list[torch.Tensor], out: str) -> torch.Tensor:
+    """The final step: one matmul laid out as ``out`` when the indices allow, else einsum."""
+    if len(terms) == 2:
+        pair = list(zip(terms, ops, strict=True))
+        for (tx, x), (ty, y) in (pair, pair[::-1]):  # out may list either operand's indices first
+            shared = [c for c in tx if c in ty]
+            fx = [c for c in out if c in tx]
+            fy = [c for c in out if c in ty]
+            whole = set(tx) == set(fx) | set(shared) and set(ty) == set(fy) | set(shared)
+            if whole and not set(shared) & set(out) and list(out) == fx + fy:
+                sizes = dict(zip(tx, x.shape, strict=True)) | dict(zip(ty, y.shape, strict=True))
+                k = math.prod(sizes[c] for c in shared)
+                left = x.permute([tx.index(c) for c in fx + shared]).reshape(-1, k)
+                right = y.permute([ty.index(c) for c in shared + fy]).reshape(k, -1)
+                return (left @ right).reshape([sizes[c] for c in out])
+    return torch.einsum(",".join(terms) + "->" + out, *ops).contiguous()
 
 
 def validate_weight(weight: Any) -> torch.Tensor:
@@ -59,7 +109,10 @@ def validate_weight(weight: Any) -> torch.Tensor:
         raise InvalidWeightError(f"weight has a zero-sized mode: shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise InvalidWeightError(f"weight must be floating point; got dtype {weight.dtype}")
-    if not bool(torch.isfinite(weight).all()):
+    # min and max propagate NaN and are finite exactly when every entry is: one reduction
+    # without a boolean temporary of the kernel's size (4x cheaper than isfinite().all())
+    low, high = torch.aminmax(weight.detach())
+    if not bool(torch.isfinite(low) & torch.isfinite(high)):
         bad = int((~torch.isfinite(weight)).sum())
         raise InvalidWeightError(f"weight contains {bad} NaN or Inf value(s)")
     return weight
@@ -177,8 +230,7 @@ class Factorization:
 
     def to_tensor(self) -> torch.Tensor:
         """The dense kernel (T, S, kh, kw) this factorization represents (differentiable)."""
-        dense = opt_einsum.contract(self.equation, *self.factors, backend="torch")
-        return dense.reshape(self.shape)
+        return contract_contiguous(self.equation, self.factors).reshape(self.shape)
 
     def relative_error(self, weight: Any) -> float:
         """||weight - to_tensor()||_F / ||weight||_F, computed in float64.

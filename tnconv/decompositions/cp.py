@@ -30,7 +30,7 @@ import opt_einsum
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..factorization import Factorization, KernelShape, validate_weight
+from ..factorization import Factorization, KernelShape, contract_contiguous, validate_weight
 from ..rank import FixedRank, parse_rank_spec
 from ..registry import register
 from ._linalg import cached, leading_left_vectors, mode_unfold, svd
@@ -313,7 +313,7 @@ def _extend(weight: torch.Tensor, factors: list[torch.Tensor], rank: int) -> lis
     k = factors[0].shape[1]
     if rank <= k:
         return [f[:, :rank].clone() for f in factors]
-    residual = weight - opt_einsum.contract(EQUATION, *factors, backend="torch")
+    residual = weight - contract_contiguous(EQUATION, factors)
     if not bool(residual.any()):  # an exact fit: new terms from the kernel's own start
         residual = weight
     fresh = _init(residual, rank - k, "svd", seed=k, once=True)
@@ -329,7 +329,7 @@ def _balance(
     unit = [f / n.clamp_min(1e-300) for f, n in zip(factors, norms, strict=True)]
     scale = lam.clamp_min(0).pow(0.25)
     balanced = [f * scale for f in unit]
-    approx = opt_einsum.contract(EQUATION, *balanced, backend="torch")
+    approx = contract_contiguous(EQUATION, balanced)
     approx_sq = float(torch.sum(approx * approx))
     err = float(torch.linalg.vector_norm(weight - approx) / torch.linalg.vector_norm(weight))
     degeneracy = float(torch.sum(lam * lam)) / max(approx_sq, 1e-300)
@@ -418,7 +418,7 @@ def stabilize_cp(
         if before - ss <= tol * before:
             break
     # undo the shrinkage of the constrained updates (lowers the error, see least_squares_scale)
-    c = least_squares_scale(weight, opt_einsum.contract(EQUATION, *factors, backend="torch"))
+    c = least_squares_scale(weight, contract_contiguous(EQUATION, factors))
     if c > 0:
         factors = [f * c ** (1.0 / order) for f in factors]
     return factors
@@ -482,7 +482,7 @@ class CP(Decomposition):
             else:
                 factors = min_sensitivity_scaling(factors)
             # error and degeneracy of the stabilised factors (their scales are kept)
-            approx = opt_einsum.contract(EQUATION, *factors, backend="torch")
+            approx = contract_contiguous(EQUATION, factors)
             err = float(
                 torch.linalg.vector_norm(weight - approx) / torch.linalg.vector_norm(weight)
             )

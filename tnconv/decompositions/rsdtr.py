@@ -52,11 +52,10 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import numpy as np
-import opt_einsum
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..factorization import Factorization, KernelShape
+from ..factorization import Factorization, KernelShape, contract_contiguous
 from ..registry import register
 from ._linalg import cached, tail_energy
 from ._ring import ring_params
@@ -702,7 +701,7 @@ class _Search:
 def _dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """The kernel (T, S, kh, kw) of a 4-core ring in kernel order, contracted in the cheapest
     pairwise order (opt_einsum's exhaustive search over the four cores)."""
-    return opt_einsum.contract(EQUATION, *cores, backend="torch", optimize="optimal")
+    return contract_contiguous(EQUATION, cores)
 
 
 def _dense_work(shape: Sequence[int], ranks: Sequence[int]) -> float:
