@@ -36,12 +36,98 @@ def _table(layout: str, grouped_mac: float, copy: float) -> CostTable:
     )
 
 
-# tables that make each variant win: grouped convs cheap or dear, layout copies free or dear
+def _matmul_table(layout: str, mac: float) -> CostTable:
+    return dataclasses.replace(DEFAULT_TABLES[layout], matmul=KindCost(0.0, mac, 0.0))
+
+
+# tables that make each variant win: grouped convs cheap or dear, layout copies free or dear,
+# 1x1 steps as matrix products or as conv2d calls
 TABLES = {
     "default": DEFAULT_TABLES,
     "groups-cheap": {lay: _table(lay, 1e-13, 1e-8) for lay in ("nchw", "nhwc")},
     "groups-dear": {lay: _table(lay, 1e-8, 1e-13) for lay in ("nchw", "nhwc")},
+    "matmul-cheap": {lay: _matmul_table(lay, 1e-15) for lay in ("nchw", "nhwc")},
+    "matmul-dear": {lay: _matmul_table(lay, 1e-6) for lay in ("nchw", "nhwc")},
 }
+
+
+@given(
+    n=st.integers(1, 3),
+    c=st.integers(1, 5),
+    o=st.integers(1, 5),
+    h=st.integers(1, 4),
+    w=st.integers(1, 4),
+    layout=st.sampled_from(["nchw", "nhwc", "infer-nchw", "infer-nhwc"]),
+    out=st.sampled_from([None, "nchw", "nhwc"]),
+)
+def test_pointwise_matmul_equals_conv2d(n, c, o, h, w, layout, out) -> None:
+    """A 1x1 conv as a matrix product: conv2d's values, in the input's layout or the one asked
+    for, including the shapes whose layout is ambiguous (one channel, one pixel)."""
+    from tnconv.contraction import pointwise_matmul
+
+    gen = torch.Generator().manual_seed(n * 1000 + c * 100 + o * 10 + h)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)
+    weight = torch.randn(o, c, 1, 1, generator=gen, dtype=torch.float64)
+    nhwc = layout.endswith("nhwc")
+    if nhwc:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out_nhwc = None if out is None else out == "nhwc"
+    y = pointwise_matmul(x, weight, None if layout.startswith("infer") else nhwc, out_nhwc)
+    ref = F.conv2d(x, weight)
+    torch.testing.assert_close(y, ref)
+    if layout.startswith("infer"):  # the layout conv2d infers (NCHW where ambiguous)
+        nhwc = not ref.is_contiguous()
+    fmt = torch.channels_last if (nhwc if out_nhwc is None else out_nhwc) else None
+    assert y.is_contiguous(memory_format=fmt or torch.contiguous_format)
+
+
+@pytest.mark.parametrize("method", ["tucker", "tt", "cp"])
+def test_converted_plan_fuses_its_conversions_into_pointwise_matmuls(method: str) -> None:
+    """An NCHW input run in channels-last: a first / last 1x1 step run as a matrix product
+    reads / writes NCHW itself (no conversion copies), with conv2d's values and NCHW output."""
+    f = _factorization(method, (32, 24, 3, 3), 6)
+    layer = tnconv.FactorizedConv2d(f, padding=1).float()
+    x = torch.randn(2, 24, 10, 10)
+    plan = plan_conv(
+        layer.network,
+        layer.geometry,
+        tuple(x.shape),
+        layout="nchw",
+        tables=TABLES["matmul-cheap"],
+        convert=True,
+    )
+    data = [s for s in plan.steps if isinstance(s, DataStep)]
+    assert plan.convert and plan.fused_in == data[0].matmul
+    assert plan.fused_out == (data[-1].matmul and plan.final_perm is None)
+    assert plan.fused_in or plan.fused_out
+    with torch.no_grad():
+        y = plan(x, list(layer.factors), layer.bias)
+    ref = F.conv2d(x, layer.to_tensor().detach(), layer.bias, padding=1)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+    assert y.is_contiguous()
+
+
+def test_pointwise_steps_run_as_the_table_prices_them() -> None:
+    """The same 1x1 steps run as matrix products or as conv2d calls, whichever the table
+    prices lower; the FLOPs torch counts are the plan's either way."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    f = _factorization("tucker", (32, 24, 3, 3), (8, 6))
+    layer = tnconv.FactorizedConv2d(f, padding=1).float()
+    x = torch.randn(2, 24, 10, 10)
+    for name, expect in (("matmul-cheap", True), ("matmul-dear", False)):
+        for layout in ("nchw", "nhwc"):
+            plan = plan_conv(
+                layer.network, layer.geometry, tuple(x.shape), layout=layout, tables=TABLES[name]
+            )
+            pointwise = [s for s in plan.steps if isinstance(s, DataStep) and s.pointwise]
+            assert pointwise and all(s.matmul is expect for s in pointwise)
+            xin = x.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else x
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                y = plan(xin, list(layer.factors))
+            assert counter.get_total_flops() == plan.flops
+            ref = F.conv2d(xin, layer.to_tensor().detach(), padding=1)
+            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
 
 
 @settings(max_examples=16)

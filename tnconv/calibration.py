@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 Layout = Literal["nchw", "nhwc"]
 LAYOUTS: tuple[Layout, ...] = ("nchw", "nhwc")
 _FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
-_VERSION = 2  # bump when the measured quantities change: old caches are then ignored
+_VERSION = 3  # bump when the measured quantities change: old caches are then ignored
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,10 @@ class KindCost:
 class CostTable:
     """Per-op costs of one machine, layout and thread count.
 
-    ``pointwise``: 1x1 convolutions; ``spatial``: convolutions with a kh x kw (or kh x 1) kernel;
+    ``pointwise``: 1x1 convolutions; ``matmul``: the same 1x1 steps run as one matrix product
+    over the pixels (no convolution call: oneDNN's 1x1 kernels were measured 2-4x slower at
+    batch 1 and up to 5x slower in NCHW at batch 32, yet faster for some large channels-last
+    batches, so the table decides); ``spatial``: convolutions with a kh x kw (or kh x 1) kernel;
     ``grouped``: convolutions with groups > 1; ``copy``: seconds per element of a copy that
     changes the memory order (a permute made contiguous); ``einsum``: seconds per call of a
     weights-only ``torch.einsum`` (its multiply-adds are priced as ``pointwise.mac``).
@@ -92,6 +95,7 @@ class CostTable:
     pointwise: KindCost
     spatial: KindCost
     grouped: KindCost
+    matmul: KindCost
     copy: float
     einsum: float
     source: str = "default"
@@ -102,7 +106,7 @@ class CostTable:
 
     @classmethod
     def from_json(cls, data: dict) -> CostTable:
-        kinds = {k: KindCost(**data[k]) for k in ("pointwise", "spatial", "grouped")}
+        kinds = {k: KindCost(**data[k]) for k in ("pointwise", "spatial", "grouped", "matmul")}
         return cls(
             layout=str(data["layout"]),
             threads=int(data["threads"]),
@@ -124,6 +128,11 @@ def _default(layout: Layout) -> CostTable:
         pointwise=KindCost(9e-6 if nhwc else 5e-6, 1.2e-11 if nhwc else 1.5e-11, 6e-11),
         spatial=KindCost(5e-5, 9e-12 if nhwc else 1.2e-11, 7e-10 if nhwc else 4.5e-10),
         grouped=KindCost(4e-5 if nhwc else 6e-5, 1e-11, 3e-10 if nhwc else 5.5e-10),
+        matmul=KindCost(
+            1.2e-5 if not nhwc else 1.1e-5,
+            1.4e-11 if not nhwc else 1.2e-11,
+            6e-11 if nhwc else 3e-11,
+        ),
         copy=3.5e-10 if nhwc else 1.5e-10,
         einsum=1.6e-5,
         source="default",
@@ -277,6 +286,10 @@ _CONVS: dict[str, list[tuple[int, int, int, int, int, int, int]]] = {
         (64, 8, 8, 14, 1, 1, 1),
         (1, 256, 256, 7, 1, 1, 1),
         (1, 32, 32, 14, 1, 1, 1),
+        (1, 256, 64, 14, 1, 1, 1),
+        (1, 128, 128, 14, 1, 1, 1),
+        (1, 64, 256, 14, 1, 1, 1),
+        (1, 64, 32, 56, 1, 1, 1),
     ],
     "spatial": [
         (8, 64, 64, 14, 3, 3, 1),
@@ -338,7 +351,10 @@ def _measure(layout: Layout, repeats: int) -> CostTable:
     simd = _simd_width()
     padding = dataclasses.replace(DEFAULT_TABLES[layout], simd=simd)
     gen = torch.Generator().manual_seed(0)
+    from .contraction import pointwise_matmul  # (the executor; it imports this module)
+
     fits: dict[str, KindCost] = {}
+    matmul_rows: list[tuple[float, float, float]] = []
     with torch.no_grad():
         for kind, convs in _CONVS.items():
             rows = []
@@ -346,18 +362,23 @@ def _measure(layout: Layout, repeats: int) -> CostTable:
                 x = torch.randn(b, cin, size, size, generator=gen).contiguous(memory_format=fmt)
                 w = torch.randn(cout, cin // groups, kh, kw, generator=gen)
                 pad = (kh // 2, kw // 2)
-                if (kh, kw) == (1, 1) and groups == 1:
-                    # as the executor runs 1x1 steps: on a (1, H*W) image
-                    x = x.reshape(b, cin, 1, size * size)
+                out = b * cout * size * size
+                macs = out * (cin // groups) * kh * kw
+                elems = float(b * cin * size * size + out)
+                if kind == "pointwise":
+                    # both executions of a 1x1 step, as the executor runs them
+                    seconds = _best_seconds(lambda x=x, w=w: pointwise_matmul(x, w), repeats)
+                    matmul_rows.append((float(macs), elems, seconds))
+                    if layout == "nchw":  # oneDNN's NCHW 1x1 kernels prefer a (1, H*W) image
+                        x = x.reshape(b, cin, 1, size * size)
                 seconds = _best_seconds(
                     lambda x=x, w=w, pad=pad, g=groups: F.conv2d(x, w, None, 1, pad, 1, g),
                     repeats,
                 )
-                out = b * cout * size * size
-                macs = out * (cin // groups) * kh * kw
                 macs = effective_macs(padding, macs, groups, cin // groups, cout // groups)
-                rows.append((float(macs), float(b * cin * size * size + out), seconds))
+                rows.append((float(macs), elems, seconds))
             fits[kind] = _fit(rows)
+        fits["matmul"] = _fit(matmul_rows)
         copies = []
         for b, c, size in ((8, 64, 14), (32, 121, 14), (4, 32, 28)):
             x = torch.randn(b, c, size, size, generator=gen).contiguous(memory_format=fmt)
