@@ -202,7 +202,8 @@ def test_budget_eps_ladder_stops_where_candidates_stop_saving(
     must_save: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The allocation walks the eps grid from the loosest bound and, when parameters must be
-    saved, stops at the first factorization as large as the dense kernel; the plan is the one
+    saved, stops at the first factorization as large as the dense kernel (one layer: the ladder
+    allocation gives it 0.6 of it, so the reach of twice that is past it); the plan is the one
     the whole grid gives (the candidates it skips would be refused anyway)."""
     from tnconv import allocation
 
@@ -234,8 +235,51 @@ def test_budget_eps_ladder_stops_where_candidates_stop_saving(
         monkeypatch.setattr(dec, "factorize_many", every)
         whole = tnconv.compress(model, "tucker", **kwargs)
         assert tnconv.summary(whole).rows[0].ranks == tnconv.summary(walked).rows[0].ranks
-    else:
-        assert len(eps) == len(allocation._EPS_GRID)
+    else:  # no parameter saving required: the walk reaches past the dense size, not the grid
+        assert eps[-1][1] >= 12 * 12 * 9 or len(eps) == len(allocation._EPS_GRID)
+
+
+@pytest.mark.parametrize("method", ["tt", "rsdtr", "tucker"])
+@pytest.mark.parametrize("budget", [0.15, 0.4])
+def test_budget_eps_walk_stops_at_twice_the_ladder_allocation(
+    method: str, budget: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The eps walks stop at _EPS_REACH times what the ladder-only allocation gives each layer,
+    and on trained kernels the plan is as good as the one from every layer's whole walk."""
+    from tnconv import allocation
+
+    dec = type(tnconv.get(method))
+    original = dec.factorize_many
+    walks: dict[tuple, list[int]] = {}
+
+    def recording(self, weight, specs, **options):
+        out = original(self, weight, specs, **options)
+        sizes = [f.num_params for spec, f in zip(specs, out, strict=False) if "eps" in spec]
+        walks.setdefault(tuple(weight.shape), []).extend(sizes)
+        return out
+
+    monkeypatch.setattr(dec, "factorize_many", recording)
+    model = real_net()
+    kwargs = {"budget": budget, "input_size": (1, 3, 16, 16)}
+    walked = tnconv.compress(model, method, **kwargs)
+    short = dict(walks)
+    dense = {
+        tuple(m.weight.shape): m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d)
+    }
+    for shape, sizes in short.items():
+        # a walk never continues past a fit as large as the dense kernel
+        assert all(n < dense[shape] for n in sizes[:-1])
+
+    walks.clear()
+    monkeypatch.setattr(allocation, "_EPS_REACH", math.inf)  # every walk to the dense size
+    whole = tnconv.compress(model, method, **kwargs)
+    assert sum(len(v) for v in short.values()) <= sum(len(v) for v in walks.values())
+
+    def loss(m: nn.Module) -> float:
+        errs = [r.relative_error for r in tnconv.summary(m).rows if r.relative_error is not None]
+        return sum(-math.log(1 - e * e) for e in errs)
+
+    assert loss(walked) <= loss(whole) * 1.02 + 1e-9
 
 
 def test_budget_too_small_is_an_error() -> None:

@@ -11,6 +11,7 @@ when that measurably helps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
@@ -52,6 +53,9 @@ SaveCriterion = Literal["params", "flops", "both", "latency"]
 # error levels tried per layer when allocating a global budget (error-bounded methods)
 _EPS_GRID = (0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.36, 0.43, 0.5, 0.6, 0.7, 0.8, 0.9)
 _RANK_STEPS = 14  # geometric rank levels tried per layer for methods without an eps guarantee
+# a budget's eps walk stops at this many times the parameters the ladder-only allocation gives
+# the layer (see allocate)
+_EPS_REACH = 2.0
 
 
 # The candidate fits priced inside a `shared_candidates()` block: (what, kernel shape, key) ->
@@ -268,65 +272,108 @@ def _takes(decomposition: Decomposition, kshape: tuple, rank: int) -> bool:
     return True
 
 
-def _layer_candidates(
-    name: str,
-    decomposition: Decomposition,
-    conv: nn.Conv2d,
-    shape: tuple[int, int, int, int] | None,
-    levels: list[int],
-    options: dict[str, Any],
-    must_save: SaveCriterion,
-    probe: LatencyProbe | None = None,
-) -> _LayerOptions:
-    weight = conv.weight.detach()
-    dense_info = (weight.numel(), dense_conv_flops(conv, shape) if shape else None)
-    dense = Candidate(None, dense_info[0], dense_info[1] or 0, 0.0)
-    specs: list[tuple[str, Any]] = [("rank", r) for r in levels]
-    if decomposition.guarantees_eps:
-        # loosest bound first: the optimum at a smaller eps has no fewer parameters, so the walk
-        # stops at the first bound whose factorization has as many parameters as the dense kernel
-        specs += [("eps", e) for e in sorted(_EPS_GRID, reverse=True)]
-    log.info(
-        "%s: up to %d %s candidates for kernel %s",
-        name,
-        len(specs),
-        decomposition.name,
-        weight.shape,
-    )
+class _LayerFits:
+    """The candidate factorizations of one layer, fitted in two parts that share its spectra:
+    the uniform rank ladder, and an eps-grid walk (error-bounded families) from the loosest
+    bound towards tighter ones, which can be continued later to a larger size limit."""
 
-    def useless(i: int, f: Factorization) -> bool:
-        return (
-            specs[i][0] == "eps"
-            and must_save in ("params", "both")
-            and f.num_params >= dense_info[0]
+    def __init__(
+        self,
+        name: str,
+        decomposition: Decomposition,
+        conv: nn.Conv2d,
+        shape: tuple[int, int, int, int] | None,
+        levels: list[int],
+        options: dict[str, Any],
+    ) -> None:
+        self.name, self.decomposition, self.conv, self.shape = name, decomposition, conv, shape
+        self.levels, self.options = levels, options
+        weight = conv.weight.detach()
+        self.weight = weight
+        self.dense_info = (weight.numel(), dense_conv_flops(conv, shape) if shape else None)
+        self.reuse: dict[str, Any] = {}  # the float64 kernel and its spectra, for every call
+        self.fits: dict[tuple[int, ...], tuple[Factorization, FactorizedConv2d]] = {}
+        self.level_ranks: dict[int, tuple[int, ...]] = {}
+        self.cands: dict[tuple[int, ...], Candidate] = {}
+        # the eps walk: loosest bound first (the optimum at a smaller eps has no fewer
+        # parameters), so it can stop at the first fit as large as it needs to look
+        self.grid = sorted(_EPS_GRID, reverse=True) if decomposition.guarantees_eps else []
+        self.walked: list[Factorization] = []
+
+    def _add(self, f: Factorization) -> None:
+        if f.ranks not in self.fits:
+            layer = layer_from_conv(self.conv, f)
+            self.fits[f.ranks] = (f, layer)
+            self.cands[f.ranks] = candidate_for(layer, f, self.shape, self.dense_info)
+
+    def _fit(self, specs: list[dict[str, Any]], until: Callable | None) -> list[Factorization]:
+        fitted = self.decomposition.factorize_many(
+            self.weight, specs, until=until, reuse=self.reuse, **self.options
         )
+        for f in fitted:
+            self._add(f)
+        return fitted
 
-    # one call, so the family computes each kernel's spectra once for all the candidates
-    fitted = decomposition.factorize_many(
-        weight, [{kind: value} for kind, value in specs], until=useless, **options
-    )
-    fits: dict[tuple[int, ...], tuple[Factorization, FactorizedConv2d]] = {}
-    level_ranks: dict[int, tuple[int, ...]] = {}
-    for (kind, value), f in zip(specs, fitted, strict=False):
-        if kind == "rank":
-            level_ranks[value] = f.ranks
-        if f.ranks not in fits:
-            fits[f.ranks] = (f, layer_from_conv(conv, f))
-    cands = {r: candidate_for(layer, f, shape, dense_info) for r, (f, layer) in fits.items()}
-    dense_latency = None
-    if probe is not None and shape is not None:
-        # every candidate of the layer and the dense conv in one round-robin loop
-        dense_latency, ms = probe.measure(conv, [layer for _, layer in fits.values()], shape)
-        dense.latency = dense_latency
-        for cand, t in zip(cands.values(), ms, strict=True):
-            cand.latency = t
-    saving = {
-        r: c
-        for r, c in cands.items()
-        if not saving_shortfall(c, dense_info[0], dense_info[1], must_save, dense_latency)
-    }
-    by_level = {level: saving.get(r, dense) for level, r in level_ranks.items()}
-    return _LayerOptions(by_level, [*saving.values(), dense])
+    def ladder(self) -> None:
+        log.info(
+            "%s: %d uniform-rank %s candidates for kernel %s",
+            self.name,
+            len(self.levels),
+            self.decomposition.name,
+            tuple(self.weight.shape),
+        )
+        fitted = self._fit([{"rank": r} for r in self.levels], None)
+        self.level_ranks = {r: f.ranks for r, f in zip(self.levels, fitted, strict=True)}
+
+    def walk(self, limit: float) -> int:
+        """Continue the eps walk up to the first fit with at least ``limit`` parameters; return
+        how many of the walk's fits that takes (a walk shared by several budgets has the same
+        fits, in the same order, as each budget's own walk would)."""
+        for n, f in enumerate(self.walked, start=1):
+            if f.num_params >= limit:
+                return n
+        todo = self.grid[len(self.walked) :]
+        if not todo:
+            return len(self.walked)
+        log.info(
+            "%s: up to %d eps-bounded %s candidates (up to %.4g parameters)",
+            self.name,
+            len(todo),
+            self.decomposition.name,
+            limit,
+        )
+        self.walked += self._fit([{"eps": e} for e in todo], lambda i, f: f.num_params >= limit)
+        return len(self.walked)
+
+    def release(self) -> None:
+        """Drop the float64 kernel and its spectra (a later walk recomputes what it needs)."""
+        self.reuse.clear()
+
+    def options_for(
+        self, must_save: SaveCriterion, probe: LatencyProbe | None, walked: int = 0
+    ) -> _LayerOptions:
+        """The ladder's fits and the first ``walked`` fits of the eps walk as candidates (timed
+        against the dense layer with ``probe``)."""
+        dense_params, dense_flops = self.dense_info
+        dense = Candidate(None, dense_params, dense_flops or 0, 0.0)
+        ranks = [*self.level_ranks.values(), *(f.ranks for f in self.walked[:walked])]
+        cands = {r: self.cands[r] for r in dict.fromkeys(ranks)}
+        dense_latency = None
+        if probe is not None and self.shape is not None:
+            # every candidate of the layer and the dense conv in one round-robin loop
+            layers = [self.fits[r][1] for r in cands]
+            dense_latency, ms = probe.measure(self.conv, layers, self.shape)
+            dense.latency = dense_latency
+            cands = {r: dataclasses.replace(c) for r, c in cands.items()}
+            for cand, t in zip(cands.values(), ms, strict=True):
+                cand.latency = t
+        saving = {
+            r: c
+            for r, c in cands.items()
+            if not saving_shortfall(c, dense_params, dense_flops, must_save, dense_latency)
+        }
+        by_level = {level: saving.get(r, dense) for level, r in self.level_ranks.items()}
+        return _LayerOptions(by_level, [*saving.values(), dense])
 
 
 def _loss(c: Candidate) -> float:
@@ -444,7 +491,16 @@ def allocate(
     quick = decomposition.search_options(full)
     quick_options = {k: getattr(quick, k) for k in type(quick).model_fields}
     options_by_layer: dict[str, _LayerOptions] = {}
+    fits_by_layer: dict[str, _LayerFits] = {}
     levels_by_layer: dict[str, list[int]] = {}
+    # timed candidates are measured once per layer, so every walk is done before they are
+    two_pass = probe is None and decomposition.guarantees_eps
+
+    def full_walk(fits: _LayerFits) -> float:
+        """Where a walk stops at the latest: at the first candidate as large as the dense
+        kernel when a saving of parameters is required (any larger one would be refused)."""
+        return fits.dense_info[0] if must_save in ("params", "both") else math.inf
+
     unfit: dict[str, str] = {}  # layers whose shape the network cannot take
     for name, conv in bar:
         kshape = tuple(conv.weight.shape)
@@ -455,35 +511,43 @@ def allocate(
             continue
         layer_options = options_for_layer(decomposition, conv, shapes.get(name), quick_options)
 
-        def price(
+        def fits_of(
             name: str = name, conv: nn.Conv2d = conv, layer_options: dict = layer_options
-        ) -> _LayerOptions:
-            return _layer_candidates(
-                name,
-                decomposition,
-                conv,
-                shapes.get(name),
-                levels_by_layer[name],
-                layer_options,
-                must_save,
-                probe,
+        ) -> _LayerFits:
+            fits = _LayerFits(
+                name, decomposition, conv, shapes.get(name), levels_by_layer[name], layer_options
             )
+            fits.ladder()
+            return fits
 
         key = (
             decomposition.name,
             _options_key(layer_options),
             shapes.get(name),
             tuple(levels_by_layer[name]),
-            must_save,
         )
-        # timed candidates are measured afresh; fits alone are shared within a study
-        options_by_layer[name] = (
-            price() if probe is not None else _shared("candidates", conv.weight, key, price)
-        )
+        # fits are shared within a study (the walk grows as budgets ask); timed candidates
+        # are measured afresh
+        fits_by_layer[name] = fits = _shared("candidates", conv.weight, key, fits_of)
+        walked = 0
+        if not two_pass:
+            walked = fits.walk(full_walk(fits))
+            fits.release()
+        options_by_layer[name] = fits.options_for(must_save, probe, walked)
     if not options_by_layer:
         return {name: (Candidate(None, 0, 0, 0.0), reason) for name, reason in unfit.items()}
     dense_total = sum(cost(o.all[-1]) for o in options_by_layer.values())
     allowed = budget.share * dense_total
+    if two_pass:
+        # the eps walks go only as far as this budget can use: up to _EPS_REACH times the
+        # parameters the ladder-only allocation gives each layer (the whole walk where it gives
+        # the dense kernel, or where the ladder alone cannot meet the budget)
+        first = _greedy(options_by_layer, cost, allowed, unit)
+        for name, fits in fits_by_layer.items():
+            reach = _EPS_REACH * first[name].params if first is not None else math.inf
+            walked = fits.walk(min(full_walk(fits), reach))
+            fits.release()
+            options_by_layer[name] = fits.options_for(must_save, probe, walked)
 
     def total_loss(p: dict[str, Candidate]) -> float:
         return sum(_loss(c) for c in p.values())

@@ -107,6 +107,7 @@ class Decomposition(ABC):
         specs: Sequence[Mapping[str, Any]],
         *,
         until: Callable[[int, Factorization], bool] | None = None,
+        reuse: dict[str, Any] | None = None,
         **options: Any,
     ) -> list[Factorization]:
         """``[factorize(weight, **spec, **options) for spec in specs]``, sharing the work.
@@ -119,12 +120,22 @@ class Decomposition(ABC):
         ``until(i, f)``: the specs are fitted in order, and none after the first one for which
         it returns True (the list returned is then shorter than ``specs``): a caller walking a
         ladder stops where the candidates stop being useful.
+
+        ``reuse``: a dict the caller keeps between calls on the same (unmodified) kernel; the
+        float64 copy is made once and kept in it, and with it every spectrum cached on that
+        copy, so a ladder fitted in several calls costs what one call would.
         """
         w = validate_weight(weight)
         parsed = [parse_rank_spec(**dict(spec)) for spec in specs]
         opts = self.parse_options(options)
         zero = not bool(w.any())
-        w64 = w.detach().to(torch.float64)
+        key = (id(w), w._version)
+        if reuse is not None and reuse.get("kernel") == key:
+            w64 = reuse["float64"]
+        else:
+            w64 = w.detach().to(torch.float64)
+            if reuse is not None:
+                reuse.update(kernel=key, float64=w64)
         fitted: list[Factorization] = []
         for i, spec in enumerate(parsed):
             f = self._zero_kernel(w, spec, opts) if zero else self._factorize(w, w64, spec, opts)

@@ -506,6 +506,7 @@ class CP(Decomposition):
         specs: Sequence[Mapping[str, Any]],
         *,
         until: Callable[[int, Factorization], bool] | None = None,
+        reuse: dict[str, Any] | None = None,
         **options: Any,
     ) -> list[Factorization]:
         """:meth:`Decomposition.factorize_many` with warm starts: with one ALS start
@@ -518,7 +519,7 @@ class CP(Decomposition):
         opts = self.parse_options(options)
         w = validate_weight(weight)
         if opts.n_init > 1 or not bool(w.any()) or until is not None:
-            return super().factorize_many(w, specs, until=until, **options)
+            return super().factorize_many(w, specs, until=until, reuse=reuse, **options)
         parsed = [parse_rank_spec(**dict(spec)) for spec in specs]
         w64 = w.detach().to(torch.float64)
         shape: KernelShape = tuple(int(n) for n in w.shape)  # type: ignore[assignment]
