@@ -258,6 +258,21 @@ def test_cp_warm_starts_fit_as_well_as_cold_starts() -> None:
         assert f.relative_error(w) <= cold.relative_error(w) + 0.01, r
 
 
+def test_cp_cold_ladder_is_independent_fits_and_what_allocation_uses() -> None:
+    """warm_ladder=False fits every rank from its own start, exactly as factorize would; the
+    budget search's options ask for it."""
+    w = decaying_kernel((16, 12, 3, 3), seed=4)
+    cp = tnconv.get("cp")
+    ranks = [2, 5, 9]
+    cold = cp.factorize_many(w, [{"rank": r} for r in ranks], n_init=1, warm_ladder=False)
+    for r, f in zip(ranks, cold, strict=True):
+        alone = cp.factorize(w, r, n_init=1, warm_ladder=False)
+        assert f.relative_error(w) == alone.relative_error(w)
+    for name in ("cp", "cp-stable"):
+        dec = tnconv.get(name)
+        assert dec.search_options(dec.parse_options({})).warm_ladder is False
+
+
 @pytest.mark.parametrize("rank", [3, 40])
 def test_cp_sweep_khatri_rao_path_equals_the_dimension_tree(monkeypatch, rank: int) -> None:
     """High ranks of wide kernels run the T and S updates as Khatri-Rao matrix products instead
