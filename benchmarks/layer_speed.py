@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tnconv
 from tnconv import calibration
-from tnconv.contraction import DataStep, pointwise_matmul
+from tnconv.contraction import DataStep, pointwise_conv_input, pointwise_matmul
 from tnconv.errors import StructureError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -157,9 +157,8 @@ def kernels_only(layer: tnconv.FactorizedConv2d, x: torch.Tensor) -> Callable[[]
         if step.matmul:
             calls.append(lambda d=data, w=weight: pointwise_matmul(d, w, nhwc))
             continue
-        if step.pointwise and not nhwc:  # as the executor runs NCHW 1x1 steps
-            n, c, h, w = data.shape
-            data = data.reshape(n, c, 1, h * w)
+        if step.pointwise:  # as the executor runs 1x1 conv2d steps
+            data = pointwise_conv_input(data, nhwc)
         calls.append(
             lambda d=data, w=weight, st=step: F.conv2d(
                 d, w, None, st.stride, st.padding, st.dilation, st.groups

@@ -288,11 +288,10 @@ class _LayerFits:
     ) -> None:
         self.name, self.decomposition, self.conv, self.shape = name, decomposition, conv, shape
         self.levels, self.options = levels, options
-        weight = conv.weight.detach()
-        self.weight = weight
-        self.dense_info = (weight.numel(), dense_conv_flops(conv, shape) if shape else None)
+        self.weight = conv.weight.detach()
+        self.dense_info = (self.weight.numel(), dense_conv_flops(conv, shape) if shape else None)
         self.reuse: dict[str, Any] = {}  # the float64 kernel and its spectra, for every call
-        self.fits: dict[tuple[int, ...], tuple[Factorization, FactorizedConv2d]] = {}
+        self.layers: dict[tuple[int, ...], FactorizedConv2d] = {}  # by ranks, as the candidates
         self.level_ranks: dict[int, tuple[int, ...]] = {}
         self.cands: dict[tuple[int, ...], Candidate] = {}
         # the eps walk: loosest bound first (the optimum at a smaller eps has no fewer
@@ -301,9 +300,9 @@ class _LayerFits:
         self.walked: list[Factorization] = []
 
     def _add(self, f: Factorization) -> None:
-        if f.ranks not in self.fits:
+        if f.ranks not in self.cands:
             layer = layer_from_conv(self.conv, f)
-            self.fits[f.ranks] = (f, layer)
+            self.layers[f.ranks] = layer
             self.cands[f.ranks] = candidate_for(layer, f, self.shape, self.dense_info)
 
     def _fit(self, specs: list[dict[str, Any]], until: Callable | None) -> list[Factorization]:
@@ -361,7 +360,7 @@ class _LayerFits:
         dense_latency = None
         if probe is not None and self.shape is not None:
             # every candidate of the layer and the dense conv in one round-robin loop
-            layers = [self.fits[r][1] for r in cands]
+            layers = [self.layers[r] for r in cands]
             dense_latency, ms = probe.measure(self.conv, layers, self.shape)
             dense.latency = dense_latency
             cands = {r: dataclasses.replace(c) for r, c in cands.items()}

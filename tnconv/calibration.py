@@ -351,7 +351,8 @@ def _measure(layout: Layout, repeats: int) -> CostTable:
     simd = _simd_width()
     padding = dataclasses.replace(DEFAULT_TABLES[layout], simd=simd)
     gen = torch.Generator().manual_seed(0)
-    from .contraction import pointwise_matmul  # (the executor; it imports this module)
+    # the executor's own 1x1 executions (contraction imports this module)
+    from .contraction import pointwise_conv_input, pointwise_matmul
 
     fits: dict[str, KindCost] = {}
     matmul_rows: list[tuple[float, float, float]] = []
@@ -369,8 +370,7 @@ def _measure(layout: Layout, repeats: int) -> CostTable:
                     # both executions of a 1x1 step, as the executor runs them
                     seconds = _best_seconds(lambda x=x, w=w: pointwise_matmul(x, w), repeats)
                     matmul_rows.append((float(macs), elems, seconds))
-                    if layout == "nchw":  # oneDNN's NCHW 1x1 kernels prefer a (1, H*W) image
-                        x = x.reshape(b, cin, 1, size * size)
+                    x = pointwise_conv_input(x, layout == "nhwc")
                 seconds = _best_seconds(
                     lambda x=x, w=w, pad=pad, g=groups: F.conv2d(x, w, None, 1, pad, 1, g),
                     repeats,

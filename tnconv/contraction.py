@@ -48,6 +48,7 @@ __all__ = [
     "DataStep",
     "FactorStep",
     "plan_conv",
+    "pointwise_conv_input",
     "pointwise_matmul",
     "pointwise_seconds",
     "step_seconds",
@@ -653,10 +654,8 @@ class ConvPlan:
                 out_nhwc = nhwc and not (fuse_out and j + 1 == data_steps)
                 out = pointwise_matmul(data, weight, in_nhwc, out_nhwc)
             else:
-                if step.pointwise and not in_nhwc:
-                    # oneDNN runs NCHW 1x1 convolutions faster on a (1, H*W) image
-                    n, c, h, w = data.shape
-                    data = data.reshape(n, c, 1, h * w)
+                if step.pointwise:
+                    data = pointwise_conv_input(data, in_nhwc)
                 out = F.conv2d(
                     data, weight, None, step.stride, step.padding, step.dilation, step.groups
                 )
@@ -686,6 +685,15 @@ class ConvPlan:
         """A converting plan's last data step is a matrix product that writes NCHW itself."""
         data = [s for s in self.steps if isinstance(s, DataStep)]
         return self.convert and bool(data) and data[-1].matmul and self.final_perm is None
+
+
+def pointwise_conv_input(x: torch.Tensor, nhwc: bool) -> torch.Tensor:
+    """The input a 1x1, stride-1 conv2d step is given: an NCHW map (N, C, H, W) as a
+    (N, C, 1, H*W) image, which oneDNN's NCHW 1x1 kernels run faster; channels-last unchanged."""
+    if nhwc:
+        return x
+    n, c, h, w = x.shape
+    return x.reshape(n, c, 1, h * w)
 
 
 def pointwise_matmul(
