@@ -293,6 +293,31 @@ def test_cp_sweep_khatri_rao_path_equals_the_dimension_tree(monkeypatch, rank: i
     assert direct.error(f1) == pytest.approx(tree.error(f1), rel=1e-12)
 
 
+@pytest.mark.parametrize("direct", [False, True])
+def test_cp_line_search_check_hands_its_mttkrp_to_the_next_sweep(monkeypatch, direct: bool) -> None:
+    """The ALS line search's error check computes the T update's MTTKRP of the trial factors;
+    a sweep starting from them reuses it. Oracle: the defining einsum, and a sweep that
+    recomputes it (bitwise the same factors)."""
+    import tnconv.decompositions.cp as cp_module
+
+    if direct:
+        monkeypatch.setattr(cp_module, "_Y_LIMIT", 0)
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(9, 7, 3, 2, dtype=torch.float64, generator=gen)
+    problem = cp_module._CPProblem(w, 5, 0.0)
+    assert problem.direct is direct
+    factors = [torch.randn(n, 5, dtype=torch.float64, generator=gen) for n in w.shape]
+    err, first = problem.checked(factors)
+    a, b, c, d = factors
+    torch.testing.assert_close(first.mttkrp, torch.einsum("tshw,sr,hr,wr->tr", w, b, c, d))
+    approx = torch.einsum("tr,sr,hr,wr->tshw", a, b, c, d)
+    assert err == pytest.approx(float((w - approx).norm() / w.norm()), rel=1e-10)
+    reused, fresh = [f.clone() for f in factors], [f.clone() for f in factors]
+    assert problem.sweep(reused, first=first) == problem.sweep(fresh)
+    for x, y in zip(reused, fresh, strict=True):
+        assert torch.equal(x, y)
+
+
 def test_cache_dies_with_in_place_change() -> None:
     w = torch.randn(3, 3)
     calls = []

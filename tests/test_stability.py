@@ -108,17 +108,23 @@ def test_sensitivity_depends_on_scaling_not_on_product() -> None:
 
 
 # -- the constrained update ------------------------------------------------------------------
-@given(seed=st.integers(0, 200), slack=st.floats(0.0, 0.5))
-def test_constrained_update_is_feasible_and_optimal(seed: int, slack: float) -> None:
+@given(seed=st.integers(0, 200), slack=st.floats(0.0, 0.5), diagonal=st.booleans())
+def test_constrained_update_is_feasible_and_optimal(
+    seed: int, slack: float, diagonal: bool
+) -> None:
     """Oracle: direct solves G(lam) = WZ (Z^T Z + lam D)^-1 on a grid of lam; among the feasible
-    ones none has a lower penalty than the update's answer."""
+    ones none has a lower penalty than the update's answer. A diagonal D (CP's) may be passed as
+    its diagonal: same answer as the matrix."""
     from tnconv.decompositions._stable import constrained_update
 
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(7, 20, generator=gen, dtype=torch.float64)
     z = torch.randn(20, 4, generator=gen, dtype=torch.float64)
-    root = torch.randn(4, 4, generator=gen, dtype=torch.float64)
-    d = root @ root.T + 0.1 * torch.eye(4, dtype=torch.float64)
+    if diagonal:
+        d = torch.diag(torch.rand(4, generator=gen, dtype=torch.float64) * 10 + 0.01)
+    else:
+        root = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+        d = root @ root.T + 0.1 * torch.eye(4, dtype=torch.float64)
     norm_sq = float(torch.sum(w * w))
     gram, wz = z.T @ z, w @ z
 
@@ -131,6 +137,13 @@ def test_constrained_update_is_feasible_and_optimal(seed: int, slack: float) -> 
     ls = torch.linalg.solve(gram, wz.T).T
     bound = err_sq(ls) * (1 + slack) ** 2
     g = constrained_update(wz, gram, d, norm_sq, bound)
+    if diagonal:
+        torch.testing.assert_close(
+            constrained_update(wz, gram, torch.diagonal(d), norm_sq, bound),
+            g,
+            rtol=1e-9,
+            atol=1e-12,
+        )
     assert err_sq(g) <= bound * (1 + 1e-8)
     for lam in torch.logspace(-6, 4, 60).tolist():
         trial = torch.linalg.solve(gram + lam * d, wz.T).T

@@ -56,7 +56,8 @@ def constrained_update(
     Args:
         wz: ``W_(n) @ Z``, shape (I_n, R) (the MTTKRP for CP).
         gram: ``Z^T Z``, shape (R, R).
-        penalty: D, the (R, R) positive semi-definite matrix of the sensitivity terms in G.
+        penalty: D, the (R, R) positive semi-definite matrix of the sensitivity terms in G, or
+            its diagonal (R,) where D is diagonal (CP's).
         norm_sq: ``||W||_F^2``.
         max_err_sq: the squared absolute error allowed.
 
@@ -64,16 +65,22 @@ def constrained_update(
         G, shape (I_n, R). When the bound cannot be met the plain least-squares update.
     """
     r = gram.shape[0]
-    eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
-    scale = float(torch.diagonal(penalty).abs().max().clamp_min(1e-300))
-    chol = torch.linalg.cholesky(penalty + 1e-10 * scale * eye)
+    diagonal = penalty.dim() == 1
+    scale = float((penalty if diagonal else torch.diagonal(penalty)).abs().max().clamp_min(1e-300))
+    if diagonal:  # L = diag(sqrt(D)): the triangular solves are scalings
+        root = torch.sqrt(penalty + 1e-10 * scale)
+        m = gram / root[:, None] / root[None, :]
+    else:
+        eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
+        chol = torch.linalg.cholesky(penalty + 1e-10 * scale * eye)
+        half = torch.linalg.solve_triangular(chol, gram, upper=False)
+        m = torch.linalg.solve_triangular(chol, half.T, upper=False)
     # M = L^-1 (Z^T Z) L^-T, symmetric PSD
-    half = torch.linalg.solve_triangular(chol, gram, upper=False)
-    m = torch.linalg.solve_triangular(chol, half.T, upper=False)
     mu, q = torch.linalg.eigh((m + m.T) / 2)
     mu = mu.clamp_min(0.0)
     # P = wz L^-T Q
-    p_mat = torch.linalg.solve_triangular(chol, wz.T, upper=False).T @ q
+    white = wz / root if diagonal else torch.linalg.solve_triangular(chol, wz.T, upper=False).T
+    p_mat = white @ q
     p = torch.sum(p_mat * p_mat, dim=0)
     floor = 1e-12 * float(mu.max().clamp_min(1e-300))
 
@@ -100,4 +107,6 @@ def constrained_update(
             lo, hi = float(grid[k]), float(grid[min(k + 1, _GRID - 1)])
         lam = math.exp(lo)
     sol = (p_mat / (mu + lam)) @ q.T  # (I_n, R) in the whitened basis
+    if diagonal:
+        return sol / root
     return torch.linalg.solve_triangular(chol.T, sol.T, upper=True).T
