@@ -68,8 +68,8 @@ class CPOptions(BaseModel):
     # factorize_many fits a rank ladder from each previous fit (True) or each rank from its own
     # start (False, what budget allocation uses: on a ResNet-18-shaped model at budget 0.25 the
     # warm ladder chose higher ranks for the 512-channel layers, whose refits with the user's
-    # options made cp 115 s vs 92 s and cp-stable 141-152 s vs 94 s, for a summed loss of 7.31
-    # vs 8.14 on its random kernels and identical plans on trained ones)
+    # options made cp 95 s vs 83 s and cp-stable 111 s vs 84 s (target 120 s), for a summed
+    # loss of 7.31 vs 8.14 on its random kernels and identical plans on trained ones)
     warm_ladder: bool = True
 
 
