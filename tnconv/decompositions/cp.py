@@ -24,7 +24,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -134,17 +134,6 @@ def _init(
     return factors
 
 
-# above this many entries of Y (T * S * R), the T and S updates use Khatri-Rao products
-_Y_LIMIT = 1 << 22
-
-
-class _ModeZero(NamedTuple):
-    """The T update's MTTKRP (T, R) of a set of factors, and Y (T, S, R) where it was formed."""
-
-    mttkrp: torch.Tensor
-    y: torch.Tensor | None
-
-
 # factor n from the Grams of the four factors and its MTTKRP: ALS's solve or a constrained one
 _Update = Callable[[list[torch.Tensor], int, torch.Tensor], torch.Tensor]
 
@@ -152,43 +141,34 @@ _Update = Callable[[list[torch.Tensor], int, torch.Tensor], torch.Tensor]
 class _CPProblem:
     """The ALS sub-problems of one kernel at one rank.
 
-    The MTTKRPs of a sweep share two products with the kernel (a dimension tree): ``Y[t, s, r]
-    = sum_hw W[t, s, hw] C[h, r] D[w, r]`` serves the T and S updates (C and D do not change
-    between them) and ``Z[hw, r] = sum_ts W[t, s, hw] A[t, r] B[s, r]`` the kh and kw updates,
-    so a sweep costs two passes over the kernel instead of four. Y has T * S * R entries: at
-    high ranks of wide kernels (512 x 512 at R = 2290: 4.8 GB) the T and S updates instead
-    multiply the unfoldings by Khatri-Rao products (``direct``), twice the multiply-adds but all
-    of them in matrix products over (S kh kw, R) and (T kh kw, R) operands.
+    A sweep makes three passes over the kernel, all of them matrix products: the T and S updates
+    multiply the unfoldings ``(T, S kh kw)`` and ``(S, T kh kw)`` by Khatri-Rao products, and
+    ``Z[hw, r] = sum_ts W[t, s, hw] A[t, r] B[s, r]`` (from ``W^T A``) serves both spatial
+    updates. A dimension tree through ``Y[t, s, r] = sum_hw W[t, s, hw] C[h, r] D[w, r]`` has
+    fewer multiply-adds, but its product has an inner dimension of kh * kw and writes T * S * R
+    entries: it measured 1.1-7x slower per sweep from 16 to 512 channels (one and two threads),
+    never faster, and was dropped.
     """
 
     def __init__(self, weight: torch.Tensor, rank: int, l2_reg: float) -> None:
         self.weight = weight
         self.shape = tuple(weight.shape)
         t, s, kh, kw = self.shape
-        self.w3 = weight.reshape(t, s, kh * kw)
-        self.flat = weight.reshape(t * s, kh * kw)
-        self.direct = t * s * rank > _Y_LIMIT
-        if self.direct:
-            self.by_t = weight.reshape(t, s * kh * kw)
-            self.by_s = weight.transpose(0, 1).reshape(s, t * kh * kw)
+        self.by_t = weight.reshape(t, s * kh * kw)
+        self.by_s = weight.transpose(0, 1).reshape(s, t * kh * kw)
         self.rank = rank
         self.l2_reg = l2_reg
         self.norm_sq = float(torch.sum(weight.to(torch.float64) ** 2))
         self.eye = torch.eye(rank, dtype=weight.dtype, device=weight.device)
 
     def sweep_flops(self) -> float:
-        """Multiply-adds of one sweep: two passes over the kernel and four R x R solves (which
-        dominate at high ranks of small kernels), plus the line search's error pass."""
+        """Multiply-adds of one sweep: three passes over the kernel and four R x R solves (which
+        dominate at high ranks of small kernels)."""
         return 3.0 * math.prod(self.shape) * self.rank + 8.0 * self.rank**3
 
     def _spatial(self, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """Khatri-Rao product ``(kh * kw, R)`` of the spatial factors."""
         return (c[:, None, :] * d[None, :, :]).reshape(-1, self.rank)
-
-    def _y(self, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """``Y[t, s, r] = sum_hw W[t, s, hw] C[h, r] D[w, r]`` as one matrix product."""
-        t, s = self.shape[:2]
-        return (self.flat @ self._spatial(c, d)).reshape(t, s, self.rank)
 
     def _kr_mttkrp(
         self, unfolding: torch.Tensor, other: torch.Tensor, spatial: torch.Tensor
@@ -202,24 +182,20 @@ class _CPProblem:
             return 0.0
         return math.sqrt(max(self.norm_sq - 2 * inner + approx_sq, 0.0) / self.norm_sq)
 
-    def mode0(self, factors: list[torch.Tensor]) -> _ModeZero:
-        """The T update's MTTKRP ``W_(T) KhatriRao(B, C, D)``, shape (T, R) (and Y, which the S
-        update shares, where the dimension tree is used)."""
+    def mode0(self, factors: list[torch.Tensor]) -> torch.Tensor:
+        """The T update's MTTKRP ``W_(T) KhatriRao(B, C, D)``, shape (T, R)."""
         b, c, d = factors[1:]
-        if self.direct:
-            return _ModeZero(self._kr_mttkrp(self.by_t, b, self._spatial(c, d)), None)
-        y = self._y(c, d)
-        return _ModeZero((y * b).sum(1), y)
+        return self._kr_mttkrp(self.by_t, b, self._spatial(c, d))
 
     def error(self, factors: list[torch.Tensor]) -> float:
         """Relative error from ``||W||^2 - 2 <W, W_hat> + ||W_hat||^2`` (no reconstruction)."""
         return self.checked(factors)[0]
 
-    def checked(self, factors: list[torch.Tensor]) -> tuple[float, _ModeZero]:
+    def checked(self, factors: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
         """:meth:`error` and the T update's MTTKRP it computed on the way: a sweep that starts
         from these factors reuses it (the line search's check then costs no pass of its own)."""
         first = self.mode0(factors)
-        inner = float(torch.sum(first.mttkrp * factors[0]))
+        inner = float(torch.sum(first * factors[0]))
         approx_sq = float(torch.sum(math.prod(f.T @ f for f in factors)))
         return self._rel_err(inner, approx_sq), first
 
@@ -243,7 +219,7 @@ class _CPProblem:
         self,
         factors: list[torch.Tensor],
         update: _Update | None = None,
-        first: _ModeZero | None = None,
+        first: torch.Tensor | None = None,
     ) -> float:
         """One sweep over the four modes, in place; returns the new relative error.
 
@@ -251,21 +227,17 @@ class _CPProblem:
         MTTKRP (default: the ALS least-squares solve); ``first``: the T update's MTTKRP of these
         very factors, from :meth:`checked`.
         """
-        t, s, kh, kw = self.shape
+        _, s, kh, kw = self.shape
         update = update or self._solve
         grams = [f.T @ f for f in factors]
-        first = first or self.mode0(factors)
-        factors[0] = update(grams, 0, first.mttkrp)
+        factors[0] = update(grams, 0, self.mode0(factors) if first is None else first)
         grams[0] = factors[0].T @ factors[0]
-        # (broadcast products and sums: torch.einsum was measured 8x slower on these shapes)
-        if first.y is None:
-            cd = self._spatial(factors[2], factors[3])
-            factors[1] = update(grams, 1, self._kr_mttkrp(self.by_s, factors[0], cd))
-        else:  # Y (T, S, R): C, D fixed for the A, B updates
-            factors[1] = update(grams, 1, (first.y * factors[0][:, None, :]).sum(0))
+        cd = self._spatial(factors[2], factors[3])
+        factors[1] = update(grams, 1, self._kr_mttkrp(self.by_s, factors[0], cd))
         grams[1] = factors[1].T @ factors[1]
         # (S * K, R) = W^T A, then B summed out: Z (kh, kw, R) for the spatial updates
-        v = (self.w3.reshape(t, -1).T @ factors[0]).reshape(s, kh * kw, self.rank)
+        # (broadcast products and sums: torch.einsum was measured 8x slower on these shapes)
+        v = (self.by_t.T @ factors[0]).reshape(s, kh * kw, self.rank)
         z = (v * factors[1][:, None, :]).sum(0).reshape(kh, kw, self.rank)
         factors[2] = update(grams, 2, (z * factors[3][None, :, :]).sum(1))
         grams[2] = factors[2].T @ factors[2]
@@ -284,7 +256,7 @@ class _CPProblem:
         err, prev_err, last = math.inf, math.inf, None
         exponent = 3.0
         it = 0
-        first: _ModeZero | None = None
+        first: torch.Tensor | None = None
         for it in range(1, max_iter + 1):
             before = [f.clone() for f in factors]
             err = self.sweep(factors, first=first)
