@@ -187,13 +187,10 @@ class _CPProblem:
         b, c, d = factors[1:]
         return self._kr_mttkrp(self.by_t, b, self._spatial(c, d))
 
-    def error(self, factors: list[torch.Tensor]) -> float:
-        """Relative error from ``||W||^2 - 2 <W, W_hat> + ||W_hat||^2`` (no reconstruction)."""
-        return self.checked(factors)[0]
-
     def checked(self, factors: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
-        """:meth:`error` and the T update's MTTKRP it computed on the way: a sweep that starts
-        from these factors reuses it (the line search's check then costs no pass of its own)."""
+        """Relative error from ``||W||^2 - 2 <W, W_hat> + ||W_hat||^2`` (no reconstruction), and
+        the T update's MTTKRP it computed on the way: a sweep that starts from these factors
+        reuses it (the line search's check then costs no pass of its own)."""
         first = self.mode0(factors)
         inner = float(torch.sum(first * factors[0]))
         approx_sq = float(torch.sum(math.prod(f.T @ f for f in factors)))
@@ -407,7 +404,7 @@ def stabilize_cp(
     ss = cp_sensitivity(factors)
     for _ in range(max_iter):
         before = ss
-        # the ALS sweep's MTTKRPs (two passes over the kernel, not four), constrained updates
+        # the ALS sweep's MTTKRPs (three passes over the kernel, not four), constrained updates
         problem.sweep(factors, update)
         factors = min_sensitivity_scaling(factors)
         ss = cp_sensitivity(factors)
