@@ -19,6 +19,7 @@ from .errors import (
     BudgetError,
     EquationError,
     InvalidWeightError,
+    LoaderError,
     NonFiniteWeightError,
     OptionError,
     PluginLoadError,
@@ -46,6 +47,7 @@ from .registry import (
 from .selection import RankSelection, select_ranks
 from .study import StudyResult, study
 from .summary import Summary, summary
+from .training import finetune
 
 __version__ = "0.1.0"
 
@@ -59,6 +61,7 @@ __all__ = [
     "Factorization",
     "FactorizedConv2d",
     "InvalidWeightError",
+    "LoaderError",
     "NonFiniteWeightError",
     "OptionError",
     "PluginLoadError",
@@ -77,6 +80,7 @@ __all__ = [
     "available",
     "compress",
     "dense_reasons",
+    "finetune",
     "get",
     "load",
     "quantize",

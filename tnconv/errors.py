@@ -30,6 +30,11 @@ class OptionError(TnconvError, ValueError):
     """A decomposition option is unknown or has a bad value."""
 
 
+class LoaderError(TnconvError, TypeError):
+    """A training loader is not a sized iterable of ``(inputs, labels)`` tensor batches, or is
+    empty (``tnconv.finetune``)."""
+
+
 class BudgetError(TnconvError, ValueError):
     """No factorization of the requested family fits the requested parameter budget."""
 
