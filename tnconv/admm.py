@@ -45,10 +45,12 @@ from .decompositions.admm import ADMMDecomposition
 from .decompositions.base import Decomposition
 from .errors import (
     ADMMError,
+    BudgetError,
     NonFiniteWeightError,
     OptionError,
     ProjectionError,
     RankSpecError,
+    StructureError,
     TnconvError,
 )
 from .layers import FactorizedConv2d
@@ -152,7 +154,10 @@ class ADMM:
             allocated by :func:`tnconv.compress` ONCE, on the first :meth:`step`, from the
             weights at that moment; every later step projects each layer at its fixed ranks and
             :meth:`compress` factorizes at them. Layers the allocation leaves dense leave the
-            ADMM set (no penalty, no projection) and stay dense.
+            ADMM set (no penalty, no projection) and stay dense. So do, under rank / eps /
+            ratio, layers the spec cannot factorize at all (``BudgetError`` /
+            ``StructureError`` on the first step, e.g. ``ratio=0.1`` of a one-channel stem), as
+            :func:`tnconv.compress` leaves them; if no layer can, the step raises.
         rho, rho_growth, rho_max: the penalty schedule (:class:`ADMMSchedule`). ``rho=None``
             (the default): derived from the training schedule when :meth:`fit` starts
             (:meth:`ADMMSchedule.from_training`: a pull of 1.25 per epoch in the first epoch,
@@ -243,7 +248,7 @@ class ADMM:
         self.rho: float | None = None if self.schedule is None else self.schedule.rho
         self.steps = 0
         self.ranks: dict[str, tuple[int, ...]] = {}  # budget mode: fixed on the first step
-        self.left_dense: dict[str, str] = {}  # budget mode: layers the allocation kept dense
+        self.left_dense: dict[str, str] = {}  # layers the allocation / spec leaves dense
         self.history: list[dict[str, Any]] = []
         self.progress = progress
         self._shapes: dict[str, tuple[int, int, int, int]] | None = None
@@ -293,13 +298,28 @@ class ADMM:
             names, desc=f"admm projection ({self.method})", disable=not self.progress, leave=False
         )
         distances: dict[str, float] = {}
+        unfit: ProjectionError | None = None
         for name in bar:
             w = self._layers[name].weight.detach()
             u = self._aligned(self.U, name, w)
-            z = self._project(name, w + u).to(device=w.device, dtype=w.dtype)
+            try:
+                z = self._project(name, w + u).to(device=w.device, dtype=w.dtype)
+            except ProjectionError as exc:
+                # first step, per-layer spec: a layer the spec cannot factorize at all (its
+                # shape, not its values: BudgetError / StructureError) stays dense, as
+                # tnconv.compress leaves it; later steps never meet a new such layer
+                if self.steps == 0 and isinstance(exc.__cause__, (BudgetError, StructureError)):
+                    self.left_dense[name] = str(exc.__cause__)
+                    unfit = unfit or exc
+                    log.info("admm: %s stays dense: %s", name, exc.__cause__)
+                    continue
+                raise
             u.add_(w - z)
             self.Z[name], self.U[name] = z, u
             distances[name] = _relative(w, z)
+        if not distances and unfit is not None:
+            self.left_dense.clear()
+            raise unfit  # no layer can take the spec: nothing to train toward
         self.steps += 1
         self.history.append(
             {
