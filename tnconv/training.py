@@ -297,7 +297,7 @@ def finetune(
       relative amount as it moves a dense weight (other parameters use ``lr``);
     * ``clip``: the gradients' global norm is clipped to it (``None``: no clipping);
     * the optimizer (Adam by default, or SGD with momentum 0.9) follows a OneCycle schedule
-      peaking at ``lr`` (default 1e-3 for Adam, 0.005 for SGD) over ``epochs * len(loader)``
+      peaking at ``lr`` (default 3e-3 for Adam, 0.01 for SGD) over ``epochs * len(loader)``
       steps.
 
     Raises:
@@ -315,7 +315,7 @@ def finetune(
         raise OptionError(f"epochs must be an int >= 1; got {epochs!r}")
     if optimizer not in ("adam", "sgd"):
         raise OptionError(f"optimizer must be 'adam' or 'sgd'; got {optimizer!r}")
-    peak = _check_positive("lr", lr) if lr is not None else (1e-3 if optimizer == "adam" else 5e-3)
+    peak = _check_positive("lr", lr) if lr is not None else (3e-3 if optimizer == "adam" else 1e-2)
     temperature = _check_positive("temperature", temperature)
     weight_decay = _check_positive("weight_decay", weight_decay, allow_zero=True)
     if clip is not None:
