@@ -85,7 +85,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             }
             rows.append(row)
             print(line(row), flush=True)
+            if args.json:  # after every row: a stopped run keeps what it measured
+                save(args, rows)
     return rows
+
+
+def save(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    args.json.write_text(json.dumps({"config": config, "rows": rows}, indent=2))
 
 
 HEADER = f"{'method':10s} {'seed':>4s} {'before':>7s} {'after':>6s} {'dense':>6s} {'gap':>5s}"
@@ -137,8 +144,7 @@ def main() -> None:
     print(table(rows))
     print(f"\n{time.perf_counter() - started:.0f} s")
     if args.json:
-        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        args.json.write_text(json.dumps({"config": config, "rows": rows}, indent=2))
+        save(args, rows)
 
 
 if __name__ == "__main__":
