@@ -145,6 +145,7 @@ class QuantLayerSpec(BaseModel):
     per_channel: bool
     axes: list[int | None]
     path: list[tuple[int, ...]] = []
+    reduce_range: bool = False  # files before it was recorded used full-range feature maps
 
     @classmethod
     def of(cls, name: str, layer: nn.Module) -> QuantLayerSpec:
@@ -164,6 +165,7 @@ class QuantLayerSpec(BaseModel):
             weight_bits=c.weight_bits,
             activation_bits=c.activation_bits,
             per_channel=c.per_channel,
+            reduce_range=c.reduce_range,
             axes=list(layer.axes),  # type: ignore[attr-defined]
             path=[tuple(p) for p in getattr(layer, "path", ())],
         )
@@ -187,6 +189,7 @@ class QuantLayerSpec(BaseModel):
             weight_bits=self.weight_bits,
             activation_bits=self.activation_bits,
             per_channel=self.per_channel,
+            reduce_range=self.reduce_range,
         )
         if self.kind == "factorized" and isinstance(layer, FactorizedConv2d):
             return QuantizedFactorizedConv2d.from_layer(layer, config, self.path, self.axes)
