@@ -282,7 +282,11 @@ def test_corrupt_files(tmp_path: Path) -> None:
             "kwargs": {"blocks_per_stage": 10**9, "num_classes": 10, "widths": [16, 32, 64]},
         }
 
+    def big_factors(header: dict, tensors: dict) -> None:  # 4 TB if built before checking
+        header["layers"][0]["factor_shapes"][0] = [1 << 20, 1 << 20]
+
     edits = {
+        "big_factors": big_factors,
         "dtype": bad_dtype,
         "equation": bad_equation,
         "shape": wrong_shape,
@@ -296,10 +300,28 @@ def test_corrupt_files(tmp_path: Path) -> None:
         path = _rewrite(good, tmp_path / f"{name}.tnconv", edit)
         with pytest.raises(LoadError):
             tnconv.load(path, model=Net())
+        if name.endswith("_arch"):
+            with pytest.raises(LoadError):
+                tnconv.load(path)
     plain = tmp_path / "weights.safetensors"  # safetensors, but no tnconv header
     save_file({"w": torch.zeros(2)}, str(plain))
     with pytest.raises(LoadError, match="not a tnconv save"):
         tnconv.load(plain, model=Net())
+
+
+def test_a_recorded_architecture_larger_than_the_file_is_not_built(tmp_path: Path) -> None:
+    """A valid header naming a shipped architecture far bigger than the tensors the file holds
+    (here 64 GB of weights) is refused after a meta-device build, before any allocation."""
+    path = tmp_path / "digits.tnconv"
+    tnconv.save(DigitsNet(width=4), path, pickle_architecture=False)
+
+    def wider(header: dict, tensors: dict) -> None:
+        header["architecture"]["kwargs"]["width"] = 60000
+
+    big = _rewrite(path, tmp_path / "big.tnconv", wider)
+    with pytest.raises(LoadError, match="shape"):
+        tnconv.load(big)
+    assert tnconv.load(big, model=DigitsNet(width=4))  # model= makes the record moot
 
 
 def test_wrong_versions(tmp_path: Path) -> None:

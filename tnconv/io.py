@@ -661,6 +661,32 @@ def _device(map_location: Any) -> torch.device:
     )
 
 
+def _check_sizes(path: Path, contents: _Contents, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor ``shapes`` names is in the file, in that shape (quantized ones: with at least
+    one bit per value), so what is built from the header is no bigger than what the file holds."""
+    for key, shape in shapes.items():
+        if key in contents.state:
+            have = tuple(contents.state[key].shape)
+            if have != shape:
+                raise LoadError(f"{path}: tensor {key!r} has shape {have}; the layout says {shape}")
+        elif key in contents.quantized:
+            if contents.quantized[key][0].numel() * 8 < math.prod(shape):
+                raise LoadError(f"{path}: quantized weight {key!r} is too short for {shape}")
+        else:
+            raise LoadError(f"{path}: no tensor {key!r} for the saved layout")
+
+
+def _check_layer_specs(path: Path, contents: _Contents) -> None:
+    """The factor shapes in the header are those of the file's tensors (before any layer is
+    built from them)."""
+    shapes = {
+        f"{spec.name}.factors.{k}" if spec.name else f"factors.{k}": tuple(s)
+        for spec in contents.header.layers
+        for k, s in enumerate(spec.factor_shapes)
+    }
+    _check_sizes(path, contents, shapes)
+
+
 def _architecture(
     path: Path,
     contents: _Contents,
@@ -684,6 +710,9 @@ def _architecture(
         _install_all(result, header)
         return result
     if header.architecture is not None:
+        skeleton = header.architecture.build("meta")  # allocates nothing
+        _install_all(skeleton, header)
+        _check_sizes(path, contents, {k: tuple(v.shape) for k, v in skeleton.state_dict().items()})
         result = header.architecture.build()
         _install_all(result, header)
         return result.to(_device(map_location))
@@ -742,6 +771,7 @@ def load(
     path = Path(path)
     contents = _read(path)
     header = contents.header
+    _check_layer_specs(path, contents)
     try:
         result = _architecture(path, contents, model, model_fn, trusted, map_location)
     except LoadError:
