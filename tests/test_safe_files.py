@@ -479,3 +479,28 @@ def test_cli_reads_safe_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     args = ["summary", str(state), "--model", "tests.test_safe_files:make_net"]
     assert main([*args, "--input-size", "1,3,12,12"]) == 0
     assert "body.0" in capsys.readouterr().out
+
+
+def test_shared_and_strided_tensors_save(tmp_path: Path) -> None:
+    """safetensors refuses tensors sharing memory: tied weights and views are written as copies
+    and load back tied (into the given model) with the same values."""
+
+    def tied() -> nn.Module:
+        net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1))
+        net[1].weight = net[0].weight
+        return net
+
+    model = tied()
+    model.register_buffer("view", torch.arange(12.0).reshape(3, 4).t())  # non-contiguous
+    path = tmp_path / "tied.tnconv"
+    tnconv.save(model, path, pickle_architecture=False)
+
+    def fresh() -> nn.Module:
+        net = tied()
+        net.register_buffer("view", torch.zeros(4, 3))
+        return net
+
+    again = tnconv.load(path, model_fn=fresh)
+    assert again[1].weight is again[0].weight
+    assert torch.equal(again[0].weight, model[0].weight)
+    assert torch.equal(again.view, model.view)

@@ -654,11 +654,10 @@ def _factory(model_fn: Callable[[], nn.Module] | str) -> Callable[[], nn.Module]
 
 
 def _device(map_location: Any) -> torch.device:
-    return (
-        torch.device(map_location)
-        if isinstance(map_location, (str, torch.device))
-        else (torch.device("cpu"))
-    )
+    """The device a model built here goes to (``torch.load``-style mappings: the CPU)."""
+    if isinstance(map_location, (str, torch.device)):
+        return torch.device(map_location)
+    return torch.device("cpu")
 
 
 def _check_sizes(path: Path, contents: _Contents, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -747,7 +746,10 @@ def load(
 ) -> nn.Module:
     """Read a model written by :func:`save` (or by earlier tnconv versions).
 
-    No code is unpickled unless ``trusted=True``. The architecture comes from, in this order:
+    No code is unpickled unless ``trusted=True``. The architecture the weights go into comes
+    from, in this order: ``model``, ``model_fn``, the shipped architecture recorded in the file
+    (``tnconv.models``' CIFAR ResNets / VGG, the demo's ``DigitsNet``), and only with
+    ``trusted=True`` the pickled architecture the file carries.
 
     Args:
         path: the file.
