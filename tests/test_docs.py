@@ -46,7 +46,7 @@ def test_readme_whole_model_block_runs(tmp_path, monkeypatch) -> None:
     exec(compile(block, "README.md whole models", "exec"), scope)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(scope["again"](x), scope["small"](x))
-    assert (tmp_path / "study.csv").exists() and (tmp_path / "small.pt").exists()
+    assert (tmp_path / "study.csv").exists() and (tmp_path / "small.safetensors").exists()
 
 
 def test_example_runs() -> None:

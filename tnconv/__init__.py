@@ -19,6 +19,7 @@ from .errors import (
     BudgetError,
     EquationError,
     InvalidWeightError,
+    LoadError,
     NonFiniteWeightError,
     OptionError,
     PluginLoadError,
@@ -28,6 +29,7 @@ from .errors import (
     StructureError,
     TnconvError,
     UnknownMethodError,
+    UntrustedFileError,
 )
 from .factorization import Factorization
 from .io import load, save
@@ -59,6 +61,7 @@ __all__ = [
     "Factorization",
     "FactorizedConv2d",
     "InvalidWeightError",
+    "LoadError",
     "NonFiniteWeightError",
     "OptionError",
     "PluginLoadError",
@@ -72,6 +75,7 @@ __all__ = [
     "Summary",
     "TnconvError",
     "UnknownMethodError",
+    "UntrustedFileError",
     "__version__",
     "analysis",
     "available",
