@@ -223,3 +223,20 @@ def test_summary_names_the_range_and_the_engine(monkeypatch: pytest.MonkeyPatch)
     assert all(n.endswith(f"(128 levels, reduce_range), int8: {engine}") for n in notes), notes
     w4 = quantize(adversarial_model(), 4, None, input_size=(1, 32, 6, 6))
     assert all(r.note == "w4, int8: no" for r in tnconv.summary(w4, (1, 32, 6, 6)).rows)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_code_clamp_equals_the_float_clamp(engine: str, channels_last: bool) -> None:
+    """The reduced range's code clamp on requantized outputs, on every engine and layout (torch's
+    qnnpack clamp is wrong on channels-last tensors; tnconv works around it)."""
+    from tnconv.quantization import _clamp_codes, _quantized_engine
+
+    x = torch.linspace(-1, 3, 2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with _quantized_engine(engine):
+        q = torch.quantize_per_tensor(x, 0.02, 50, torch.quint8)
+        clamped = _clamp_codes(q, 127)
+    assert int(clamped.int_repr().max()) == 127
+    assert torch.equal(clamped.dequantize(), q.dequantize().clamp(-1.0, 77 * 0.02))
