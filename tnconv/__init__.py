@@ -12,6 +12,7 @@ method / rank ``recommend``ation behind ``compress(model, "auto", budget=...)``;
 
 from . import analysis
 from .admm import ADMM
+from .bn_folding import fold_batchnorm
 from .compress import Budget, compress, dense_reasons
 from .decompositions.base import Decomposition
 from .errors import (
@@ -46,6 +47,7 @@ from .registry import (
     unregister_derived,
 )
 from .selection import RankSelection, select_ranks
+from .statistics import InputStatistics, calibrate_inputs
 from .study import StudyResult, study
 from .summary import Summary, summary
 
@@ -60,6 +62,7 @@ __all__ = [
     "EquationError",
     "Factorization",
     "FactorizedConv2d",
+    "InputStatistics",
     "InvalidWeightError",
     "LoadError",
     "NonFiniteWeightError",
@@ -79,8 +82,10 @@ __all__ = [
     "__version__",
     "analysis",
     "available",
+    "calibrate_inputs",
     "compress",
     "dense_reasons",
+    "fold_batchnorm",
     "get",
     "load",
     "quantize",
