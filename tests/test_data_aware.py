@@ -240,7 +240,13 @@ def test_folding_skips_a_conv_whose_output_is_shared() -> None:
 def test_compress_folds_in_eval_only_by_default() -> None:
     model = _trained_bn(Residual())
     small = tnconv.compress(model, "tucker", ratio=0.5, layers=["conv2"])
-    assert isinstance(small.bn2, nn.Identity) and isinstance(small.bn1, nn.Identity)
+    # only the chosen layers' BNs: the rest of the model keeps its structure
+    assert isinstance(small.bn2, nn.Identity) and isinstance(small.bn1, nn.BatchNorm2d)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 8, 8)
+        assert torch.allclose(
+            tnconv.compress(model, "tucker", rank=8, layers=["conv2"])(x), model(x), atol=1e-5
+        )
     trained = tnconv.compress(model.train(), "tucker", ratio=0.5, layers=["conv2"])
     assert isinstance(trained.bn2, nn.BatchNorm2d)
     kept = tnconv.compress(model.eval(), "tucker", ratio=0.5, layers=["conv2"], fold_bn=False)

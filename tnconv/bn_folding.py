@@ -11,11 +11,16 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+from collections.abc import Collection
 
 import torch
 from torch import fx, nn
 
-__all__ = ["conv_bn_pairs", "fold_batchnorm"]
+__all__ = ["FOLDED_BN", "conv_bn_pairs", "fold_batchnorm", "remove_folded"]
+
+# attribute of a model with folded BNs: {bn name: conv name}, so a saved model can be rebuilt
+# from its dense architecture (tnconv.load(path, model=dense) removes the same BNs)
+FOLDED_BN = "_tnconv_folded_bn"
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +67,17 @@ def _foldable(conv: nn.Module | None, bn: nn.Module | None) -> bool:
     )
 
 
-def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """``model`` (a copy unless ``inplace``) with every conv -> BN pair folded into the conv and
-    the BN replaced by ``nn.Identity``. Equal to ``model`` in eval mode."""
+def fold_batchnorm(
+    model: nn.Module, inplace: bool = False, convs: Collection[str] | None = None
+) -> nn.Module:
+    """``model`` (a copy unless ``inplace``) with every conv -> BN pair (or those whose conv is
+    named in ``convs``) folded into the conv and the BN replaced by ``nn.Identity``. Equal to
+    ``model`` in eval mode."""
     target = model if inplace else copy.deepcopy(model)
     pairs = conv_bn_pairs(target)
+    if convs is not None:
+        wanted = set(convs)
+        pairs = [(c, b) for c, b in pairs if c in wanted]
     modules = dict(target.named_modules())
     for conv_name, bn_name in pairs:
         conv, bn = modules[conv_name], modules[bn_name]
@@ -86,7 +97,26 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
                 conv.bias.copy_(bias.to(conv.bias.dtype))
         _replace(target, bn_name, nn.Identity())
         log.info("folded %s into %s", bn_name, conv_name)
+    if pairs:
+        folded = dict(getattr(target, FOLDED_BN, {}))
+        folded.update({bn: conv for conv, bn in pairs})
+        setattr(target, FOLDED_BN, folded)
     return target
+
+
+def remove_folded(model: nn.Module, folded: dict[str, str]) -> None:
+    """Give ``model`` (a dense model of the saved architecture) the structure folding left:
+    each BN of ``folded`` ({bn name: conv name}) replaced by ``nn.Identity`` and its conv given a
+    bias (its values come from the saved weights)."""
+    for bn_name, conv_name in folded.items():
+        conv = model.get_submodule(conv_name)
+        if isinstance(conv, nn.Conv2d) and conv.bias is None:
+            conv.bias = nn.Parameter(
+                torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device)
+            )
+        _replace(model, bn_name, nn.Identity())
+    if folded:
+        setattr(model, FOLDED_BN, dict(folded))
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -264,7 +264,8 @@ def compress(
         args = dict(input_size=input_size, must_save=must_save, progress=progress)
         target = model if inplace else copy.deepcopy(model)
         if fold_bn if fold_bn is not None else not model.training:
-            fold_batchnorm(target, inplace=True)
+            picked = [n for n, c in select_convs(target, layers) if c.groups == 1]
+            fold_batchnorm(target, inplace=True, convs=picked)
         chosen, dense = auto_spec(target, budget=budget, layers=layers, options=options, **args)
         if chosen:
             compress(
@@ -316,9 +317,9 @@ def compress(
     target = model if inplace else copy.deepcopy(model)
     if fold_bn is None:
         fold_bn = not model.training
-    if fold_bn:
-        fold_batchnorm(target, inplace=True)
     chosen = select_convs(target, layers)
+    if fold_bn:  # the chosen layers are fitted as the kernels they compute with their BN
+        fold_batchnorm(target, inplace=True, convs=[n for n, c in chosen if c.groups == 1])
     timed = (
         must_save == "latency"
         or round_to is not None

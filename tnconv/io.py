@@ -48,6 +48,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
+from .bn_folding import FOLDED_BN, remove_folded
 from .compress import DENSE_REASONS, INPUT_SIZE
 from .errors import LoadError, TnconvError, UntrustedFileError
 from .factorization import Factorization
@@ -264,6 +265,7 @@ class SavedModelHeader(BaseModel):
     input_size: tuple[int, ...] | None = None
     quantized: list[QuantLayerSpec] = []
     architecture: ArchitectureSpec | None = None  # version 3: a shipped architecture
+    folded_bn: dict[str, str] = {}  # BN name -> the conv it was folded into (compress fold_bn)
 
 
 class QuantLayerSpec(BaseModel):
@@ -473,6 +475,7 @@ def _header_of(model: nn.Module, version: str) -> SavedModelHeader:
         dense_reasons=dict(getattr(model, DENSE_REASONS, {})),
         input_size=tuple(size) if size is not None else None,
         quantized=qspecs,
+        folded_bn=dict(getattr(model, FOLDED_BN, {})),
     )
     arch = ArchitectureSpec.of(model)
     if arch is not None and _rebuilds(model, arch, header):
@@ -824,7 +827,12 @@ def load(
 
 
 def _install_all(model: nn.Module, header: SavedModelHeader) -> None:
-    """Install the header's factorized, then quantized, layers into a dense ``model``."""
+    """Install the header's folded BNs, factorized, then quantized, layers into a dense
+    ``model``."""
+    try:
+        remove_folded(model, header.folded_bn)
+    except AttributeError as exc:
+        raise LoadError(f"the model has no module to fold: {exc}") from exc
     for spec in header.layers:
         _install(model, spec)
     for qspec in header.quantized:
