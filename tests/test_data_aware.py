@@ -271,3 +271,14 @@ def test_compress_with_calibration_fits_the_outputs(method: str) -> None:
     layer = aware.conv2
     assert "kernel_error" in layer.info and layer.info["output_aware"]
     assert sum(m.num_params for m in [layer]) <= 0.3 * layer.dense_params
+
+
+def test_a_folded_model_saves_and_loads_from_its_dense_architecture(tmp_path) -> None:
+    model = _trained_bn(Residual())
+    small = tnconv.compress(model, "tt", ratio=0.5, layers=["conv1", "conv2"])
+    assert isinstance(small.bn1, nn.Identity) and small.conv1.bias is not None
+    tnconv.save(small, tmp_path / "small.safetensors")
+    back = tnconv.load(tmp_path / "small.safetensors", model=Residual()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
