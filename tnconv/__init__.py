@@ -12,6 +12,7 @@ method / rank ``recommend``ation behind ``compress(model, "auto", budget=...)``;
 
 from . import analysis
 from .admm import ADMM
+from .bn_folding import fold_batchnorm
 from .compress import Budget, compress, dense_reasons
 from .decompositions.base import Decomposition
 from .errors import (
@@ -20,6 +21,7 @@ from .errors import (
     EquationError,
     InvalidWeightError,
     LoaderError,
+    LoadError,
     NonFiniteWeightError,
     OptionError,
     PluginLoadError,
@@ -29,6 +31,7 @@ from .errors import (
     StructureError,
     TnconvError,
     UnknownMethodError,
+    UntrustedFileError,
 )
 from .factorization import Factorization
 from .io import load, save
@@ -45,6 +48,7 @@ from .registry import (
     unregister_derived,
 )
 from .selection import RankSelection, select_ranks
+from .statistics import InputStatistics, calibrate_inputs
 from .study import StudyResult, study
 from .summary import Summary, summary
 from .training import finetune
@@ -60,7 +64,9 @@ __all__ = [
     "EquationError",
     "Factorization",
     "FactorizedConv2d",
+    "InputStatistics",
     "InvalidWeightError",
+    "LoadError",
     "LoaderError",
     "NonFiniteWeightError",
     "OptionError",
@@ -75,12 +81,15 @@ __all__ = [
     "Summary",
     "TnconvError",
     "UnknownMethodError",
+    "UntrustedFileError",
     "__version__",
     "analysis",
     "available",
+    "calibrate_inputs",
     "compress",
     "dense_reasons",
     "finetune",
+    "fold_batchnorm",
     "get",
     "load",
     "quantize",

@@ -169,6 +169,8 @@ def summary(
                 else 0
             )
             err = module.info.get("relative_error")
+            note = "" if shape else "not reached by the forward pass"
+            note = "; ".join(filter(None, [note, _quantization_note(module)]))
             rows.append(
                 LayerRow(
                     name,
@@ -180,7 +182,7 @@ def summary(
                     dense_flops,
                     module.flops(shape, inference=True) if shape else 0,
                     float(err) if err is not None else None,
-                    "" if shape else "not reached by the forward pass",
+                    note,
                     module.factorization.sensitivity(),
                 )
             )
@@ -190,6 +192,7 @@ def summary(
             note = reasons.get(name, "")
             if not shape:
                 note = (note + "; " if note else "") + "not reached by the forward pass"
+            note = "; ".join(filter(None, [note, _quantization_note(module)]))
             rows.append(
                 LayerRow(
                     name,
@@ -220,6 +223,12 @@ def summary(
             row.dense_latency_ms = ms.get("dense", ms["this"])
     total = sum(p.numel() for p in model.parameters())
     return Summary(rows, size, total, total - kernel_params)
+
+
+def _quantization_note(module: nn.Module) -> str:
+    from .quantization import quantization_note  # quantization builds on compress and layers
+
+    return quantization_note(module)
 
 
 def _out_hw(layer: FactorizedConv2d, shape: Sequence[int]) -> tuple[int, int]:
