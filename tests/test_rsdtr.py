@@ -449,10 +449,12 @@ def test_second_split_spectra_equal_their_definition(
     energy = float(torch.sum(w * w))
     for single, tol in ((False, 1e-12), (True, 1e-6)):
         step = sh.step1(r0, r1, single)
-        assert torch.isfinite(step.lam).all() and torch.isfinite(step.head2).all()
+        got_head2 = sh.head2(r0, r1, single)
+        assert step.head2 is got_head2  # cached on the split
+        assert torch.isfinite(step.lam).all() and torch.isfinite(got_head2).all()
         assert torch.allclose(step.lam, s1**2, rtol=0, atol=tol * energy)
         head2 = torch.cumsum(third**2, 0)
-        assert torch.allclose(step.head2[1 : head2.numel() + 1], head2, rtol=0, atol=tol * energy)
+        assert torch.allclose(got_head2[1 : head2.numel() + 1], head2, rtol=0, atol=tol * energy)
         r2 = max(1, s1.numel() // 2)
         want = torch.linalg.svdvals((s1[:r2, None] * vh1[:r2]).reshape(r2 * n[2], -1)) ** 2
         got = sh.lam2(r0, r1, r2, single)

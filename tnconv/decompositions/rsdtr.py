@@ -233,6 +233,11 @@ def _sq_svals(mat: torch.Tensor) -> torch.Tensor:
     return torch.flip(torch.linalg.eigvalsh(gram), (0,)).clamp_min(0.0)
 
 
+def _eigvals_desc(gram: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a symmetric PSD matrix, descending, clamped at 0."""
+    return torch.flip(torch.linalg.eigvalsh(gram), (0,)).clamp_min(0.0)
+
+
 def _sq_spectrum(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lam, rows)``: squared singular values of ``mat`` (m1, m2), descending, and
     ``rows[j] = sigma_j * v_j`` (the rows of ``S @ Vh`` of a thin SVD), from the smaller Gram."""
@@ -269,6 +274,9 @@ def _eig_work(m1: int, m2: int) -> float:
     k, big = min(m1, m2), max(m1, m2)
     return float(k * k * big + 4 * k**3)
 
+
+# the largest shared Gram matrix of a shift's first remainder (see _Shift.gram), in bytes
+_GRAM_BYTES = 1 << 27
 
 # kernels with at least this many entries keep torch's thread pool: their eigen-decompositions
 # (up to 512 x 512 for 512-channel kernels) are large enough to gain from it (an eps=0.3 search
@@ -329,13 +337,14 @@ class _Step1:
 
     ``lam``: squared singular values; ``tail``: discarded energy per rank; ``head2[r]``: energy
     of the leading r singular values of the third SVD's matrix at the largest second rank, which
-    bounds the same at every smaller second rank; ``rows``: ``S @ Vh`` (the remainder passed
-    on), computed only when a third spectrum is asked for (most splits are pruned before).
+    bounds the same at every smaller second rank (computed when the search first needs it, see
+    :meth:`_Shift.head2`); ``rows``: ``S @ Vh`` (the remainder passed on), computed only when a
+    third spectrum is asked for (most splits are pruned before).
     """
 
     lam: torch.Tensor
     tail: torch.Tensor
-    head2: torch.Tensor
+    head2: torch.Tensor | None = None
     rows: torch.Tensor | None = None
 
 
@@ -354,6 +363,10 @@ class _Shift:
     # third spectra by (r0, r1, r2): the searches of many budgets revisit the same nodes
     third: dict[tuple[int, int, int, bool], torch.Tensor] = field(default_factory=dict)
     unit32: torch.Tensor | None = None  # S @ Vh / s[0] in float32, for the float32 spectra
+    # shared Gram matrices of S @ Vh (see :meth:`gram`) by (split, row side?, single): (first
+    # ranks covered, matrix); dropped after each search, they are large
+    grams: dict[tuple[int, bool, bool], tuple[int, torch.Tensor]] = field(default_factory=dict)
+    gram_work: dict[tuple[int, bool, bool], float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, weight: torch.Tensor, p: int) -> _Shift:
@@ -367,16 +380,20 @@ class _Shift:
     def dims(self) -> tuple[int, ...]:
         return tuple(self.x.shape)
 
+    def unit32_rows(self) -> torch.Tensor:
+        """``S @ Vh / s[0]`` in float32 (made once): entries at most 1, no over/underflow."""
+        if self.unit32 is None:
+            top = float(self.s[0]) or 1.0
+            self.unit32 = (self.s[:, None] * self.vh / top).float()
+        return self.unit32
+
     def remainder1(self, r0: int, r1: int, single: bool = False) -> torch.Tensor:
         """The second SVD's matrix ``(r1 * n1, n2 * n3 * r0)`` for the first split (r0, r1);
         ``single``: in float32 and divided by the largest singular value (see :meth:`energy`).
         """
         big_r = r0 * r1
         if single:
-            if self.unit32 is None:  # entries of S @ Vh / s[0] are at most 1: no over/underflow
-                top = float(self.s[0]) or 1.0
-                self.unit32 = (self.s[:, None] * self.vh / top).float()
-            rest = self.unit32[:big_r]
+            rest = self.unit32_rows()[:big_r]
         else:
             rest = self.s[:big_r, None] * self.vh[:big_r]  # row a0 * r1 + a1, as the paper splits
         rest = rest.reshape(r0, r1, -1).permute(1, 2, 0)  # the closing bond rides along last
@@ -389,23 +406,74 @@ class _Shift:
             return lam
         return lam.to(self.s.dtype) * (float(self.s[0]) or 1.0) ** 2
 
-    def step1(self, r0: int, r1: int, single: bool = False) -> _Step1:
-        """The second SVD's spectra for the split (r0, r1), from Gram matrices (cached).
+    def gram(self, r0: int, r1: int, split: int, single: bool = False) -> torch.Tensor:
+        """The smaller Gram matrix of :meth:`remainder1` reshaped to ``(r1 * n1..n_split, rest)``
+        (``split`` 1: the second SVD's matrix itself; 2: rows ``(r1 n1 n2)``), up to a
+        permutation of its indices (which leaves its spectrum unchanged).
 
-        No eigenvectors: the third matrix at the largest second rank is ``U^T M`` reshaped, with
-        ``M`` the second SVD's matrix and ``U`` orthogonal on its range, so its column Gram is
-        that of ``M`` reshaped to ``(r1 n1 n2, n3 r0)`` and ``head2`` comes from ``M`` alone.
-        ``single``: spectra in float32 (see :func:`_sq_svals`).
+        Its rows are ``(a1, row)`` and its columns ``(col, a0)``, with entries from row
+        ``a0 * r1 + a1`` of ``S @ Vh``; each Gram is a sum of diagonal blocks of one Gram of
+        ``S @ Vh`` reshaped to ``(R * row, col)`` (row side) or ``(R * col, row)`` (column side),
+        shared by every split (r0, r1) of every first rank up to R. That Gram is formed once
+        the direct products of a search have cost as much as it (2x the direct cost at worst);
+        on a 512x512x3x3 kernel it is most of the Gram work of an eps search.
+        """
+        n = self.dims
+        rows = math.prod(n[1 : split + 1])
+        cols = math.prod(n[split + 1 :])
+        big_r = r0 * r1
+        row_side = r1 * rows <= cols * r0
+        side, other = (rows, cols) if row_side else (cols, rows)
+        key = (split, row_side, single)
+        shared = self.grams.get(key)
+        if shared is None or shared[0] < big_r:
+            top = min(self.s.numel(), -(-big_r // 64) * 64)
+            full = float(top * side) ** 2 * other
+            entries = (top * side) ** 2
+            # the direct product: (r1 row)^2 (col r0) or (col r0)^2 (r1 row) multiply-adds
+            direct = float(big_r * side) ** 2 * other / (r0 if row_side else r1)
+            spent = self.gram_work.get(key, 0.0) + direct
+            self.gram_work[key] = spent
+            if spent < full or entries * (4 if single else 8) > _GRAM_BYTES:
+                mat = self.remainder1(r0, r1, single)
+                if split == 2:
+                    mat = mat.reshape(r1 * rows, cols * r0)
+                return mat @ mat.T if row_side else mat.T @ mat
+            src = self.unit32_rows()[:top] if single else self.s[:top, None] * self.vh[:top]
+            src = src.reshape(top, rows, cols)
+            if not row_side:
+                src = src.transpose(1, 2)
+            src = src.reshape(top * side, other)
+            shared = (top, src @ src.T)
+            self.grams[key] = shared
+        k = shared[1][: big_r * side, : big_r * side].reshape(r0, r1, side, r0, r1, side)
+        if row_side:  # sum over a0 of the blocks (a0 r1 + a1, a0 r1 + b1)
+            return torch.diagonal(k, dim1=0, dim2=3).sum(-1).reshape(r1 * side, r1 * side)
+        return torch.diagonal(k, dim1=1, dim2=4).sum(-1).reshape(r0 * side, r0 * side)
+
+    def step1(self, r0: int, r1: int, single: bool = False) -> _Step1:
+        """The second SVD's spectrum for the split (r0, r1), from a Gram matrix (cached).
+
+        ``single``: in float32 (see :func:`_sq_svals`). ``head2`` is left to :meth:`head2`.
         """
         key = (r0, r1, single)
         if key not in self.fast:
-            mat = self.remainder1(r0, r1, single)
-            lam = self.energy(_sq_svals(mat))
-            n = self.dims
-            third = self.energy(_sq_svals(mat.reshape(r1 * n[1] * n[2], n[3] * r0)))
-            head2 = torch.cat([lam.new_zeros(1), torch.cumsum(third, 0)])
-            self.fast[key] = _Step1(lam, _tail_sq(lam), head2)
+            lam = self.energy(_eigvals_desc(self.gram(r0, r1, 1, single)))
+            self.fast[key] = _Step1(lam, _tail_sq(lam))
         return self.fast[key]
+
+    def head2(self, r0: int, r1: int, single: bool = False) -> torch.Tensor:
+        """``head2`` of :meth:`step1` (cached there), without eigenvectors.
+
+        The third matrix at the largest second rank is ``U^T M`` reshaped, with ``M`` the second
+        SVD's matrix and ``U`` orthogonal on its range, so its column Gram is that of ``M``
+        reshaped to ``(r1 n1 n2, n3 r0)``: ``head2`` comes from ``M`` alone.
+        """
+        step = self.step1(r0, r1, single)
+        if step.head2 is None:
+            third = self.energy(_eigvals_desc(self.gram(r0, r1, 2, single)))
+            step.head2 = torch.cat([third.new_zeros(1), torch.cumsum(third, 0)])
+        return step.head2
 
     def lam2(self, r0: int, r1: int, r2: int, single: bool = False) -> torch.Tensor:
         """Squared singular values of the third SVD at second rank r2 (from a Gram matrix)."""
@@ -673,19 +741,25 @@ class _Search:
             r2s = np.arange(1, st.lam.numel() + 1)
             left2s = left1 - st.tail.cpu().numpy()[1:]
             r2s, left2s = r2s[left2s >= 0], left2s[left2s >= 0]
-            if r2s.size == 0:
+            # a second rank whose floor is above the bar now stays so (the bar only falls):
+            # pushing it would only pop it and drop it, so it is dropped here, and when all of
+            # them are, the third spectrum (head2) is not needed at all
+            if r2s.size == 0 or not (self.floors(cost, rho, p, r0, r1, r2s) <= bar()).any():
                 continue
             # the third matrix at second rank r2 is a row block of the one at full rank, so its
             # leading singular values are no larger (interlacing): its energy beyond rank r is at
             # least kept(r2) - head2[r], which floors the third rank
             kept = np.cumsum(st.lam.cpu().numpy())[r2s - 1]
-            r3_min = np.maximum(
-                np.searchsorted(st.head2.cpu().numpy(), kept - left2s, side="left"), 1
-            )
+            head2 = sh.head2(r0, r1, single).cpu().numpy()
+            r3_min = np.maximum(np.searchsorted(head2, kept - left2s, side="left"), 1)
             floors = self.floors(cost, rho, p, r0, r1, r2s, r3_min)
+            limit = bar()
             for f, c2, left in zip(floors.tolist(), r2s.tolist(), left2s.tolist(), strict=True):
-                heapq.heappush(queue, (phase, f, next(order), (p, r0, r1, c2, left)))
+                if f <= limit:
+                    heapq.heappush(queue, (phase, f, next(order), (p, r0, r1, c2, left)))
         self.work = work
+        for sh in self.shifts:
+            sh.grams.clear()
         return [plan for _, plan in sorted(found.values())[:keep]]
 
     def cores(self, plan: _Plan, budget: float) -> tuple[list[torch.Tensor], float]:
