@@ -238,18 +238,6 @@ def _eigvals_desc(gram: torch.Tensor) -> torch.Tensor:
     return torch.flip(torch.linalg.eigvalsh(gram), (0,)).clamp_min(0.0)
 
 
-def _sq_spectrum(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lam, rows)``: squared singular values of ``mat`` (m1, m2), descending, and
-    ``rows[j] = sigma_j * v_j`` (the rows of ``S @ Vh`` of a thin SVD), from the smaller Gram."""
-    if mat.shape[0] <= mat.shape[1]:
-        lam, u = torch.linalg.eigh(mat @ mat.T)
-        lam, u = torch.flip(lam, (0,)).clamp_min(0.0), torch.flip(u, (1,))
-        return lam, u.T @ mat
-    lam, v = torch.linalg.eigh(mat.T @ mat)
-    lam, v = torch.flip(lam, (0,)).clamp_min(0.0), torch.flip(v, (1,))
-    return lam, (v * lam.sqrt()).T
-
-
 def _tail_sq(lam: torch.Tensor) -> torch.Tensor:
     """``tail[r] = sum(lam[r:])`` for r = 0..len(lam)."""
     tail = torch.flip(torch.cumsum(torch.flip(lam, (0,)), 0), (0,))
@@ -346,6 +334,38 @@ class _Step1:
     tail: torch.Tensor
     head2: torch.Tensor | None = None
     rows: torch.Tensor | None = None
+    third: torch.Tensor | None = None  # the third SVD's spectrum at the largest second rank
+
+
+class _SharedGram:
+    """The Gram matrix ``src @ src.T`` of ``src`` (top * side, other), whose rows come in
+    groups of ``side`` (one per row of ``S @ Vh``), filled by row groups on demand: its leading
+    ``B * side`` block costs ``(B side)^2 other / 2`` multiply-adds (one triangle, mirrored)."""
+
+    def __init__(self, src: torch.Tensor, side: int) -> None:
+        self.src = src.contiguous()
+        self.side = side
+        self.top = src.shape[0] // side
+        self.full = src.new_empty(src.shape[0], src.shape[0])
+        self.filled = 0  # rows of S @ Vh whose rows and columns are in `full`
+
+    @staticmethod
+    def work(size: int, other: int) -> float:
+        """Multiply-adds of the leading ``size`` block."""
+        return float(size) ** 2 * other / 2
+
+    def leading(self, big_r: int) -> torch.Tensor:
+        """The Gram's leading ``(big_r * side)`` square block (a view)."""
+        if big_r > self.filled:
+            # fill by at least 64 rows of S @ Vh at a time (fewer, larger products)
+            upto = min(self.top, max(big_r, self.filled + 64))
+            lo, hi = self.filled * self.side, upto * self.side
+            block = self.src[lo:hi] @ self.src[:hi].T
+            self.full[lo:hi, :hi] = block
+            self.full[:lo, lo:hi] = block[:, :lo].T
+            self.filled = upto
+        size = big_r * self.side
+        return self.full[:size, :size]
 
 
 @dataclass
@@ -365,7 +385,7 @@ class _Shift:
     unit32: torch.Tensor | None = None  # S @ Vh / s[0] in float32, for the float32 spectra
     # shared Gram matrices of S @ Vh (see :meth:`gram`) by (split, row side?, single): (first
     # ranks covered, matrix); dropped after each search, they are large
-    grams: dict[tuple[int, bool, bool], tuple[int, torch.Tensor]] = field(default_factory=dict)
+    grams: dict[tuple[int, bool, bool], _SharedGram] = field(default_factory=dict)
     gram_work: dict[tuple[int, bool, bool], float] = field(default_factory=dict)
 
     @classmethod
@@ -408,15 +428,16 @@ class _Shift:
 
     def gram(self, r0: int, r1: int, split: int, single: bool = False) -> torch.Tensor:
         """The smaller Gram matrix of :meth:`remainder1` reshaped to ``(r1 * n1..n_split, rest)``
-        (``split`` 1: the second SVD's matrix itself; 2: rows ``(r1 n1 n2)``), up to a
-        permutation of its indices (which leaves its spectrum unchanged).
+        (``split`` 1: the second SVD's matrix itself; 2: rows ``(r1 n1 n2)``):
+        ``mat @ mat.T`` or ``mat.T @ mat``, with ``mat`` the matrix; the smaller of the two.
 
         Its rows are ``(a1, row)`` and its columns ``(col, a0)``, with entries from row
-        ``a0 * r1 + a1`` of ``S @ Vh``; each Gram is a sum of diagonal blocks of one Gram of
-        ``S @ Vh`` reshaped to ``(R * row, col)`` (row side) or ``(R * col, row)`` (column side),
-        shared by every split (r0, r1) of every first rank up to R. That Gram is formed once
-        the direct products of a search have cost as much as it (2x the direct cost at worst);
-        on a 512x512x3x3 kernel it is most of the Gram work of an eps search.
+        ``a0 * r1 + a1`` of ``S @ Vh``; so it is a sum of diagonal blocks of one Gram of ``S @ Vh``
+        reshaped to ``(R * row, col)`` (row side) or ``(R * col, row)`` (column side), shared by
+        every split (r0, r1) of every first rank up to R (see :class:`_SharedGram`). That Gram is
+        started once the direct products of a search have cost as much as it would (so at worst
+        twice the direct work); on a 512x512x3x3 kernel it replaces most of the search's Gram
+        work.
         """
         n = self.dims
         rows = math.prod(n[1 : split + 1])
@@ -426,52 +447,76 @@ class _Shift:
         side, other = (rows, cols) if row_side else (cols, rows)
         key = (split, row_side, single)
         shared = self.grams.get(key)
-        if shared is None or shared[0] < big_r:
-            top = min(self.s.numel(), -(-big_r // 64) * 64)
-            full = float(top * side) ** 2 * other
-            entries = (top * side) ** 2
+        if shared is None:
             # the direct product: (r1 row)^2 (col r0) or (col r0)^2 (r1 row) multiply-adds
             direct = float(big_r * side) ** 2 * other / (r0 if row_side else r1)
             spent = self.gram_work.get(key, 0.0) + direct
             self.gram_work[key] = spent
-            if spent < full or entries * (4 if single else 8) > _GRAM_BYTES:
-                mat = self.remainder1(r0, r1, single)
-                if split == 2:
-                    mat = mat.reshape(r1 * rows, cols * r0)
-                return mat @ mat.T if row_side else mat.T @ mat
-            src = self.unit32_rows()[:top] if single else self.s[:top, None] * self.vh[:top]
-            src = src.reshape(top, rows, cols)
-            if not row_side:
-                src = src.transpose(1, 2)
-            src = src.reshape(top * side, other)
-            shared = (top, src @ src.T)
-            self.grams[key] = shared
-        k = shared[1][: big_r * side, : big_r * side].reshape(r0, r1, side, r0, r1, side)
-        if row_side:  # sum over a0 of the blocks (a0 r1 + a1, a0 r1 + b1)
+            top = min(self.s.numel(), math.isqrt(_GRAM_BYTES // (4 if single else 8)) // side)
+            if big_r <= top and spent >= _SharedGram.work(big_r * side, other):
+                src = self.unit32_rows()[:top] if single else self.s[:top, None] * self.vh[:top]
+                src = src.reshape(top, rows, cols)
+                if not row_side:
+                    src = src.transpose(1, 2)
+                shared = self.grams[key] = _SharedGram(src.reshape(top * side, other), side)
+        if shared is None or big_r > shared.top:
+            mat = self.remainder1(r0, r1, single)
+            if split == 2:
+                mat = mat.reshape(r1 * rows, cols * r0)
+            return mat @ mat.T if row_side else mat.T @ mat
+        k = shared.leading(big_r).reshape(r0, r1, side, r0, r1, side)
+        if row_side:  # sum over a0 of the blocks (a0 r1 + a1, a0 r1 + b1): rows (a1, row)
             return torch.diagonal(k, dim1=0, dim2=3).sum(-1).reshape(r1 * side, r1 * side)
-        return torch.diagonal(k, dim1=1, dim2=4).sum(-1).reshape(r0 * side, r0 * side)
+        # sum over a1 of the blocks (a0 r1 + a1, b0 r1 + a1), in the matrix's order (col, a0)
+        g = torch.diagonal(k, dim1=1, dim2=4).sum(-1).permute(1, 0, 3, 2)
+        return g.reshape(r0 * side, r0 * side)
 
-    def step1(self, r0: int, r1: int, single: bool = False) -> _Step1:
+    def step1(self, r0: int, r1: int, single: bool = False, rows: bool = False) -> _Step1:
         """The second SVD's spectrum for the split (r0, r1), from a Gram matrix (cached).
 
-        ``single``: in float32 (see :func:`_sq_svals`). ``head2`` is left to :meth:`head2`.
+        ``single``: in float32 (see :func:`_sq_svals`). ``rows``: with ``S @ Vh`` of the second
+        SVD too (``_Step1.rows``), from one eigen-decomposition when neither is cached yet (the
+        paper's plans need both). ``head2`` is left to :meth:`head2`.
         """
         key = (r0, r1, single)
-        if key not in self.fast:
-            lam = self.energy(_eigvals_desc(self.gram(r0, r1, 1, single)))
-            self.fast[key] = _Step1(lam, _tail_sq(lam))
-        return self.fast[key]
+        step = self.fast.get(key)
+        if step is not None and (step.rows is not None or not rows):
+            return step
+        gram = self.gram(r0, r1, 1, single)
+        if not rows:
+            lam = self.energy(_eigvals_desc(gram))
+            step = self.fast[key] = _Step1(lam, _tail_sq(lam))
+            return step
+        lam, vecs = torch.linalg.eigh(gram)
+        lam, vecs = torch.flip(lam, (0,)).clamp_min(0.0), torch.flip(vecs, (1,))
+        if gram.shape[0] == r1 * self.dims[1]:  # the row Gram: S @ Vh = U^T M
+            out = vecs.T @ self.remainder1(r0, r1, single)
+        else:  # the column Gram: S @ Vh = (V sqrt(lam))^T
+            out = (vecs * lam.sqrt()).T
+        if step is None:
+            energy = self.energy(lam)
+            step = self.fast[key] = _Step1(energy, _tail_sq(energy))
+        step.rows = out  # in the remainder's dtype and scale
+        return step
 
-    def head2(self, r0: int, r1: int, single: bool = False) -> torch.Tensor:
-        """``head2`` of :meth:`step1` (cached there), without eigenvectors.
+    def third_full(self, r0: int, r1: int, single: bool = False) -> torch.Tensor:
+        """Squared singular values of the third SVD's matrix at the largest second rank
+        (cached on :meth:`step1`), without eigenvectors.
 
-        The third matrix at the largest second rank is ``U^T M`` reshaped, with ``M`` the second
-        SVD's matrix and ``U`` orthogonal on its range, so its column Gram is that of ``M``
-        reshaped to ``(r1 n1 n2, n3 r0)``: ``head2`` comes from ``M`` alone.
+        That matrix is ``U^T M`` reshaped, with ``M`` the second SVD's matrix and ``U``
+        orthogonal on its range, so its column Gram is that of ``M`` reshaped to
+        ``(r1 n1 n2, n3 r0)``: it comes from ``M`` alone.
         """
         step = self.step1(r0, r1, single)
+        if step.third is None:
+            step.third = self.energy(_eigvals_desc(self.gram(r0, r1, 2, single)))
+        return step.third
+
+    def head2(self, r0: int, r1: int, single: bool = False) -> torch.Tensor:
+        """``head2`` of :meth:`step1` (cached there): cumulative :meth:`third_full`."""
+        step = self.step1(r0, r1, single)
         if step.head2 is None:
-            third = self.energy(_eigvals_desc(self.gram(r0, r1, 2, single)))
+            third = self.third_full(r0, r1, single)
             step.head2 = torch.cat([third.new_zeros(1), torch.cumsum(third, 0)])
         return step.head2
 
@@ -479,11 +524,12 @@ class _Shift:
         """Squared singular values of the third SVD at second rank r2 (from a Gram matrix)."""
         key = (r0, r1, r2, single)
         if key not in self.third:
-            step = self.step1(r0, r1, single)
-            if step.rows is None:  # S @ Vh of the second SVD, in the remainder's dtype and scale
-                step.rows = _sq_spectrum(self.remainder1(r0, r1, single))[1]
-            rows = step.rows[:r2]
-            self.third[key] = self.energy(_sq_svals(rows.reshape(r2 * self.dims[2], -1)))
+            if r2 >= self.step1(r0, r1, single).lam.numel():  # every row of S @ Vh
+                self.third[key] = self.third_full(r0, r1, single)
+                return self.third[key]
+            rows = self.step1(r0, r1, single, rows=True).rows
+            assert rows is not None
+            self.third[key] = self.energy(_sq_svals(rows[:r2].reshape(r2 * self.dims[2], -1)))
         return self.third[key]
 
     def tail2(self, r0: int, r1: int, r2: int, single: bool = False) -> torch.Tensor:
@@ -601,7 +647,8 @@ class _Search:
                     s2 = torch.linalg.svdvals(rows[:r2].reshape(r2 * sh.dims[2], -1))
                     r3 = _published_rank(s2, delta)
                 else:
-                    step = sh.step1(r0, r1, single)
+                    # the third spectrum needs S @ Vh: one eigen-decomposition for both
+                    step = sh.step1(r0, r1, single, rows=True)
                     r2 = _published_rank(step.lam.sqrt(), delta)
                     r3 = _published_rank(sh.lam2(r0, r1, r2, single).sqrt(), delta)
                 plans.append(_Plan(sh.p, (r0, r1, r2, r3)))
