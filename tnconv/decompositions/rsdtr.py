@@ -42,6 +42,7 @@ The returned ring's error is measured, not assumed: ``relative_error <= eps`` al
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import contextlib
 import heapq
 import itertools
@@ -49,7 +50,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -67,6 +68,8 @@ __all__ = ["EQUATION", "RSDTR", "RSDTROptions", "pipeline_flops"]
 log = logging.getLogger(__name__)
 
 EQUATION = "atb,bsc,chd,dwa->tshw"
+_T = TypeVar("_T")
+_U = TypeVar("_U")
 Ranks = tuple[int, int, int, int]
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -266,15 +269,16 @@ def _eig_work(m1: int, m2: int) -> float:
 # the largest shared Gram matrix of a shift's first remainder (see _Shift.gram), in bytes
 _GRAM_BYTES = 1 << 27
 
-# kernels with at least this many entries keep torch's thread pool: their eigen-decompositions
-# (up to 512 x 512 for 512-channel kernels) are large enough to gain from it (an eps=0.3 search
-# on a 512x512x3x3 kernel: 23.5 s on one thread, 16.2 s on two, quiet 2-core machine)
+# kernels with at least this many entries keep torch's thread pool for fixed-rank fits and the
+# ratio search: their eigen-decompositions (up to 512 x 512 for 512-channel kernels) are large
+# enough to gain from it on a quiet machine. The eps search never does (see RSDTR.fit_eps).
 _POOL_ENTRIES = 1 << 20
 
 
 @contextlib.contextmanager
-def _one_thread(weight: torch.Tensor | None = None) -> Iterator[None]:
-    """Run torch's intra-op work on one thread for the duration, then restore the pool size.
+def _one_thread(weight: torch.Tensor | None = None) -> Iterator[int]:
+    """Run torch's intra-op work on one thread for the duration, then restore the pool size;
+    yields the caller's thread count.
 
     The search makes thousands of eigen-decompositions of matrices with tens to hundreds of
     rows: latency-bound work that gains nothing from threads. On a 2-core machine shared with
@@ -284,13 +288,24 @@ def _one_thread(weight: torch.Tensor | None = None) -> Iterator[None]:
     """
     threads = torch.get_num_threads()
     if threads == 1 or (weight is not None and weight.numel() >= _POOL_ENTRIES):
-        yield
+        yield threads
         return
     torch.set_num_threads(1)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
+
+
+def _map(fn: Callable[[_T], _U], items: Sequence[_T], workers: int) -> list[_U]:
+    """``[fn(x) for x in items]``, on up to ``workers`` Python threads (torch releases the GIL
+    in its kernels, so single-threaded linear algebra on independent data runs in parallel,
+    with none of the intra-op pool's per-call synchronisation). Same results in the same order
+    whatever ``workers``: each ``fn(x)`` must touch only its own state."""
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def _divisors(n: int) -> list[int]:
@@ -412,10 +427,8 @@ class _Shift:
         ``single``: in float32 and divided by the largest singular value (see :meth:`energy`).
         """
         big_r = r0 * r1
-        if single:
-            rest = self.unit32_rows()[:big_r]
-        else:
-            rest = self.s[:big_r, None] * self.vh[:big_r]  # row a0 * r1 + a1, as the paper splits
+        # row a0 * r1 + a1, as the paper splits
+        rest = self.unit32_rows()[:big_r] if single else self.s[:big_r, None] * self.vh[:big_r]
         rest = rest.reshape(r0, r1, -1).permute(1, 2, 0)  # the closing bond rides along last
         return rest.reshape(r1 * self.dims[1], -1)
 
@@ -579,11 +592,14 @@ class _Search:
     serves many budgets (the ratio search bisects over eps with one).
     """
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, workers: int = 1) -> None:
+        """``workers``: Python threads for independent work (the four shifts' SVDs, the paper's
+        plans per shift, the seeds' rings); results do not depend on it."""
         self.weight = weight
         self.shape: KernelShape = tuple(weight.shape)  # type: ignore[assignment]
         self.norm2 = float(torch.sum(weight * weight))
-        self.shifts = [_Shift.of(weight, p) for p in range(4)]
+        self.workers = workers
+        self.shifts = _map(lambda p: _Shift.of(weight, p), range(4), workers)
         self._pair_tails: dict[bool, list[torch.Tensor]] = {}
         self.work = 0.0
         self._published: dict[tuple[float, bool], list[_Plan]] = {}
@@ -636,8 +652,9 @@ class _Search:
         if key in self._published:
             return self._published[key]
         delta, single = eps / math.sqrt(3), eps >= _SINGLE_EPS
-        plans = []
-        for sh in self.shifts:
+
+        def of_shift(sh: _Shift) -> list[_Plan]:
+            plans = []
             big_r = _published_rank(sh.s, delta)
             for r0 in _divisors(big_r):
                 r1 = big_r // r0
@@ -652,6 +669,10 @@ class _Search:
                     r2 = _published_rank(step.lam.sqrt(), delta)
                     r3 = _published_rank(sh.lam2(r0, r1, r2, single).sqrt(), delta)
                 plans.append(_Plan(sh.p, (r0, r1, r2, r3)))
+            return plans
+
+        # each shift's spectra live on its own _Shift: the shifts can run side by side
+        plans = [pl for per in _map(of_shift, self.shifts, self.workers) for pl in per]
         self._published[key] = plans
         return plans
 
@@ -1042,12 +1063,15 @@ class RSDTR(Decomposition):
             }
         )
 
-    def _search_for(self, weight: torch.Tensor) -> _Search:
+    def _search_for(self, weight: torch.Tensor, workers: int = 1) -> _Search:
         shared = self._shared
         if shared is not None and shared.weight is weight:
+            shared.workers = workers
             return shared
         # one set of SVDs per kernel, shared by every fit on it (factorize_many, searches)
-        return cached(weight, "rsdtr-search", lambda: _Search(weight))
+        search = cached(weight, "rsdtr-search", lambda: _Search(weight, workers))
+        search.workers = workers
+        return search
 
     def _make(
         self,
@@ -1116,14 +1140,21 @@ class RSDTR(Decomposition):
 
     # -- error bound --------------------------------------------------------------------------
     def fit_eps(self, weight: torch.Tensor, eps: float, options: RSDTROptions) -> Factorization:
-        """The cheapest ring within eps (see the module docstring), single-threaded (see
-        :func:`_one_thread`)."""
-        with _one_thread(weight):
-            return self._fit_eps(weight, eps, options)
+        """The cheapest ring within eps (see the module docstring).
 
-    def _fit_eps(self, weight: torch.Tensor, eps: float, options: RSDTROptions) -> Factorization:
+        Torch's intra-op pool is held at one thread whatever the kernel's size (see
+        :func:`_one_thread`); the caller's threads run independent parts side by side instead
+        (see :func:`_map`). With the pool kept, a 512x512x3x3 search at eps 0.3 on a busy 2-core
+        machine took 156 s on two threads against 29 s on one.
+        """
+        with _one_thread() as threads:
+            return self._fit_eps(weight, eps, options, threads)
+
+    def _fit_eps(
+        self, weight: torch.Tensor, eps: float, options: RSDTROptions, workers: int = 1
+    ) -> Factorization:
         shape: KernelShape = tuple(weight.shape)  # type: ignore[assignment]
-        search = self._search_for(weight)
+        search = self._search_for(weight, workers)
         budget = eps * eps * search.norm2
         if budget == 0.0:  # a zero kernel: the smallest ring represents it exactly
             zeros = [weight.new_zeros(1, n, 1) for n in shape]
@@ -1179,8 +1210,8 @@ class RSDTR(Decomposition):
         seeds.sort(key=lambda pl: (min(pl.bonds) == 1, float(cost(pl.kernel_ranks())), pl))
         exhaustive = search.work <= cap
         candidates = []  # (plan, cores, squared error)
-        for plan in seeds:
-            cores, sq_err = search.cores(plan, budget)
+        rings = _map(lambda pl: search.cores(pl, budget), seeds, search.workers)
+        for plan, (cores, sq_err) in zip(seeds, rings, strict=True):
             if sq_err <= budget and float(cost(_ranks_of(cores))) <= float(
                 cost(plan.kernel_ranks())
             ):
