@@ -371,9 +371,9 @@ class _SharedGram:
 
     def leading(self, big_r: int) -> torch.Tensor:
         """The Gram's leading ``(big_r * side)`` square block (a view)."""
-        if big_r > self.filled:
-            # fill by at least 64 rows of S @ Vh at a time (fewer, larger products)
-            upto = min(self.top, max(big_r, self.filled + 64))
+        while big_r > self.filled:
+            # 64 rows of S @ Vh at a time: their rows left of and on the diagonal, mirrored
+            upto = min(self.top, self.filled + 64)
             lo, hi = self.filled * self.side, upto * self.side
             block = self.src[lo:hi] @ self.src[:hi].T
             self.full[lo:hi, :hi] = block
@@ -477,7 +477,10 @@ class _Shift:
             if split == 2:
                 mat = mat.reshape(r1 * rows, cols * r0)
             return mat @ mat.T if row_side else mat.T @ mat
-        k = shared.leading(big_r).reshape(r0, r1, side, r0, r1, side)
+        lead = shared.leading(big_r)
+        if (r0 if row_side else r1) == 1:  # a single block: the Gram itself
+            return lead.clone()
+        k = lead.reshape(r0, r1, side, r0, r1, side)
         if row_side:  # sum over a0 of the blocks (a0 r1 + a1, a0 r1 + b1): rows (a1, row)
             return torch.diagonal(k, dim1=0, dim2=3).sum(-1).reshape(r1 * side, r1 * side)
         # sum over a1 of the blocks (a0 r1 + a1, b0 r1 + a1), in the matrix's order (col, a0)
