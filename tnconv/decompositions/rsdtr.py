@@ -478,14 +478,18 @@ class _Shift:
                 mat = mat.reshape(r1 * rows, cols * r0)
             return mat @ mat.T if row_side else mat.T @ mat
         lead = shared.leading(big_r)
-        if (r0 if row_side else r1) == 1:  # a single block: the Gram itself
-            return lead.clone()
-        k = lead.reshape(r0, r1, side, r0, r1, side)
         if row_side:  # sum over a0 of the blocks (a0 r1 + a1, a0 r1 + b1): rows (a1, row)
+            if r0 == 1:
+                return lead.clone()
+            k = lead.reshape(r0, r1, side, r0, r1, side)
             return torch.diagonal(k, dim1=0, dim2=3).sum(-1).reshape(r1 * side, r1 * side)
         # sum over a1 of the blocks (a0 r1 + a1, b0 r1 + a1), in the matrix's order (col, a0)
-        g = torch.diagonal(k, dim1=1, dim2=4).sum(-1).permute(1, 0, 3, 2)
-        return g.reshape(r0 * side, r0 * side)
+        if r1 == 1:
+            g = lead.reshape(r0, side, r0, side)
+        else:
+            k = lead.reshape(r0, r1, side, r0, r1, side)
+            g = torch.diagonal(k, dim1=1, dim2=4).sum(-1)
+        return g.permute(1, 0, 3, 2).reshape(r0 * side, r0 * side)
 
     def step1(self, r0: int, r1: int, single: bool = False, rows: bool = False) -> _Step1:
         """The second SVD's spectrum for the split (r0, r1), from a Gram matrix (cached).
