@@ -398,8 +398,8 @@ class _Shift:
     # third spectra by (r0, r1, r2): the searches of many budgets revisit the same nodes
     third: dict[tuple[int, int, int, bool], torch.Tensor] = field(default_factory=dict)
     unit32: torch.Tensor | None = None  # S @ Vh / s[0] in float32, for the float32 spectra
-    # shared Gram matrices of S @ Vh (see :meth:`gram`) by (split, row side?, single): (first
-    # ranks covered, matrix); dropped after each search, they are large
+    # shared Gram matrices of S @ Vh (see :meth:`gram`) by (split, row side?, single), dropped
+    # after each search (they are large), and the direct Gram work done per key so far
     grams: dict[tuple[int, bool, bool], _SharedGram] = field(default_factory=dict)
     gram_work: dict[tuple[int, bool, bool], float] = field(default_factory=dict)
 
@@ -833,9 +833,13 @@ class _Search:
                 if f <= limit:
                     heapq.heappush(queue, (phase, f, next(order), (p, r0, r1, c2, left)))
         self.work = work
+        self.release()
+        return [plan for _, plan in sorted(found.values())[:keep]]
+
+    def release(self) -> None:
+        """Drop the shifts' shared Gram matrices (up to 128 MB each; the spectra stay cached)."""
         for sh in self.shifts:
             sh.grams.clear()
-        return [plan for _, plan in sorted(found.values())[:keep]]
 
     def cores(self, plan: _Plan, budget: float) -> tuple[list[torch.Tensor], float]:
         """The ring of a plan in kernel order (G_T, G_S, G_H, G_W) and its squared error.
@@ -1236,6 +1240,7 @@ class RSDTR(Decomposition):
                 for _, c, _ in candidates
             ):
                 candidates.append((paper, *search.cores(paper, budget)))
+        search.release()  # the paper's plans may have been computed here
         if options.refine:
             als, work = _RingALS(search.weight), _Budget(options.als_max_gflop * 1e9)
             candidates = [
