@@ -91,8 +91,12 @@ def test_process_pool_gives_the_serial_rows(serial) -> None:
     assert values(result.rows) == values(serial.rows)
 
 
-def test_dask_local_cluster_gives_the_serial_rows(serial) -> None:
+def test_dask_local_cluster_gives_the_serial_rows(serial, tmp_path, capsys) -> None:
     distributed = pytest.importorskip("distributed")
+    from tnconv.cli import main
+
+    saved = tmp_path / "net.safetensors"
+    tnconv.save(tiny_net(), saved)
     with (
         distributed.LocalCluster(
             n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
@@ -102,6 +106,12 @@ def test_dask_local_cluster_gives_the_serial_rows(serial) -> None:
         result = run(executor=client)
         # a failing cell (an option the method rejects) is a row; the others are unaffected
         failing = run(executor=client, options={"tt": {"no_such_option": 1}})
+        # the command line on the same cluster, by its address
+        argv = ["study", str(saved), "--methods", ",".join(METHODS), "--budgets", "0.3,0.6"]
+        argv += ["--model", f"{__name__}:tiny_net", "--input-size", "2,3,8,8", "--repeats", "1"]
+        argv += ["--out", str(tmp_path / "s")]
+        code = main([*argv, "--scheduler", cluster.scheduler_address, "--resume", "-q"])
+        assert code == 0, capsys.readouterr().err
     assert values(result.rows) == values(serial.rows)
     for got, want in zip(failing.rows, serial.rows, strict=True):
         if got.method == "tt":
@@ -109,6 +119,24 @@ def test_dask_local_cluster_gives_the_serial_rows(serial) -> None:
             assert math.isnan(got.error) and got.params == 0
         else:
             assert values([got]) == values([want])
+    lines = (tmp_path / "s" / "study.csv").read_text().splitlines()
+    cli_rows = [r.split(",")[:8] for r in lines[1:]]
+    assert cli_rows == [
+        [
+            str(v)
+            for v in (
+                r.target,
+                r.method,
+                r.budget,
+                r.params,
+                r.dense_params,
+                r.flops,
+                r.dense_flops,
+                r.error,
+            )
+        ]
+        for r in serial.rows
+    ]
 
 
 def test_a_concurrent_futures_executor_works_and_callables_must_pickle(serial) -> None:
