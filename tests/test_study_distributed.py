@@ -148,6 +148,8 @@ def test_a_concurrent_futures_executor_works_and_callables_must_pickle(serial) -
         run(executor="processes", evaluate=lambda m: 0.0)
     with pytest.raises(tnconv.StudyError, match="executor"):
         run(executor="threads")
+    with pytest.raises(tnconv.StudyError, match="workers"):
+        run(workers=2)
 
 
 def test_an_interrupted_study_resumes_from_its_csv(serial, tmp_path) -> None:
@@ -176,6 +178,10 @@ def test_an_interrupted_study_resumes_from_its_csv(serial, tmp_path) -> None:
     # the CSV now holds the whole study in grid order; resuming again computes nothing
     again = run(evaluate=counting, resume=path)
     assert len(evaluated) == 4 and values(again.rows) == values(serial.rows)
+    # a smaller grid on the same file: its rows come back, the other cells' rows stay in the file
+    part = run(methods=["tucker"], evaluate=counting, resume=path)
+    assert len(evaluated) == 4 and values(part.rows) == values(serial.rows[:3])
+    assert len(path.read_text().splitlines()) == 1 + len(serial.rows)
     with pytest.raises(tnconv.StudyError, match="another model"):
         tnconv.study(
             nn.Sequential(nn.Conv2d(3, 5, 3)),

@@ -266,7 +266,7 @@ def study(
             pickled model (for models whose class cannot be pickled by reference).
         resume: a CSV path. Each finished row is appended to it as it arrives; rows already in
             it are not recomputed (cells whose row records a failure are retried), and at the end
-            it holds the whole study in grid order.
+            it holds the whole study in grid order (then rows of cells outside this grid, kept).
         seed: base of every cell's seeds.
     """
     names = list(methods) if methods is not None else available(kind="base")
@@ -641,6 +641,11 @@ def _study_model(
     rows: list[StudyRow | None] = [dense] + [done.get((c.method, c.budget)) for c in cells]
     todo = [c for c in cells if rows[c.index] is None]
     parallel = cfg.executor is not None
+    if cfg.workers is not None and cfg.executor != "processes":
+        raise StudyError(
+            f"workers={cfg.workers} sizes executor='processes'; a distributed.Client or an "
+            "Executor brings its own workers"
+        )
     threads = cfg.worker_threads
     if threads is None and (cfg.executor == "processes" or _is_dask_client(cfg.executor)):
         threads = 1
@@ -682,7 +687,10 @@ def _study_model(
     bar.close()
     result = StudyResult(rows=[r for r in rows if r is not None], input_size=size)
     if cfg.resume is not None:
-        result.to_csv(cfg.resume)  # the whole study, in grid order
+        # the whole study in grid order, then any rows of other cells the file held
+        grid = {(r.method, r.budget) for r in result.rows}
+        extra = [r for key, r in done.items() if key not in grid]
+        StudyResult(rows=result.rows + extra).to_csv(cfg.resume)
     return result
 
 
