@@ -150,6 +150,12 @@ def test_a_concurrent_futures_executor_works_and_callables_must_pickle(serial) -
         run(executor="threads")
     with pytest.raises(tnconv.StudyError, match="workers"):
         run(workers=2)
+    # the model as factory + state_dict instead of the pickled module
+    with ThreadPoolExecutor(1) as pool:
+        by_state = run(executor=pool, model_factory=tiny_net)
+    assert values(by_state.rows) == values(serial.rows)
+    with pytest.raises(tnconv.NotPicklableError, match="model_factory"):
+        run(executor="processes", model_factory=lambda: tiny_net())
 
 
 def test_an_interrupted_study_resumes_from_its_csv(serial, tmp_path) -> None:
