@@ -89,3 +89,13 @@ class UntrustedFileError(LoadError):
     whole pickled model), which can run arbitrary code; tnconv does that only when told the file
     is trusted (``trusted=True``, CLI ``--trust-file``). Passing the architecture instead
     (``model=``, ``model_fn=``, CLI ``--model module:function``) needs no trust."""
+
+
+class NotPicklableError(TnconvError, TypeError):
+    """Something a parallel study must send to worker processes (``evaluate``, ``fine_tune``,
+    the model or its factory) cannot be pickled; names it."""
+
+
+class StudyError(TnconvError, ValueError):
+    """A study's executor, workers or resume file is unusable (an unknown executor, a resume CSV
+    written for another model or grid)."""
