@@ -45,7 +45,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         started = time.perf_counter()
         # CP's ALS: one start of at most 200 sweeps (as the demo), the same in both arms
         opts = {"n_init": 1, "max_iter": 200} if method.startswith("cp") else {}
-        direct = evaluate(tnconv.compress(dense, method, ratio=args.ratio, **opts), test_loader)
+        # fold_bn=False in both arms: BatchNorms kept, as measured (compress folds them by
+        # default for a model in eval mode, which the ADMM-trained one is)
+        direct = evaluate(
+            tnconv.compress(dense, method, ratio=args.ratio, fold_bn=False, **opts), test_loader
+        )
         torch.manual_seed(args.seed)
         loader = DataLoader(
             train,
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         admm = tnconv.ADMM(copy.deepcopy(dense), method, ratio=args.ratio, **opts)
         admm.fit(loader, epochs=args.epochs)
-        after = evaluate(admm.compress(), test_loader)
+        after = evaluate(admm.compress(fold_bn=False), test_loader)
         row = {
             "method": method,
             "direct": direct,

@@ -63,7 +63,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for method in methods:
             started = time.perf_counter()
             opts = {"n_init": 1, "max_iter": 200} if method.startswith("cp") else {}
-            small = tnconv.compress(copy.deepcopy(dense), method, ratio=args.ratio, **opts)
+            # fold_bn=False: the model is fine-tuned with its BatchNorms (as measured)
+            small = tnconv.compress(
+                copy.deepcopy(dense), method, ratio=args.ratio, fold_bn=False, **opts
+            )
             kept = sorted(tnconv.dense_reasons(small))
             before = evaluate(small, test_loader)
             torch.manual_seed(seed)
