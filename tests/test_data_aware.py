@@ -237,20 +237,32 @@ def test_folding_skips_a_conv_whose_output_is_shared() -> None:
     assert conv_bn_pairs(_trained_bn(Residual())) == [("conv1", "bn1"), ("conv2", "bn2")]
 
 
-def test_compress_folds_in_eval_only_by_default() -> None:
+def test_compress_folds_with_calibration_in_eval_only_by_default() -> None:
     model = _trained_bn(Residual())
-    small = tnconv.compress(model, "tucker", ratio=0.5, layers=["conv2"])
+    x = torch.randn(4, 3, 8, 8)
+    small = tnconv.compress(model, "tucker", ratio=0.5, layers=["conv2"], calibration=[x])
     # only the chosen layers' BNs: the rest of the model keeps its structure
     assert isinstance(small.bn2, nn.Identity) and isinstance(small.bn1, nn.BatchNorm2d)
     with torch.no_grad():
         x = torch.randn(2, 3, 8, 8)
         assert torch.allclose(
-            tnconv.compress(model, "tucker", rank=8, layers=["conv2"])(x), model(x), atol=1e-5
+            tnconv.compress(model, "tucker", rank=8, layers=["conv2"], fold_bn=True)(x),
+            model(x),
+            atol=1e-5,
         )
-    trained = tnconv.compress(model.train(), "tucker", ratio=0.5, layers=["conv2"])
+    trained = tnconv.compress(model.train(), "tucker", ratio=0.5, layers=["conv2"], calibration=[x])
     assert isinstance(trained.bn2, nn.BatchNorm2d)
-    kept = tnconv.compress(model.eval(), "tucker", ratio=0.5, layers=["conv2"], fold_bn=False)
+    model.eval()
+    kept = tnconv.compress(
+        model, "tucker", ratio=0.5, layers=["conv2"], calibration=[x], fold_bn=False
+    )
     assert isinstance(kept.bn2, nn.BatchNorm2d)
+    assert isinstance(
+        tnconv.compress(model, "tucker", ratio=0.5, layers=["conv2"]).bn2, nn.BatchNorm2d
+    )
+    assert isinstance(
+        tnconv.compress(model, "tucker", ratio=0.5, layers=["conv2"], fold_bn=True).bn2, nn.Identity
+    )
 
 
 @pytest.mark.parametrize("method", ["tucker", "tt", "rsdtr"])
@@ -282,10 +294,30 @@ def test_compress_with_calibration_fits_the_outputs(method: str) -> None:
 
 def test_a_folded_model_saves_and_loads_from_its_dense_architecture(tmp_path) -> None:
     model = _trained_bn(Residual())
-    small = tnconv.compress(model, "tt", ratio=0.5, layers=["conv1", "conv2"])
+    small = tnconv.compress(model, "tt", ratio=0.5, layers=["conv1", "conv2"], fold_bn=True)
     assert isinstance(small.bn1, nn.Identity) and small.conv1.bias is not None
     tnconv.save(small, tmp_path / "small.safetensors")
     back = tnconv.load(tmp_path / "small.safetensors", model=Residual()).eval()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(back(x), small(x))
+
+
+def test_label_free_distillation_moves_the_student_to_the_teacher() -> None:
+    """finetune(teacher=) on inputs alone (no labels anywhere): the compressed model's logits
+    come closer to the dense model's; without a teacher, inputs alone are a typed error."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    teacher = _trained_bn(Residual())
+    x = correlated_inputs(64, 3, 8, 5).float()
+    student = tnconv.compress(teacher, "tt", ratio=0.2, layers=["conv1", "conv2"], fold_bn=True)
+    loader = DataLoader(TensorDataset(x), batch_size=16)
+    with torch.no_grad():
+        before = float((student.eval()(x) - teacher(x)).norm())
+    tnconv.finetune(student, loader, epochs=3, teacher=teacher, progress=False)
+    with torch.no_grad():
+        after = float((student.eval()(x) - teacher(x)).norm())
+    assert after < 0.8 * before, (before, after)
+    with pytest.raises(tnconv.LoaderError):
+        tnconv.finetune(student, loader, epochs=1, progress=False)

@@ -247,7 +247,9 @@ def compress(
             kernel error. See docs/data_aware.md.
         fold_bn: fold every conv -> BatchNorm2d pair into the conv before factorizing
             (:func:`tnconv.bn_folding.fold_batchnorm`: the BN becomes ``nn.Identity``, the
-            model is unchanged in eval mode). Default: True when ``model`` is in eval mode.
+            model is unchanged in eval mode). Default: True with ``calibration`` when ``model``
+            is in eval mode, else False (fitting folded kernels by kernel error alone lost
+            accuracy on the digits CNN: docs/data_aware.md).
         allocate_by: with ``budget`` and ``calibration``: ``"kernel"`` (default) allocates
             ranks by kernel error and fits each layer output-aware at its ranks; ``"output"``
             allocates by each layer's output error (every candidate fitted output-aware). On
@@ -268,7 +270,7 @@ def compress(
 
         args = dict(input_size=input_size, must_save=must_save, progress=progress)
         target = model if inplace else copy.deepcopy(model)
-        if fold_bn if fold_bn is not None else not model.training:
+        if fold_bn if fold_bn is not None else (calibration is not None and not model.training):
             picked = [n for n, c in select_convs(target, layers) if c.groups == 1]
             fold_batchnorm(target, inplace=True, convs=picked)
         chosen, dense = auto_spec(target, budget=budget, layers=layers, options=options, **args)
@@ -323,7 +325,7 @@ def compress(
 
     target = model if inplace else copy.deepcopy(model)
     if fold_bn is None:
-        fold_bn = not model.training
+        fold_bn = calibration is not None and not model.training
     chosen = select_convs(target, layers)
     if fold_bn:  # the chosen layers are fitted as the kernels they compute with their BN
         fold_batchnorm(target, inplace=True, convs=[n for n, c in chosen if c.groups == 1])

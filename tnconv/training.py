@@ -215,7 +215,14 @@ def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float
     return v
 
 
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_batch(batch: Any, unlabelled: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if unlabelled:  # distillation: inputs alone (a tensor or a 1-sequence) are enough
+        if isinstance(batch, torch.Tensor):
+            return batch, None
+        if isinstance(batch, (tuple, list)) and len(batch) == 1:
+            if not isinstance(batch[0], torch.Tensor):
+                raise LoaderError(f"finetune expects input tensors; got {type(batch[0]).__name__}")
+            return batch[0], None
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise LoaderError(
             "finetune expects batches of (inputs, labels); got "
@@ -241,7 +248,7 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def distillation_loss(
     logits: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None,
     teacher_logits: torch.Tensor,
     temperature: float,
     alpha: float,
@@ -250,7 +257,8 @@ def distillation_loss(
 
     Hinton et al. (2015): the KL term on logits softened by the temperature T carries the
     teacher's "dark knowledge" (how it ranks the wrong classes); the T^2 factor keeps its
-    gradient on the scale of the cross-entropy's. Logits are (B, classes), labels (B,).
+    gradient on the scale of the cross-entropy's. Logits are (B, classes), labels (B,); with
+    ``labels=None`` (unlabelled data) the loss is the KL term alone, ``T^2 * KL``.
     """
     soft = F.kl_div(
         F.log_softmax(logits / temperature, dim=1),
@@ -258,6 +266,8 @@ def distillation_loss(
         reduction="batchmean",
         log_target=True,
     )
+    if labels is None:
+        return temperature**2 * soft
     hard = F.cross_entropy(logits, labels)
     return alpha * temperature**2 * soft + (1.0 - alpha) * hard
 
@@ -285,6 +295,9 @@ def finetune(
     cross-entropy, or with ``teacher=`` the distillation loss (:func:`distillation_loss`):
     ``alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE`` with
     ``T = temperature`` (the teacher runs in eval mode without gradients, on its own device).
+    With a teacher, batches may be inputs alone (a tensor or a 1-tuple, e.g. a
+    ``TensorDataset`` of images): the loss is then the KL term alone, so a pretrained model and
+    unlabelled images are enough to recover a compressed model.
     Returns each epoch's mean training loss.
 
     What keeps factorized layers stable (docs/finetune.md has the measurements):
@@ -366,12 +379,14 @@ def finetune(
             for batch in batches:
                 if step >= epochs * steps_per_epoch:
                     break  # a loader longer than its len(): the schedule is spent
-                inputs, labels = _split_batch(batch)
+                inputs, labels = _split_batch(batch, unlabelled=teacher is not None)
                 inputs = inputs.to(device, memory_format=memory_format)
-                labels = labels.to(device)
+                if labels is not None:
+                    labels = labels.to(device)
                 opt.zero_grad(set_to_none=True)
                 logits = model(inputs)
                 if teacher is None:
+                    assert labels is not None
                     loss = F.cross_entropy(logits, labels)
                 else:
                     with torch.no_grad():
@@ -386,8 +401,8 @@ def finetune(
                 if balance:
                     for layer in layers:
                         balance_factors(layer)
-                total += float(loss.detach()) * len(labels)
-                count += len(labels)
+                total += float(loss.detach()) * len(inputs)
+                count += len(inputs)
             if count == 0:
                 raise LoaderError("loader yields no batch")
             history.append(total / count)
