@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ._modes import check_not_meta, plain_copy
 from .allocation import parse_budget
 from .compress import (
     Budget,
@@ -177,6 +178,7 @@ class ADMM:
                     f"layer {name!r} is a grouped convolution (groups={conv.groups}); "
                     "tensor decompositions need groups=1"
                 )
+            check_not_meta(conv.weight, f"the weight of layer {name!r}")
         if not chosen:
             raise ValueError("ADMM: no nn.Conv2d layer selected (layers= chose none)")
         self.model = model
@@ -301,7 +303,7 @@ class ADMM:
             return compress(
                 self.model, self.decomposition, layers=self.layer_names, **self.spec, **common
             )
-        small = copy.deepcopy(self.model)
+        small = plain_copy(self.model)
         for name in self.layer_names:
             compress(
                 small, self.decomposition, self.ranks[name], layers=[name], inplace=True, **common

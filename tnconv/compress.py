@@ -9,7 +9,6 @@ modules, not algebra: it asks the registry for a decomposition and the layer for
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._modes import check_not_meta, plain_copy
 from .allocation import (
     Budget,
     LatencyProbe,
@@ -250,7 +250,7 @@ def compress(
 
         args = dict(input_size=input_size, must_save=must_save, progress=progress)
         chosen, dense = auto_spec(model, budget=budget, layers=layers, options=options, **args)
-        target = model if inplace else copy.deepcopy(model)
+        target = model if inplace else plain_copy(model)
         if chosen:
             compress(target, None, spec=chosen, inplace=True, **args)
         reasons = dict(getattr(target, DENSE_REASONS, {}))
@@ -290,8 +290,11 @@ def compress(
         # ranks and parameter counts may depend on an option (a semi-tensor factor t)
         decomposition = decomposition.bind(decomposition.parse_options(options))
 
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else plain_copy(model)
     chosen = select_convs(target, layers)
+    for name, conv in chosen:
+        if conv.groups == 1:
+            check_not_meta(conv.weight, f"the weight of layer {name!r}")
     timed = (
         must_save == "latency"
         or round_to is not None

@@ -24,7 +24,6 @@ Real integer kernels: :func:`to_int8` (see docs/quantization.md for what runs in
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import math
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from ._modes import plain_copy
 from .compress import conv_input_shapes, default_input_size
 from .contraction import ConvPlan, DataStep, plan_conv
 from .errors import TnconvError
@@ -544,7 +544,7 @@ def quantize(
             "activation_bits=None to quantize the weights only"
         )
 
-    target = copy.deepcopy(model)
+    target = plain_copy(model)
     param = next(target.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     # the input shape of every factorized layer fixes its contraction order
@@ -775,7 +775,7 @@ def to_int8(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
     point. Returns the model (eval mode, inference only: int8 kernels have no gradient) and
     ``{layer name: reason}`` for the layers left in floating point.
     """
-    target = copy.deepcopy(model).eval()
+    target = plain_copy(model).eval()
     left: dict[str, str] = {}
     for name, layer in quantized_layers(target):
         reason = int8_support(layer)

@@ -8,7 +8,6 @@ CSV and draws a Pareto plot of error (or accuracy) against parameters.
 
 from __future__ import annotations
 
-import copy
 import csv
 import logging
 import math
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._modes import plain_copy
 from .allocation import shared_candidates
 from .compress import LayerSelector, compress, default_input_size
 from .errors import BudgetError, StructureError
@@ -271,7 +271,7 @@ def _study_model(
     progress: bool,
 ) -> StudyResult:
     size = tuple(input_size) if input_size is not None else (8, *default_input_size(model)[1:])
-    model = copy.deepcopy(model).eval()
+    model = plain_copy(model).eval()
     x = torch.zeros(size, dtype=next(model.parameters()).dtype)
     base = summary(model, size)
     chosen = None

@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from .._modes import tensor_version
+
 __all__ = [
     "cached",
     "leading_left_vectors",
@@ -31,10 +33,18 @@ def cached(tensor: torch.Tensor, key: Hashable, compute: Callable[[], V]) -> V:
     Lets the candidates of one search (every eps of a bisection, every rank of a budget
     allocation) share the expensive spectra of one kernel: one decomposition, many truncations.
     The memo is an attribute of the tensor object itself, so it dies with it.
+
+    An inference tensor (made under ``torch.inference_mode``) has no version counter, so an
+    in-place change to it could not be detected: nothing is remembered for it, ``compute()`` runs
+    every time. ``Decomposition.factorize`` fits on an ordinary float64 copy, so its searches keep
+    the memo whatever mode the caller is in.
     """
+    version = tensor_version(tensor)
+    if version is None:
+        return compute()
     memo = getattr(tensor, _MEMO_ATTR, None)
-    if memo is None or memo[0] != tensor._version:
-        memo = (tensor._version, {})
+    if memo is None or memo[0] != version:
+        memo = (version, {})
         setattr(tensor, _MEMO_ATTR, memo)
     store: dict[Hashable, Any] = memo[1]
     if key not in store:

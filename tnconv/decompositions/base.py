@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .._modes import plain_tensors, tensor_version
 from ..errors import BudgetError, OptionError, RankSpecError
 from ..factorization import Factorization, KernelShape, validate_weight
 from ..rank import (
@@ -39,6 +40,16 @@ from ..rank import (
 from ._linalg import cached
 
 __all__ = ["Decomposition", "NoOptions"]
+
+
+def _float64(w: torch.Tensor) -> torch.Tensor:
+    """``w`` (T, S, kh, kw) detached, in float64, as an ordinary tensor: a float64 inference
+    tensor (returned as is by ``.to``) is cloned, so the spectra memoised on the copy
+    (:func:`._linalg.cached`, keyed on the version counter) are kept for it too. Call it out of
+    inference mode (:func:`tnconv._modes.plain_tensors`)."""
+    w64 = w.detach().to(torch.float64)
+    return w64.clone() if w64.is_inference() else w64
+
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +108,12 @@ class Decomposition(ABC):
         w = validate_weight(weight)
         spec = parse_rank_spec(rank, eps, ratio)
         opts = self.parse_options(options)
-        if not bool(w.any()):
-            return self._zero_kernel(w, spec, opts)
-        return self._factorize(w, w.detach().to(torch.float64), spec, opts)
+        # out of inference mode: the fit's tensors (and the spectra memoised on its float64
+        # copy) are ordinary tensors whatever mode the caller is in, and so are the factors
+        with plain_tensors():
+            if not bool(w.any()):
+                return self._zero_kernel(w, spec, opts)
+            return self._factorize(w, _float64(w), spec, opts)
 
     def factorize_many(
         self,
@@ -128,21 +142,41 @@ class Decomposition(ABC):
         w = validate_weight(weight)
         parsed = [parse_rank_spec(**dict(spec)) for spec in specs]
         opts = self.parse_options(options)
-        zero = not bool(w.any())
-        key = (id(w), w._version)
+        with plain_tensors():
+            zero = not bool(w.any())
+            w64 = self._reused_float64(w, reuse)
+            fitted: list[Factorization] = []
+            for i, spec in enumerate(parsed):
+                f = (
+                    self._zero_kernel(w, spec, opts)
+                    if zero
+                    else self._factorize(w, w64, spec, opts)
+                )
+                fitted.append(f)
+                if until is not None and until(i, f):
+                    break
+        return fitted
+
+    @staticmethod
+    def _reused_float64(w: torch.Tensor, reuse: dict[str, Any] | None) -> torch.Tensor:
+        """The float64 copy of ``w`` (T, S, kh, kw) kept in ``reuse`` while ``w`` is the same,
+        unmodified tensor, else a fresh one (stored in ``reuse``).
+
+        An ordinary tensor is recognised by identity and version counter. An inference tensor has
+        no version counter (and may be changed in place inside ``inference_mode``), so its copy is
+        reused only while its values still equal the copy's: one comparison per call, against a
+        private float64 clone that nothing else can modify.
+        """
+        version = tensor_version(w)
+        key = (id(w), version)
         if reuse is not None and reuse.get("kernel") == key:
             w64 = reuse["float64"]
-        else:
-            w64 = w.detach().to(torch.float64)
-            if reuse is not None:
-                reuse.update(kernel=key, float64=w64)
-        fitted: list[Factorization] = []
-        for i, spec in enumerate(parsed):
-            f = self._zero_kernel(w, spec, opts) if zero else self._factorize(w, w64, spec, opts)
-            fitted.append(f)
-            if until is not None and until(i, f):
-                break
-        return fitted
+            if version is not None or torch.equal(w64, w.detach().to(torch.float64)):
+                return w64
+        w64 = _float64(w)
+        if reuse is not None:
+            reuse.update(kernel=key, float64=w64)
+        return w64
 
     def _factorize(
         self, w: torch.Tensor, w64: torch.Tensor, spec: Any, opts: BaseModel
