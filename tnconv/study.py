@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._modes import plain_copy
+from ._modes import check_not_meta, plain_copy
 from .allocation import shared_candidates
 from .compress import LayerSelector, compress, default_input_size
 from .errors import BudgetError, StructureError
@@ -271,8 +271,11 @@ def _study_model(
     progress: bool,
 ) -> StudyResult:
     size = tuple(input_size) if input_size is not None else (8, *default_input_size(model)[1:])
+    for name, p in model.named_parameters():
+        check_not_meta(p, f"parameter {name!r}")  # nothing can be fitted or timed on it
     model = plain_copy(model).eval()
-    x = torch.zeros(size, dtype=next(model.parameters()).dtype)
+    first = next(model.parameters())
+    x = torch.zeros(size, dtype=first.dtype, device=first.device)
     base = summary(model, size)
     chosen = None
     if layers is not None:
