@@ -171,7 +171,7 @@ def test_compress(method: str, mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("method", ["tt", "cp", "rsdtr", "sttucker"])
+@pytest.mark.parametrize("method", ["tt", "tc", "rsdtr", "sttucker"])
 def test_compress_budget_and_summary(method: str, mode: str) -> None:
     net = make_net(mode)
     with calling(mode):
