@@ -5,6 +5,7 @@ Everything here runs on the tensor's own device and dtype: no transfer to the CP
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
@@ -13,6 +14,7 @@ import torch
 from .._modes import tensor_version
 
 __all__ = [
+    "balance_scales",
     "cached",
     "leading_left_vectors",
     "mode_unfold",
@@ -110,3 +112,20 @@ def leading_left_vectors(mat: torch.Tensor, r: int) -> torch.Tensor:
         return torch.flip(vecs[:, m - r :], (1,))
     u, _, _ = svd(mat)
     return u[:, :r]
+
+
+def balance_scales(factors: list[torch.Tensor], spread: float = 1e6) -> list[torch.Tensor]:
+    """The same network with every factor at the geometric mean of their Frobenius norms, when
+    the largest norm exceeds ``spread`` times the smallest (else the factors as they are).
+
+    Multiplying the factors of an einsum network by scalars whose product is 1 leaves the
+    network unchanged; equal norms keep every factor far from underflow and overflow (a ring
+    fitted in float64 with cores at 1e-51 and 1e+25 reconstructs fine there, but its float32
+    copy is zero). Factors with a zero or non-finite norm are returned as they are."""
+    norms = [float(torch.linalg.vector_norm(c)) for c in factors]
+    if min(norms) <= 0.0 or not all(math.isfinite(n) for n in norms):
+        return factors
+    if max(norms) <= spread * min(norms):
+        return factors
+    log_mean = sum(math.log(n) for n in norms) / len(norms)
+    return [c * math.exp(log_mean - math.log(n)) for c, n in zip(factors, norms, strict=True)]

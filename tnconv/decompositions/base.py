@@ -37,7 +37,7 @@ from ..rank import (
     param_budget,
     parse_rank_spec,
 )
-from ._linalg import cached
+from ._linalg import balance_scales, cached
 
 __all__ = ["Decomposition", "NoOptions"]
 
@@ -497,6 +497,13 @@ class Decomposition(ABC):
     def _finish(
         self, result: Factorization, w: torch.Tensor, w64: torch.Tensor | None = None
     ) -> Factorization:
+        # the scalar gauge is free: factors whose norms are far apart are evened out before
+        # the cast to the weight's dtype could flush the small ones to zero
+        balanced = balance_scales(result.factors)
+        if balanced is not result.factors:
+            result = result.with_factors(balanced)
+            if "sensitivity" in result.info:  # it depends on the gauge
+                result.info["sensitivity"] = result.sensitivity()
         out = result.to(device=w.device, dtype=w.dtype).detach()
         out.method = self.name
         if w64 is None:

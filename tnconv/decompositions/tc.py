@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..factorization import Factorization, KernelShape
 from ..registry import register
-from ._linalg import cached, rank_for_budget, tail_energy
+from ._linalg import balance_scales, cached, rank_for_budget, tail_energy
 from ._ring import (
     _others,
     _roll,
@@ -190,23 +190,6 @@ def stabilize_ring(
     if c > 0:
         cores = [core * c ** (1.0 / d) for core in cores]
     return balance_scales(cores)
-
-
-def balance_scales(cores: list[torch.Tensor], spread: float = 1e6) -> list[torch.Tensor]:
-    """The same network with every core at the geometric mean of their Frobenius norms, when
-    the largest norm exceeds ``spread`` times the smallest (else the cores as they are).
-
-    Multiplying the cores by scalars whose product is 1 leaves the network unchanged; equal
-    norms keep every core far from underflow and overflow (a ring fitted in float64 with cores
-    at 1e-51 and 1e+25 reconstructs fine there, but its float32 copy is zero). Cores with a
-    zero or non-finite norm are returned as they are."""
-    norms = [float(torch.linalg.vector_norm(c)) for c in cores]
-    if min(norms) <= 0.0 or not all(math.isfinite(n) for n in norms):
-        return cores
-    if max(norms) <= spread * min(norms):
-        return cores
-    log_mean = sum(math.log(n) for n in norms) / len(norms)
-    return [c * math.exp(log_mean - math.log(n)) for c, n in zip(cores, norms, strict=True)]
 
 
 @register("tc")
