@@ -2,8 +2,8 @@
 
 Models: sequential stacks and residual blocks, random channel counts, rectangular kernels of
 sides 1 to 7, strides, paddings (ints, pairs, ``"same"``), dilations, padding modes, groups,
-biases on / off, BatchNorm on / off, an optional linear head. Every base method at every spec
-kind (rank / eps / ratio / parameter budget / FLOP budget). The properties:
+biases on / off, BatchNorm on / off, an optional linear head, float32 or float64. Every base
+method at every spec kind (rank / eps / ratio / parameter budget / FLOP budget). The properties:
 
 - ``compress`` returns a model whose output has the dense output's shape and is finite, or it
   raises a typed tnconv error (a subclass of ``TnconvError``); never anything else;
@@ -196,16 +196,18 @@ def cnns(draw: st.DrawFn) -> Net:
     if head:
         modules += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LazyLinear(3)]
         desc.append("head")
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float64]))
     model = nn.Sequential(*modules)
     with torch.no_grad():
         model(torch.zeros(size))  # materialises the lazy head; every generated net runs
+        model.to(dtype)
         for m in model.modules():  # BatchNorm with non-trivial statistics
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
     model.train(draw(st.booleans()))
-    return Net(model, size, " -> ".join(desc))
+    return Net(model, size, " -> ".join(desc) + f" [{dtype}]")
 
 
 @st.composite
@@ -257,7 +259,8 @@ def test_compress_fuzz(method: str, kind: str) -> None:
     @given(net=cnns(), spec=spec_of(kind))
     def check(net: Net, spec: dict[str, Any]) -> None:
         model = net.model
-        x = torch.randn(net.input_size, generator=torch.Generator().manual_seed(0))
+        dtype = next(model.parameters()).dtype
+        x = torch.randn(net.input_size, generator=torch.Generator().manual_seed(0), dtype=dtype)
         with torch.no_grad():
             was = model.training
             dense_out = model.eval()(x)
