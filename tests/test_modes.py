@@ -233,7 +233,9 @@ def test_admm(method: str, mode: str) -> None:
     assert float(penalty) > 0
     assert sum(isinstance(m, FactorizedConv2d) for m in small.modules()) == 2
     if mode not in ("inference_tensors", "frozen"):
-        # a model built normally can still be trained toward the decomposition afterwards
+        # a model built normally can still be trained toward the decomposition afterwards,
+        # even by a trainer made under inference_mode (its Z and U are ordinary tensors)
+        admm.step()
         net.train()
         (net(x_in()).square().sum() + admm.penalty()).backward()
         assert net[3].weight.grad is not None
