@@ -7,6 +7,8 @@ method at every spec kind (rank / eps / ratio / parameter budget / FLOP budget).
 
 - ``compress`` returns a model whose output has the dense output's shape and is finite, or it
   raises a typed tnconv error (a subclass of ``TnconvError``); never anything else;
+- every factorized layer computes the convolution of its input with its own kernel (the dense
+  ``to_conv2d()`` equivalent), whatever its geometry and contraction order;
 - an ``eps`` spec is honoured by every layer it factorizes, for the methods that guarantee it;
 - the input model is never modified: same modules (identity), same parameter objects, same
   state_dict values, same train / eval flag;
@@ -278,11 +280,26 @@ def test_compress_fuzz(method: str, kind: str) -> None:
         _assert_unchanged(model, before)
         assert small is not model
         assert small.training == model.training
+        layers = [m for m in small.modules() if isinstance(m, FactorizedConv2d)]
+        seen: list[tuple[FactorizedConv2d, torch.Tensor, torch.Tensor]] = []
+        hooks = [
+            m.register_forward_hook(lambda m, args, y: seen.append((m, args[0], y))) for m in layers
+        ]
         with torch.no_grad():
             out = small.eval()(x)
+        for h in hooks:
+            h.remove()
         assert out.shape == dense_out.shape
         assert torch.isfinite(out).all()
-        layers = [m for m in small.modules() if isinstance(m, FactorizedConv2d)]
+        # each factorized layer computes the convolution with its own kernel, whatever the
+        # stride / padding / dilation / padding mode and the contraction order chosen
+        tol = 1e-4 if x.dtype == torch.float32 else 1e-9
+        for layer, inp, y in seen:
+            with torch.no_grad():
+                expected = layer.to_conv2d()(inp)
+            assert y.shape == expected.shape
+            scale = float(expected.abs().max()) + float(inp.abs().max()) * 1e-3
+            assert float((y - expected).abs().max()) <= tol * scale, layer
         if "eps" in spec and tnconv.get(method).guarantees_eps:
             for layer in layers:
                 assert layer.info["relative_error"] <= spec["eps"] * (1 + 1e-6) + 1e-7
