@@ -96,7 +96,9 @@ def depth_trend(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/tmp/tnconv-compressibility")
-    parser.add_argument("--model", help="a trained DigitsNet saved with torch.save (skip training)")
+    parser.add_argument(
+        "--model", help="a trained DigitsNet saved with tnconv.save (skip training)"
+    )
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--budget", type=float, default=0.25)
     parser.add_argument("--keeps", default="0.5,0.25,0.1")
@@ -122,7 +124,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     test_loader = DataLoader(test, batch_size=256)
     if args.model:
-        model: nn.Module = torch.load(args.model, weights_only=False)
+        model: nn.Module = tnconv.load(args.model)  # a shipped architecture: nothing unpickled
         results["model"] = f"loaded {args.model}"
     else:
         model = DigitsNet(width=32)

@@ -16,11 +16,14 @@ from tnconv.errors import StructureError
 
 DATA = Path(__file__).parent / "data"
 
-# Plans must not depend on timings: the planner prices steps with the built-in cost tables
-# (tests that need measured or custom tables set these themselves), and nothing is cached
-# outside a temporary directory.
-os.environ.setdefault("TNCONV_CALIBRATION", "default")
-os.environ.setdefault("TNCONV_CACHE_DIR", tempfile.mkdtemp(prefix="tnconv-cache-"))
+# Plans must not depend on timings or on the user: the planner prices steps with the built-in
+# cost tables (tests that need measured or custom tables set these themselves), whatever the
+# environment says, and nothing is read from or cached in the user's ~/.cache/tnconv.
+os.environ["TNCONV_CALIBRATION"] = "default"
+os.environ["TNCONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="tnconv-cache-")
+# .ci/run re-runs the quantization tests on every quantized engine of the machine
+if os.environ.get("TNCONV_TEST_QENGINE"):
+    torch.backends.quantized.engine = os.environ["TNCONV_TEST_QENGINE"]
 
 settings.register_profile(
     "ci",

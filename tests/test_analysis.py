@@ -233,7 +233,7 @@ def test_cli_analyze(tmp_path) -> None:
 
     torch.manual_seed(0)
     path = tmp_path / "model.pt"
-    torch.save(DigitsNet(width=4), path)
+    tnconv.save(DigitsNet(width=4), path)  # a shipped architecture: opens without trust
     out = tmp_path / "out"
     args = ["analyze", str(path), "--out", str(out), "--data", "sklearn", "--cuts", "OUT:KH"]
     assert main([*args, "--keeps", "0.5", "-q"]) == 0

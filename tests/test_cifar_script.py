@@ -96,7 +96,9 @@ def test_load_dense_checkpoint_formats(tmp_path) -> None:
         {"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}, "epoch": 3},
         wrapped,
     )
-    for path in (plain, wrapped):
+    saved = tmp_path / "dense.safetensors"  # tnconv.save of a dense model (format 3)
+    tnconv.save(source, saved)
+    for path in (plain, wrapped, saved):
         target = resnet20()
         load_dense_checkpoint(target, path)
         assert torch.equal(target.layer3[2].conv2.weight, source.layer3[2].conv2.weight)

@@ -62,13 +62,33 @@ def test_compress_summary_roundtrip(tmp_path, capsys: pytest.CaptureFixture) -> 
         str(dst),
         "-q",
     )
+    assert code == 2 and "--trust-file" in err  # a pickled model is not opened untrusted
+    code, out, err = run(
+        capsys,
+        "compress",
+        str(src),
+        "--trust-file",
+        "-m",
+        "tt",
+        "--ratio",
+        "0.3",
+        "--layers",
+        "2",
+        "--input-size",
+        "1,3,16,16",
+        "-o",
+        str(dst),
+        "-q",
+    )
     assert code == 0, err
     assert "conv total" in out and dst.exists()
-    small = tnconv.load(dst)
+    small = tnconv.load(dst, model_fn=small_model)
     assert isinstance(small[2], tnconv.FactorizedConv2d)
     x = torch.randn(2, 3, 16, 16)
     assert small(x).shape == model(x).shape
-    code, out, err = run(capsys, "summary", str(dst), "--csv", str(csv))
+    code, out, err = run(
+        capsys, "summary", str(dst), "--csv", str(csv), "--model", "tests.test_cli:small_model"
+    )
     assert code == 0, err
     assert "(1, 3, 16, 16)" in out  # the size given to compress is remembered
     assert csv.read_text().startswith("name,")
@@ -85,11 +105,12 @@ def test_compress_summary_roundtrip(tmp_path, capsys: pytest.CaptureFixture) -> 
         "4",
         "--option",
         "als_sweeps=0",
+        "--trust-file",
         "-o",
         str(tmp_path / "o2.pt"),
     )
     assert code == 0, err
-    twice = tnconv.load(tmp_path / "o2.pt")
+    twice = tnconv.load(tmp_path / "o2.pt", trusted=True)
     assert twice[2].method == "tt" and twice[4].method == "tr"
 
 
@@ -162,6 +183,7 @@ def test_study_on_kernels(tmp_path, capsys: pytest.CaptureFixture) -> None:
             "bogus",
         ),
         (["summary", "{model}", "--input-size", "1,3"], "input_size|input size"),
+        (["summary", "{pickled}"], "--trust-file"),
         (["study", "{missing}.npz", "--out", "{out}"], "no such file"),
         (["frobnicate"], "invalid choice"),
     ],
@@ -175,8 +197,11 @@ def test_errors_are_one_line_with_status_2(
         "missing": tmp_path / "missing.pt",
         "state": tmp_path / "state.pt",
         "model": tmp_path / "model.pt",
+        "pickled": tmp_path / "model.pt",
         "out": tmp_path / "out.pt",
     }
+    if "{model}" in argv:  # a pickled whole model opens only with --trust-file
+        argv = [*argv, "--trust-file"]
     code, _out, err = run(capsys, *(a.format(**paths) for a in argv))
     assert code == 2
     lines = err.strip().splitlines()

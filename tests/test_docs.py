@@ -42,11 +42,12 @@ def test_readme_whole_model_block_runs(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     import tnconv
 
-    scope = {"model": model, "tnconv": tnconv}  # the block follows the quickstart's imports
+    # the block follows the quickstart's imports; `loader` is the user's data
+    scope = {"model": model, "tnconv": tnconv, "loader": [torch.randn(4, 3, 32, 32)]}
     exec(compile(block, "README.md whole models", "exec"), scope)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(scope["again"](x), scope["small"](x))
-    assert (tmp_path / "study.csv").exists() and (tmp_path / "small.pt").exists()
+    assert (tmp_path / "study.csv").exists() and (tmp_path / "small.safetensors").exists()
 
 
 def test_example_runs() -> None:

@@ -12,6 +12,7 @@ method / rank ``recommend``ation behind ``compress(model, "auto", budget=...)``;
 
 from . import analysis
 from .admm import ADMM
+from .bn_folding import fold_batchnorm
 from .compress import Budget, compress, dense_reasons
 from .decompositions.base import Decomposition
 from .errors import (
@@ -19,6 +20,7 @@ from .errors import (
     BudgetError,
     EquationError,
     InvalidWeightError,
+    LoadError,
     NonFiniteWeightError,
     OptionError,
     PluginLoadError,
@@ -28,6 +30,7 @@ from .errors import (
     StructureError,
     TnconvError,
     UnknownMethodError,
+    UntrustedFileError,
 )
 from .factorization import Factorization
 from .io import load, save
@@ -44,6 +47,7 @@ from .registry import (
     unregister_derived,
 )
 from .selection import RankSelection, select_ranks
+from .statistics import InputStatistics, calibrate_inputs
 from .study import StudyResult, study
 from .summary import Summary, summary
 
@@ -58,7 +62,9 @@ __all__ = [
     "EquationError",
     "Factorization",
     "FactorizedConv2d",
+    "InputStatistics",
     "InvalidWeightError",
+    "LoadError",
     "NonFiniteWeightError",
     "OptionError",
     "PluginLoadError",
@@ -72,11 +78,14 @@ __all__ = [
     "Summary",
     "TnconvError",
     "UnknownMethodError",
+    "UntrustedFileError",
     "__version__",
     "analysis",
     "available",
+    "calibrate_inputs",
     "compress",
     "dense_reasons",
+    "fold_batchnorm",
     "get",
     "load",
     "quantize",

@@ -161,6 +161,23 @@ def layer_from_conv(conv: nn.Conv2d, f: Factorization) -> FactorizedConv2d:
     )
 
 
+# Input statistics of the layers being compressed (conv module id -> statistics), set by
+# ``compress(calibration=...)`` for the duration of the call: every fit of those layers (budget
+# ladders, refits, rounding) is then output-aware.
+_STATISTICS: ContextVar[dict[int, Any] | None] = ContextVar("tnconv_statistics", default=None)
+
+
+@contextmanager
+def layer_statistics(stats: dict[int, Any]) -> Iterator[None]:
+    """Inside the block, :func:`options_for_layer` adds ``statistics=`` for the convs in
+    ``stats`` (keyed by ``id(conv)``)."""
+    token = _STATISTICS.set(stats)
+    try:
+        yield
+    finally:
+        _STATISTICS.reset(token)
+
+
 def options_for_layer(
     decomposition: Decomposition,
     conv: nn.Conv2d,
@@ -169,9 +186,13 @@ def options_for_layer(
 ) -> dict[str, Any]:
     """``options`` plus the layer's ``input_size`` (H, W) and ``stride``, for a method whose
     options have those fields (a FLOPs objective depends on them) and where the caller left them
-    unset; other methods get ``options`` unchanged."""
+    unset, and the layer's input ``statistics`` inside :func:`layer_statistics`; other methods
+    get ``options`` unchanged."""
     fields = getattr(decomposition.Options, "model_fields", {})
     extra: dict[str, Any] = {}
+    known = _STATISTICS.get()
+    if known is not None and id(conv) in known and "statistics" not in options:
+        extra["statistics"] = known[id(conv)]
     if "stride" in fields and "stride" not in options:
         extra["stride"] = tuple(conv.stride)
     if "input_size" in fields and "input_size" not in options and shape is not None:

@@ -76,28 +76,86 @@ def _options(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _read_model(path: str) -> nn.Module:
+def _read_model(path: str, args: argparse.Namespace | None = None) -> nn.Module:
+    """The model in ``path``: a tnconv save, a state dict (with ``--model``), or -- only with
+    ``--trust-file`` -- a pickled whole model (``torch.save(model)``). Nothing the file carries
+    is unpickled without ``--trust-file``."""
+    from .io import _is_safetensors
+
+    model_fn = getattr(args, "model", None)
+    trusted = bool(getattr(args, "trust_file", False))
     file = Path(path)
     if not file.is_file():
         raise CLIError(f"{path}: no such file")
-    try:
-        header = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception:  # a pickled whole model is not loadable with weights_only
-        header = None
-    if isinstance(header, dict) and "tnconv" in header:
-        return load(file)
-    if isinstance(header, dict):
+    state: Any = None
+    if _is_safetensors(file):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                tnconv_file = "tnconv" in (f.metadata() or {})
+                if not tnconv_file:
+                    state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except Exception as exc:
+            raise CLIError(
+                f"{path}: corrupt safetensors file ({type(exc).__name__}: {exc})"
+            ) from exc
+        if tnconv_file:
+            return load(file, model_fn=model_fn, trusted=trusted)
+    else:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # e.g. a pickled whole model: objects beyond tensors
+            if not trusted:
+                raise CLIError(
+                    f"{path} is not a tnconv save nor a file of tensors ({type(exc).__name__}); "
+                    "if it is a pickled model (torch.save(model)), opening it runs code the file "
+                    "carries: pass --trust-file only if you trust it as you would a program, or "
+                    "save its state_dict and pass --model module:function"
+                ) from exc
+            try:
+                obj = torch.load(file, map_location="cpu", weights_only=False)
+            except Exception as exc2:
+                raise CLIError(
+                    f"{path}: cannot read a model ({type(exc2).__name__}: {exc2})"
+                ) from exc2
+            if not isinstance(obj, nn.Module):
+                raise CLIError(
+                    f"{path} holds a {type(obj).__name__}, not a torch.nn.Module"
+                ) from None
+            return obj
+        if isinstance(state, dict) and "tnconv" in state:
+            return load(file, model_fn=model_fn, trusted=trusted)
+    if not isinstance(state, dict):
+        raise CLIError(f"{path} holds a {type(state).__name__}, not a model")
+    if model_fn is None:
         raise CLIError(
-            f"{path} holds a state_dict, not a model: save the whole model with "
-            "torch.save(model, path) or tnconv.save(model, path)"
+            f"{path} holds a state_dict, not a model: pass --model module:function (a function "
+            "building the architecture), or save the model with tnconv.save(model, path)"
         )
+    from .io import _factory
+
+    model = _factory(model_fn)()
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CLIError(f"{path}: cannot read a model ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(obj, nn.Module):
-        raise CLIError(f"{path} holds a {type(obj).__name__}, not a torch.nn.Module")
-    return obj
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError) as exc:
+        raise CLIError(f"{path}: the weights do not fit --model {model_fn}: {exc}") from exc
+    return model
+
+
+def _add_input_trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        metavar="MODULE:FUNCTION",
+        help="a function building the dense architecture (called without arguments) to load "
+        "the file's weights into; importing MODULE runs its code",
+    )
+    p.add_argument(
+        "--trust-file",
+        action="store_true",
+        help="allow unpickling Python objects from the input file (a pickled model, or the "
+        "architecture in a tnconv save): THIS RUNS ARBITRARY CODE THE FILE CARRIES",
+    )
 
 
 def _read_kernels(path: str) -> dict[str, Any]:
@@ -122,7 +180,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    model = _read_model(args.input)
+    model = _read_model(args.input, args)
     spec: dict[str, Any] = {}
     if args.rank is not None:
         spec["rank"] = _rank(args.rank)
@@ -155,7 +213,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    model = _read_model(args.input)
+    model = _read_model(args.input, args)
     size = _ints(args.input_size, "--input-size") if args.input_size else None
     s = summary(model, size, latency=args.latency, channels_last=args.channels_last)
     print(s)
@@ -198,7 +256,7 @@ def cmd_study(args: argparse.Namespace) -> int:
             raise CLIError(f"{source}: no such file")
         target = _read_kernels(source)
     else:
-        target = _read_model(source)
+        target = _read_model(source, args)
     result = study(
         target,
         methods,
@@ -238,7 +296,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from . import analysis
 
-    model = _read_model(args.input)
+    model = _read_model(args.input, args)
     convs = [(n, m) for n, m in analysis.select_convs(model, None) if m.groups == 1]
     if args.layers:
         wanted = args.layers.split(",")
@@ -371,7 +429,7 @@ def cmd_admm(args: argparse.Namespace) -> int:
     data = load_digits(args.source, seed=args.seed, limit=args.train_limit)
     progress = not args.quiet
     if args.input:
-        model = _read_model(args.input)
+        model = _read_model(args.input, args)
     else:
         model = train_dense(
             data, width=args.width, epochs=args.dense_epochs, seed=args.seed, progress=progress
@@ -463,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("compress", help="compress a saved model")
-    p.add_argument("input", help="a model saved with torch.save(model) or tnconv.save")
+    p.add_argument("input", help="a tnconv.save file (or torch.save(model) with --trust-file)")
     p.add_argument("-m", "--method", required=True, help="a name from `tnconv list`")
     spec = p.add_mutually_exclusive_group()
     spec.add_argument("--rank", help="int, tuple like 4,8,8,4, or a float ratio")
@@ -481,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], help="method option key=value")
     p.add_argument("-o", "--output", required=True, help="where to tnconv.save the result")
     p.add_argument("-q", "--quiet", action="store_true")
+    _add_input_trust(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("summary", help="per-layer parameters, FLOPs, ranks of a saved model")
@@ -489,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="also write the rows to this CSV file")
     p.add_argument("--latency", action="store_true", help="time each layer against dense")
     p.add_argument("--channels-last", action="store_true", help="time on channels-last inputs")
+    _add_input_trust(p)
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("calibrate", help="measure this machine's cost tables for the planner")
@@ -505,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10, help="timed forward passes (0: none)")
     p.add_argument("--out", required=True, help="folder for study.csv and study.png")
     p.add_argument("-q", "--quiet", action="store_true")
+    _add_input_trust(p)
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="train a digits CNN and compare every method on it")
@@ -519,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "analyze", help="spectra, entropies and truncation sweeps of a model's dense kernels"
     )
-    p.add_argument("input", help="a model saved with torch.save(model) or tnconv.save")
+    p.add_argument("input", help="a tnconv.save file (or torch.save(model) with --trust-file)")
     p.add_argument("--out", required=True, help="folder for cuts.csv, spectra.png, entropy.png")
     p.add_argument("--layers", help="comma-separated conv names (default: every ungrouped conv)")
     p.add_argument("--plot-layers", help="layers whose spectra are plotted (default: 3 by depth)")
@@ -536,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keeps", default="0.5,0.25,0.1", help="kept shares for the sweep")
     p.add_argument("--retrain-epochs", type=int, default=0, help="re-train each truncation")
     p.add_argument("-q", "--quiet", action="store_true")
+    _add_input_trust(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser(
@@ -568,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, help="where to tnconv.save the result")
     p.add_argument("-q", "--quiet", action="store_true")
+    _add_input_trust(p)
     p.set_defaults(func=cmd_admm)
 
     for name, text in (

@@ -27,17 +27,20 @@ from .allocation import (
     candidate_for,
     dense_conv_flops,
     layer_from_conv,
+    layer_statistics,
     options_for_layer,
     parse_budget,
     round_ranks,
     saving_shortfall,
 )
+from .bn_folding import fold_batchnorm
 from .decompositions.base import Decomposition
 from .errors import BudgetError, RankSpecError, StructureError
 from .factorization import Factorization
 from .layers import FactorizedConv2d
 from .rank import parse_rank_spec
 from .registry import get
+from .statistics import InputStatistics, calibrate_inputs
 
 __all__ = [
     "Budget",
@@ -194,6 +197,8 @@ def compress(
     progress: bool | None = None,
     round_to: int | None = None,
     channels_last: bool = False,
+    calibration: Any = None,
+    fold_bn: bool | None = None,
     **options: Any,
 ) -> nn.Module:
     """Replace the chosen ``nn.Conv2d`` layers of ``model`` by ``FactorizedConv2d``.
@@ -234,6 +239,14 @@ def compress(
             in the layer's ``info["round_to"]``).
         channels_last: time layers (latency criteria, ``round_to``) on channels-last inputs,
             for models that will run in that layout.
+        calibration: input batches (a DataLoader, a list of tensors or of ``(inputs, labels)``
+            pairs): every chosen layer is then fitted to its *outputs* on these inputs
+            (:func:`tnconv.calibrate_inputs`, ``Decomposition.factorize(statistics=)``), and
+            ``eps`` / ``ratio`` / ``budget`` bound and allocate the output error instead of the
+            kernel error. See docs/data_aware.md.
+        fold_bn: fold every conv -> BatchNorm2d pair into the conv before factorizing
+            (:func:`tnconv.bn_folding.fold_batchnorm`: the BN becomes ``nn.Identity``, the
+            model is unchanged in eval mode). Default: True when ``model`` is in eval mode.
         **options: method options, as for ``factorize``.
 
     Returns:
@@ -249,10 +262,21 @@ def compress(
         from .recommend import auto_spec  # recommend builds on this module
 
         args = dict(input_size=input_size, must_save=must_save, progress=progress)
-        chosen, dense = auto_spec(model, budget=budget, layers=layers, options=options, **args)
         target = model if inplace else plain_copy(model)
+        if fold_bn if fold_bn is not None else not model.training:
+            picked = [n for n, c in select_convs(target, layers) if c.groups == 1]
+            fold_batchnorm(target, inplace=True, convs=picked)
+        chosen, dense = auto_spec(target, budget=budget, layers=layers, options=options, **args)
         if chosen:
-            compress(target, None, spec=chosen, inplace=True, **args)
+            compress(
+                target,
+                None,
+                spec=chosen,
+                inplace=True,
+                calibration=calibration,
+                fold_bn=False,
+                **args,
+            )
         reasons = dict(getattr(target, DENSE_REASONS, {}))
         for name in dense:
             reasons[name] = "auto: no method's factorization was worth its cost under the budget"
@@ -291,10 +315,14 @@ def compress(
         decomposition = decomposition.bind(decomposition.parse_options(options))
 
     target = model if inplace else plain_copy(model)
+    if fold_bn is None:
+        fold_bn = not model.training
     chosen = select_convs(target, layers)
     for name, conv in chosen:
         if conv.groups == 1:
             check_not_meta(conv.weight, f"the weight of layer {name!r}")
+    if fold_bn:  # the chosen layers are fitted as the kernels they compute with their BN
+        fold_batchnorm(target, inplace=True, convs=[n for n, c in chosen if c.groups == 1])
     timed = (
         must_save == "latency"
         or round_to is not None
@@ -322,6 +350,11 @@ def compress(
             )
         else:
             eligible.append((name, conv))
+    statistics: dict[int, InputStatistics] = {}
+    if calibration is not None and eligible:
+        names = [name for name, _ in eligible]
+        by_name = calibrate_inputs(target, calibration, layers=names)
+        statistics = {id(conv): by_name[name] for name, conv in eligible}
     show = progress if progress is not None else len(eligible) >= 8
     label = "per-layer spec" if spec is not None else decomposition.name
     bar = tqdm(eligible, desc=f"compress ({label})", disable=not show, leave=False)
@@ -350,30 +383,31 @@ def compress(
             dec, conv, f, shapes[name], round_to, layer_opts, must_save, probe, kind
         )[0]
 
-    if target_budget is not None:
-        plan = allocate(
-            decomposition, eligible, shapes, target_budget, options, must_save, steps, probe
-        )
-        for name, conv in eligible:
-            cand, reason = plan[name]
-            f = cand.factorization
-            if f is not None:
-                f = rounded(decomposition, name, conv, f, options)
-            install(name, None if f is None else layer_from_conv(conv, f), reason)
-    else:
-        for name, conv in steps:
-            if spec is not None:
-                dec, layer_opts, lspec = per_layer[name]
-                triple = (lspec.rank, lspec.eps, lspec.ratio)
-            else:
-                dec, layer_opts, triple = decomposition, options, (rank, eps, ratio)
-            layer, reason = _factorize_layer(
-                dec, conv, shapes.get(name), triple, layer_opts, must_save, probe
+    with layer_statistics(statistics):
+        if target_budget is not None:
+            plan = allocate(
+                decomposition, eligible, shapes, target_budget, options, must_save, steps, probe
             )
-            if layer is not None and round_to is not None:
-                f = rounded(dec, name, conv, layer.factorization, layer_opts)
-                layer = layer_from_conv(conv, f)
-            install(name, layer, reason)
+            for name, conv in eligible:
+                cand, reason = plan[name]
+                f = cand.factorization
+                if f is not None:
+                    f = rounded(decomposition, name, conv, f, options)
+                install(name, None if f is None else layer_from_conv(conv, f), reason)
+        else:
+            for name, conv in steps:
+                if spec is not None:
+                    dec, layer_opts, lspec = per_layer[name]
+                    triple = (lspec.rank, lspec.eps, lspec.ratio)
+                else:
+                    dec, layer_opts, triple = decomposition, options, (rank, eps, ratio)
+                layer, reason = _factorize_layer(
+                    dec, conv, shapes.get(name), triple, layer_opts, must_save, probe
+                )
+                if layer is not None and round_to is not None:
+                    f = rounded(dec, name, conv, layer.factorization, layer_opts)
+                    layer = layer_from_conv(conv, f)
+                install(name, layer, reason)
     setattr(target, DENSE_REASONS, reasons)
     if size is not None:
         setattr(target, INPUT_SIZE, tuple(size))

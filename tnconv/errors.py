@@ -72,3 +72,15 @@ class ProjectionError(ADMMError):
 
 class NonFiniteWeightError(ADMMError, FloatingPointError):
     """A weight (or ADMM's Z / U for it) became NaN or Inf during training; names the layer."""
+
+
+class LoadError(TnconvError, ValueError):
+    """A file is not a tnconv save (or is truncated, corrupt, or of an unknown format version),
+    or does not fit the model it is loaded into; names the file and the problem."""
+
+
+class UntrustedFileError(LoadError):
+    """Loading this file would unpickle Python objects it carries (its saved architecture, or a
+    whole pickled model), which can run arbitrary code; tnconv does that only when told the file
+    is trusted (``trusted=True``, CLI ``--trust-file``). Passing the architecture instead
+    (``model=``, ``model_fn=``, CLI ``--model module:function``) needs no trust."""

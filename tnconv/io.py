@@ -1,57 +1,183 @@
-"""``tnconv.save`` / ``tnconv.load``: compressed models with their layer specs.
+"""``tnconv.save`` / ``tnconv.load``: compressed models with their layer specs, in files that are
+safe to open.
 
-A saved file (``torch.save`` format) holds
+A file written by :func:`save` (format version 3) is a `safetensors
+<https://huggingface.co/docs/safetensors>`_ file: a JSON header followed by raw tensor bytes,
+which any safetensors reader can list and read without running code. It holds
 
-* ``"tnconv"``: a header validated by pydantic on load: format version, the tnconv version that
-  wrote it, one :class:`LayerSpec` per factorized layer (equation, shapes, ranks, geometry), why
-  layers were kept dense, and the input size used for FLOPs;
-* ``"state_dict"``: every parameter and buffer, except the weights of quantized layers;
-* ``"quantized_weights"`` (version 2): those weights as integer codes, packed ``8 // bits`` or
-  more to a byte for fewer than 8 bits (int8 at 8 bits), with their float32 scales;
-* ``"architecture"``: the pickled module itself, as bytes, its parameters and persistent
-  buffers replaced by empty "meta" tensors (version 2; version 1 pickled the values again).
+* the tensors: every parameter and buffer of the model under its state-dict key, except the
+  weights of quantized layers, which are stored as ``__tnconv__.quantized.<key>.codes`` (integer
+  codes packed ``8 // bits`` or more to a byte below 8 bits, int8 at 8 bits) and
+  ``__tnconv__.quantized.<key>.scale`` (float32 scales);
+* in the safetensors metadata, under ``"tnconv"``, this module's header as JSON, validated by
+  pydantic on load: format version, the tnconv version that wrote it, one :class:`LayerSpec` per
+  factorized layer (equation, shapes, ranks, geometry), one :class:`QuantLayerSpec` per quantized
+  layer, why layers were kept dense, the input size used for FLOPs, and -- when the model is one
+  of the architectures tnconv ships (``tnconv.models``' CIFAR ResNets / VGG, the demo's
+  ``DigitsNet``) -- that architecture's name and constructor arguments (:class:`ArchitectureSpec`);
+* optionally (``save(..., pickle_architecture=True)``, the default) the pickled module, its
+  weights replaced by empty "meta" tensors, as the uint8 tensor ``__tnconv__.architecture``.
+  It is only ever read by ``load(path, trusted=True)``.
 
-``load(path, model=dense_model)`` rebuilds the factorized layers from their specs inside a copy of
-a freshly constructed dense model and loads the state dict: it never unpickles code
-(``torch.load(weights_only=True)``). ``load(path)`` without a model unpickles the architecture
-(like ``torch.load`` of a whole model it needs the model's classes importable, and the file must
-be trusted).
+:func:`load` never unpickles unless told to. It rebuilds the model from, in this order: a dense
+model of the same architecture (``model=``), a factory named in the call (``model_fn=``: a
+callable or a ``"module:function"`` string, called without arguments), the shipped architecture
+recorded in the header; and only with ``trusted=True`` from the pickled architecture --
+unpickling runs whatever code the file carries, so pass it only for files you would run.
+Files written by earlier tnconv versions (versions 1 and 2: ``torch.save`` archives) are read with
+``torch.load(weights_only=True)`` and still load with ``model=`` / ``model_fn=``, or with
+``trusted=True``. Every failure to read a file is a :class:`tnconv.errors.LoadError`
+(:class:`tnconv.errors.UntrustedFileError` where only trust would help).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import io
+import json
+import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
+from .bn_folding import FOLDED_BN, remove_folded
 from .compress import DENSE_REASONS, INPUT_SIZE
-from .errors import TnconvError
+from .errors import LoadError, TnconvError, UntrustedFileError
 from .factorization import Factorization
 from .layers import FactorizedConv2d
 
 __all__ = [
     "FORMAT_VERSION",
+    "ArchitectureSpec",
     "LayerSpec",
+    "LoadError",
     "QuantLayerSpec",
     "SavedModelHeader",
+    "UntrustedFileError",
     "load",
     "pack_codes",
+    "read_header",
     "save",
     "unpack_codes",
 ]
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+LEGACY_VERSIONS = (1, 2)  # torch.save archives
+PREFIX = "__tnconv__."
+ARCHITECTURE_KEY = PREFIX + "architecture"
+QUANTIZED_PREFIX = PREFIX + "quantized."
+
+_Count = Annotated[int, Field(ge=1, le=1 << 16)]
+_Classes = Annotated[int, Field(ge=1, le=1 << 20)]
 
 
-class LoadError(TnconvError, ValueError):
-    """A file is not a tnconv save, or does not fit the model it is loaded into."""
+class _ResNetArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    blocks_per_stage: Annotated[int, Field(ge=1, le=1000)]
+    num_classes: _Classes
+    widths: tuple[_Count, _Count, _Count]
+
+
+class _VGGArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    config: Annotated[list[_Count | Literal["M"]], Field(min_length=1, max_length=256)]
+    num_classes: _Classes
+
+
+class _DigitsArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    num_classes: _Classes
+    width: _Count
+
+
+_ARCHITECTURE_ARGS: dict[str, type[BaseModel]] = {
+    "CifarResNet": _ResNetArgs,
+    "CifarVGG": _VGGArgs,
+    "DigitsNet": _DigitsArgs,
+}
+
+
+def _shipped_classes() -> dict[str, type[nn.Module]]:
+    from .demo import DigitsNet
+    from .models import CifarResNet, CifarVGG
+
+    return {"CifarResNet": CifarResNet, "CifarVGG": CifarVGG, "DigitsNet": DigitsNet}
+
+
+class ArchitectureSpec(BaseModel):
+    """One of the architectures tnconv ships, by class name and constructor arguments.
+
+    Only these classes can be named, and their arguments are validated (types and bounds) before
+    anything is built, so a file cannot make :func:`load` import or call anything else.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["CifarResNet", "CifarVGG", "DigitsNet"]
+    kwargs: dict[str, Any]
+
+    @field_validator("kwargs")
+    @classmethod
+    def _check_kwargs(cls, value: dict[str, Any], info: Any) -> dict[str, Any]:
+        name = info.data.get("name")
+        if name is None:
+            return value
+        return _ARCHITECTURE_ARGS[name].model_validate(value).model_dump(mode="json")
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ArchitectureSpec | None:
+        """The spec of ``model``'s dense architecture if it is a shipped class (compressed or
+        not), read off its modules; None for any other model."""
+        classes = _shipped_classes()
+        name = next((n for n, c in classes.items() if type(model) is c), None)
+        if name is None:
+            return None
+        try:
+            kwargs: dict[str, Any]
+            if name == "CifarResNet":
+                kwargs = {
+                    "blocks_per_stage": model.blocks_per_stage,
+                    "num_classes": model.linear.weight.shape[0],
+                    "widths": [getattr(model, f"layer{k}")[0].bn2.num_features for k in (1, 2, 3)],
+                }
+            elif name == "CifarVGG":
+                config: list[int | str] = []
+                for m in model.features:
+                    if isinstance(m, nn.BatchNorm2d):
+                        config.append(m.num_features)
+                    elif isinstance(m, nn.MaxPool2d):
+                        config.append("M")
+                kwargs = {"config": config, "num_classes": model.classifier.weight.shape[0]}
+            else:
+                kwargs = {
+                    "num_classes": model.classifier.weight.shape[0],
+                    "width": model.features[1].num_features,
+                }
+            return cls(name=name, kwargs=kwargs)  # type: ignore[arg-type]
+        except (AttributeError, IndexError, TypeError, ValidationError):
+            return None
+
+    def build(self, device: Any = None) -> nn.Module:
+        """A freshly initialised dense model of this architecture (on ``device``, e.g. "meta")."""
+        cls = _shipped_classes()[self.name]
+        kwargs = dict(self.kwargs)
+        if self.name == "CifarVGG":
+            kwargs["config"] = tuple(kwargs["config"])
+        elif self.name == "CifarResNet":
+            kwargs["widths"] = tuple(kwargs["widths"])
+        with torch.device(device or "cpu"):
+            return cls(**kwargs)
 
 
 class LayerSpec(BaseModel):
@@ -74,6 +200,14 @@ class LayerSpec(BaseModel):
     bias: bool
     dtype: str
     info: dict[str, Any] = {}
+
+    @field_validator("dtype")
+    @classmethod
+    def _floating(cls, value: str) -> str:
+        dtype = getattr(torch, value, None)
+        if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex):
+            raise ValueError(f"not a floating torch dtype: {value!r}")
+        return value
 
     @classmethod
     def of(cls, name: str, layer: FactorizedConv2d) -> LayerSpec:
@@ -119,7 +253,7 @@ class LayerSpec(BaseModel):
 
 
 class SavedModelHeader(BaseModel):
-    """The validated, versioned description stored under ``"tnconv"`` in a saved file."""
+    """The validated, versioned description stored as JSON in a saved file."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -130,6 +264,8 @@ class SavedModelHeader(BaseModel):
     dense_reasons: dict[str, str] = {}
     input_size: tuple[int, ...] | None = None
     quantized: list[QuantLayerSpec] = []
+    architecture: ArchitectureSpec | None = None  # version 3: a shipped architecture
+    folded_bn: dict[str, str] = {}  # BN name -> the conv it was folded into (compress fold_bn)
 
 
 class QuantLayerSpec(BaseModel):
@@ -145,6 +281,7 @@ class QuantLayerSpec(BaseModel):
     per_channel: bool
     axes: list[int | None]
     path: list[tuple[int, ...]] = []
+    reduce_range: bool = False  # files before it was recorded used full-range feature maps
 
     @classmethod
     def of(cls, name: str, layer: nn.Module) -> QuantLayerSpec:
@@ -164,6 +301,7 @@ class QuantLayerSpec(BaseModel):
             weight_bits=c.weight_bits,
             activation_bits=c.activation_bits,
             per_channel=c.per_channel,
+            reduce_range=c.reduce_range,
             axes=list(layer.axes),  # type: ignore[attr-defined]
             path=[tuple(p) for p in getattr(layer, "path", ())],
         )
@@ -187,6 +325,7 @@ class QuantLayerSpec(BaseModel):
             weight_bits=self.weight_bits,
             activation_bits=self.activation_bits,
             per_channel=self.per_channel,
+            reduce_range=self.reduce_range,
         )
         if self.kind == "factorized" and isinstance(layer, FactorizedConv2d):
             return QuantizedFactorizedConv2d.from_layer(layer, config, self.path, self.axes)
@@ -262,13 +401,66 @@ def _materialize(model: nn.Module, device: Any) -> None:
                 module._buffers[key] = torch.empty(b.shape, dtype=b.dtype, device=device)
 
 
-def save(model: nn.Module, path: str | Path) -> None:
-    """Write ``model`` (compressed or not) with its layer specs to ``path``."""
+def _tensors_for_file(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors that share no memory (what safetensors requires)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state.items():
+        t = value.detach()
+        if t.is_meta:
+            raise ValueError(f"cannot save {key!r}: it is on the meta device (no values)")
+        t = t.to("cpu")
+        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+        if not t.is_contiguous() or (ptr in seen and ptr != -1):
+            t = t.contiguous().clone()
+        elif ptr != -1:
+            seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def save(model: nn.Module, path: str | Path, *, pickle_architecture: bool = True) -> None:
+    """Write ``model`` (compressed or not) with its layer specs to ``path`` (safetensors).
+
+    Args:
+        model: any module; its factorized and quantized layers are described in the header.
+        path: the file to write.
+        pickle_architecture: also store the pickled module (without its weights) so that
+            ``load(path, trusted=True)`` can rebuild an architecture tnconv does not ship.
+            It is never read without ``trusted=True``; pass False to leave it out.
+    """
+    from safetensors.torch import save_file
+
     from . import __version__
+    from .quantization import quantize_weight
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save needs a torch.nn.Module; got {type(model).__name__}")
-    from .quantization import quantize_weight, quantized_layers
+    header = _header_of(model, __version__)
+    state = dict(model.state_dict())
+    clash = [k for k in state if k.startswith(PREFIX)]
+    if clash:
+        raise ValueError(f"state-dict keys starting with {PREFIX!r} are reserved: {clash[:3]}")
+    tensors: dict[str, torch.Tensor] = {}
+    for q in header.quantized:
+        for key, axis in zip(q.weight_keys(), q.axes, strict=True):
+            full = f"{q.name}.{key}" if q.name else key
+            codes, scale = quantize_weight(state.pop(full), q.weight_bits, axis)
+            tensors[f"{QUANTIZED_PREFIX}{full}.codes"] = pack_codes(codes, q.weight_bits)
+            tensors[f"{QUANTIZED_PREFIX}{full}.scale"] = scale
+    tensors.update(state)
+    if pickle_architecture:
+        buffer = io.BytesIO()
+        torch.save(_weightless(model), buffer)
+        tensors[ARCHITECTURE_KEY] = torch.frombuffer(
+            bytearray(buffer.getvalue()), dtype=torch.uint8
+        )
+    metadata = {"format": "pt", "tnconv": json.dumps(header.model_dump(mode="json"))}
+    save_file(_tensors_for_file(tensors), str(path), metadata=metadata)
+
+
+def _header_of(model: nn.Module, version: str) -> SavedModelHeader:
+    from .quantization import quantized_layers
 
     specs = [
         LayerSpec.of(name, m)
@@ -278,83 +470,323 @@ def save(model: nn.Module, path: str | Path) -> None:
     qspecs = [QuantLayerSpec.of(name, m) for name, m in quantized_layers(model)]
     size = getattr(model, INPUT_SIZE, None)
     header = SavedModelHeader(
-        tnconv_version=__version__,
+        tnconv_version=version,
         layers=specs,
         dense_reasons=dict(getattr(model, DENSE_REASONS, {})),
         input_size=tuple(size) if size is not None else None,
         quantized=qspecs,
+        folded_bn=dict(getattr(model, FOLDED_BN, {})),
     )
-    state = model.state_dict()
-    packed: dict[str, dict[str, torch.Tensor]] = {}
-    for q in qspecs:
-        for key, axis in zip(q.weight_keys(), q.axes, strict=True):
-            full = f"{q.name}.{key}" if q.name else key
-            codes, scale = quantize_weight(state.pop(full), q.weight_bits, axis)
-            packed[full] = {"codes": pack_codes(codes, q.weight_bits), "scale": scale}
-    buffer = io.BytesIO()
-    torch.save(_weightless(model), buffer)
-    torch.save(
-        {
-            "tnconv": header.model_dump(mode="json"),
-            "state_dict": state,
-            "quantized_weights": packed,
-            "architecture": buffer.getvalue(),
-        },
-        path,
-    )
+    arch = ArchitectureSpec.of(model)
+    if arch is not None and _rebuilds(model, arch, header):
+        header = header.model_copy(update={"architecture": arch})
+    return header
 
 
-def load(path: str | Path, model: nn.Module | None = None, map_location: Any = "cpu") -> nn.Module:
-    """Read a model written by :func:`save`.
+def _rebuilds(model: nn.Module, arch: ArchitectureSpec, header: SavedModelHeader) -> bool:
+    """Whether ``arch`` with ``header``'s layers installed has ``model``'s modules and
+    state-dict shapes and dtypes (checked on the meta device: nothing is allocated)."""
 
-    Args:
-        path: the file.
-        model: optionally, a freshly built *dense* model of the same architecture; a copy of it
-            receives the factorized layers and the weights, and no code is unpickled. ``model``
-            itself is not modified.
-        map_location: as for ``torch.load``.
+    def signature(m: nn.Module) -> tuple[list[Any], list[Any]]:
+        return (
+            [(n, type(s)) for n, s in m.named_modules()],
+            [(k, tuple(v.shape), v.dtype) for k, v in m.state_dict().items()],
+        )
 
-    Raises:
-        LoadError: not a tnconv file, an unsupported version, or a model that does not match.
-    """
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
-        raise LoadError(f"{path}: not a readable torch file ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(payload, dict) or "tnconv" not in payload:
-        raise LoadError(f"{path}: not a tnconv save (no 'tnconv' header); use torch.load")
-    raw = payload["tnconv"]
-    if isinstance(raw, dict) and raw.get("version") not in READABLE_VERSIONS:
+        rebuilt = arch.build("meta")
+        _install_all(rebuilt, header)
+    except Exception as exc:  # anything odd: do not record it; load then needs model= etc.
+        log.debug("not recording %s: %s", arch, exc)
+        return False
+    return signature(rebuilt) == signature(model)
+
+
+@dataclass
+class _Contents:
+    """What a file holds, whatever its version."""
+
+    header: SavedModelHeader
+    state: dict[str, torch.Tensor]
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    architecture: bytes | None = None
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        start = f.read(9)
+    if len(start) < 9:
+        return False
+    n = int.from_bytes(start[:8], "little")
+    return start[8:9] == b"{" and 0 < n <= path.stat().st_size - 8
+
+
+def _validate(path: Path, raw: Any, versions: tuple[int, ...]) -> SavedModelHeader:
+    if not isinstance(raw, dict):
+        raise LoadError(f"{path}: corrupt tnconv header (not a JSON object)")
+    if raw.get("version") not in versions:
         raise LoadError(
-            f"{path}: tnconv format version {raw.get('version')!r}; this tnconv reads "
-            f"versions {', '.join(map(str, READABLE_VERSIONS))}"
+            f"{path}: tnconv format version {raw.get('version')!r} in this kind of file; this "
+            f"tnconv reads versions {', '.join(map(str, READABLE_VERSIONS))} (1 and 2: torch "
+            "archives, 3: safetensors)"
         )
     try:
-        header = SavedModelHeader.model_validate(raw)
+        return SavedModelHeader.model_validate(raw)
     except ValidationError as exc:
         raise LoadError(f"{path}: corrupt tnconv header: {exc}") from exc
 
-    if model is None:
-        result = torch.load(
-            io.BytesIO(payload["architecture"]), map_location=map_location, weights_only=False
-        )
-        device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
-        _materialize(result, device)
-    else:
-        result = copy.deepcopy(model)
-        for spec in header.layers:
-            _install(result, spec)
-        for qspec in header.quantized:
-            parent_name, _, child = qspec.name.rpartition(".")
-            parent = result.get_submodule(parent_name) if parent_name else result
+
+def _read_safetensors(path: Path, header_only: bool = False) -> _Contents:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if "tnconv" not in meta:
+                raise LoadError(
+                    f"{path}: not a tnconv save (a safetensors file without a tnconv header: "
+                    "weights only; load them into a model with safetensors.torch.load_file)"
+                )
             try:
-                current = result.get_submodule(qspec.name)
-            except AttributeError as exc:
-                raise LoadError(f"the model has no module {qspec.name!r} to quantize") from exc
-            setattr(parent, child, qspec.wrap(current).train(current.training))
-    state = dict(payload["state_dict"])
+                raw = json.loads(meta["tnconv"])
+            except json.JSONDecodeError as exc:
+                raise LoadError(f"{path}: corrupt tnconv header (bad JSON: {exc})") from exc
+            header = _validate(path, raw, (FORMAT_VERSION,))
+            if header_only:
+                return _Contents(header, {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except LoadError:
+        raise
+    except Exception as exc:  # SafetensorError: truncated, bad offsets, bad header JSON
+        raise LoadError(
+            f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})"
+        ) from exc
+    contents = _Contents(header, {})
+    arch = tensors.pop(ARCHITECTURE_KEY, None)
+    if arch is not None:
+        contents.architecture = arch.numpy().tobytes()
+    for key, value in tensors.items():
+        if key.startswith(QUANTIZED_PREFIX):
+            full, _, part = key[len(QUANTIZED_PREFIX) :].rpartition(".")
+            codes, scale = contents.quantized.get(full, (None, None))
+            if part == "codes":
+                codes = value
+            elif part == "scale":
+                scale = value
+            else:
+                raise LoadError(f"{path}: unknown tnconv tensor {key!r}")
+            contents.quantized[full] = (codes, scale)  # type: ignore[assignment]
+        elif key.startswith(PREFIX):
+            raise LoadError(f"{path}: unknown tnconv tensor {key!r}")
+        else:
+            contents.state[key] = value
+    for full, (codes, scale) in contents.quantized.items():
+        if codes is None or scale is None:
+            raise LoadError(f"{path}: quantized weight {full!r} lacks its codes or its scale")
+    return contents
+
+
+def _read_legacy(path: Path, header_only: bool = False) -> _Contents:
+    """A version 1 / 2 file (a ``torch.save`` archive), read with ``weights_only=True``: only
+    tensors and plain containers are unpickled; anything else is refused unexecuted."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise LoadError(
+            f"{path}: not a tnconv save, or corrupt: neither safetensors nor a torch archive of "
+            f"tensors (torch.load(weights_only=True) said {type(exc).__name__}: {exc}). A "
+            "whole pickled model is not a tnconv save; tnconv does not unpickle it"
+        ) from exc
+    if not isinstance(payload, dict) or "tnconv" not in payload:
+        raise LoadError(f"{path}: not a tnconv save (no 'tnconv' header); use torch.load")
+    header = _validate(path, payload["tnconv"], LEGACY_VERSIONS)
+    if header_only:
+        return _Contents(header, {})
+    state = payload.get("state_dict")
+    packed = payload.get("quantized_weights", {})
+    arch = payload.get("architecture")
+    if (
+        not isinstance(state, dict)
+        or not isinstance(packed, dict)
+        or not (arch is None or isinstance(arch, bytes))
+    ):
+        raise LoadError(f"{path}: corrupt tnconv save (state_dict / architecture of wrong type)")
+    contents = _Contents(header, dict(state), architecture=arch)
+    for full, entry in packed.items():
+        if not isinstance(entry, dict) or "codes" not in entry or "scale" not in entry:
+            raise LoadError(f"{path}: corrupt quantized weight {full!r}")
+        contents.quantized[full] = (entry["codes"], entry["scale"])
+    return contents
+
+
+def _read(path: Path, header_only: bool = False) -> _Contents:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if _is_safetensors(path):
+        return _read_safetensors(path, header_only)
+    return _read_legacy(path, header_only)
+
+
+def read_header(path: str | Path) -> SavedModelHeader:
+    """The validated header of a tnconv file (any version) without reading its weights.
+
+    Raises:
+        LoadError: not a tnconv save, corrupt, or an unknown format version.
+    """
+    return _read(Path(path), header_only=True).header
+
+
+def _factory(model_fn: Callable[[], nn.Module] | str) -> Callable[[], nn.Module]:
+    """``model_fn`` itself, or the callable a ``"package.module:function"`` string names
+    (importing the module runs its code: name only modules you trust)."""
+    if callable(model_fn):
+        return model_fn
+    if not isinstance(model_fn, str):
+        raise LoadError(f"model_fn must be a callable or 'module:function'; got {model_fn!r}")
+    module_name, sep, attr = model_fn.partition(":")
+    if not sep or not module_name or not attr:
+        raise LoadError(f"model_fn {model_fn!r} is not of the form 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise LoadError(f"model_fn {model_fn!r}: cannot import {module_name!r}: {exc}") from exc
+    try:
+        fn = functools.reduce(getattr, attr.split("."), module)
+    except AttributeError as exc:
+        raise LoadError(f"model_fn {model_fn!r}: {module_name} has no {attr!r}") from exc
+    if not callable(fn):
+        raise LoadError(f"model_fn {model_fn!r} is a {type(fn).__name__}, not a callable")
+    return fn
+
+
+def _device(map_location: Any) -> torch.device:
+    """The device a model built here goes to (``torch.load``-style mappings: the CPU)."""
+    if isinstance(map_location, (str, torch.device)):
+        return torch.device(map_location)
+    return torch.device("cpu")
+
+
+def _check_sizes(path: Path, contents: _Contents, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor ``shapes`` names is in the file, in that shape (quantized ones: with at least
+    one bit per value), so what is built from the header is no bigger than what the file holds."""
+    for key, shape in shapes.items():
+        if key in contents.state:
+            have = tuple(contents.state[key].shape)
+            if have != shape:
+                raise LoadError(f"{path}: tensor {key!r} has shape {have}; the layout says {shape}")
+        elif key in contents.quantized:
+            if contents.quantized[key][0].numel() * 8 < math.prod(shape):
+                raise LoadError(f"{path}: quantized weight {key!r} is too short for {shape}")
+        else:
+            raise LoadError(f"{path}: no tensor {key!r} for the saved layout")
+
+
+def _check_layer_specs(path: Path, contents: _Contents) -> None:
+    """The factor shapes in the header are those of the file's tensors (before any layer is
+    built from them)."""
+    shapes = {
+        f"{spec.name}.factors.{k}" if spec.name else f"factors.{k}": tuple(s)
+        for spec in contents.header.layers
+        for k, s in enumerate(spec.factor_shapes)
+    }
+    _check_sizes(path, contents, shapes)
+
+
+def _architecture(
+    path: Path,
+    contents: _Contents,
+    model: nn.Module | None,
+    model_fn: Callable[[], nn.Module] | str | None,
+    trusted: bool,
+    map_location: Any,
+) -> nn.Module:
+    """The module the weights go into, with the header's layers installed."""
+    header = contents.header
+    if model is not None or model_fn is not None:
+        if model is not None and model_fn is not None:
+            raise LoadError("give model= or model_fn=, not both")
+        if model is not None:
+            result = copy.deepcopy(model)
+        else:
+            fn = _factory(model_fn)  # type: ignore[arg-type]
+            result = fn()
+            if not isinstance(result, nn.Module):
+                raise LoadError(f"model_fn returned a {type(result).__name__}, not an nn.Module")
+        _install_all(result, header)
+        return result
+    if header.architecture is not None:
+        skeleton = header.architecture.build("meta")  # allocates nothing
+        _install_all(skeleton, header)
+        _check_sizes(path, contents, {k: tuple(v.shape) for k, v in skeleton.state_dict().items()})
+        result = header.architecture.build()
+        _install_all(result, header)
+        return result.to(_device(map_location))
+    if contents.architecture is None:
+        raise LoadError(
+            f"{path} stores no architecture tnconv can rebuild: pass model= (a dense model of "
+            "the same architecture) or model_fn= (a callable or 'module:function' returning one)"
+        )
+    if not trusted:
+        raise UntrustedFileError(
+            f"{path}: rebuilding this model means unpickling the architecture stored in the "
+            "file, which can run arbitrary code. Pass model= (a dense model of the same "
+            "architecture) or model_fn= (CLI --model module:function) to load it safely, or "
+            "trusted=True (CLI --trust-file) if you trust the file as you would a program"
+        )
+    result = torch.load(
+        io.BytesIO(contents.architecture), map_location=map_location, weights_only=False
+    )
+    if not isinstance(result, nn.Module):
+        raise LoadError(f"{path}: the pickled architecture is a {type(result).__name__}")
+    _materialize(result, _device(map_location))
+    return result
+
+
+def load(
+    path: str | Path,
+    model: nn.Module | None = None,
+    map_location: Any = "cpu",
+    *,
+    model_fn: Callable[[], nn.Module] | str | None = None,
+    trusted: bool = False,
+) -> nn.Module:
+    """Read a model written by :func:`save` (or by earlier tnconv versions).
+
+    No code is unpickled unless ``trusted=True``. The architecture the weights go into comes
+    from, in this order: ``model``, ``model_fn``, the shipped architecture recorded in the file
+    (``tnconv.models``' CIFAR ResNets / VGG, the demo's ``DigitsNet``), and only with
+    ``trusted=True`` the pickled architecture the file carries.
+
+    Args:
+        path: the file.
+        model: a freshly built *dense* model of the same architecture; a copy of it receives
+            the factorized / quantized layers and the weights. ``model`` itself is not modified.
+        map_location: device of the rebuilt model when it is built here (shipped or pickled
+            architecture); with ``model`` / ``model_fn`` the weights go where that model is.
+        model_fn: instead of ``model``, a callable returning one, or a
+            ``"package.module:function"`` string naming it (imported and called without
+            arguments; importing runs that module's code, as any import does).
+        trusted: allow unpickling the architecture the file carries when none of the above
+            applies and the file does not record a shipped architecture. **Unpickling executes
+            arbitrary code from the file**: pass True only for files you would run as programs.
+
+    Raises:
+        LoadError: not a tnconv file, truncated / corrupt, an unsupported version, or a model
+            that does not match; :class:`UntrustedFileError` (a LoadError) when only
+            ``trusted=True`` could rebuild the model.
+        FileNotFoundError: no such file.
+    """
+    path = Path(path)
+    contents = _read(path)
+    header = contents.header
+    _check_layer_specs(path, contents)
+    try:
+        result = _architecture(path, contents, model, model_fn, trusted, map_location)
+    except LoadError:
+        raise
+    except TnconvError as exc:  # e.g. an equation the layer rejects
+        raise LoadError(f"{path}: cannot rebuild the saved layers: {exc}") from exc
+    state = dict(contents.state)
     for qspec in header.quantized:
         try:
             layer = result.get_submodule(qspec.name)
@@ -368,12 +800,16 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: Any = "
             raise LoadError(f"{path}: layer {qspec.name!r} does not match its saved spec")
         for key in qspec.weight_keys():
             full = f"{qspec.name}.{key}" if qspec.name else key
-            entry = payload.get("quantized_weights", {}).get(full)
+            entry = contents.quantized.get(full)
             if entry is None:
                 raise LoadError(f"{path}: no quantized weight {full!r}")
+            codes, scale = entry
             like = layer.get_parameter(key)
-            codes = unpack_codes(entry["codes"], qspec.weight_bits, tuple(like.shape))
-            state[full] = codes.to(like.dtype) * entry["scale"].to(like.dtype)
+            try:
+                values = unpack_codes(codes, qspec.weight_bits, tuple(like.shape))
+                state[full] = values.to(like.dtype) * scale.to(like.dtype)
+            except RuntimeError as exc:
+                raise LoadError(f"{path}: corrupt quantized weight {full!r}: {exc}") from exc
     for spec in header.layers:
         layer = result.get_submodule(spec.name)
         if not isinstance(layer, FactorizedConv2d) or LayerSpec.of(spec.name, layer).model_dump(
@@ -388,6 +824,25 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: Any = "
     if header.input_size is not None:
         setattr(result, INPUT_SIZE, tuple(header.input_size))
     return result
+
+
+def _install_all(model: nn.Module, header: SavedModelHeader) -> None:
+    """Install the header's folded BNs, factorized, then quantized, layers into a dense
+    ``model``."""
+    try:
+        remove_folded(model, header.folded_bn)
+    except AttributeError as exc:
+        raise LoadError(f"the model has no module to fold: {exc}") from exc
+    for spec in header.layers:
+        _install(model, spec)
+    for qspec in header.quantized:
+        parent_name, _, child = qspec.name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            current = model.get_submodule(qspec.name)
+        except AttributeError as exc:
+            raise LoadError(f"the model has no module {qspec.name!r} to quantize") from exc
+        setattr(parent, child, qspec.wrap(current).train(current.training))
 
 
 def _install(model: nn.Module, spec: LayerSpec) -> None:

@@ -24,10 +24,12 @@ Real integer kernels: :func:`to_int8` (see docs/quantization.md for what runs in
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -49,8 +51,11 @@ __all__ = [
     "QuantizedConv2d",
     "QuantizedFactorizedConv2d",
     "QuantizedLinear",
+    "default_reduce_range",
     "dequantize_weight",
     "fake_quantize",
+    "int8_saturates",
+    "quantization_note",
     "quantize",
     "quantize_weight",
     "quantized_layers",
@@ -78,6 +83,9 @@ class QuantConfig(BaseModel):
     weight_bits: int = Field(ge=2, le=8, strict=True)
     activation_bits: int | None = Field(default=None, ge=2, le=8, strict=True)
     per_channel: bool = True
+    # feature maps on half the levels (codes 0 .. 2**(bits-1) - 1): what int8 kernels that add
+    # pairs of u8 x s8 products in int16 need to be exact (see :func:`int8_saturates`)
+    reduce_range: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,9 +185,10 @@ class ActivationQuantizer(nn.Module):
     lo: torch.Tensor
     hi: torch.Tensor
 
-    def __init__(self, bits: int, momentum: float = 0.1) -> None:
+    def __init__(self, bits: int, momentum: float = 0.1, reduce_range: bool = False) -> None:
         super().__init__()
         self.bits = _check_bits(bits, "activation_bits")
+        self.reduce_range = bool(reduce_range)
         self.momentum = momentum
         self.calibrating = False
         self.register_buffer("lo", torch.tensor(math.inf))
@@ -188,6 +197,11 @@ class ActivationQuantizer(nn.Module):
     @property
     def calibrated(self) -> bool:
         return bool(self.lo <= self.hi)
+
+    @property
+    def top(self) -> int:
+        """The largest code: ``2**bits - 1``, or ``2**(bits-1) - 1`` with ``reduce_range``."""
+        return 2 ** (self.bits - self.reduce_range) - 1
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero point) of the calibrated range; the zero point is an integer value."""
@@ -198,7 +212,7 @@ class ActivationQuantizer(nn.Module):
             )
         lo = torch.clamp(self.lo, max=0.0)
         hi = torch.clamp(self.hi, min=0.0)
-        top = 2**self.bits - 1
+        top = self.top
         span = hi - lo
         scale = torch.where(span > 0, span / top, torch.ones_like(span))
         zero = torch.clamp(torch.round(-lo / scale), 0, top)
@@ -217,11 +231,12 @@ class ActivationQuantizer(nn.Module):
                 self.lo.mul_(1 - m).add_(m * x.detach().amin().to(self.lo))
                 self.hi.mul_(1 - m).add_(m * x.detach().amax().to(self.hi))
         scale, zero = self.qparams()
-        return fake_quantize(x, scale, zero, 0, 2**self.bits - 1)
+        return fake_quantize(x, scale, zero, 0, self.top)
 
     def extra_repr(self) -> str:
         rng = f"[{float(self.lo):.4g}, {float(self.hi):.4g}]" if self.calibrated else "uncalibrated"
-        return f"bits={self.bits}, range={rng}"
+        reduced = ", reduce_range=True" if self.reduce_range else ""
+        return f"bits={self.bits}{reduced}, range={rng}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,13 +250,16 @@ class _Quantized:
     output_quant: ActivationQuantizer | None
 
     def _set_activation_quantizers(self, between: int = 0) -> None:
-        bits = self.config.activation_bits
-        make = (lambda: ActivationQuantizer(bits)) if bits is not None else (lambda: None)
+        bits, reduce = self.config.activation_bits, self.config.reduce_range
+
+        def make() -> ActivationQuantizer | None:
+            return None if bits is None else ActivationQuantizer(bits, reduce_range=reduce)
+
         self.input_quant = make()  # type: ignore[assignment]
         self.output_quant = make()  # type: ignore[assignment]
         if isinstance(self, QuantizedFactorizedConv2d):
             self.between_quant = nn.ModuleList(
-                [ActivationQuantizer(bits) for _ in range(between)] if bits is not None else []
+                [make() for _ in range(between)] if bits is not None else []  # type: ignore[misc]
             )
 
     def _quant_in(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,9 +271,10 @@ class _Quantized:
     def extra_repr(self) -> str:
         # the layer's own description (the next class in the MRO), then the quantization
         c = self.config
+        reduced = ", reduce_range=True" if c.reduce_range else ""
         return (
             f"{super().extra_repr()}, weight_bits={c.weight_bits}, "
-            f"activation_bits={c.activation_bits}, per_channel={c.per_channel}"
+            f"activation_bits={c.activation_bits}{reduced}, per_channel={c.per_channel}"
         )
 
 
@@ -306,7 +325,13 @@ class QuantizedFactorizedConv2d(_Quantized, FactorizedConv2d):
             shape = (1, self.in_channels, 2 * dh * kh + 8, 2 * dw * kw + 8)
         return plan_conv(self.network, self.geometry, shape, path=self.path)  # type: ignore[arg-type]
 
-    def plan_for(self, input_shape: tuple[int, ...]) -> ConvPlan:
+    def plan_for(
+        self, input_shape: tuple[int, ...], layout: str = "nchw", frozen: bool = False
+    ) -> ConvPlan:
+        """The plan of the fixed contraction order at ``input_shape`` (B, S, H, W); ``layout``
+        and ``frozen`` are accepted for the base class's callers and change nothing: the
+        quantized layer always runs its stored order on the quantized factors."""
+        del layout, frozen
         key = tuple(int(n) for n in input_shape)
         plan = self._plans.get(key)
         if plan is None:
@@ -483,6 +508,7 @@ def quantize(
     dense: bool = True,
     input_size: Sequence[int] | None = None,
     steps: Literal["conv", "planned"] = "conv",
+    reduce_range: bool | None = None,
 ) -> nn.Module:
     """A copy of ``model`` whose layers run with quantized weights and feature maps.
 
@@ -506,6 +532,10 @@ def quantize(
             so every step has int8 weights and can run on int8 kernels (:func:`to_int8`);
             ``"planned"``: the planner's order, which may first multiply factors together
             (fewer FLOPs for some shapes, but those products are not int8 tensors).
+        reduce_range: feature maps on ``2**(activation_bits-1)`` levels instead of
+            ``2**activation_bits``, so x86 int8 kernels cannot saturate on CPUs without VNNI
+            (:func:`int8_saturates`). Default (None): :func:`default_reduce_range` of the
+            current quantized engine (True for x86 / fbgemm / onednn, False for qnnpack).
 
     Returns:
         The quantized model (train / eval mode as ``model``'s).
@@ -525,9 +555,16 @@ def quantize(
         raise TypeError(f"per_channel must be a bool; got {per_channel!r}")
     if steps not in ("conv", "planned"):
         raise ValueError(f"steps must be 'conv' or 'planned'; got {steps!r}")
+    if reduce_range is None:
+        reduce_range = activation_bits is not None and default_reduce_range()
+    if not isinstance(reduce_range, bool):
+        raise TypeError(f"reduce_range must be a bool or None; got {reduce_range!r}")
     try:
         config = QuantConfig(
-            weight_bits=weight_bits, activation_bits=activation_bits, per_channel=per_channel
+            weight_bits=weight_bits,
+            activation_bits=activation_bits,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
         )
     except ValidationError as exc:  # unreachable after the checks above; kept for safety
         raise QuantizationError(str(exc)) from exc
@@ -621,6 +658,119 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], device: Any = N
 # ---------------------------------------------------------------------------------------------
 # real int8 execution (PyTorch's quantized CPU kernels)
 # ---------------------------------------------------------------------------------------------
+# x86 int8 kernels (FBGEMM, oneDNN) without VNNI multiply u8 x s8 with ``vpmaddubsw``, which adds
+# each pair of products in int16 with saturation: 255 * 127 * 2 > 32767, so full-range 8-bit
+# feature maps can give wrong results (measured: 8 output steps off on a 3x3 conv). 7-bit
+# feature maps (codes <= 127: 127 * 127 * 2 = 32258) cannot saturate. VNNI's ``vpdpbusd`` and
+# QNNPACK's int16 x int16 products accumulate in int32 and never saturate.
+_SATURATING_ENGINES = ("x86", "fbgemm", "onednn")
+
+
+def _cpu_has_avx512_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512_vnni" in line.split()
+    except OSError:
+        pass
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def _isa_capped_below_vnni(engine: str) -> bool:
+    """Whether the environment caps ``engine``'s instruction set below VNNI (the variables
+    FBGEMM and oneDNN themselves read; tests use them to force the no-VNNI kernels)."""
+    fbgemm = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper()
+    onednn = (
+        os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA", "")
+    ).upper()
+    fbgemm_capped = fbgemm in ("AVX2", "AVX512", "AVX512_256")
+    onednn_capped = bool(onednn) and not any(
+        t in onednn for t in ("VNNI", "BF16", "FP16", "AMX", "AVX10", "ALL")
+    )
+    if engine == "fbgemm":
+        return fbgemm_capped
+    if engine == "onednn":
+        return onednn_capped
+    return fbgemm_capped or onednn_capped  # x86 dispatches to either
+
+
+def int8_saturates(engine: str | None = None) -> bool:
+    """Whether ``engine``'s int8 conv / linear kernels can saturate on this CPU when feature
+    maps use all 256 levels (default: ``torch.backends.quantized.engine``).
+
+    True for the x86 engines (``x86``, ``fbgemm``, ``onednn``) on CPUs without AVX-512 VNNI
+    (or with the instruction set capped below it by ``FBGEMM_ENABLE_INSTRUCTIONS`` /
+    ``ONEDNN_MAX_CPU_ISA``); False for ``qnnpack``.
+    """
+    engine = engine or torch.backends.quantized.engine
+    if engine not in _SATURATING_ENGINES:
+        return False
+    return not _cpu_has_avx512_vnni() or _isa_capped_below_vnni(engine)
+
+
+def default_reduce_range(engine: str | None = None) -> bool:
+    """``quantize``'s default ``reduce_range``: True for the x86 engines, whose int8 kernels
+    saturate on some x86 CPUs with full-range feature maps, so a quantized model gives the same
+    (exact) int8 results on every x86 CPU; False for ``qnnpack`` (ARM), which never saturates."""
+    return (engine or torch.backends.quantized.engine) in _SATURATING_ENGINES
+
+
+@contextlib.contextmanager
+def _quantized_engine(engine: str) -> Iterator[None]:
+    """Prepack under ``engine`` (the packed weights then run on that engine's kernels)."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def int8_engine(layer: nn.Module, engine: str | None = None) -> tuple[str, str]:
+    """The engine ``layer`` runs on in int8 and why: ``engine`` (default: the current one)
+    unless its kernels could saturate with the layer's feature-map range on this CPU, then
+    ``qnnpack`` where available; ``("", reason)`` when no engine computes it exactly."""
+    engine = engine or torch.backends.quantized.engine
+    if engine not in torch.backends.quantized.supported_engines:
+        raise QuantizationError(
+            f"quantized engine {engine!r} is not available here; this build supports "
+            f"{torch.backends.quantized.supported_engines}"
+        )
+    config: QuantConfig = layer.config  # type: ignore[attr-defined]
+    if config.reduce_range or not int8_saturates(engine):
+        return engine, ""
+    if "qnnpack" in torch.backends.quantized.supported_engines:
+        return "qnnpack", (
+            f"{engine} int8 kernels saturate on this CPU (no AVX-512 VNNI) with full-range "
+            "feature maps; runs on qnnpack (quantize with reduce_range=True to use "
+            f"{engine})"
+        )
+    return "", (
+        f"{engine} int8 kernels saturate on this CPU (no AVX-512 VNNI) with full-range feature "
+        "maps and qnnpack is not available: quantize with reduce_range=True"
+    )
+
+
+def quantization_note(layer: nn.Module) -> str:
+    """A short description of a quantized layer for :func:`tnconv.summary`: bit widths, the
+    feature-map range, and the int8 engine :func:`to_int8` would use here ("" otherwise)."""
+    if not isinstance(layer, _Quantized):
+        return ""
+    c = layer.config
+    text = f"w{c.weight_bits}"
+    if c.activation_bits is not None:
+        levels = 2 ** (c.activation_bits - c.reduce_range)
+        text += (
+            f"/a{c.activation_bits} ({levels} levels{', reduce_range' if c.reduce_range else ''})"
+        )
+    if int8_support(layer):
+        return text + ", int8: no"
+    engine, why = int8_engine(layer)
+    return text + (f", int8: {engine}" if engine else ", int8: no") + (" (fallback)" if why else "")
+
+
 def int8_support(layer: nn.Module) -> str:
     """Why ``layer`` cannot run on PyTorch's int8 kernels ("" when it can)."""
     if not isinstance(layer, _Quantized):
@@ -663,9 +813,31 @@ def _int8_weight(
     )
 
 
+def _resolved_engine(layer: nn.Module, engine: str | None) -> str:
+    chosen, why = int8_engine(layer, engine)
+    if not chosen:
+        raise QuantizationError(f"cannot run in int8: {why}")
+    return chosen
+
+
 def _quint8(x: torch.Tensor, q: ActivationQuantizer) -> torch.Tensor:
     scale, zero = q.qparams()
-    return torch.quantize_per_tensor(x, float(scale), int(zero), torch.quint8)
+    s, z = float(scale), int(zero)
+    if q.reduce_range:  # quint8 would clamp at 255; the reduced range ends at q.top
+        x = x.clamp(-z * s, (q.top - z) * s)
+    return torch.quantize_per_tensor(x, s, z, torch.quint8)
+
+
+def _clamp_codes(q: torch.Tensor, top: int) -> torch.Tensor:
+    """A quint8 tensor with its codes clamped to ``top`` (a requantized output's reduced range)."""
+    if top >= 255:
+        return q
+    s, z = q.q_scale(), q.q_zero_point()
+    if torch.backends.quantized.engine == "qnnpack":
+        # torch 2.13's qnnpack quantized clamp is wrong on channels-last tensors (1.28 off on a
+        # 0.02 step in a 2x3x4x5 check) and right on contiguous ones
+        q = q.contiguous()
+    return torch.clamp(q, -z * s, (top - z) * s)  # qnnpack's clamp needs both ends
 
 
 class Int8FactorizedConv2d(nn.Module):
@@ -673,11 +845,12 @@ class Int8FactorizedConv2d(nn.Module):
     to uint8, every step is one ``quantized::conv2d`` (int8 weights, int32 accumulation,
     requantized to the next feature map's calibrated range), and the output is dequantized."""
 
-    def __init__(self, layer: QuantizedFactorizedConv2d) -> None:
+    def __init__(self, layer: QuantizedFactorizedConv2d, engine: str | None = None) -> None:
         super().__init__()
         reason = int8_support(layer)
         if reason:
             raise QuantizationError(f"cannot run in int8: {reason}")
+        self.engine = _resolved_engine(layer, engine)
         self.source = layer  # float reference (plans, ranges); not called in forward
         plan = layer._plan_with_path(None)
         bits = layer.config.weight_bits
@@ -696,18 +869,20 @@ class Int8FactorizedConv2d(nn.Module):
                 if (k == len(steps) - 1 and layer.bias is not None)
                 else None
             )
-            self._packed.append(
-                torch.ops.quantized.conv2d_prepack(
-                    weight,
-                    bias,
-                    list(step.stride),
-                    list(step.padding),
-                    list(step.dilation),
-                    step.groups,
+            with _quantized_engine(self.engine):
+                self._packed.append(
+                    torch.ops.quantized.conv2d_prepack(
+                        weight,
+                        bias,
+                        list(step.stride),
+                        list(step.padding),
+                        list(step.dilation),
+                        step.groups,
+                    )
                 )
-            )
             s, z = quantizers[k].qparams()  # type: ignore[union-attr]
             self._out_q.append((float(s), int(z)))
+        self._top = quantizers[-1].top  # type: ignore[union-attr]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.source
@@ -719,83 +894,113 @@ class Int8FactorizedConv2d(nn.Module):
                 q = q.permute(step.data_perm)
             q = q.reshape(step.data_shape)
             scale, zero = self._out_q[k]
-            q = torch.ops.quantized.conv2d(q, self._packed[k], scale, zero).reshape(step.out_shape)
+            q = torch.ops.quantized.conv2d(q, self._packed[k], scale, zero)
+            q = _clamp_codes(q, self._top).reshape(step.out_shape)
         if plan.final_perm is not None:
             q = q.permute(plan.final_perm)
         return q.reshape(plan.output_shape).dequantize()
+
+    def extra_repr(self) -> str:
+        return f"engine={self.engine}, steps={len(self._packed)}"
 
 
 class Int8Conv2d(nn.Module):
     """A quantized dense conv run on ``quantized::conv2d`` (uint8 in, int8 weights)."""
 
-    def __init__(self, layer: QuantizedConv2d) -> None:
+    def __init__(self, layer: QuantizedConv2d, engine: str | None = None) -> None:
         super().__init__()
         reason = int8_support(layer)
         if reason:
             raise QuantizationError(f"cannot run in int8: {reason}")
+        self.engine = _resolved_engine(layer, engine)
         codes, scale = quantize_weight(layer.weight, layer.config.weight_bits, layer.axes[0])
         weight = _int8_weight(codes, scale, None, tuple(codes.shape))
         bias = None if layer.bias is None else layer.bias.detach().float()
-        self._packed = torch.ops.quantized.conv2d_prepack(
-            weight,
-            bias,
-            list(layer.stride),
-            list(layer.padding),
-            list(layer.dilation),
-            layer.groups,
-        )
+        with _quantized_engine(self.engine):
+            self._packed = torch.ops.quantized.conv2d_prepack(
+                weight,
+                bias,
+                list(layer.stride),
+                list(layer.padding),
+                list(layer.dilation),
+                layer.groups,
+            )
         self.input_quant = layer.input_quant
         s, z = layer.output_quant.qparams()  # type: ignore[union-attr]
         self._out = (float(s), int(z))
+        self._top = layer.output_quant.top  # type: ignore[union-attr]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = _quint8(x, self.input_quant)  # type: ignore[arg-type]
-        return torch.ops.quantized.conv2d(q, self._packed, *self._out).dequantize()
+        q = torch.ops.quantized.conv2d(q, self._packed, *self._out)
+        return _clamp_codes(q, self._top).dequantize()
+
+    def extra_repr(self) -> str:
+        return f"engine={self.engine}"
 
 
 class Int8Linear(nn.Module):
     """A quantized linear layer run on ``quantized::linear``."""
 
-    def __init__(self, layer: QuantizedLinear) -> None:
+    def __init__(self, layer: QuantizedLinear, engine: str | None = None) -> None:
         super().__init__()
         reason = int8_support(layer)
         if reason:
             raise QuantizationError(f"cannot run in int8: {reason}")
+        self.engine = _resolved_engine(layer, engine)
         codes, scale = quantize_weight(layer.weight, layer.config.weight_bits, layer.axes[0])
         weight = _int8_weight(codes, scale, None, tuple(codes.shape))
         bias = None if layer.bias is None else layer.bias.detach().float()
-        self._packed = torch.ops.quantized.linear_prepack(weight, bias)
+        with _quantized_engine(self.engine):
+            self._packed = torch.ops.quantized.linear_prepack(weight, bias)
         self.input_quant = layer.input_quant
         s, z = layer.output_quant.qparams()  # type: ignore[union-attr]
         self._out = (float(s), int(z))
+        self._top = layer.output_quant.top  # type: ignore[union-attr]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = _quint8(x, self.input_quant)  # type: ignore[arg-type]
-        return torch.ops.quantized.linear(q, self._packed, *self._out).dequantize()
+        q = torch.ops.quantized.linear(q, self._packed, *self._out)
+        return _clamp_codes(q, self._top).dequantize()
+
+    def extra_repr(self) -> str:
+        return f"engine={self.engine}"
 
 
-def to_int8(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
+def to_int8(model: nn.Module, engine: str | None = None) -> tuple[nn.Module, dict[str, str]]:
     """A copy of a :func:`quantize`-d model whose quantized layers run on PyTorch's int8 CPU
-    kernels (the engine in ``torch.backends.quantized.engine``) for inference.
+    kernels for inference.
 
-    Layers that cannot (:func:`int8_support` says why) keep running fake-quantized in floating
-    point. Returns the model (eval mode, inference only: int8 kernels have no gradient) and
+    Each layer runs on ``engine`` (default: ``torch.backends.quantized.engine``) unless that
+    engine's kernels could saturate on this CPU with the layer's feature-map range
+    (:func:`int8_saturates`: x86 engines without AVX-512 VNNI and ``reduce_range=False``); such
+    a layer runs on ``qnnpack``, which never saturates (:func:`int8_engine`). Each int8 module's
+    ``engine`` attribute (and its repr) says which engine it uses. Layers that cannot run in
+    int8 (:func:`int8_support` says why) keep running fake-quantized in floating point.
+
+    Returns the model (eval mode, inference only: int8 kernels have no gradient) and
     ``{layer name: reason}`` for the layers left in floating point.
     """
     target = plain_copy(model).eval()
     left: dict[str, str] = {}
     for name, layer in quantized_layers(target):
         reason = int8_support(layer)
+        chosen = ""
+        if not reason:
+            chosen, why = int8_engine(layer, engine)
+            reason = "" if chosen else why
+            if chosen and why:
+                log.info("%s: %s", name or "model", why)
         if reason:
             left[name] = reason
             log.info("%s stays in floating point: %s", name, reason)
             continue
         if isinstance(layer, QuantizedFactorizedConv2d):
-            new: nn.Module = Int8FactorizedConv2d(layer)
+            new: nn.Module = Int8FactorizedConv2d(layer, chosen)
         elif isinstance(layer, QuantizedConv2d):
-            new = Int8Conv2d(layer)
+            new = Int8Conv2d(layer, chosen)
         else:
-            new = Int8Linear(layer)  # type: ignore[arg-type]
+            new = Int8Linear(layer, chosen)  # type: ignore[arg-type]
         if name:
             _set_module(target, name, new)
         else:

@@ -174,6 +174,8 @@ def summary(
                 else 0
             )
             err = module.info.get("relative_error")
+            note = "" if shape else "not reached by the forward pass"
+            note = "; ".join(filter(None, [note, _quantization_note(module)]))
             rows.append(
                 LayerRow(
                     name,
@@ -185,7 +187,7 @@ def summary(
                     dense_flops,
                     module.flops(shape, inference=True) if shape else 0,
                     float(err) if err is not None else None,
-                    "" if shape else "not reached by the forward pass",
+                    note,
                     # factors on the meta device (a model skeleton) have no values to measure
                     None if module.factors[0].is_meta else module.factorization.sensitivity(),
                 )
@@ -196,6 +198,7 @@ def summary(
             note = reasons.get(name, "")
             if not shape:
                 note = (note + "; " if note else "") + "not reached by the forward pass"
+            note = "; ".join(filter(None, [note, _quantization_note(module)]))
             rows.append(
                 LayerRow(
                     name,
@@ -228,6 +231,12 @@ def summary(
             row.dense_latency_ms = ms.get("dense", ms["this"])
     total = sum(p.numel() for p in model.parameters())
     return Summary(rows, size, total, total - kernel_params)
+
+
+def _quantization_note(module: nn.Module) -> str:
+    from .quantization import quantization_note  # quantization builds on compress and layers
+
+    return quantization_note(module)
 
 
 def _out_hw(layer: FactorizedConv2d, shape: Sequence[int]) -> tuple[int, int]:

@@ -20,7 +20,7 @@ import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -37,7 +37,11 @@ from ..rank import (
     param_budget,
     parse_rank_spec,
 )
+from . import output_aware
 from ._linalg import balance_scales, cached
+
+if TYPE_CHECKING:
+    from ..statistics import InputStatistics
 
 __all__ = ["Decomposition", "NoOptions"]
 
@@ -84,6 +88,7 @@ class Decomposition(ABC):
         *,
         eps: Any = None,
         ratio: Any = None,
+        statistics: InputStatistics | None = None,
         **options: Any,
     ) -> Factorization:
         """Factorize a conv kernel.
@@ -94,6 +99,11 @@ class Decomposition(ABC):
                 meaning ``ratio``.
             eps: relative Frobenius error bound in (0, 1): the smallest factorization meeting it.
             ratio: share of the dense parameters in (0, 1]: the lowest error within it.
+            statistics: the layer's input statistics (:func:`tnconv.calibrate_inputs`): fit
+                the layer's outputs on those inputs instead of its kernel (see
+                :mod:`tnconv.decompositions.output_aware`); ``eps`` / ``ratio`` then bound and
+                rank the output error, reported as ``info["relative_error"]`` (the kernel error
+                in ``info["kernel_error"]``).
             **options: method-specific options, validated by ``self.Options``.
 
         Returns:
@@ -113,7 +123,10 @@ class Decomposition(ABC):
         with plain_tensors():
             if not bool(w.any()):
                 return self._zero_kernel(w, spec, opts)
-            return self._factorize(w, _float64(w), spec, opts)
+            w64 = _float64(w)
+            if statistics is not None:
+                return output_aware.factorize(self, w, w64, spec, opts, statistics, {})
+            return self._factorize(w, w64, spec, opts)
 
     def factorize_many(
         self,
@@ -122,6 +135,7 @@ class Decomposition(ABC):
         *,
         until: Callable[[int, Factorization], bool] | None = None,
         reuse: dict[str, Any] | None = None,
+        statistics: InputStatistics | None = None,
         **options: Any,
     ) -> list[Factorization]:
         """``[factorize(weight, **spec, **options) for spec in specs]``, sharing the work.
@@ -146,12 +160,14 @@ class Decomposition(ABC):
             zero = not bool(w.any())
             w64 = self._reused_float64(w, reuse)
             fitted: list[Factorization] = []
+            whitened: dict[str, Any] = reuse.setdefault("whitened", {}) if reuse is not None else {}
             for i, spec in enumerate(parsed):
-                f = (
-                    self._zero_kernel(w, spec, opts)
-                    if zero
-                    else self._factorize(w, w64, spec, opts)
-                )
+                if zero:
+                    f = self._zero_kernel(w, spec, opts)
+                elif statistics is not None:
+                    f = output_aware.factorize(self, w, w64, spec, opts, statistics, whitened)
+                else:
+                    f = self._factorize(w, w64, spec, opts)
                 fitted.append(f)
                 if until is not None and until(i, f):
                     break

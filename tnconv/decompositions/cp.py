@@ -502,6 +502,7 @@ class CP(Decomposition):
         *,
         until: Callable[[int, Factorization], bool] | None = None,
         reuse: dict[str, Any] | None = None,
+        statistics: Any = None,
         **options: Any,
     ) -> list[Factorization]:
         """:meth:`Decomposition.factorize_many` with warm starts: with one ALS start
@@ -514,8 +515,11 @@ class CP(Decomposition):
         the specs are fitted in their own order, cold."""
         opts = self.parse_options(options)
         w = validate_weight(weight)
-        if opts.n_init > 1 or not opts.warm_ladder or not bool(w.any()) or until is not None:
-            return super().factorize_many(w, specs, until=until, reuse=reuse, **options)
+        cold = opts.n_init > 1 or not opts.warm_ladder or until is not None
+        if cold or statistics is not None or not bool(w.any()):
+            return super().factorize_many(
+                w, specs, until=until, reuse=reuse, statistics=statistics, **options
+            )
         parsed = [parse_rank_spec(**dict(spec)) for spec in specs]
         with plain_tensors():  # ordinary tensors whatever the caller's mode (as the base's)
             return self._warm_ladder(w, parsed, opts)

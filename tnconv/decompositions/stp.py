@@ -71,7 +71,14 @@ class _SemiTensor(Decomposition):
 
     # -- the STP factor t ----------------------------------------------------------------------
     def factorize(
-        self, weight: Any, rank: Any = None, *, eps: Any = None, ratio: Any = None, **options: Any
+        self,
+        weight: Any,
+        rank: Any = None,
+        *,
+        eps: Any = None,
+        ratio: Any = None,
+        statistics: Any = None,
+        **options: Any,
     ) -> Factorization:
         """As :meth:`Decomposition.factorize`, with the option ``t`` (positive int, default 2).
 
@@ -84,7 +91,9 @@ class _SemiTensor(Decomposition):
         bound = self.bind(opts)
         if isinstance(spec, ParamRatio):
             bound.check_shape(tuple(w.shape))  # type: ignore[arg-type, attr-defined]
-        return Decomposition.factorize(bound, w, rank, eps=eps, ratio=ratio, **options)
+        return Decomposition.factorize(
+            bound, w, rank, eps=eps, ratio=ratio, statistics=statistics, **options
+        )
 
     def bind(self, options: BaseModel) -> _SemiTensor:
         """A copy whose ranks and parameter counts use ``options.t``."""

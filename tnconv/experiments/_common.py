@@ -57,8 +57,9 @@ def load_dense_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Load dense weights into ``model`` (in place) from ``path``.
 
     Accepted: ``torch.save(model.state_dict(), path)`` (what the CIFAR script writes as
-    ``dense.pt``), or a dict holding it under ``"state_dict"`` (common training scripts, and
-    ``tnconv.save`` of a dense model); a ``module.`` prefix left by ``nn.DataParallel`` is
+    ``dense.pt``), a dict holding it under ``"state_dict"`` (common training scripts, and
+    ``tnconv.save`` of a dense model before format 3), a safetensors file of it (``tnconv.save``
+    of a dense model); a ``module.`` prefix left by ``nn.DataParallel`` is
     removed. Only tensors are unpickled (``weights_only=True``).
 
     Raises:
@@ -67,13 +68,27 @@ def load_dense_checkpoint(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist")
-    try:
-        payload: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UsageError(
-            f"checkpoint {path} is not loadable with weights_only=True "
-            f"({type(exc).__name__}); save it with torch.save(model.state_dict(), path)"
-        ) from exc
+    from ..io import PREFIX, _is_safetensors
+
+    payload: Any
+    if _is_safetensors(path):  # a safetensors state dict, or a tnconv.save of a dense model
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:
+            raise UsageError(
+                f"checkpoint {path}: corrupt safetensors file ({type(exc).__name__}: {exc})"
+            ) from exc
+        payload = {k: v for k, v in tensors.items() if not k.startswith(PREFIX)}
+    else:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UsageError(
+                f"checkpoint {path} is not loadable with weights_only=True "
+                f"({type(exc).__name__}); save it with torch.save(model.state_dict(), path)"
+            ) from exc
     if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
         payload = payload["state_dict"]
     if not isinstance(payload, dict) or not all(isinstance(k, str) for k in payload):
