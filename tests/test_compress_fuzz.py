@@ -3,13 +3,15 @@
 Models: sequential stacks and residual blocks, random channel counts, rectangular kernels of
 sides 1 to 7, strides, paddings (ints, pairs, ``"same"``), dilations, padding modes, groups,
 biases on / off, BatchNorm on / off, an optional linear head, float32 or float64. Every base
-method at every spec kind (rank / eps / ratio / parameter budget / FLOP budget). The properties:
+method at every spec kind (rank / eps / ratio / parameter budget / FLOP budget), with and without
+calibration inputs (output-aware fits), models in train or eval mode (BN folded). The properties:
 
 - ``compress`` returns a model whose output has the dense output's shape and is finite, or it
   raises a typed tnconv error (a subclass of ``TnconvError``); never anything else;
 - every factorized layer computes the convolution of its input with its own kernel (the dense
   ``to_conv2d()`` equivalent), whatever its geometry and contraction order;
-- an ``eps`` spec is honoured by every layer it factorizes, for the methods that guarantee it;
+- an ``eps`` spec is honoured by every layer it factorizes (its kernel error, or with
+  calibration inputs its output error), for the methods that guarantee it;
 - the input model is never modified: same modules (identity), same parameter objects, same
   state_dict values, same train / eval flag;
 - no example runs for long: hypothesis' per-example deadline, and a hard alarm that turns a
@@ -258,11 +260,13 @@ def test_compress_fuzz(method: str, kind: str) -> None:
         deadline=10_000,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
-    @given(net=cnns(), spec=spec_of(kind))
-    def check(net: Net, spec: dict[str, Any]) -> None:
+    @given(net=cnns(), spec=spec_of(kind), data_aware=st.booleans())
+    def check(net: Net, spec: dict[str, Any], data_aware: bool) -> None:
         model = net.model
         dtype = next(model.parameters()).dtype
         x = torch.randn(net.input_size, generator=torch.Generator().manual_seed(0), dtype=dtype)
+        if data_aware:  # output-aware fits on calibration inputs
+            spec = {**spec, "calibration": [x]}
         with torch.no_grad():
             was = model.training
             dense_out = model.eval()(x)
