@@ -44,7 +44,11 @@ from tnconv.errors import TnconvError
 from .conftest import METHODS
 
 SPEC_KINDS = ["rank", "eps", "ratio", "budget", "flops_budget"]
-HARD_TIMEOUT_S = 60  # a hang fails the example after this long (the deadline is 10 s)
+# per-example limits: the slowest examples (CP budget allocation over three 12x12x7x7 layers with
+# calibration inputs) take ~9 s of CPU on one thread; the deadline leaves room for a loaded
+# machine, and the alarm turns a real hang into a failure
+DEADLINE_MS = 30_000
+HARD_TIMEOUT_S = 120
 EXAMPLES = settings().max_examples  # 20 in CI ("ci" profile), 200 with "thorough"
 
 
@@ -249,6 +253,7 @@ def _assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
         assert torch.equal(v, before["state"][k]), f"compress modified {k} of its input"
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch, dense nets
 @pytest.mark.parametrize("kind", SPEC_KINDS)
 @pytest.mark.parametrize("method", METHODS)
 def test_compress_fuzz(method: str, kind: str) -> None:
@@ -257,7 +262,7 @@ def test_compress_fuzz(method: str, kind: str) -> None:
 
     @settings(
         max_examples=n,
-        deadline=10_000,
+        deadline=DEADLINE_MS,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(net=cnns(), spec=spec_of(kind), data_aware=st.booleans())
