@@ -310,7 +310,8 @@ def test_compress_fuzz(method: str, kind: str) -> None:
             scale = float(expected.abs().max()) + float(inp.abs().max()) * 1e-3
             assert float((y - expected).abs().max()) <= tol * scale, layer
         # with calibration inputs the fit bounds a model of the output error (mode-wise input
-        # moments), not the exact output error it reports: measured up to ~1% over eps, so the
+        # moments), not the exact output error it reports: the fuzz found it up to 6% over eps
+        # (tt / tr at eps=0.375 on a 1x3x2x4 kernel: 0.399; also rsdtr, tucker, stt), so the
         # bound is checked on weight-only fits (see the i21-modes report)
         if "eps" in spec and tnconv.get(method).guarantees_eps and not data_aware:
             for layer in layers:
