@@ -7,15 +7,16 @@ share of their parameters by every base method, four ways:
 * ``weight``: ``compress(budget=b)`` on the model as trained (BN not folded): the kernel fit
   and kernel-error allocation tnconv had before;
 * ``weight+fold``: the same with BN folded into the convs first (``fold_bn=True``);
-* ``aware``: BN folded, ranks allocated by kernel error as in ``weight+fold``, then each layer
-  refitted output-aware at those ranks (``spec=`` ranks with ``calibration=``);
-* ``aware+alloc``: ``compress(budget=b, calibration=batches)``: output-aware fits and ranks
-  allocated by output error.
+* ``aware``: ``compress(budget=b, calibration=batches)`` (the default ``allocate_by="kernel"``):
+  BN folded, ranks allocated by kernel error as in ``weight+fold``, each layer then fitted
+  output-aware at its ranks;
+* ``aware+alloc``: the same with ``allocate_by="output"``: every candidate fitted output-aware
+  and ranks allocated by output error.
 
 Calibration: 8 batches of 64 training images (labels unused). Accuracy on the test split,
-before any fine-tuning; with ``tnconv.finetune`` available, ``aware+alloc`` also after one
-epoch of label-free distillation from the dense model. ``time x`` = compress time of
-``aware+alloc`` over ``weight+fold`` (calibration included).
+before any fine-tuning; with ``tnconv.finetune`` available, ``aware`` also after one
+epoch of label-free distillation from the dense model. ``time x`` = CPU time of ``aware`` over
+``weight+fold`` (calibration included).
 
 Run:  python benchmarks/data_aware.py [--quick] [--methods tucker tt] [--budgets 0.1 0.25]
 """
@@ -73,24 +74,19 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
                 folded = tnconv.compress(model, method, fold_bn=True, **common)
                 t_fold = time.process_time() - t0
                 row["weight+fold"] = evaluate(folded, test_loader)
-                spec = {
-                    name: {"rank": layer.ranks}
-                    for name, layer in folded.named_modules()
-                    if isinstance(layer, tnconv.FactorizedConv2d)
-                }
-                aware = tnconv.compress(
-                    model, method, spec=spec, calibration=calibration, fold_bn=True, **opts
-                )
-                row["aware"] = evaluate(aware, test_loader)
                 t0 = time.process_time()
-                alloc = tnconv.compress(model, method, calibration=calibration, **common)
-                t_alloc = time.process_time() - t0
+                aware = tnconv.compress(model, method, calibration=calibration, **common)
+                t_aware = time.process_time() - t0
+                row["aware"] = evaluate(aware, test_loader)
+                alloc = tnconv.compress(
+                    model, method, calibration=calibration, allocate_by="output", **common
+                )
                 row["aware+alloc"] = evaluate(alloc, test_loader)
-                row["time x"] = t_alloc / max(t_fold, 1e-9)
+                row["time x"] = t_aware / max(t_fold, 1e-9)
                 if finetune is not None:
                     torch.manual_seed(0)
-                    finetune(alloc, _inputs_only(loader), epochs=1, teacher=model)
-                    row["distilled"] = evaluate(alloc, test_loader)
+                    finetune(aware, _inputs_only(loader), epochs=1, teacher=model)
+                    row["distilled"] = evaluate(aware, test_loader)
             except tnconv.TnconvError as exc:
                 row["error"] = str(exc)[:80]
             rows.append(row)

@@ -11,6 +11,9 @@ Rows:
 * fixed rank, ours vs TensorLy at the same ranks: ``tucker`` vs ``partial_tucker`` (Tucker-2),
   ``tt`` vs ``tensor_train``, ``cp`` vs ``parafac`` (both with an SVD start);
 * ``eps=0.3`` searches of every method on the 512x512x3x3 kernel (target < 10 s);
+* ``rsdtr``'s ``eps=0.3`` search at 512x512x3x3 on one and on two torch threads (target < 10 s
+  each), wall and CPU time, on the default-init kernel and on one with a trained-like power-law
+  spectrum (``/work/shared/data`` has no kernel above 96 channels);
 * ``compress`` of a ResNet-18-shaped model (built here, default init) with every method at
   ``eps=0.3`` and ``budget=0.25`` (target < 2 min each on 2 cores), full preset only;
 * the README's ``tnconv.study`` block on ResNet-20 (target < 5 min), full preset only.
@@ -20,6 +23,7 @@ Usage::
     python benchmarks/fit_speed.py --quick        # < 3 min: 256-channel fits, eps searches
     python benchmarks/fit_speed.py                # everything (tens of minutes on a busy box)
     python benchmarks/fit_speed.py --threads 2    # compress / study rows on 2 threads
+    python benchmarks/fit_speed.py --sections rsdtr   # rsdtr eps=0.3, 512 channels, 1 and 2 threads
 
 Prints one Markdown table; the ratio column is TensorLy time / ours (above 1: ours faster).
 """
@@ -87,6 +91,17 @@ def _tl_cp(x: np.ndarray, r: int) -> float:
 def _random_kernel(c: int, seed: int = 0) -> torch.Tensor:
     torch.manual_seed(seed)
     return nn.Conv2d(c, c, 3).weight.detach().to(torch.float64)
+
+
+def _power_law_kernel(c: int, seed: int = 1, decay: float = 0.7) -> torch.Tensor:
+    """A (c, c, 3, 3) kernel whose (T | S kh kw) unfolding has singular values ``k**-decay``
+    on random singular vectors: a trained-like spectrum at a size the shared data lacks."""
+    gen = torch.Generator().manual_seed(seed)
+    u, _, vh = torch.linalg.svd(
+        torch.randn(c, c * 9, generator=gen, dtype=torch.float64), full_matrices=False
+    )
+    sv = torch.arange(1, c + 1, dtype=torch.float64) ** -decay
+    return ((u * sv) @ vh).reshape(c, c, 3, 3)
 
 
 def _trained_kernels(min_channels: int) -> dict[str, torch.Tensor]:
@@ -188,6 +203,36 @@ def eps_rows(w: torch.Tensor, label: str, methods: list[str], eps: float = 0.3) 
     return rows
 
 
+def rsdtr_thread_rows(
+    kernels: dict[str, torch.Tensor], threads: tuple[int, ...] = (1, 2), eps: float = 0.3
+) -> list[Row]:
+    """``rsdtr``'s eps search per kernel and torch thread count: wall and CPU seconds (CPU is
+    what a busy shared machine distorts least; on two threads it counts both)."""
+    rows = []
+    before = torch.get_num_threads()
+    for label, w in kernels.items():
+        for n in threads:
+            torch.set_num_threads(n)
+            kernel = w.clone()  # a fresh tensor: no spectra memoised by an earlier row
+            cpu = time.process_time()
+            dt, f = _timed(lambda k=kernel: tnconv.get("rsdtr").factorize(k, eps=eps))
+            cpu = time.process_time() - cpu
+            rows.append(
+                {
+                    "case": f"rsdtr eps={eps} on {n} thread(s) (ranks {f.ranks}, "
+                    f"{f.num_params} params)",
+                    "kernel": label,
+                    "ours_s": dt,
+                    "cpu_s": cpu,
+                    "ours_err": f.relative_error(w),
+                    "target": "< 10 s",
+                }
+            )
+            _show(rows[-1])
+    torch.set_num_threads(before)
+    return rows
+
+
 def compress_rows(methods: list[str]) -> list[Row]:
     model = resnet18_imagenet()  # default init
     rows = []
@@ -248,8 +293,9 @@ def _show(row: Row) -> None:
 
 
 def table(rows: list[Row]) -> str:
-    cols = ["case", "kernel", "ours_s", "tl_s", "ratio", "ours_err", "tl_err", "target"]
-    head = ["case", "kernel", "ours (s)", "TensorLy (s)", "TL / ours", "ours err", "TL err"]
+    cols = ["case", "kernel", "ours_s", "cpu_s", "tl_s", "ratio", "ours_err", "tl_err", "target"]
+    head = ["case", "kernel", "ours (s)", "ours CPU (s)", "TensorLy (s)", "TL / ours", "ours err"]
+    head.append("TL err")
     head.append("target")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
@@ -264,8 +310,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every row")
     parser.add_argument(
         "--sections",
-        default="fixed,eps,compress,study",
-        help="comma-separated subset of fixed,eps,compress,study (the full preset runs all)",
+        default="fixed,eps,rsdtr,compress,study",
+        help="comma-separated subset of fixed,eps,rsdtr,compress,study (the full preset runs all)",
     )
     parser.add_argument("--methods", default=None, help="comma-separated methods (default all)")
     args = parser.parse_args()
@@ -290,6 +336,13 @@ def main() -> None:
         rows += fixed_rank_rows(kernels, args.repeats, cp="cp" in methods)
     if "eps" in sections:
         rows += eps_rows(_random_kernel(512), "random 512x512x3x3", methods)
+    if "rsdtr" in sections and "rsdtr" in methods:
+        rows += rsdtr_thread_rows(
+            {
+                "random 512x512x3x3": _random_kernel(512),
+                "power-law 512x512x3x3": _power_law_kernel(512),
+            }
+        )
     if "compress" in sections:
         rows += compress_rows(methods)
     if "study" in sections:

@@ -186,7 +186,7 @@ def part_b(args: argparse.Namespace, ts: list[int]) -> dict[str, Any]:
             row: dict[str, Any] = {"method": name, "budget": share, "factor": factor}
             if alive["finetune"]:
                 row["compressed"] = evaluate(small, test_loader)
-                fit(small, tune_loader, cfg.fine_tune_epochs, lr=cfg.fine_tune_lr)
+                fit(small, tune_loader, cfg.fine_tune_epochs, lr=0.005)  # SGD + OneCycle
                 row["finetune"] = evaluate(small, test_loader)
             if alive["scratch"]:
                 try:

@@ -442,3 +442,64 @@ def test_cli_admm_end_to_end(tmp_path, capsys: pytest.CaptureFixture) -> None:
     assert "rho" in capsys.readouterr().err
     assert main(["admm", "-m", "nope", "--rank", "2", "-o", str(out)]) == 2
     assert "unknown decomposition" in capsys.readouterr().err
+
+
+# -- the default rho ------------------------------------------------------------------------------
+def test_default_rho_is_derived_from_the_training_schedule() -> None:
+    from tnconv.admm import PULL_START
+
+    torch.manual_seed(0)
+    x, y = torch.randn(96, 3, 8, 8), torch.randint(0, 4, (96,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    admm = tnconv.ADMM(built(), "tt", 2, layers=["2", "4"])
+    assert admm.rho is None and "rho=auto" in repr(admm)
+    admm.fit(loader, 2, lr=0.02)
+    first_epoch = PULL_START / (0.02 * len(loader))  # the pull per epoch the docs describe
+    rhos = [h["rho"] for h in admm.history]  # the rho each step ran under
+    # the projection before training advances rho once: the first epoch trains at the start
+    assert rhos[1] == pytest.approx(first_epoch)
+    assert rhos[2] == pytest.approx(2 * first_epoch)  # doubled per epoch
+    # another loader length, another lr: another rho (it follows the schedule, not a constant)
+    other = tnconv.ADMM(built(), "tt", 2, layers=["2"])
+    other.fit(torch.utils.data.DataLoader(loader.dataset, batch_size=32), 1)  # fit's lr 0.01
+    # (3 steps per epoch at lr 0.01 would pull with rho 41.7: capped at 0.2 / lr)
+    assert other.history[1]["rho"] == pytest.approx(min(PULL_START / (0.01 * 3), 0.2 / 0.01))
+    # step_every spreads the doubling over the projections of an epoch
+    per_batch = tnconv.ADMM(built(), "tt", 2, layers=["2"])
+    per_batch.fit(loader, 1, lr=0.02, step_every=2)
+    assert per_batch.schedule is not None
+    assert per_batch.schedule.rho_growth == pytest.approx(2.0 ** (2 / len(loader)))
+
+
+def test_explicit_rho_is_honoured_and_plan_keeps_it() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    admm = tnconv.ADMM(built(), "tt", 2, rho=0.3, layers=["2"])
+    admm.fit(loader, 2, lr=0.02)
+    assert [h["rho"] for h in admm.history] == pytest.approx([0.3, 0.3, 0.3])  # constant
+    assert admm.plan(1000, lr=1.0).rho == pytest.approx(0.3)  # a fixed schedule is kept
+    grown = tnconv.ADMM(built(), "tt", 2, rho=0.1, rho_growth=2.0, layers=["2"])
+    grown.fit(loader, 1, lr=0.02)
+    assert [h["rho"] for h in grown.history] == pytest.approx([0.1, 0.2])
+    # a loop of one's own: plan() derives rho before the first penalty
+    manual = tnconv.ADMM(built(), "tt", 2, layers=["2"])
+    schedule = manual.plan(steps_per_epoch=50, lr=0.01, project_first=False)
+    assert manual.rho == pytest.approx(schedule.rho) == pytest.approx(1.25 / (0.01 * 50))
+    assert float(manual.penalty().detach()) == 0.0
+    with pytest.raises(OptionError, match="steps per epoch"):
+        tnconv.ADMM(built(), "tt", 2, layers=["2"]).plan(0)
+    with pytest.raises(OptionError, match="rho_growth"):
+        tnconv.ADMM(built(), "tt", 2, rho_growth=0.5, layers=["2"])
+
+
+def test_a_layer_the_spec_cannot_take_stays_dense_as_compress_leaves_it() -> None:
+    model = built()  # layer "0" is 8x3x3x3 (216 weights): ratio 0.05 leaves tt 10, too few
+    direct = tnconv.compress(model, "tt", ratio=0.05)
+    assert "0" in tnconv.dense_reasons(direct)
+    admm = tnconv.ADMM(model, "tt", ratio=0.05, rho=0.1)
+    admm.step()
+    assert "0" in admm.left_dense and "0" not in admm.layer_names
+    assert {"2", "4"} <= set(admm.layer_names)
+    small = admm.compress()
+    assert isinstance(small[0], nn.Conv2d) and isinstance(small[2], tnconv.FactorizedConv2d)

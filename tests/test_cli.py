@@ -185,6 +185,11 @@ def test_study_on_kernels(tmp_path, capsys: pytest.CaptureFixture) -> None:
         (["summary", "{model}", "--input-size", "1,3"], "input_size|input size"),
         (["summary", "{pickled}"], "--trust-file"),
         (["study", "{missing}.npz", "--out", "{out}"], "no such file"),
+        (["study", "{model}", "--out", "{out}", "--workers", "0"], "--workers must be"),
+        (
+            ["study", "{model}", "--out", "{out}", "--workers", "2", "--scheduler", "tcp://h:1"],
+            "exclude each other",
+        ),
         (["frobnicate"], "invalid choice"),
     ],
 )

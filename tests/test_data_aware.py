@@ -271,6 +271,13 @@ def test_compress_with_calibration_fits_the_outputs(method: str) -> None:
     layer = aware.conv2
     assert "kernel_error" in layer.info and layer.info["output_aware"]
     assert sum(m.num_params for m in [layer]) <= 0.3 * layer.dense_params
+    by_output = tnconv.compress(
+        model, method, budget=0.3, layers=["conv2"], calibration=[x], allocate_by="output"
+    )
+    assert by_output.conv2.num_params <= 0.3 * layer.dense_params
+    assert by_output.conv2.info["kernel_error"] >= 0
+    with pytest.raises(ValueError, match="allocate_by"):
+        tnconv.compress(model, method, budget=0.3, calibration=[x], allocate_by="logits")
 
 
 def test_a_folded_model_saves_and_loads_from_its_dense_architecture(tmp_path) -> None:

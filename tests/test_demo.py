@@ -1,5 +1,6 @@
 """The demo's claim, at small scale: a quarter of the 3x3-conv parameters, one epoch of
-fine-tuning, and Tucker / TT / TR / RSDTR come back within one point of the dense accuracy."""
+fine-tuning (``tnconv.finetune`` with its defaults, as the demo runs it), and Tucker / TT / TR /
+RSDTR come back within one point of the dense accuracy."""
 
 from __future__ import annotations
 
@@ -37,15 +38,18 @@ def trained() -> tuple[DigitsNet, DataLoader, DataLoader, float]:
 def test_quarter_budget_recovers_within_one_point(trained, method: str) -> None:
     model, loader, test_loader, dense = trained
     assert dense > 0.97  # the dense model learned the task
+    # fold_bn=False: the compressed model is fine-tuned, and fine-tuning keeps its BatchNorms
+    # (folded into the kernels they are fixed scales; measured with them folded, rsdtr ended
+    # 1.1 points below dense here)
     small = tnconv.compress(
-        model, method, budget=0.25, layers=compressible, input_size=(32, 1, 8, 8)
+        model, method, budget=0.25, layers=compressible, input_size=(32, 1, 8, 8), fold_bn=False
     )
     s = tnconv.summary(small)
     picked = [r for r in s.rows if r.name != "features.0"]
     assert sum(r.params for r in picked) <= 0.25 * sum(r.dense_params for r in picked)
     before = evaluate(small, test_loader)
     torch.manual_seed(123)
-    fit(small, loader, 1, lr=0.01)
+    tnconv.finetune(small, loader, 1)
     after = evaluate(small, test_loader)
     assert after >= dense - 0.01, (before, after, dense)
     assert after > before or before >= dense - 0.01

@@ -449,10 +449,12 @@ def test_second_split_spectra_equal_their_definition(
     energy = float(torch.sum(w * w))
     for single, tol in ((False, 1e-12), (True, 1e-6)):
         step = sh.step1(r0, r1, single)
-        assert torch.isfinite(step.lam).all() and torch.isfinite(step.head2).all()
+        got_head2 = sh.head2(r0, r1, single)
+        assert step.head2 is got_head2  # cached on the split
+        assert torch.isfinite(step.lam).all() and torch.isfinite(got_head2).all()
         assert torch.allclose(step.lam, s1**2, rtol=0, atol=tol * energy)
         head2 = torch.cumsum(third**2, 0)
-        assert torch.allclose(step.head2[1 : head2.numel() + 1], head2, rtol=0, atol=tol * energy)
+        assert torch.allclose(got_head2[1 : head2.numel() + 1], head2, rtol=0, atol=tol * energy)
         r2 = max(1, s1.numel() // 2)
         want = torch.linalg.svdvals((s1[:r2, None] * vh1[:r2]).reshape(r2 * n[2], -1)) ** 2
         got = sh.lam2(r0, r1, r2, single)
@@ -478,3 +480,74 @@ def test_refinement_work_cap_bounds_the_dense_checks(monkeypatch: pytest.MonkeyP
     assert len(calls) > 2
     assert free.num_params <= capped.num_params
     assert capped.relative_error(w) <= 0.3 and free.relative_error(w) <= 0.3
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    dims=st.tuples(st.integers(2, 6), st.integers(2, 6), st.integers(1, 3), st.integers(1, 3)),
+    p=st.integers(0, 3),
+    seed=st.integers(0, 1000),
+    single=st.booleans(),
+)
+def test_shared_gram_equals_the_direct_gram(dims: tuple, p: int, seed: int, single: bool) -> None:
+    """The Gram matrices taken as sums of blocks of one shared Gram of ``S @ Vh`` equal the
+    products of the second and third SVD's matrices themselves, entry for entry and in their
+    index order, for every split of every first rank; ``S @ Vh`` of a split from that Gram's
+    eigen-decomposition reproduces the matrix's Gram and is orthogonal by rows."""
+    w = decaying_kernel(dims, seed)
+    direct = rsdtr_module._Shift.of(w, p)
+    shared = rsdtr_module._Shift.of(w, p)
+    with pytest.MonkeyPatch.context() as patch:  # the shared Gram from the first split on
+        patch.setattr(rsdtr_module._SharedGram, "work", staticmethod(lambda size, other: 0.0))
+        _check_shared_grams(w, direct, shared, single)
+
+
+def _check_shared_grams(
+    w: torch.Tensor, direct: rsdtr_module._Shift, shared: rsdtr_module._Shift, single: bool
+) -> None:
+    n = shared.dims
+    tol = (1e-5 if single else 1e-12) * float(torch.sum(w * w)) / float(shared.s[0]) ** 2
+    for big_r in range(1, min(n[0], n[1] * n[2] * n[3]) + 1):
+        for r0 in rsdtr_module._divisors(big_r):
+            r1 = big_r // r0
+            mat = shared.remainder1(r0, r1, single)
+            for split, m in ((1, mat), (2, mat.reshape(r1 * n[1] * n[2], n[3] * r0))):
+                want = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+                got = shared.gram(r0, r1, split, single)
+                assert got.shape == want.shape and got.dtype == want.dtype
+                assert torch.allclose(got, want, rtol=0, atol=tol * (1 if single else 1e2))
+            step = shared.step1(r0, r1, single, rows=True)
+            rows = step.rows
+            assert rows is not None
+            scale = 1.0 if not single else float(shared.s[0]) ** -2
+            assert torch.allclose(rows.T @ rows, mat.T @ mat, rtol=0, atol=10 * tol)
+            assert torch.allclose(
+                rows @ rows.T, torch.diag(step.lam * scale).to(rows.dtype), rtol=0, atol=10 * tol
+            )
+            # the eigenvalues-only path (direct Grams here) agrees with it
+            assert torch.allclose(
+                direct.step1(r0, r1, single).lam, step.lam, rtol=0, atol=10 * tol * (1 / scale)
+            )
+    assert shared.grams, "the shared Gram was never used"
+
+
+def test_eps_search_results_do_not_depend_on_threads() -> None:
+    """The eps search runs independent parts on the caller's torch threads: the ring is the same,
+    bit for bit, on one thread and on two (and the caller's thread count is restored)."""
+    before = torch.get_num_threads()
+    try:
+        for w in (
+            torch.as_tensor(REAL_KERNELS["dlib_mmod/conv04"]),
+            decaying_kernel((40, 36, 3, 3), 7),
+        ):
+            rings = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                rings.append(tnconv.get("rsdtr").factorize(w.clone(), eps=0.3))
+                assert torch.get_num_threads() == threads
+            one, two = rings
+            assert one.ranks == two.ranks
+            for a, b in zip(one.factors, two.factors, strict=True):
+                assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(before)

@@ -20,14 +20,17 @@ from .errors import (
     BudgetError,
     EquationError,
     InvalidWeightError,
+    LoaderError,
     LoadError,
     NonFiniteWeightError,
+    NotPicklableError,
     OptionError,
     PluginLoadError,
     ProjectionError,
     RankSpecError,
     RegistrationError,
     StructureError,
+    StudyError,
     TnconvError,
     UnknownMethodError,
     UntrustedFileError,
@@ -50,6 +53,7 @@ from .selection import RankSelection, select_ranks
 from .statistics import InputStatistics, calibrate_inputs
 from .study import StudyResult, study
 from .summary import Summary, summary
+from .training import finetune
 
 __version__ = "0.1.0"
 
@@ -65,7 +69,9 @@ __all__ = [
     "InputStatistics",
     "InvalidWeightError",
     "LoadError",
+    "LoaderError",
     "NonFiniteWeightError",
+    "NotPicklableError",
     "OptionError",
     "PluginLoadError",
     "ProjectionError",
@@ -74,6 +80,7 @@ __all__ = [
     "Recommendation",
     "RegistrationError",
     "StructureError",
+    "StudyError",
     "StudyResult",
     "Summary",
     "TnconvError",
@@ -85,6 +92,7 @@ __all__ = [
     "calibrate_inputs",
     "compress",
     "dense_reasons",
+    "finetune",
     "fold_batchnorm",
     "get",
     "load",

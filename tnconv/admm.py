@@ -20,6 +20,7 @@ the registry for the method; the algebra is the method's own.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 from collections.abc import Iterable
@@ -45,10 +46,12 @@ from .decompositions.admm import ADMMDecomposition
 from .decompositions.base import Decomposition
 from .errors import (
     ADMMError,
+    BudgetError,
     NonFiniteWeightError,
     OptionError,
     ProjectionError,
     RankSpecError,
+    StructureError,
     TnconvError,
 )
 from .layers import FactorizedConv2d
@@ -61,6 +64,10 @@ __all__ = ["ADMM", "ADMMSchedule"]
 log = logging.getLogger(__name__)
 
 _STATE_VERSION = 1
+
+_FIT_LR: float = inspect.signature(fit).parameters["lr"].default
+MANUAL_RHO = 1e-3  # the reference code's rho: a loop of one's own without plan() or rho=
+PULL_START = 1.25  # lr * rho * steps per epoch in the first epoch of a derived schedule
 
 
 class ADMMSchedule(BaseModel):
@@ -97,6 +104,42 @@ class ADMMSchedule(BaseModel):
         grown = rho * self.rho_growth
         return grown if self.rho_max is None else min(grown, self.rho_max)
 
+    @classmethod
+    def from_training(
+        cls,
+        lr: float,
+        steps_per_epoch: int,
+        step_every: int | None = None,
+        rho_growth: float | None = None,
+        rho_max: float | None = None,
+        project_first: bool = True,
+    ) -> ADMMSchedule:
+        """The default schedule for a run of SGD peaking at ``lr`` with ``steps_per_epoch``
+        optimizer steps per epoch and a Z / U update every ``step_every`` steps (None: once per
+        epoch).
+
+        The penalty's gradient ``rho * (W - Z + U)`` moves W toward Z by about
+        ``lr * rho * steps_per_epoch`` of the gap per epoch (the *pull per epoch*, see
+        docs/admm.md): below ~0.5 the dual U accumulates faster than W follows. ``rho`` is set
+        so that the first epoch pulls ``PULL_START`` (1.25, the schedule measured on the digits:
+        rho 0.5 at lr 0.02 over 125 batches), doubled every epoch (``rho_growth`` is 2 per
+        epoch, spread over the updates of an epoch) up to 16 times the start, and never above
+        ``0.2 / lr`` (with momentum 0.9 a larger ``lr * rho`` overshoots Z). Explicit
+        ``rho_growth`` / ``rho_max`` are kept. With ``project_first`` (a :meth:`ADMM.step`
+        before training, which advances rho once) the start is divided by one growth factor,
+        so the first epoch still trains at the derived rho.
+        """
+        if lr <= 0 or steps_per_epoch < 1:
+            raise OptionError(
+                f"cannot derive rho from lr={lr} and {steps_per_epoch} steps per epoch"
+            )
+        rho = PULL_START / (lr * steps_per_epoch)
+        updates_per_epoch = steps_per_epoch / (step_every or steps_per_epoch)
+        growth = rho_growth if rho_growth is not None else 2.0 ** (1.0 / updates_per_epoch)
+        cap = rho_max if rho_max is not None else min(16.0 * rho, 0.2 / lr)
+        start = min(rho, cap) / (growth if project_first else 1.0)
+        return cls.parse(start, growth, cap)
+
 
 class ADMM:
     """ADMM training of ``model``'s convolutions toward ``method`` at a rank spec.
@@ -112,8 +155,15 @@ class ADMM:
             allocated by :func:`tnconv.compress` ONCE, on the first :meth:`step`, from the
             weights at that moment; every later step projects each layer at its fixed ranks and
             :meth:`compress` factorizes at them. Layers the allocation leaves dense leave the
-            ADMM set (no penalty, no projection) and stay dense.
-        rho, rho_growth, rho_max: the penalty schedule (:class:`ADMMSchedule`).
+            ADMM set (no penalty, no projection) and stay dense. So do, under rank / eps /
+            ratio, layers the spec cannot factorize at all (``BudgetError`` /
+            ``StructureError`` on the first step, e.g. ``ratio=0.1`` of a one-channel stem), as
+            :func:`tnconv.compress` leaves them; if no layer can, the step raises.
+        rho, rho_growth, rho_max: the penalty schedule (:class:`ADMMSchedule`). ``rho=None``
+            (the default): derived from the training schedule when :meth:`fit` starts
+            (:meth:`ADMMSchedule.from_training`: a pull of 1.25 per epoch in the first epoch,
+            doubled every epoch); in a loop of your own call :meth:`plan` first. An explicit
+            ``rho`` is used as given (``rho_growth`` defaults to 1 then: constant).
         layers: conv names or a predicate ``(name, module) -> bool`` (default: every
             ``nn.Conv2d``); a named module that is not an ``nn.Conv2d`` raises ``TypeError``.
         input_size: (B, C, H, W), passed on to :func:`tnconv.compress` (FLOP budgets, methods
@@ -142,8 +192,8 @@ class ADMM:
         eps: Any = None,
         ratio: Any = None,
         budget: Any = None,
-        rho: float = 1e-3,
-        rho_growth: float = 1.0,
+        rho: float | None = None,
+        rho_growth: float | None = None,
         rho_max: float | None = None,
         layers: LayerSelector = None,
         input_size: tuple[int, int, int, int] | None = None,
@@ -152,7 +202,15 @@ class ADMM:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"ADMM needs a torch.nn.Module; got {type(model).__name__}")
-        self.schedule = ADMMSchedule.parse(rho, rho_growth, rho_max)
+        # rho=None: derived from the training schedule by fit() (or plan())
+        self._growth_given, self._max_given = rho_growth, rho_max
+        self.schedule: ADMMSchedule | None = None
+        if rho is not None:
+            self.schedule = ADMMSchedule.parse(
+                rho, 1.0 if rho_growth is None else rho_growth, rho_max
+            )
+        elif rho_growth is not None or rho_max is not None:
+            ADMMSchedule.parse(1e-3 if rho_max is None else rho_max, rho_growth or 1.0, rho_max)
         decomposition = method if isinstance(method, Decomposition) else get(method)
         if isinstance(decomposition, ADMMDecomposition):
             decomposition = decomposition.base  # admm-<base>: this trainer is its ADMM part
@@ -190,10 +248,10 @@ class ADMM:
             self.U: dict[str, torch.Tensor] = {
                 n: torch.zeros_like(c.weight.detach()) for n, c in self._layers.items()
             }
-        self.rho = self.schedule.rho
+        self.rho: float | None = None if self.schedule is None else self.schedule.rho
         self.steps = 0
         self.ranks: dict[str, tuple[int, ...]] = {}  # budget mode: fixed on the first step
-        self.left_dense: dict[str, str] = {}  # budget mode: layers the allocation kept dense
+        self.left_dense: dict[str, str] = {}  # layers the allocation / spec leaves dense
         self.history: list[dict[str, Any]] = []
         self.progress = progress
         self._shapes: dict[str, tuple[int, int, int, int]] | None = None
@@ -209,6 +267,7 @@ class ADMM:
 
         Raises :class:`NonFiniteWeightError` naming the layer when a weight is NaN / Inf.
         """
+        rho = self._require_rho()
         terms = []
         for name in self.layer_names:
             w = self._layers[name].weight
@@ -216,7 +275,7 @@ class ADMM:
             terms.append((w - z + u).pow(2).sum())
         if not terms:
             return torch.zeros(())
-        total = 0.5 * self.rho * torch.stack(terms).sum()
+        total = 0.5 * rho * torch.stack(terms).sum()
         if not bool(torch.isfinite(total.detach())):  # one check per call, not one per layer
             self._raise_non_finite()
         return total
@@ -232,6 +291,7 @@ class ADMM:
             NonFiniteWeightError: a weight is NaN / Inf (the layer is named).
             ProjectionError: the method failed to factorize a layer (the cause is chained).
         """
+        self._require_rho()
         for name in self.layer_names:
             self._check_finite(name, self._layers[name].weight)
         if self.budget is not None and not self.ranks:
@@ -241,13 +301,28 @@ class ADMM:
             names, desc=f"admm projection ({self.method})", disable=not self.progress, leave=False
         )
         distances: dict[str, float] = {}
+        unfit: ProjectionError | None = None
         for name in bar:
             w = self._layers[name].weight.detach()
             u = self._aligned(self.U, name, w)
-            z = self._project(name, w + u).to(device=w.device, dtype=w.dtype)
+            try:
+                z = self._project(name, w + u).to(device=w.device, dtype=w.dtype)
+            except ProjectionError as exc:
+                # first step, per-layer spec: a layer the spec cannot factorize at all (its
+                # shape, not its values: BudgetError / StructureError) stays dense, as
+                # tnconv.compress leaves it; later steps never meet a new such layer
+                if self.steps == 0 and isinstance(exc.__cause__, (BudgetError, StructureError)):
+                    self.left_dense[name] = str(exc.__cause__)
+                    unfit = unfit or exc
+                    log.info("admm: %s stays dense: %s", name, exc.__cause__)
+                    continue
+                raise
             u.add_(w - z)
             self.Z[name], self.U[name] = z, u
             distances[name] = _relative(w, z)
+        if not distances and unfit is not None:
+            self.left_dense.clear()
+            raise unfit  # no layer can take the spec: nothing to train toward
         self.steps += 1
         self.history.append(
             {
@@ -263,8 +338,59 @@ class ADMM:
             self.rho,
             self.history[-1]["max_distance"],
         )
+        assert self.schedule is not None and self.rho is not None
         self.rho = self.schedule.next(self.rho)
         return distances
+
+    def plan(
+        self,
+        steps_per_epoch: int,
+        lr: float = 0.01,
+        step_every: int | None = None,
+        project_first: bool = True,
+    ) -> ADMMSchedule:
+        """Derive rho from the training schedule (when it was not given) and return the
+        schedule: :meth:`ADMMSchedule.from_training` for SGD peaking at ``lr`` with
+        ``steps_per_epoch`` optimizer steps per epoch and a :meth:`step` every ``step_every``
+        of them (None: once per epoch). :meth:`fit` calls it; call it yourself before a
+        training loop of your own. A schedule fixed already (an explicit ``rho``, or an
+        earlier plan) is returned unchanged."""
+        if self.schedule is None:
+            self.schedule = ADMMSchedule.from_training(
+                lr,
+                steps_per_epoch,
+                step_every,
+                self._growth_given,
+                self._max_given,
+                project_first=project_first,
+            )
+            self.rho = self.schedule.rho
+            log.info(
+                "admm: rho %.3g (x%.3g per step, cap %.3g) derived from lr %g, %d steps/epoch",
+                self.schedule.rho,
+                self.schedule.rho_growth,
+                self.schedule.rho_max,
+                lr,
+                steps_per_epoch,
+            )
+        return self.schedule
+
+    def _require_rho(self) -> float:
+        """rho now; a manual loop that never planned gets the reference's constant 1e-3."""
+        if self.rho is None:
+            log.warning(
+                "ADMM: rho was not given and no training schedule is known (fit() derives it; "
+                "call plan(steps_per_epoch, lr) before a loop of your own, or pass rho=): "
+                "using the reference's constant rho %g, which needs ~200 epochs to pull",
+                MANUAL_RHO,
+            )
+            self.schedule = ADMMSchedule.parse(
+                MANUAL_RHO,
+                1.0 if self._growth_given is None else self._growth_given,
+                self._max_given,
+            )
+            self.rho = self.schedule.rho
+        return self.rho
 
     @torch.no_grad()
     def distance(self) -> dict[str, float]:
@@ -326,9 +452,26 @@ class ADMM:
         ``project_first`` once before training too (if no step was made yet). ``fit_options``
         go to ``training.fit`` (``lr``, ``progress``, ``schedule``...). Returns the epochs' mean
         cross-entropy (without the penalty).
+
+        Without an explicit ``rho`` the schedule is derived here (:meth:`plan`) from
+        ``len(loader)``, ``step_every`` and the peak ``lr`` (``training.fit``'s default 0.01
+        when not given).
         """
         if step_every is not None and (not isinstance(step_every, int) or step_every < 1):
             raise ValueError(f"step_every must be a positive int or None; got {step_every!r}")
+        if self.schedule is None:
+            try:
+                steps_per_epoch = len(loader)
+            except TypeError as exc:
+                raise OptionError(
+                    "ADMM.fit derives rho from len(loader); give a sized loader or pass rho="
+                ) from exc
+            self.plan(
+                steps_per_epoch,
+                float(fit_options.get("lr", _FIT_LR)),
+                step_every,
+                project_first=project_first and self.steps == 0,
+            )
         if project_first and self.steps == 0:
             self.step()
 
@@ -397,7 +540,7 @@ class ADMM:
                 with plain_tensors():
                     target[name] = t.detach().to(device=w.device, dtype=w.dtype).clone()
         self.Z, self.U = z_new, u_new
-        self.rho = float(state["rho"])
+        self.rho = None if state["rho"] is None else float(state["rho"])
         self.steps = int(state["steps"])
         self.ranks = {n: tuple(int(v) for v in r) for n, r in state["ranks"].items()}
         self.left_dense = dict(state["left_dense"])
@@ -481,7 +624,7 @@ class ADMM:
             bad = int((~torch.isfinite(w.detach())).sum())
             raise NonFiniteWeightError(
                 f"layer {name!r}: its weight has {bad} NaN / Inf value(s) after "
-                f"{self.steps} ADMM step(s) (rho {self.rho:.3g}); lower the learning rate or rho"
+                f"{self.steps} ADMM step(s) (rho {self.rho}); lower the learning rate or rho"
             )
 
     def _raise_non_finite(self) -> None:
@@ -492,13 +635,14 @@ class ADMM:
                 if not bool(torch.isfinite(store[name]).all()):
                     raise NonFiniteWeightError(f"layer {name!r}: ADMM's {key} holds NaN / Inf")
         raise NonFiniteWeightError(
-            f"the ADMM penalty overflowed (rho {self.rho:.3g}) although every weight is finite"
+            f"the ADMM penalty overflowed (rho {self.rho}) although every weight is finite"
         )
 
     def __repr__(self) -> str:
         spec = _spec_text(self.spec) if self.budget is None else f"budget={self.budget.share}"
+        rho = "auto" if self.rho is None else format(self.rho, ".3g")
         return (
-            f"ADMM(method={self.method!r}, {spec}, rho={self.rho:.3g}, steps={self.steps}, "
+            f"ADMM(method={self.method!r}, {spec}, rho={rho}, steps={self.steps}, "
             f"layers={self.layer_names})"
         )
 

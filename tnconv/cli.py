@@ -257,6 +257,21 @@ def cmd_study(args: argparse.Namespace) -> int:
         target = _read_kernels(source)
     else:
         target = _read_model(source, args)
+    if args.workers is not None and args.workers < 1:
+        raise CLIError(f"--workers must be >= 1, got {args.workers}")
+    if args.scheduler and args.workers is not None:
+        raise CLIError("--scheduler and --workers exclude each other (the cluster has its workers)")
+    parallel: dict[str, Any] = {}
+    if args.scheduler:
+        parallel["executor"] = args.scheduler
+    elif args.workers is not None and args.workers > 1:
+        parallel.update(executor="processes", workers=args.workers)
+    if parallel and source.endswith(".npz"):
+        raise CLIError("--workers / --scheduler run model studies; kernel studies run here")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.resume and not source.endswith(".npz"):
+        parallel["resume"] = out / "study.csv"
     result = study(
         target,
         methods,
@@ -264,9 +279,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         input_size=size,
         progress=not args.quiet,
         latency_repeats=args.repeats,
+        **parallel,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     print(result)
     result.to_csv(out / "study.csv")
     written = [out / "study.csv"]
@@ -564,6 +578,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", help="B,C,H,W for FLOPs and latency")
     p.add_argument("--repeats", type=int, default=10, help="timed forward passes (0: none)")
     p.add_argument("--out", required=True, help="folder for study.csv and study.png")
+    p.add_argument(
+        "--workers", type=int, help="run the cells on a local pool of N processes (model studies)"
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run the cells on a Dask cluster, e.g. tcp://host:8786 (pip install "
+        "'tnconv[distributed]')",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows already in OUT/study.csv and compute only the missing cells; "
+        "rows are written there as they finish",
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     _add_input_trust(p)
     p.set_defaults(func=cmd_study)

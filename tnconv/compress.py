@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -199,6 +199,7 @@ def compress(
     channels_last: bool = False,
     calibration: Any = None,
     fold_bn: bool | None = None,
+    allocate_by: Literal["kernel", "output"] = "kernel",
     **options: Any,
 ) -> nn.Module:
     """Replace the chosen ``nn.Conv2d`` layers of ``model`` by ``FactorizedConv2d``.
@@ -247,6 +248,10 @@ def compress(
         fold_bn: fold every conv -> BatchNorm2d pair into the conv before factorizing
             (:func:`tnconv.bn_folding.fold_batchnorm`: the BN becomes ``nn.Identity``, the
             model is unchanged in eval mode). Default: True when ``model`` is in eval mode.
+        allocate_by: with ``budget`` and ``calibration``: ``"kernel"`` (default) allocates
+            ranks by kernel error and fits each layer output-aware at its ranks; ``"output"``
+            allocates by each layer's output error (every candidate fitted output-aware). On
+            the digits CNN kernel allocation kept more accuracy (docs/data_aware.md).
         **options: method options, as for ``factorize``.
 
     Returns:
@@ -288,6 +293,8 @@ def compress(
         raise ValueError(
             f"must_save must be 'params', 'flops', 'both' or 'latency'; got {must_save!r}"
         )
+    if allocate_by not in ("kernel", "output"):
+        raise ValueError(f"allocate_by must be 'kernel' or 'output'; got {allocate_by!r}")
     if round_to is not None and (
         isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1
     ):
@@ -385,14 +392,21 @@ def compress(
 
     with layer_statistics(statistics):
         if target_budget is not None:
-            plan = allocate(
-                decomposition, eligible, shapes, target_budget, options, must_save, steps, probe
-            )
+            by_output = allocate_by == "output"
+            with layer_statistics(statistics if by_output else {}):
+                plan = allocate(
+                    decomposition, eligible, shapes, target_budget, options, must_save, steps, probe
+                )
             for name, conv in eligible:
                 cand, reason = plan[name]
                 f = cand.factorization
                 if f is not None:
                     f = rounded(decomposition, name, conv, f, options)
+                    if statistics and not by_output:  # ranks by kernel error, fit by output
+                        layer_opts = options_for_layer(
+                            decomposition, conv, shapes.get(name), options
+                        )
+                        f = decomposition.factorize(conv.weight.detach(), f.ranks, **layer_opts)
                 install(name, None if f is None else layer_from_conv(conv, f), reason)
         else:
             for name, conv in steps:

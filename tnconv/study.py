@@ -11,9 +11,16 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import multiprocessing
+import os
+import pickle
+import random
 import time
+import uuid
+import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,9 +29,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._modes import check_not_meta, plain_copy
-from .allocation import shared_candidates
+from .allocation import _SHARED, shared_candidates
 from .compress import LayerSelector, compress, default_input_size
-from .errors import BudgetError, StructureError
+from .errors import BudgetError, NotPicklableError, StructureError, StudyError
 from .factorization import validate_weight
 from .layers import FactorizedConv2d
 from .registry import available, get
@@ -212,8 +219,20 @@ def study(
     latency_repeats: int = 10,
     options: Mapping[str, Mapping[str, Any]] | None = None,
     progress: bool = True,
+    executor: Any = None,
+    workers: int | None = None,
+    worker_threads: int | None = None,
+    model_factory: Callable[[], nn.Module] | None = None,
+    resume: str | Path | None = None,
+    seed: int = 0,
 ) -> StudyResult:
     """Compare decompositions at matched parameter budgets.
+
+    A model study is a grid of cells, one per (method, budget): compress, time, ``evaluate``,
+    ``fine_tune``, ``evaluate`` again. The cells run one after another in this process, or in
+    parallel on ``executor``; each cell starts from the torch / numpy / ``random`` seeds of
+    ``(seed, method, budget)``, so a cell's numbers do not depend on where or after which other
+    cell it ran. A cell that raises is a row whose ``note`` holds the exception; the others go on.
 
     Args:
         target: a model (its convolutions, or ``layers``, are compressed with
@@ -223,15 +242,32 @@ def study(
         methods: registered names; default: the base methods, ``tnconv.available("base")``
             (a derived ``admm-<base>`` factorizes exactly as its base).
         budgets: shares of the dense parameters, in (0, 1].
-        layers: which convs of a model to compress (names or predicate).
+        layers: which convs of a model to compress (names or predicate; resolved to names here,
+            so a predicate need not be picklable).
         input_size: (B, C, H, W) for FLOPs and latency; models default to
             ``default_input_size`` with batch 8, kernels to (8, S, 32, 32).
-        evaluate: ``evaluate(model) -> accuracy`` for models (e.g. test-set accuracy).
+        evaluate: ``evaluate(model) -> accuracy`` for models (e.g. test-set accuracy); picklable
+            (a module-level function or a ``functools.partial`` of one) when ``executor`` is set.
         fine_tune: ``fine_tune(model)`` trains a compressed model in place; then ``evaluate``
-            runs again (``accuracy_tuned``).
+            runs again (``accuracy_tuned``); picklable when ``executor`` is set.
         latency_repeats: timed forward passes per candidate (0 skips timing).
         options: per-method factorize options, e.g. ``{"cp": {"n_init": 1}}``.
-        progress: tqdm bar over the runs.
+        progress: tqdm bar over the cells.
+        executor: where model cells run. ``None``: here, in order. ``"processes"``: a local
+            process pool (spawn) of ``workers`` processes (default: the CPU count). A
+            ``concurrent.futures.Executor`` (anything with ``submit`` returning futures), a
+            ``distributed.Client`` (its workers; the model is scattered once, not sent per cell)
+            or a Dask scheduler address ``"tcp://host:8786"``.
+        workers: process count for ``executor="processes"``.
+        worker_threads: torch threads in each worker; default 1 for ``"processes"`` and Dask
+            (one cell per core), untouched for other executors and for serial runs.
+        model_factory: a picklable ``factory() -> nn.Module`` building the architecture; with
+            it, workers receive the factory and the model's ``state_dict`` instead of the
+            pickled model (for models whose class cannot be pickled by reference).
+        resume: a CSV path. Each finished row is appended to it as it arrives; rows already in
+            it are not recomputed (cells whose row records a failure are retried), and at the end
+            it holds the whole study in grid order (then rows of cells outside this grid, kept).
+        seed: base of every cell's seeds.
     """
     names = list(methods) if methods is not None else available(kind="base")
     for name in names:
@@ -245,54 +281,348 @@ def study(
             target,
             names,
             budgets,
-            layers,
-            input_size,
-            evaluate,
-            fine_tune,
-            latency_repeats,
-            options,
-            progress,
+            _Settings(
+                layers=layers,
+                input_size=input_size,
+                evaluate=evaluate,
+                fine_tune=fine_tune,
+                repeats=latency_repeats,
+                options={k: dict(v) for k, v in options.items()},
+                progress=progress,
+                executor=executor,
+                workers=workers,
+                worker_threads=worker_threads,
+                model_factory=model_factory,
+                resume=Path(resume) if resume is not None else None,
+                seed=seed,
+            ),
         )
     if evaluate is not None or fine_tune is not None:
         raise ValueError("evaluate / fine_tune need a model, not bare kernels")
+    if executor is not None or resume is not None or model_factory is not None:
+        raise StudyError(
+            "executor=, resume= and model_factory= apply to model studies; a study of bare "
+            "kernels runs in this process"
+        )
     return _study_kernels(target, names, budgets, input_size, latency_repeats, options, progress)
 
 
+@dataclass
+class _Settings:
+    layers: LayerSelector
+    input_size: Sequence[int] | None
+    evaluate: Callable[[nn.Module], float] | None
+    fine_tune: Callable[[nn.Module], None] | None
+    repeats: int
+    options: dict[str, dict[str, Any]]
+    progress: bool
+    executor: Any
+    workers: int | None
+    worker_threads: int | None
+    model_factory: Callable[[], nn.Module] | None
+    resume: Path | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every cell of one study shares: sent once per worker (process pool, Dask) or with
+    each cell (other executors). Small: names, shapes, options and the two callables."""
+
+    layers: tuple[str, ...] | None
+    size: tuple[int, ...]
+    evaluate: Callable[[nn.Module], float] | None
+    fine_tune: Callable[[nn.Module], None] | None
+    repeats: int
+    options: dict[str, dict[str, Any]]
+    dense_params: int
+    dense_flops: int
+    dense_ms: float
+    threads: int | None
+
+
+@dataclass(frozen=True)
+class _ModelPayload:
+    """The dense model as workers receive it: ``factory`` + ``state`` (tensors), or the pickled
+    module. ``token`` identifies it so a worker builds it once for all its cells."""
+
+    token: str
+    factory: Callable[[], nn.Module] | None = None
+    state: dict[str, torch.Tensor] | None = None
+    pickled: bytes | None = None
+
+    def build(self) -> nn.Module:
+        if self.pickled is not None:
+            model = pickle.loads(self.pickled)
+        else:
+            assert self.factory is not None and self.state is not None
+            model = self.factory()
+            model.load_state_dict(self.state)
+        return model.eval()
+
+    @property
+    def nbytes(self) -> int:
+        if self.pickled is not None:
+            return len(self.pickled)
+        assert self.state is not None
+        return sum(t.numel() * t.element_size() for t in self.state.values())
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """One (method, budget) of the grid, at ``index`` in the result's rows."""
+
+    index: int
+    method: str
+    budget: float
+    seed: int
+
+
+def _cell_seed(seed: int, method: str, budget: float) -> int:
+    return (seed * 1_000_003 + zlib.crc32(f"{method}|{budget!r}".encode())) % (2**31)
+
+
+def _run_cell(model: nn.Module, cell: _Cell, ctx: _Context) -> StudyRow:
+    """Compress, time, evaluate and fine-tune one cell; exceptions become the row's note."""
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cell.seed)
+            np.random.seed(cell.seed)
+            random.seed(cell.seed)
+            return _compute_cell(model, cell, ctx)
+    except Exception as exc:
+        log.warning("study cell %s @ %s failed", cell.method, cell.budget, exc_info=True)
+        return _failed_row(cell, ctx, exc)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def _failed_row(cell: _Cell, ctx: _Context, exc: BaseException) -> StudyRow:
+    return StudyRow(
+        "model",
+        cell.method,
+        cell.budget,
+        0,
+        ctx.dense_params,
+        0,
+        ctx.dense_flops,
+        math.nan,
+        note=f"{_FAILED}{type(exc).__name__}: {exc}",
+    )
+
+
+_FAILED = "failed: "
+
+
+def _compute_cell(model: nn.Module, cell: _Cell, ctx: _Context) -> StudyRow:
+    size, chosen = ctx.size, set(ctx.layers) if ctx.layers is not None else None
+    first = next(model.parameters())
+    x = torch.zeros(size, dtype=first.dtype, device=first.device)
+    start = time.perf_counter()
+    try:
+        small = compress(
+            model,
+            cell.method,
+            budget=cell.budget,
+            layers=list(ctx.layers) if ctx.layers is not None else None,
+            input_size=size,
+            progress=False,
+            **ctx.options.get(cell.method, {}),
+        )
+    except (BudgetError, StructureError) as exc:  # no such network for this kernel
+        return StudyRow(
+            "model",
+            cell.method,
+            cell.budget,
+            0,
+            ctx.dense_params,
+            0,
+            ctx.dense_flops,
+            math.nan,
+            note=f"no fit: {exc}",
+        )
+    seconds = time.perf_counter() - start
+    s = summary(small, size)
+    rows = [r for r in s.rows if chosen is None or r.name in chosen]
+    errors = [r.relative_error for r in rows if r.relative_error is not None]
+    row = StudyRow(
+        "model",
+        cell.method,
+        cell.budget,
+        params=sum(r.params for r in rows),
+        dense_params=ctx.dense_params,
+        flops=sum(r.flops for r in rows),
+        dense_flops=ctx.dense_flops,
+        error=math.sqrt(sum(e * e for e in errors) / len(rows)) if rows else math.nan,
+        dense_latency_ms=ctx.dense_ms,
+        fit_seconds=seconds,
+        layers_dense=sum(1 for r in rows if r.method == "dense"),
+    )
+    if ctx.repeats:  # timed against the dense model in one loop: same noise for both
+        with torch.no_grad():
+            t = time_round_robin(
+                {"dense": lambda: model(x), "small": lambda: small(x)}, ctx.repeats
+            )
+        row.latency_ms, row.dense_latency_ms = t["small"], t["dense"]
+    if ctx.evaluate is not None:
+        row.accuracy = float(ctx.evaluate(small))
+        if ctx.fine_tune is not None:
+            ctx.fine_tune(small)
+            row.accuracy_tuned = float(ctx.evaluate(small))
+    log.info("study %s @ %.2f: %s", cell.method, cell.budget, row)
+    return row
+
+
+# --- worker side: what a worker process keeps between the cells it runs -------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(payload: _ModelPayload, ctx: _Context) -> None:
+    """Process-pool initializer: the model and context arrive once per worker process."""
+    _WORKER["payload"], _WORKER["context"] = payload, ctx
+
+
+def _worker_cell(
+    cell: _Cell, ctx: _Context | None = None, payload: _ModelPayload | None = None
+) -> StudyRow:
+    """Run one cell in a worker. The dense model is built once per worker (per payload token);
+    consecutive cells of one method share its per-layer candidate fits, as in a serial study."""
+    payload = payload if payload is not None else _WORKER["payload"]
+    ctx = ctx if ctx is not None else _WORKER["context"]
+    if ctx.threads is not None:
+        torch.set_num_threads(ctx.threads)
+    if _WORKER.get("token") != payload.token:
+        _WORKER.update(token=payload.token, model=payload.build(), shared=None)
+    key = (payload.token, cell.method)
+    if _WORKER.get("shared") is None or _WORKER["shared"][0] != key:
+        _WORKER["shared"] = (key, {})
+    token = _SHARED.set(_WORKER["shared"][1])
+    try:
+        return _run_cell(_WORKER["model"], cell, ctx)
+    finally:
+        _SHARED.reset(token)
+
+
+# --- driver side ---------------------------------------------------------------------------------
+
+
+def _check_picklable(what: str, obj: Any) -> None:
+    if obj is None:
+        return
+    try:
+        pickle.dumps(obj)
+    except Exception as exc:
+        raise NotPicklableError(
+            f"{what}={obj!r} cannot be sent to worker processes ({type(exc).__name__}: {exc}); "
+            "pass a module-level function (or a functools.partial of one), not a lambda, "
+            "a local function or a closure"
+        ) from exc
+
+
+def _payload(model: nn.Module, factory: Callable[[], nn.Module] | None) -> _ModelPayload:
+    token = uuid.uuid4().hex
+    if factory is not None:
+        _check_picklable("model_factory", factory)
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return _ModelPayload(token, factory=factory, state=state)
+    try:
+        pickled = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise NotPicklableError(
+            f"the model ({type(model).__name__}) cannot be pickled for worker processes "
+            f"({type(exc).__name__}: {exc}); pass model_factory= (a picklable function "
+            "building the architecture) and its state_dict is sent instead"
+        ) from exc
+    return _ModelPayload(token, pickled=pickled)
+
+
+def _is_dask_client(executor: Any) -> bool:
+    return type(executor).__module__.split(".")[0] == "distributed" and hasattr(executor, "scatter")
+
+
+_ROW_TYPES: dict[str, Callable[[str], Any]] = {
+    f.name: (int if f.type in ("int", int) else float if f.type in ("float", float) else str)
+    for f in fields(StudyRow)
+}
+
+
+def _read_rows(path: Path) -> list[StudyRow]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = set(_ROW_TYPES) - set(reader.fieldnames or ())
+        if missing:
+            raise StudyError(f"{path} is not a study CSV: no column(s) {sorted(missing)}")
+        return [
+            StudyRow(**{k: _ROW_TYPES[k](v) for k, v in rec.items() if k in _ROW_TYPES})
+            for rec in reader
+        ]
+
+
+class _CsvLog:
+    """Appends rows to the resume CSV as they finish (flushed: an interruption keeps them)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def append(self, row: StudyRow) -> None:
+        if self.path is None:
+            return
+        record = asdict(row) | {"param_share": row.param_share}
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        with open(self.path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(record))
+            if new:
+                writer.writeheader()
+            writer.writerow(record)
+
+
 def _study_model(
-    model: nn.Module,
-    methods: list[str],
-    budgets: Sequence[float],
-    layers: LayerSelector,
-    input_size: Sequence[int] | None,
-    evaluate: Callable[[nn.Module], float] | None,
-    fine_tune: Callable[[nn.Module], None] | None,
-    repeats: int,
-    options: Mapping[str, Mapping[str, Any]],
-    progress: bool,
+    model: nn.Module, methods: list[str], budgets: Sequence[float], cfg: _Settings
 ) -> StudyResult:
-    size = tuple(input_size) if input_size is not None else (8, *default_input_size(model)[1:])
+    size = (
+        tuple(cfg.input_size) if cfg.input_size is not None else (8, *default_input_size(model)[1:])
+    )
     for name, p in model.named_parameters():
         check_not_meta(p, f"parameter {name!r}")  # nothing can be fitted or timed on it
     model = plain_copy(model).eval()
     first = next(model.parameters())
     x = torch.zeros(size, dtype=first.dtype, device=first.device)
     base = summary(model, size)
-    chosen = None
-    if layers is not None:
+    chosen: tuple[str, ...] | None = None
+    if cfg.layers is not None:
         from .compress import select_convs
 
-        chosen = {n for n, _ in select_convs(model, layers)}
+        chosen = tuple(n for n, _ in select_convs(model, cfg.layers))
     dense_rows = [r for r in base.rows if chosen is None or r.name in chosen]
     dense_params = sum(r.dense_params for r in dense_rows)
     dense_flops = sum(r.dense_flops for r in dense_rows)
-    dense_acc = evaluate(model) if evaluate is not None else math.nan
-    result = StudyResult(input_size=size)
-    dense_ms = math.nan
-    if repeats:
-        with torch.no_grad():
-            dense_ms = time_round_robin({"dense": lambda: model(x)}, repeats)["dense"]
-    result.rows.append(
-        StudyRow(
+
+    done: dict[tuple[str, float], StudyRow] = {}
+    if cfg.resume is not None and cfg.resume.exists() and cfg.resume.stat().st_size:
+        for r in _read_rows(cfg.resume):
+            if r.target != "model" or r.dense_params != dense_params:
+                raise StudyError(
+                    f"{cfg.resume} holds a study of another model or layer choice "
+                    f"(dense params {r.dense_params}, this study: {dense_params})"
+                )
+            if not r.note.startswith(_FAILED):
+                done[(r.method, r.budget)] = r
+        log.info("study: %d finished rows read from %s", len(done), cfg.resume)
+    csv_log = _CsvLog(cfg.resume)
+
+    dense = done.get(("dense", 1.0))
+    if dense is None:
+        dense_acc = float(cfg.evaluate(model)) if cfg.evaluate is not None else math.nan
+        dense_ms = math.nan
+        if cfg.repeats:
+            with torch.no_grad():
+                dense_ms = time_round_robin({"dense": lambda: model(x)}, cfg.repeats)["dense"]
+        dense = StudyRow(
             "model",
             "dense",
             1.0,
@@ -306,73 +636,164 @@ def _study_model(
             dense_acc,
             dense_acc,
         )
+        csv_log.append(dense)
+
+    cells = [
+        _Cell(i + 1, m, float(b), _cell_seed(cfg.seed, m, float(b)))
+        for i, (m, b) in enumerate((m, b) for m in methods for b in budgets)
+    ]
+    rows: list[StudyRow | None] = [dense] + [done.get((c.method, c.budget)) for c in cells]
+    todo = [c for c in cells if rows[c.index] is None]
+    parallel = cfg.executor is not None
+    if cfg.workers is not None and cfg.executor != "processes":
+        raise StudyError(
+            f"workers={cfg.workers} sizes executor='processes'; a distributed.Client or an "
+            "Executor brings its own workers"
+        )
+    threads = cfg.worker_threads
+    if threads is None and (cfg.executor == "processes" or _is_dask_client(cfg.executor)):
+        threads = 1
+    if isinstance(cfg.executor, str) and cfg.executor != "processes":
+        threads = 1 if threads is None else threads
+    ctx = _Context(
+        chosen,
+        size,
+        cfg.evaluate,
+        cfg.fine_tune,
+        cfg.repeats,
+        cfg.options,
+        dense_params,
+        dense_flops,
+        dense.dense_latency_ms,
+        threads,
     )
-    bar = tqdm(total=len(methods) * len(budgets), desc="study", disable=not progress, leave=False)
-    for method in methods:
-        # one method's budgets share its per-layer candidate fits: one rank ladder per layer
-        with shared_candidates():
-            for budget in budgets:
-                start = time.perf_counter()
-                try:
-                    small = compress(
-                        model,
-                        method,
-                        budget=budget,
-                        layers=layers,
-                        input_size=size,
-                        progress=False if not progress else None,
-                        **dict(options.get(method, {})),
-                    )
-                except (BudgetError, StructureError) as exc:  # no such network for this kernel
-                    result.rows.append(
-                        StudyRow(
-                            "model",
-                            method,
-                            budget,
-                            0,
-                            dense_params,
-                            0,
-                            dense_flops,
-                            math.nan,
-                            note=f"no fit: {exc}",
-                        )
-                    )
-                    bar.update()
-                    continue
-                seconds = time.perf_counter() - start
-                s = summary(small, size)
-                rows = [r for r in s.rows if chosen is None or r.name in chosen]
-                errors = [r.relative_error for r in rows if r.relative_error is not None]
-                row = StudyRow(
-                    "model",
-                    method,
-                    budget,
-                    params=sum(r.params for r in rows),
-                    dense_params=dense_params,
-                    flops=sum(r.flops for r in rows),
-                    dense_flops=dense_flops,
-                    error=math.sqrt(sum(e * e for e in errors) / len(rows)) if rows else math.nan,
-                    dense_latency_ms=dense_ms,
-                    fit_seconds=seconds,
-                    layers_dense=sum(1 for r in rows if r.method == "dense"),
-                )
-                if repeats:  # timed against the dense model in one loop: same noise for both
-                    with torch.no_grad():
-                        t = time_round_robin(
-                            {"dense": lambda: model(x), "small": lambda small=small: small(x)},
-                            repeats,
-                        )
-                    row.latency_ms, row.dense_latency_ms = t["small"], t["dense"]
-                if evaluate is not None:
-                    row.accuracy = evaluate(small)
-                    if fine_tune is not None:
-                        fine_tune(small)
-                        row.accuracy_tuned = evaluate(small)
-                result.rows.append(row)
-                log.info("study %s @ %.2f: %s", method, budget, row)
-                bar.update()
+    bar = tqdm(total=len(todo), desc="study", disable=not cfg.progress, leave=False)
+
+    def finish(cell: _Cell, row: StudyRow) -> None:
+        rows[cell.index] = row
+        csv_log.append(row)
+        bar.update()
+
+    if todo and not parallel:
+        by_method: dict[str, list[_Cell]] = {}
+        for c in todo:
+            by_method.setdefault(c.method, []).append(c)
+        for group in by_method.values():
+            # one method's budgets share its per-layer candidate fits: one rank ladder per layer
+            with shared_candidates():
+                for c in group:
+                    finish(c, _run_cell(model, c, ctx))
+    elif todo:
+        _check_picklable("evaluate", cfg.evaluate)
+        _check_picklable("fine_tune", cfg.fine_tune)
+        _check_picklable("options", cfg.options)
+        _run_parallel(todo, ctx, _payload(model, cfg.model_factory), cfg, finish)
     bar.close()
+    result = StudyResult(rows=[r for r in rows if r is not None], input_size=size)
+    if cfg.resume is not None:
+        # the whole study in grid order, then any rows of other cells the file held
+        grid = {(r.method, r.budget) for r in result.rows}
+        extra = [r for key, r in done.items() if key not in grid]
+        StudyResult(rows=result.rows + extra).to_csv(cfg.resume)
     return result
+
+
+def _run_parallel(
+    todo: list[_Cell],
+    ctx: _Context,
+    payload: _ModelPayload,
+    cfg: _Settings,
+    finish: Callable[[_Cell, StudyRow], None],
+) -> None:
+    """Submit every cell, record each row as it arrives (any order); a cell whose worker fails
+    (a crash, an unpicklable result) becomes a failed row."""
+    executor, owned = cfg.executor, None
+    if isinstance(executor, str):
+        if executor == "processes":
+            if cfg.workers is not None and cfg.workers < 1:
+                raise StudyError(f"workers must be >= 1, got {cfg.workers}")
+            owned = executor = ProcessPoolExecutor(
+                max_workers=min(cfg.workers or os.cpu_count() or 1, len(todo)),
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(payload, ctx),
+            )
+        elif "://" in executor:
+            try:
+                from distributed import Client
+            except ImportError as exc:
+                raise ImportError(
+                    "a Dask scheduler address needs distributed: pip install 'tnconv[distributed]'"
+                ) from exc
+            owned = executor = Client(executor)
+        else:
+            raise StudyError(
+                f"executor={executor!r}: expected None, 'processes', a scheduler address "
+                "'tcp://host:port', a concurrent.futures.Executor or a distributed.Client"
+            )
+    try:
+        if _is_dask_client(executor):
+            _run_dask(executor, todo, ctx, payload, finish)
+            return
+        if not hasattr(executor, "submit"):
+            raise StudyError(
+                f"executor={executor!r} has no submit(); expected a concurrent.futures.Executor "
+                "or a distributed.Client"
+            )
+        if owned is not None:  # the pool's workers hold the model and context already
+            futures = {executor.submit(_worker_cell, c): c for c in todo}
+        else:
+            futures = {executor.submit(_worker_cell, c, ctx, payload): c for c in todo}
+        for fut in as_completed(futures):
+            cell = futures[fut]
+            try:
+                row = fut.result()
+            except Exception as exc:
+                log.warning("study cell %s @ %s lost its worker: %s", cell.method, cell.budget, exc)
+                row = _failed_row(cell, ctx, exc)
+            finish(cell, row)
+    finally:
+        if owned is not None:
+            if isinstance(owned, ProcessPoolExecutor):
+                owned.shutdown(wait=True, cancel_futures=True)
+            else:
+                owned.close()
+
+
+def _run_dask(
+    client: Any,
+    todo: list[_Cell],
+    ctx: _Context,
+    payload: _ModelPayload,
+    finish: Callable[[_Cell, StudyRow], None],
+) -> None:
+    """Model and context scattered once (workers fetch them from each other, not from here);
+    each cell ships as a few hundred bytes."""
+    from distributed import as_completed as dask_as_completed
+
+    shared_payload, shared_ctx = client.scatter([payload, ctx], hash=False)
+    futures = {
+        client.submit(
+            _worker_cell,
+            c,
+            shared_ctx,
+            shared_payload,
+            pure=False,
+            key=f"tnconv-study-{payload.token[:8]}-{c.index}-{c.method}-{c.budget}",
+        ): c
+        for c in todo
+    }
+    try:
+        for fut in dask_as_completed(list(futures)):
+            cell = futures[fut]
+            try:
+                row = fut.result()
+            except Exception as exc:
+                log.warning("study cell %s @ %s lost its worker: %s", cell.method, cell.budget, exc)
+                row = _failed_row(cell, ctx, exc)
+            finish(cell, row)
+    finally:
+        client.cancel([*futures, shared_payload, shared_ctx])
 
 
 def _study_kernels(

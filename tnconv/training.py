@@ -1,14 +1,17 @@
 """Small, explicit training and evaluation loops (fine-tuning compressed models, demos).
 
-Nothing here knows about tensor networks: a compressed model trains like any other, its factors
-being ordinary parameters.
+:func:`fit` knows nothing about tensor networks: a compressed model trains like any other, its
+factors being ordinary parameters. :func:`finetune` (``tnconv.finetune``) is the loop made for
+compressed models: it keeps every :class:`~tnconv.FactorizedConv2d`'s factors balanced
+(:func:`balance_factors`) so that CP, TR and the other ring / chain methods train as stably as
+Tucker, and it can distil from a teacher.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-__all__ = ["evaluate", "fit"]
+from .errors import LoaderError, OptionError
+from .layers import FactorizedConv2d
+
+__all__ = ["balance_factors", "distillation_loss", "evaluate", "finetune", "fit"]
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +135,294 @@ def evaluate(
         count += len(labels)
     model.train(was_training)
     return correct / max(count, 1)
+
+
+# -- fine-tuning compressed models ------------------------------------------------------------
+def _contracted_axes(equation: str, count: int) -> dict[str, list[tuple[int, int]]]:
+    """For every index of ``equation`` summed over (absent from the output) that appears in two
+    or more factors, once in each: its (factor, axis) occurrences."""
+    lhs, _, out = equation.replace(" ", "").partition("->")
+    operands = lhs.split(",")
+    if len(operands) != count:
+        raise OptionError(f"equation {equation!r} names {len(operands)} factors, layer has {count}")
+    where: dict[str, list[tuple[int, int]]] = {}
+    repeated: set[str] = set()
+    for i, term in enumerate(operands):
+        for axis, letter in enumerate(term):
+            if term.count(letter) > 1:
+                repeated.add(letter)  # a trace inside one factor: its slices are not free
+            where.setdefault(letter, []).append((i, axis))
+    return {k: v for k, v in where.items() if k not in out and k not in repeated and len(v) >= 2}
+
+
+def _slice_norms(t: torch.Tensor, axis: int) -> torch.Tensor:
+    dims = [d for d in range(t.ndim) if d != axis]
+    return torch.linalg.vector_norm(t, dim=dims) if dims else t.abs()
+
+
+@torch.no_grad()
+def balance_factors(layer: FactorizedConv2d) -> None:
+    """Re-balance ``layer``'s factor norms in place without changing the kernel it represents.
+
+    A tensor network's kernel is multilinear in its factors, so scaling them by numbers whose
+    product is one leaves it unchanged (the scale indeterminacy of CP, TR, TT, ...). Two exact
+    rescalings are applied:
+
+    * per bond: for every summed index shared by k factors (a CP term's column, a ring or chain
+      bond, a Tucker core mode), slice j of each factor along it is scaled to the geometric mean
+      of the k slice norms (the k scales multiply to one; a zero slice is left alone);
+    * per layer: every factor is scaled to the geometric mean of the factors' norms.
+
+    Afterwards no factor carries the kernel's scale alone, so gradients (which scale with the
+    *other* factors' norms) and steps are of comparable relative size across factors. Shapes are
+    unchanged; factors of shape (..., R, ...) keep theirs. The kernel changes only by rounding.
+    """
+    if not isinstance(layer, FactorizedConv2d):
+        raise TypeError(f"balance_factors needs a FactorizedConv2d; got {type(layer).__name__}")
+    factors = layer._factor_list()
+    if len(factors) < 2:
+        return
+    for occurrences in _contracted_axes(layer.equation, len(factors)).values():
+        logs = []
+        for i, axis in occurrences:
+            logs.append(torch.log(_slice_norms(factors[i].double(), axis)))
+        stacked = torch.stack(logs)  # (k, R)
+        usable = torch.isfinite(stacked).all(dim=0)  # a zero (or inf) slice: leave the bond
+        target = stacked.mean(dim=0)
+        for (i, axis), log_norm in zip(occurrences, stacked, strict=True):
+            scale = torch.where(usable, torch.exp(target - log_norm), torch.ones_like(target))
+            shape = [1] * factors[i].ndim
+            shape[axis] = -1
+            factors[i].mul_(scale.view(shape).to(factors[i].dtype))
+    logs = torch.stack([torch.log(torch.linalg.vector_norm(f.double())) for f in factors])
+    if bool(torch.isfinite(logs).all()):
+        target = logs.mean()
+        for f, log_norm in zip(factors, logs, strict=True):
+            f.mul_(float(torch.exp(target - log_norm)))
+
+
+def _factorized_layers(model: nn.Module) -> list[FactorizedConv2d]:
+    return [m for m in model.modules() if isinstance(m, FactorizedConv2d)]
+
+
+def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(f"{name} must be a number; got {type(value).__name__}")
+    v = float(value)
+    if not torch.isfinite(torch.tensor(v)) or v < 0 or (v == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise OptionError(f"{name} must be finite and {bound}; got {value!r}")
+    return v
+
+
+def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise LoaderError(
+            "finetune expects batches of (inputs, labels); got "
+            + (
+                f"a sequence of {len(batch)}"
+                if isinstance(batch, (tuple, list))
+                else type(batch).__name__
+            )
+        )
+    inputs, labels = batch
+    if not isinstance(inputs, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise LoaderError(
+            "finetune expects batches of (inputs, labels) tensors; got "
+            f"({type(inputs).__name__}, {type(labels).__name__})"
+        )
+    if labels.dtype.is_floating_point or labels.ndim != 1 or len(labels) != len(inputs):
+        raise LoaderError(
+            "finetune expects integer class labels of shape (B,) matching the inputs' batch; got "
+            f"labels {labels.dtype} {tuple(labels.shape)} for inputs {tuple(inputs.shape)}"
+        )
+    return inputs, labels
+
+
+def distillation_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """``alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE``.
+
+    Hinton et al. (2015): the KL term on logits softened by the temperature T carries the
+    teacher's "dark knowledge" (how it ranks the wrong classes); the T^2 factor keeps its
+    gradient on the scale of the cross-entropy's. Logits are (B, classes), labels (B,).
+    """
+    soft = F.kl_div(
+        F.log_softmax(logits / temperature, dim=1),
+        F.log_softmax(teacher_logits / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    hard = F.cross_entropy(logits, labels)
+    return alpha * temperature**2 * soft + (1.0 - alpha) * hard
+
+
+def finetune(
+    model: nn.Module,
+    loader: Iterable,
+    epochs: int = 1,
+    *,
+    lr: float | None = None,
+    teacher: nn.Module | None = None,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    optimizer: Literal["adam", "sgd"] = "adam",
+    weight_decay: float = 0.0,
+    clip: float | None = 1.0,
+    balance: bool = True,
+    relative_lr: bool = True,
+    progress: bool = False,
+    memory_format: torch.memory_format = torch.preserve_format,
+) -> list[float]:
+    """Fine-tune a compressed ``model`` in place; stable for every decomposition by default.
+
+    Batches are ``(inputs, labels)`` (labels: integer classes of shape (B,)); the loss is the
+    cross-entropy, or with ``teacher=`` the distillation loss (:func:`distillation_loss`):
+    ``alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE`` with
+    ``T = temperature`` (the teacher runs in eval mode without gradients, on its own device).
+    Returns each epoch's mean training loss.
+
+    What keeps factorized layers stable (docs/finetune.md has the measurements):
+
+    * ``balance``: :func:`balance_factors` on every :class:`~tnconv.FactorizedConv2d` before
+      training and after every optimizer step (exact: the kernels do not change), so no factor
+      of a CP term or a ring carries the scale alone;
+    * ``relative_lr``: each factor's learning rate is ``lr * rms(factor) / (n * rms(kernel))``
+      for a layer of n factors, so one step moves every factorized kernel by about the same
+      relative amount as it moves a dense weight (other parameters use ``lr``);
+    * ``clip``: the gradients' global norm is clipped to it (``None``: no clipping);
+    * the optimizer (Adam by default, or SGD with momentum 0.9) follows a OneCycle schedule
+      peaking at ``lr`` (default 3e-3 for Adam, 0.01 for SGD) over ``epochs * len(loader)``
+      steps.
+
+    Raises:
+        LoaderError: ``loader`` is not a sized iterable of ``(inputs, labels)`` tensor pairs,
+            or yields no batch.
+        OptionError: epochs < 1, a non-positive lr / temperature / clip, alpha outside [0, 1],
+            an unknown optimizer.
+        TypeError: ``model`` or ``teacher`` is not an ``nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"finetune needs a torch.nn.Module; got {type(model).__name__}")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be a torch.nn.Module; got {type(teacher).__name__}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise OptionError(f"epochs must be an int >= 1; got {epochs!r}")
+    if optimizer not in ("adam", "sgd"):
+        raise OptionError(f"optimizer must be 'adam' or 'sgd'; got {optimizer!r}")
+    peak = _check_positive("lr", lr) if lr is not None else (3e-3 if optimizer == "adam" else 1e-2)
+    temperature = _check_positive("temperature", temperature)
+    weight_decay = _check_positive("weight_decay", weight_decay, allow_zero=True)
+    if clip is not None:
+        clip = _check_positive("clip", clip)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise OptionError(f"alpha must be a number in [0, 1]; got {alpha!r}")
+    if not hasattr(loader, "__iter__") or not hasattr(loader, "__len__"):
+        raise LoaderError(
+            f"loader must be a sized iterable of (inputs, labels) batches, such as a "
+            f"torch DataLoader; got {type(loader).__name__}"
+        )
+    steps_per_epoch = len(loader)  # type: ignore[arg-type]
+    if steps_per_epoch < 1:
+        raise LoaderError("loader yields no batch")
+
+    device = _device_of(model)
+    if memory_format is not torch.preserve_format:
+        model.to(memory_format=memory_format)
+    layers = _factorized_layers(model)
+    if balance:
+        for layer in layers:
+            balance_factors(layer)
+    groups = _param_groups(model, layers, peak, relative_lr)
+    if optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(groups, lr=peak, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, lr=peak, momentum=0.9, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=[g["lr"] for g in groups],
+        total_steps=epochs * steps_per_epoch,
+        cycle_momentum=optimizer == "sgd",
+    )
+    params = [p for g in groups for p in g["params"]]
+    if teacher is not None:
+        teacher_device = _device_of(teacher)
+        teacher_was_training = teacher.training
+        teacher.eval()
+    model.train()
+    history: list[float] = []
+    step = 0
+    try:
+        for epoch in range(epochs):
+            total, count = 0.0, 0
+            batches: Iterable = tqdm(
+                loader, desc=f"finetune {epoch + 1}/{epochs}", disable=not progress, leave=False
+            )
+            for batch in batches:
+                if step >= epochs * steps_per_epoch:
+                    break  # a loader longer than its len(): the schedule is spent
+                inputs, labels = _split_batch(batch)
+                inputs = inputs.to(device, memory_format=memory_format)
+                labels = labels.to(device)
+                opt.zero_grad(set_to_none=True)
+                logits = model(inputs)
+                if teacher is None:
+                    loss = F.cross_entropy(logits, labels)
+                else:
+                    with torch.no_grad():
+                        target = teacher(inputs.to(teacher_device)).to(logits.device)
+                    loss = distillation_loss(logits, labels, target, temperature, float(alpha))
+                loss.backward()
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, clip)
+                opt.step()
+                scheduler.step()
+                step += 1
+                if balance:
+                    for layer in layers:
+                        balance_factors(layer)
+                total += float(loss.detach()) * len(labels)
+                count += len(labels)
+            if count == 0:
+                raise LoaderError("loader yields no batch")
+            history.append(total / count)
+            log.info("finetune epoch %d: loss %.4f", epoch + 1, history[-1])
+    finally:
+        model.eval()
+        if teacher is not None:
+            teacher.train(teacher_was_training)
+    return history
+
+
+def _param_groups(
+    model: nn.Module, layers: list[FactorizedConv2d], lr: float, relative: bool
+) -> list[dict[str, Any]]:
+    """One group per factor (lr scaled to its share of the kernel's scale) and one for the
+    rest; frozen parameters are left out."""
+    groups: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    if relative:
+        for layer in layers:
+            factors = [f for f in layer._factor_list() if f.requires_grad]
+            if not factors:
+                continue
+            with torch.no_grad():
+                kernel = layer.to_tensor()
+                kernel_rms = float(kernel.pow(2).mean().sqrt())
+            n = len(layer._factor_list())
+            for f in factors:
+                seen.add(id(f))
+                rms = float(f.detach().pow(2).mean().sqrt())
+                scale = rms / (n * kernel_rms) if kernel_rms > 0 and rms > 0 else 1.0
+                groups.append({"params": [f], "lr": lr * scale})
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    if rest:
+        groups.append({"params": rest, "lr": lr})
+    if not groups:
+        raise OptionError("finetune: the model has no trainable parameter")
+    return groups

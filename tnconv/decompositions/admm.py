@@ -74,7 +74,7 @@ class ADMMDecomposition(Decomposition):
         eps: Any = None,
         ratio: Any = None,
         budget: Any = None,
-        rho: float = 1e-3,
+        rho: float | None = None,
         **kwargs: Any,
     ) -> ADMM:
         """``tnconv.ADMM(model, <base>, ...)``: the trainer that does this method's work."""

@@ -63,7 +63,7 @@ def factorize(
     result, how = whitened
     # the weight-only fit at the same ranks, kept when its output error is lower
     plain = dec._finish(dec.fit(w64, result.ranks, opts), w, w64)
-    errors = [_output_error(f, w64, stats) for f in (result, plain)]
+    errors = [_output_error(f, w64, stats, memo) for f in (result, plain)]
     out = result if errors[0] <= errors[1] else plain
     out.info = dict(out.info)
     out.info["kernel_error"] = out.info["relative_error"]  # what _finish measured
@@ -194,9 +194,23 @@ def _unwhiten(f: Factorization, mats: Whitening, split: bool) -> Factorization |
     return out
 
 
-def _output_error(f: Factorization, w64: torch.Tensor, stats: InputStatistics) -> float:
-    approx = f.to_tensor().detach().to(torch.float64)
-    return stats.output_error(approx - w64, w64)
+def _output_error(
+    f: Factorization, w64: torch.Tensor, stats: InputStatistics, memo: dict[str, Any]
+) -> float:
+    """The relative output error of ``f`` (exact with the patch moment); the kernel's own
+    output energy is computed once per kernel and statistics."""
+    delta = f.to_tensor().detach().to(torch.float64) - w64
+    if stats.patch is None:
+        return stats.output_error(delta, w64)
+    key = ("output energy", repr(stats), id(w64))
+    if key not in memo:
+        k = w64.reshape(w64.shape[0], -1)
+        sigma = stats.patch.to(k.device)
+        memo[key] = (float(((k @ sigma) * k).sum()), sigma)
+    energy, sigma = memo[key]
+    d = delta.reshape(delta.shape[0], -1)
+    num = max(float(((d @ sigma) * d).sum()), 0.0)
+    return math.sqrt(num / energy) if energy > 0 else (0.0 if num <= 0 else math.inf)
 
 
 __all__ = ["factorize"]
