@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ._modes import check_not_meta, plain_copy, plain_tensors
 from .allocation import parse_budget
 from .compress import (
     Budget,
@@ -235,16 +236,18 @@ class ADMM:
                     f"layer {name!r} is a grouped convolution (groups={conv.groups}); "
                     "tensor decompositions need groups=1"
                 )
+            check_not_meta(conv.weight, f"the weight of layer {name!r}")
         if not chosen:
             raise ValueError("ADMM: no nn.Conv2d layer selected (layers= chose none)")
         self.model = model
         self._layers: dict[str, nn.Conv2d] = dict(chosen)
-        self.Z: dict[str, torch.Tensor] = {
-            n: c.weight.detach().clone() for n, c in self._layers.items()
-        }
-        self.U: dict[str, torch.Tensor] = {
-            n: torch.zeros_like(c.weight.detach()) for n, c in self._layers.items()
-        }
+        with plain_tensors():  # ordinary tensors: step() updates them in place in any mode
+            self.Z: dict[str, torch.Tensor] = {
+                n: c.weight.detach().clone() for n, c in self._layers.items()
+            }
+            self.U: dict[str, torch.Tensor] = {
+                n: torch.zeros_like(c.weight.detach()) for n, c in self._layers.items()
+            }
         self.rho: float | None = None if self.schedule is None else self.schedule.rho
         self.steps = 0
         self.ranks: dict[str, tuple[int, ...]] = {}  # budget mode: fixed on the first step
@@ -277,7 +280,7 @@ class ADMM:
             self._raise_non_finite()
         return total
 
-    @torch.no_grad()
+    @plain_tensors()  # no_grad, and Z / U stay ordinary tensors under inference_mode
     def step(self) -> dict[str, float]:
         """One Z- and U-update: ``Z = P(W + U)``, ``U += W - Z``; then rho follows its schedule.
 
@@ -427,7 +430,7 @@ class ADMM:
             return compress(
                 self.model, self.decomposition, layers=self.layer_names, **self.spec, **common
             )
-        small = copy.deepcopy(self.model)
+        small = plain_copy(self.model)
         for name in self.layer_names:
             compress(
                 small, self.decomposition, self.ranks[name], layers=[name], inplace=True, **common
@@ -534,7 +537,8 @@ class ADMM:
                         f"state {key}[{name!r}] has shape {tuple(t.shape)}, the weight "
                         f"{tuple(w.shape)}"
                     )
-                target[name] = t.detach().to(device=w.device, dtype=w.dtype).clone()
+                with plain_tensors():
+                    target[name] = t.detach().to(device=w.device, dtype=w.dtype).clone()
         self.Z, self.U = z_new, u_new
         self.rho = None if state["rho"] is None else float(state["rho"])
         self.steps = int(state["steps"])

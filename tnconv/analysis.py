@@ -22,7 +22,6 @@ before and after an optional re-training callback.
 
 from __future__ import annotations
 
-import copy
 import csv
 import logging
 import math
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._modes import plain_copy
 from .compress import LayerSelector, select_convs
 from .factorization import validate_weight
 from .registry import get
@@ -265,7 +265,7 @@ def truncate(
     if not isinstance(model, nn.Module):
         raise TypeError(f"truncate needs a torch.nn.Module; got {type(model).__name__}")
     _cut_name(cut)
-    target = copy.deepcopy(model)
+    target = plain_copy(model)
     chosen = select_convs(target, layers)
     if not chosen:
         raise ValueError("no nn.Conv2d layer selected")
@@ -410,7 +410,7 @@ def sweep(
 
     rows = []
     for scope, cut, keep in tqdm(jobs, desc="truncation sweep", disable=not progress, leave=False):
-        small = copy.deepcopy(model)
+        small = plain_copy(model)
         modules = dict(small.named_modules())
         record = {}
         for name in scope:

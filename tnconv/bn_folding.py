@@ -8,13 +8,14 @@ folded model equals the original in eval mode and trains like any model without 
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 from collections.abc import Collection
 
 import torch
 from torch import fx, nn
+
+from ._modes import plain_copy, plain_tensors
 
 __all__ = ["FOLDED_BN", "conv_bn_pairs", "fold_batchnorm", "remove_folded"]
 
@@ -73,7 +74,7 @@ def fold_batchnorm(
     """``model`` (a copy unless ``inplace``) with every conv -> BN pair (or those whose conv is
     named in ``convs``) folded into the conv and the BN replaced by ``nn.Identity``. Equal to
     ``model`` in eval mode."""
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else plain_copy(model)
     pairs = conv_bn_pairs(target)
     if convs is not None:
         wanted = set(convs)
@@ -82,7 +83,7 @@ def fold_batchnorm(
     for conv_name, bn_name in pairs:
         conv, bn = modules[conv_name], modules[bn_name]
         assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
-        with torch.no_grad():
+        with plain_tensors():  # no_grad; a new bias is an ordinary tensor under inference_mode
             sigma = torch.sqrt(bn.running_var.to(torch.float64) + bn.eps)  # type: ignore[union-attr]
             gamma = bn.weight.to(torch.float64) if bn.weight is not None else torch.ones_like(sigma)
             beta = bn.bias.to(torch.float64) if bn.bias is not None else torch.zeros_like(sigma)

@@ -9,7 +9,6 @@ modules, not algebra: it asks the registry for a decomposition and the layer for
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._modes import check_not_meta, plain_copy
 from .allocation import (
     Budget,
     LatencyProbe,
@@ -269,7 +269,7 @@ def compress(
         from .recommend import auto_spec  # recommend builds on this module
 
         args = dict(input_size=input_size, must_save=must_save, progress=progress)
-        target = model if inplace else copy.deepcopy(model)
+        target = model if inplace else plain_copy(model)
         if fold_bn if fold_bn is not None else (calibration is not None and not model.training):
             picked = [n for n, c in select_convs(target, layers) if c.groups == 1]
             fold_batchnorm(target, inplace=True, convs=picked)
@@ -323,10 +323,13 @@ def compress(
         # ranks and parameter counts may depend on an option (a semi-tensor factor t)
         decomposition = decomposition.bind(decomposition.parse_options(options))
 
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else plain_copy(model)
     if fold_bn is None:
         fold_bn = calibration is not None and not model.training
     chosen = select_convs(target, layers)
+    for name, conv in chosen:
+        if conv.groups == 1:
+            check_not_meta(conv.weight, f"the weight of layer {name!r}")
     if fold_bn:  # the chosen layers are fitted as the kernels they compute with their BN
         fold_batchnorm(target, inplace=True, convs=[n for n, c in chosen if c.groups == 1])
     timed = (

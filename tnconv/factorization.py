@@ -20,6 +20,7 @@ from typing import Any
 import opt_einsum
 import torch
 
+from ._modes import check_not_meta
 from .errors import EquationError, InvalidWeightError
 
 __all__ = ["Factorization", "contract_contiguous", "parse_equation", "validate_weight"]
@@ -92,7 +93,8 @@ def validate_weight(weight: Any) -> torch.Tensor:
     """Check a kernel and return it as a torch tensor (numpy arrays are accepted).
 
     Raises :class:`InvalidWeightError` for anything that is not a finite, non-empty, 4-D
-    floating tensor of shape (T, S, kh, kw).
+    floating tensor of shape (T, S, kh, kw), and for a tensor on the meta device (no values).
+    Inference tensors (made under ``torch.inference_mode``) are accepted as they are.
     """
     if not isinstance(weight, torch.Tensor):
         try:
@@ -109,6 +111,7 @@ def validate_weight(weight: Any) -> torch.Tensor:
         raise InvalidWeightError(f"weight has a zero-sized mode: shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise InvalidWeightError(f"weight must be floating point; got dtype {weight.dtype}")
+    check_not_meta(weight, "weight")
     # min and max propagate NaN and are finite exactly when every entry is: one reduction
     # without a boolean temporary of the kernel's size (4x cheaper than isfinite().all())
     low, high = torch.aminmax(weight.detach())

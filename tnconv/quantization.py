@@ -25,7 +25,6 @@ Real integer kernels: :func:`to_int8` (see docs/quantization.md for what runs in
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import logging
 import math
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from ._modes import check_not_meta, plain_copy
 from .compress import conv_input_shapes, default_input_size
 from .contraction import ConvPlan, DataStep, plan_conv
 from .errors import TnconvError
@@ -543,6 +543,8 @@ def quantize(
     Raises:
         QuantizationError: a bit width outside 2..8, or a model already quantized.
         CalibrationError: ``activation_bits`` without calibration batches, or an empty set.
+        InvalidWeightError: ``activation_bits`` with a model on the meta device (calibration
+            runs it; weight-only quantization of such a skeleton works).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize needs a torch.nn.Module; got {type(model).__name__}")
@@ -581,7 +583,12 @@ def quantize(
             "activation_bits=None to quantize the weights only"
         )
 
-    target = copy.deepcopy(model)
+    if activation_bits is not None:
+        # calibration runs the model: a skeleton on the meta device has no values to run
+        # (weight-only quantization of a skeleton works: the weights are quantized on the fly)
+        for name, p in model.named_parameters():
+            check_not_meta(p, f"parameter {name!r} (calibrating feature maps runs the model)")
+    target = plain_copy(model)
     param = next(target.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     # the input shape of every factorized layer fixes its contraction order
@@ -974,7 +981,7 @@ def to_int8(model: nn.Module, engine: str | None = None) -> tuple[nn.Module, dic
     Returns the model (eval mode, inference only: int8 kernels have no gradient) and
     ``{layer name: reason}`` for the layers left in floating point.
     """
-    target = copy.deepcopy(model).eval()
+    target = plain_copy(model).eval()
     left: dict[str, str] = {}
     for name, layer in quantized_layers(target):
         reason = int8_support(layer)

@@ -18,7 +18,6 @@ shares of the dense layer (``shares``), fitted once and reused.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from typing import Any, Literal
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._modes import plain_copy
 from .allocation import (
     Budget,
     dense_conv_flops,
@@ -197,7 +197,7 @@ def select_ranks(
     decomposition = method if isinstance(method, Decomposition) else get(method)
     decomposition.parse_options(options)
 
-    work = copy.deepcopy(model)
+    work = plain_copy(model)
     convs = dict((n, c) for n, c in select_convs(work, layers) if c.groups == 1)
     if not convs:
         raise ValueError("no (ungrouped) nn.Conv2d layer selected")

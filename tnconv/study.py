@@ -8,7 +8,6 @@ CSV and draws a Pareto plot of error (or accuracy) against parameters.
 
 from __future__ import annotations
 
-import copy
 import csv
 import logging
 import math
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._modes import check_not_meta, plain_copy
 from .allocation import _SHARED, shared_candidates
 from .compress import LayerSelector, compress, default_input_size
 from .errors import BudgetError, NotPicklableError, StructureError, StudyError
@@ -420,7 +420,8 @@ _FAILED = "failed: "
 
 def _compute_cell(model: nn.Module, cell: _Cell, ctx: _Context) -> StudyRow:
     size, chosen = ctx.size, set(ctx.layers) if ctx.layers is not None else None
-    x = torch.zeros(size, dtype=next(model.parameters()).dtype)
+    first = next(model.parameters())
+    x = torch.zeros(size, dtype=first.dtype, device=first.device)
     start = time.perf_counter()
     try:
         small = compress(
@@ -586,8 +587,11 @@ def _study_model(
     size = (
         tuple(cfg.input_size) if cfg.input_size is not None else (8, *default_input_size(model)[1:])
     )
-    model = copy.deepcopy(model).eval()
-    x = torch.zeros(size, dtype=next(model.parameters()).dtype)
+    for name, p in model.named_parameters():
+        check_not_meta(p, f"parameter {name!r}")  # nothing can be fitted or timed on it
+    model = plain_copy(model).eval()
+    first = next(model.parameters())
+    x = torch.zeros(size, dtype=first.dtype, device=first.device)
     base = summary(model, size)
     chosen: tuple[str, ...] | None = None
     if cfg.layers is not None:

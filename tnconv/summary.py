@@ -11,6 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from . import timing
+from ._modes import check_not_meta
 from .compress import DENSE_REASONS, conv_input_shapes, default_input_size, dense_conv_flops
 from .layers import FactorizedConv2d
 
@@ -24,7 +25,8 @@ class LayerRow:
     ``relative_error`` is the kernel's relative error when it was factorized (fine-tuning moves
     the factors afterwards); ``note`` says why a dense layer was left dense by ``compress``;
     ``sensitivity`` is the current factors' first-order noise gain
-    (:meth:`Factorization.sensitivity`), None for a dense layer.
+    (:meth:`Factorization.sensitivity`), None for a dense layer (and for factors on the meta
+    device, which have shapes but no values).
     ``latency_ms`` / ``dense_latency_ms``: measured inference time of the layer and of its dense
     equivalent at the layer's input (``summary(..., latency=True)``), else None.
     """
@@ -153,6 +155,9 @@ def summary(
     ``latency=True`` also times each layer (inference, at its input in the forward pass, on
     channels-last inputs if ``channels_last``) against its dense equivalent, round-robin in one
     loop per layer with ``repeats`` rounds; the table then shows milliseconds per layer.
+
+    A model on the meta device (a skeleton: shapes, no values) is summarised too, parameters and
+    FLOPs only (no sensitivities); ``latency=True`` on it raises ``InvalidWeightError``.
     """
     size = tuple(input_size) if input_size is not None else default_input_size(model)
     shapes = conv_input_shapes(model, size)
@@ -183,7 +188,8 @@ def summary(
                     module.flops(shape, inference=True) if shape else 0,
                     float(err) if err is not None else None,
                     note,
-                    module.factorization.sensitivity(),
+                    # factors on the meta device (a model skeleton) have no values to measure
+                    None if module.factors[0].is_meta else module.factorization.sensitivity(),
                 )
             )
             kernel_params += module.num_params
@@ -209,6 +215,8 @@ def summary(
             )
             kernel_params += module.weight.numel()
     if latency:
+        for p in model.parameters():
+            check_not_meta(p, "a parameter of the model (latency=True times real runs)")
         modules = dict(model.named_modules())
         for row in rows:
             shape = shapes.get(row.name)

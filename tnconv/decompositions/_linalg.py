@@ -5,12 +5,16 @@ Everything here runs on the tensor's own device and dtype: no transfer to the CP
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 import torch
 
+from .._modes import tensor_version
+
 __all__ = [
+    "balance_scales",
     "cached",
     "leading_left_vectors",
     "mode_unfold",
@@ -31,10 +35,18 @@ def cached(tensor: torch.Tensor, key: Hashable, compute: Callable[[], V]) -> V:
     Lets the candidates of one search (every eps of a bisection, every rank of a budget
     allocation) share the expensive spectra of one kernel: one decomposition, many truncations.
     The memo is an attribute of the tensor object itself, so it dies with it.
+
+    An inference tensor (made under ``torch.inference_mode``) has no version counter, so an
+    in-place change to it could not be detected: nothing is remembered for it, ``compute()`` runs
+    every time. ``Decomposition.factorize`` fits on an ordinary float64 copy, so its searches keep
+    the memo whatever mode the caller is in.
     """
+    version = tensor_version(tensor)
+    if version is None:
+        return compute()
     memo = getattr(tensor, _MEMO_ATTR, None)
-    if memo is None or memo[0] != tensor._version:
-        memo = (tensor._version, {})
+    if memo is None or memo[0] != version:
+        memo = (version, {})
         setattr(tensor, _MEMO_ATTR, memo)
     store: dict[Hashable, Any] = memo[1]
     if key not in store:
@@ -100,3 +112,20 @@ def leading_left_vectors(mat: torch.Tensor, r: int) -> torch.Tensor:
         return torch.flip(vecs[:, m - r :], (1,))
     u, _, _ = svd(mat)
     return u[:, :r]
+
+
+def balance_scales(factors: list[torch.Tensor], spread: float = 1e6) -> list[torch.Tensor]:
+    """The same network with every factor at the geometric mean of their Frobenius norms, when
+    the largest norm exceeds ``spread`` times the smallest (else the factors as they are).
+
+    Multiplying the factors of an einsum network by scalars whose product is 1 leaves the
+    network unchanged; equal norms keep every factor far from underflow and overflow (a ring
+    fitted in float64 with cores at 1e-51 and 1e+25 reconstructs fine there, but its float32
+    copy is zero). Factors with a zero or non-finite norm are returned as they are."""
+    norms = [float(torch.linalg.vector_norm(c)) for c in factors]
+    if min(norms) <= 0.0 or not all(math.isfinite(n) for n in norms):
+        return factors
+    if max(norms) <= spread * min(norms):
+        return factors
+    log_mean = sum(math.log(n) for n in norms) / len(norms)
+    return [c * math.exp(log_mean - math.log(n)) for c, n in zip(factors, norms, strict=True)]

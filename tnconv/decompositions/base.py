@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .._modes import plain_tensors, tensor_version
 from ..errors import BudgetError, OptionError, RankSpecError
 from ..factorization import Factorization, KernelShape, validate_weight
 from ..rank import (
@@ -37,12 +38,22 @@ from ..rank import (
     parse_rank_spec,
 )
 from . import output_aware
-from ._linalg import cached
+from ._linalg import balance_scales, cached
 
 if TYPE_CHECKING:
     from ..statistics import InputStatistics
 
 __all__ = ["Decomposition", "NoOptions"]
+
+
+def _float64(w: torch.Tensor) -> torch.Tensor:
+    """``w`` (T, S, kh, kw) detached, in float64, as an ordinary tensor: a float64 inference
+    tensor (returned as is by ``.to``) is cloned, so the spectra memoised on the copy
+    (:func:`._linalg.cached`, keyed on the version counter) are kept for it too. Call it out of
+    inference mode (:func:`tnconv._modes.plain_tensors`)."""
+    w64 = w.detach().to(torch.float64)
+    return w64.clone() if w64.is_inference() else w64
+
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +102,10 @@ class Decomposition(ABC):
             statistics: the layer's input statistics (:func:`tnconv.calibrate_inputs`): fit
                 the layer's outputs on those inputs instead of its kernel (see
                 :mod:`tnconv.decompositions.output_aware`); ``eps`` / ``ratio`` then bound and
-                rank the output error, reported as ``info["relative_error"]`` (the kernel error
-                in ``info["kernel_error"]``).
+                rank the output error *in the mode-wise (Kronecker) model of the input moments*;
+                ``info["relative_error"]`` reports the exact output error where the statistics
+                keep the patch moment, which can exceed ``eps`` by a few percent of it (the
+                kernel error is in ``info["kernel_error"]``).
             **options: method-specific options, validated by ``self.Options``.
 
         Returns:
@@ -107,12 +120,15 @@ class Decomposition(ABC):
         w = validate_weight(weight)
         spec = parse_rank_spec(rank, eps, ratio)
         opts = self.parse_options(options)
-        if not bool(w.any()):
-            return self._zero_kernel(w, spec, opts)
-        w64 = w.detach().to(torch.float64)
-        if statistics is not None:
-            return output_aware.factorize(self, w, w64, spec, opts, statistics, {})
-        return self._factorize(w, w64, spec, opts)
+        # out of inference mode: the fit's tensors (and the spectra memoised on its float64
+        # copy) are ordinary tensors whatever mode the caller is in, and so are the factors
+        with plain_tensors():
+            if not bool(w.any()):
+                return self._zero_kernel(w, spec, opts)
+            w64 = _float64(w)
+            if statistics is not None:
+                return output_aware.factorize(self, w, w64, spec, opts, statistics, {})
+            return self._factorize(w, w64, spec, opts)
 
     def factorize_many(
         self,
@@ -142,27 +158,43 @@ class Decomposition(ABC):
         w = validate_weight(weight)
         parsed = [parse_rank_spec(**dict(spec)) for spec in specs]
         opts = self.parse_options(options)
-        zero = not bool(w.any())
-        key = (id(w), w._version)
+        with plain_tensors():
+            zero = not bool(w.any())
+            w64 = self._reused_float64(w, reuse)
+            fitted: list[Factorization] = []
+            whitened: dict[str, Any] = reuse.setdefault("whitened", {}) if reuse is not None else {}
+            for i, spec in enumerate(parsed):
+                if zero:
+                    f = self._zero_kernel(w, spec, opts)
+                elif statistics is not None:
+                    f = output_aware.factorize(self, w, w64, spec, opts, statistics, whitened)
+                else:
+                    f = self._factorize(w, w64, spec, opts)
+                fitted.append(f)
+                if until is not None and until(i, f):
+                    break
+        return fitted
+
+    @staticmethod
+    def _reused_float64(w: torch.Tensor, reuse: dict[str, Any] | None) -> torch.Tensor:
+        """The float64 copy of ``w`` (T, S, kh, kw) kept in ``reuse`` while ``w`` is the same,
+        unmodified tensor, else a fresh one (stored in ``reuse``).
+
+        An ordinary tensor is recognised by identity and version counter. An inference tensor has
+        no version counter (and may be changed in place inside ``inference_mode``), so its copy is
+        reused only while its values still equal the copy's: one comparison per call, against a
+        private float64 clone that nothing else can modify.
+        """
+        version = tensor_version(w)
+        key = (id(w), version)
         if reuse is not None and reuse.get("kernel") == key:
             w64 = reuse["float64"]
-        else:
-            w64 = w.detach().to(torch.float64)
-            if reuse is not None:
-                reuse.update(kernel=key, float64=w64)
-        fitted: list[Factorization] = []
-        whitened: dict[str, Any] = reuse.setdefault("whitened", {}) if reuse is not None else {}
-        for i, spec in enumerate(parsed):
-            if zero:
-                f = self._zero_kernel(w, spec, opts)
-            elif statistics is not None:
-                f = output_aware.factorize(self, w, w64, spec, opts, statistics, whitened)
-            else:
-                f = self._factorize(w, w64, spec, opts)
-            fitted.append(f)
-            if until is not None and until(i, f):
-                break
-        return fitted
+            if version is not None or torch.equal(w64, w.detach().to(torch.float64)):
+                return w64
+        w64 = _float64(w)
+        if reuse is not None:
+            reuse.update(kernel=key, float64=w64)
+        return w64
 
     def _factorize(
         self, w: torch.Tensor, w64: torch.Tensor, spec: Any, opts: BaseModel
@@ -483,6 +515,13 @@ class Decomposition(ABC):
     def _finish(
         self, result: Factorization, w: torch.Tensor, w64: torch.Tensor | None = None
     ) -> Factorization:
+        # the scalar gauge is free: factors whose norms are far apart are evened out before
+        # the cast to the weight's dtype could flush the small ones to zero
+        balanced = balance_scales(result.factors)
+        if balanced is not result.factors:
+            result = result.with_factors(balanced)
+            if "sensitivity" in result.info:  # it depends on the gauge
+                result.info["sensitivity"] = result.sensitivity()
         out = result.to(device=w.device, dtype=w.dtype).detach()
         out.method = self.name
         if w64 is None:

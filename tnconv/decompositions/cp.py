@@ -29,12 +29,13 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from .._modes import plain_tensors
 from ..factorization import Factorization, KernelShape, contract_contiguous, validate_weight
 from ..rank import FixedRank, parse_rank_spec
 from ..registry import register
 from ._linalg import cached, leading_left_vectors, mode_unfold, svd
 from ._stable import constrained_update, least_squares_scale
-from .base import Decomposition
+from .base import Decomposition, _float64
 
 log = logging.getLogger(__name__)
 
@@ -520,7 +521,14 @@ class CP(Decomposition):
                 w, specs, until=until, reuse=reuse, statistics=statistics, **options
             )
         parsed = [parse_rank_spec(**dict(spec)) for spec in specs]
-        w64 = w.detach().to(torch.float64)
+        with plain_tensors():  # ordinary tensors whatever the caller's mode (as the base's)
+            return self._warm_ladder(w, parsed, opts)
+
+    def _warm_ladder(
+        self, w: torch.Tensor, parsed: list[Any], opts: CPOptions
+    ) -> list[Factorization]:
+        """:meth:`factorize_many`'s warm-started ladder over the parsed specs, in their order."""
+        w64 = _float64(w)
         shape: KernelShape = tuple(int(n) for n in w.shape)  # type: ignore[assignment]
         results: list[Factorization | None] = [None] * len(parsed)
         ladder = sorted(

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..factorization import Factorization, KernelShape
 from ..registry import register
-from ._linalg import cached, rank_for_budget, tail_energy
+from ._linalg import balance_scales, cached, rank_for_budget, tail_energy
 from ._ring import (
     _others,
     _roll,
@@ -159,6 +159,7 @@ def stabilize_ring(
     max_err_sq = max_error * max_error * norm_sq
     sizes = [c.shape[1] for c in cores]
     ss = ring_sensitivity(cores)
+    best = (ss, cores)
     for _ in range(max_iter):
         before = ss
         for k in range(d):
@@ -177,13 +178,18 @@ def stabilize_ring(
             sol = constrained_update(wz, zmat.T @ zmat, penalty, norm_sq, max_err_sq)
             cores[k] = sol.reshape(sizes[k], rk, rk1).permute(1, 0, 2).contiguous()
         ss = ring_sensitivity(cores)
+        if ss < best[0]:
+            best = (ss, cores)
         if before - ss <= tol * before:
             break
+    # a sweep can make things worse (near-infeasible bounds: one core pushed toward zero and
+    # the others grown to match); keep the least sensitive cores seen, the start included
+    cores = [c.clone() for c in best[1]]
     # undo the shrinkage of the constrained updates (lowers the error, see least_squares_scale)
     c = least_squares_scale(tensor, ring_to_tensor(cores))
     if c > 0:
         cores = [core * c ** (1.0 / d) for core in cores]
-    return cores
+    return balance_scales(cores)
 
 
 @register("tc")
@@ -231,7 +237,10 @@ class TC(Decomposition):
             if eps is not None:  # never give up the eps guarantee
                 bound = max(err, min(bound, eps * (1.0 - 1e-9)))
             stable = stabilize_ring(x, cores, bound, sweeps)
-            if ring_error(x, stable) <= max(bound, err):  # else rounding broke the bound
+            # kept only within the bound (rounding can break it) and when less sensitive
+            if ring_error(x, stable) <= max(bound, err) and ring_sensitivity(
+                stable
+            ) <= ring_sensitivity(cores):
                 cores = stable
         t, s, kh, kw = weight.shape
         a, g, b = cores

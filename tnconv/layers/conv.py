@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._modes import plain_tensors, tensor_version
 from ..calibration import cost_table
 from ..contraction import ConvGeometry, ConvNetwork, ConvPlan, plan_conv
 from ..decompositions.base import Decomposition
@@ -92,20 +93,23 @@ class FactorizedConv2d(nn.Module):
         self.ranks = factorization.ranks
         self.info = dict(factorization.info)
         self.network = ConvNetwork.from_factorization(factorization)
-        self.factors = nn.ParameterList(
-            nn.Parameter(f.detach().clone(memory_format=torch.contiguous_format))
-            for f in factorization.factors
-        )
-        if isinstance(bias, torch.Tensor):
-            if tuple(bias.shape) != (t,):
-                raise ValueError(f"bias must have shape ({t},); got {tuple(bias.shape)}")
-            self.bias = nn.Parameter(bias.detach().clone())
-        elif bias is True:
-            self.bias = nn.Parameter(factorization.factors[0].new_zeros(t))
-        elif bias is None or bias is False:
-            self.register_parameter("bias", None)
-        else:
+        if isinstance(bias, torch.Tensor) and tuple(bias.shape) != (t,):
+            raise ValueError(f"bias must have shape ({t},); got {tuple(bias.shape)}")
+        if not (bias is None or isinstance(bias, (bool, torch.Tensor))):
             raise TypeError(f"bias must be a tensor, a bool or None; got {type(bias).__name__}")
+        # parameters are ordinary tensors even when the layer is built under inference_mode or
+        # from inference tensors: the layer can be trained afterwards, as a fresh nn.Conv2d can
+        with plain_tensors():
+            self.factors = nn.ParameterList(
+                nn.Parameter(f.detach().clone(memory_format=torch.contiguous_format))
+                for f in factorization.factors
+            )
+            if isinstance(bias, torch.Tensor):
+                self.bias = nn.Parameter(bias.detach().clone())
+            elif bias is True:
+                self.bias = nn.Parameter(factorization.factors[0].new_zeros(t))
+            else:
+                self.register_parameter("bias", None)
         self._plans: OrderedDict[tuple[Any, ...], ConvPlan] = OrderedDict()
         # frozen inference: the folded weights of one plan, valid while the factors are
         # unchanged (their storage and in-place version counters are the key)
@@ -267,10 +271,16 @@ class FactorizedConv2d(nn.Module):
     def _folded_weights(
         self, plan: ConvPlan, factors: list[torch.Tensor]
     ) -> dict[int, torch.Tensor]:
+        versions = [tensor_version(p) for p in factors]
+        if None in versions:
+            # an inference-tensor factor (assigned by hand) has no version counter: an in-place
+            # change could not be seen, so fold afresh every call and keep nothing
+            with torch.no_grad():
+                return plan.fold_factors(factors)
         key = (
             id(plan),
             torch.is_inference_mode_enabled(),
-            *((p.data_ptr(), p._version) for p in factors),
+            *((p.data_ptr(), v) for p, v in zip(factors, versions, strict=True)),
         )
         if self._folded is None or self._folded[0] != key:
             with torch.no_grad():
