@@ -32,13 +32,15 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .contraction.cost import CostTable, KindCost, effective_macs
+from .contraction.execute import pointwise_conv_input, pointwise_matmul  # timed as executed
 
 __all__ = [
     "DEFAULT_TABLES",
@@ -63,61 +65,6 @@ _FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 _VERSION = 3  # bump when the measured quantities change: old caches are then ignored
 
 
-@dataclass(frozen=True)
-class KindCost:
-    """Seconds of one op: ``call + mac * multiply-adds + elem * elements moved``."""
-
-    call: float
-    mac: float
-    elem: float
-
-    def seconds(self, macs: float, elems: float) -> float:
-        return self.call + self.mac * macs + self.elem * elems
-
-
-@dataclass(frozen=True)
-class CostTable:
-    """Per-op costs of one machine, layout and thread count.
-
-    ``pointwise``: 1x1 convolutions; ``matmul``: the same 1x1 steps run as one matrix product
-    over the pixels (no convolution call: oneDNN's 1x1 kernels were measured 2-4x slower at
-    batch 1 and up to 5x slower in NCHW at batch 32, yet faster for some large channels-last
-    batches, so the table decides); ``spatial``: convolutions with a kh x kw (or kh x 1) kernel;
-    ``grouped``: convolutions with groups > 1; ``copy``: seconds per element of a copy that
-    changes the memory order (a permute made contiguous); ``einsum``: seconds per call of a
-    weights-only ``torch.einsum`` (its multiply-adds are priced as ``pointwise.mac``).
-    Multiply-adds are counted as the vector kernels run them (:func:`effective_macs`: output
-    channels per group padded to ``simd`` floats).
-    """
-
-    layout: str
-    threads: int
-    pointwise: KindCost
-    spatial: KindCost
-    grouped: KindCost
-    matmul: KindCost
-    copy: float
-    einsum: float
-    source: str = "default"
-    simd: int = 8  # floats per vector register
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> CostTable:
-        kinds = {k: KindCost(**data[k]) for k in ("pointwise", "spatial", "grouped", "matmul")}
-        return cls(
-            layout=str(data["layout"]),
-            threads=int(data["threads"]),
-            copy=float(data["copy"]),
-            einsum=float(data["einsum"]),
-            source=str(data.get("source", "file")),
-            simd=int(data.get("simd", 8)),
-            **kinds,
-        )
-
-
 def _default(layout: Layout) -> CostTable:
     # Rounded from a one-thread calibration of a 2-core x86 machine: what a deterministic
     # planner uses when measuring is switched off (TNCONV_CALIBRATION=default).
@@ -140,17 +87,6 @@ def _default(layout: Layout) -> CostTable:
 
 
 DEFAULT_TABLES: dict[str, CostTable] = {layout: _default(layout) for layout in LAYOUTS}
-
-
-def effective_macs(table: CostTable, macs: float, groups: int, cin: int, cout: int) -> float:
-    """Multiply-adds as vectorised conv kernels run them: each group's ``cout`` output channels
-    padded to a whole vector of ``table.simd`` floats (a conv with 1 output channel per group
-    costs as much as one with ``simd``), except depthwise convs (1 in, 1 out per group), which
-    vectorise across groups."""
-    if cout <= 0 or (groups > 1 and cin == 1 and cout == 1):
-        return macs
-    w = table.simd
-    return macs * (-(-cout // w) * w) / cout
 
 
 def _simd_width() -> int:
@@ -351,9 +287,6 @@ def _measure(layout: Layout, repeats: int) -> CostTable:
     simd = _simd_width()
     padding = dataclasses.replace(DEFAULT_TABLES[layout], simd=simd)
     gen = torch.Generator().manual_seed(0)
-    # the executor's own 1x1 executions (contraction imports this module)
-    from .contraction import pointwise_conv_input, pointwise_matmul
-
     fits: dict[str, KindCost] = {}
     matmul_rows: list[tuple[float, float, float]] = []
     with torch.no_grad():

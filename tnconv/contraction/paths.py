@@ -1,0 +1,206 @@
+"""The conv-aware opt_einsum path optimizer: an exact subset DP that prices every step touching
+the feature map at its true resolution (:class:`ConvPathOptimizer`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from opt_einsum.paths import PathOptimizer, ssa_to_linear
+
+from .cost import MEMORY_WEIGHT, CostTable, step_seconds
+from .network import ConvNetwork
+
+__all__ = ["ConvPathOptimizer"]
+
+
+class ConvPathOptimizer(PathOptimizer):
+    """opt_einsum path optimizer for a conv-einsum whose operand 0 is the feature map.
+
+    Exact dynamic programming over subsets (a conv kernel has few factors). A step that touches
+    the feature map multiplies ``B * H_out * W_out`` times the channel sizes it multiplies (at
+    the resolution before the factor carrying ``h`` / ``w`` and after it, per axis). With a
+    :class:`~tnconv.contraction.cost.CostTable` a step is priced in predicted seconds (its kind's
+    call overhead, multiply-adds and elements moved, the cheaper of batch-folding and grouping
+    its fold indices, see :func:`step_seconds`); factor-only steps cost an einsum call each, or
+    nothing when ``frozen`` (folded once and reused). Without a table a step costs its
+    multiply-adds plus ``memory_weight`` x the elements it moves.
+    """
+
+    def __init__(
+        self,
+        network: ConvNetwork,
+        in_hw: tuple[int, int],
+        out_hw: tuple[int, int],
+        memory_weight: float = MEMORY_WEIGHT,
+        table: CostTable | None = None,
+        frozen: bool = False,
+    ) -> None:
+        self.network = network
+        self.in_hw = in_hw
+        self.out_hw = out_hw
+        self.memory_weight = memory_weight
+        self.table = table
+        self.frozen = frozen
+        self.cost: float = math.nan  # cost of the last path found
+
+    def __call__(
+        self,
+        inputs: list[frozenset[str]],
+        output: frozenset[str],
+        size_dict: dict[str, int],
+        memory_limit: int | None = None,
+    ) -> list[tuple[int, ...]]:
+        net = self.network
+        n = len(inputs)
+        letters = sorted(set().union(*inputs) | set(output))
+        bit = {c: 1 << i for i, c in enumerate(letters)}
+        sizes = {c: size_dict[c] for c in letters}
+
+        def mask_of(chars: Any) -> int:
+            m = 0
+            for c in chars:
+                m |= bit[c]
+            return m
+
+        op_mask = [mask_of(t) for t in inputs]
+        out_mask = mask_of(output)
+        skip = mask_of((net.batch, net.H, net.W))  # the feature map's own axes
+        h_bit, w_bit = bit[net.h], bit[net.w]
+        coupled = h_bit | w_bit  # live until the data step that consumes them
+        owner_h = next(i for i, m in enumerate(op_mask) if m & h_bit)
+        owner_w = next(i for i, m in enumerate(op_mask) if m & w_bit)
+        batch = size_dict[net.batch]
+        full = (1 << n) - 1
+
+        union: dict[int, int] = {}
+
+        def indices(s: int) -> int:
+            if s not in union:
+                m, k = 0, 0
+                while s >> k:
+                    if s >> k & 1:
+                        m |= op_mask[k]
+                    k += 1
+                union[s] = m
+            return union[s]
+
+        def open_of(s: int) -> int:
+            return indices(s) & (indices(full & ~s) | out_mask | coupled)
+
+        prod_cache: dict[int, int] = {}
+
+        def prod(m: int) -> int:
+            if m not in prod_cache:
+                p = 1
+                for c in letters:
+                    if m & bit[c]:
+                        p *= sizes[c]
+                prod_cache[m] = p
+            return prod_cache[m]
+
+        table = self.table
+
+        def factor_step_cost(a: int, b: int) -> float:
+            if self.frozen:
+                return 0.0  # contracted once, reused by every forward
+            macs = prod(open_of(a) | open_of(b))
+            if table is None:
+                return macs
+            return table.einsum + table.pointwise.mac * macs
+
+        # factor-only sub-networks: classic subset DP on contraction counts
+        factor_ids = list(range(1, n))
+        fcost: dict[int, float] = {}
+        fsplit: dict[int, tuple[int, int]] = {}
+        for k in factor_ids:
+            fcost[1 << k] = 0.0
+        subsets = sorted(range(1, 1 << n), key=lambda s: bin(s).count("1"))
+        for s in subsets:
+            if s & 1 or s in fcost:
+                continue
+            low = s & -s
+            best = math.inf
+            sub = (s - 1) & s
+            while sub:
+                if sub & low:  # each unordered split once
+                    rest = s & ~sub
+                    c = fcost[sub] + fcost[rest] + factor_step_cost(sub, rest)
+                    if c < best:
+                        best, fsplit[s] = c, (sub, rest)
+                sub = (sub - 1) & s
+            fcost[s] = best
+
+        def data_step_cost(t: int, u: int) -> float:
+            d = open_of(t) & ~skip & ~coupled
+            fi = open_of(u)
+            need = open_of(t | u) & ~skip & ~coupled
+            contracted = d & fi & ~need
+            grouped = d & fi & need
+            new = fi & ~d & ~coupled
+            fold = d & ~fi
+            kh = sizes[net.h] if fi & h_bit else 1
+            kw = sizes[net.w] if fi & w_bit else 1
+            hb = self.out_hw[0] if t >> owner_h & 1 else self.in_hw[0]
+            wb = self.out_hw[1] if t >> owner_w & 1 else self.in_hw[1]
+            ha = self.out_hw[0] if (t | u) >> owner_h & 1 else self.in_hw[0]
+            wa = self.out_hw[1] if (t | u) >> owner_w & 1 else self.in_hw[1]
+            out_elems = batch * prod(fold) * prod(grouped) * prod(new) * ha * wa
+            macs = out_elems * prod(contracted) * kh * kw
+            in_elems = batch * prod(d) * hb * wb
+            if table is not None:
+                spatial = kh * kw > 1
+                return step_seconds(
+                    table,
+                    prod(fold),
+                    prod(grouped),
+                    spatial,
+                    macs,
+                    in_elems,
+                    out_elems,
+                    channels=(prod(contracted), prod(new)),
+                )[0]
+            return macs + self.memory_weight * (in_elems + out_elems)
+
+        dcost: dict[int, float] = {1: 0.0}
+        dchoice: dict[int, tuple[int, int]] = {}
+        for s in subsets:
+            if not s & 1 or s == 1:
+                continue
+            factors = s & ~1
+            best = math.inf
+            sub = factors
+            while sub:
+                prev = s & ~sub
+                c = dcost[prev] + fcost[sub] + data_step_cost(prev, sub)
+                if c < best:
+                    best, dchoice[s] = c, (prev, sub)
+                sub = (sub - 1) & factors
+            dcost[s] = best
+        self.cost = dcost[full]
+
+        # rebuild the order as an SSA path, then as opt_einsum's linear path
+        ssa: list[tuple[int, int]] = []
+        next_id = [n]
+
+        def emit_factors(s: int) -> int:
+            if s & (s - 1) == 0:
+                return s.bit_length() - 1
+            a, b = fsplit[s]
+            ia, ib = emit_factors(a), emit_factors(b)
+            ssa.append((ia, ib))
+            next_id[0] += 1
+            return next_id[0] - 1
+
+        def emit_data(s: int) -> int:
+            if s == 1:
+                return 0
+            prev, sub = dchoice[s]
+            i_prev = emit_data(prev)
+            i_sub = emit_factors(sub)
+            ssa.append((i_prev, i_sub))
+            next_id[0] += 1
+            return next_id[0] - 1
+
+        emit_data(full)
+        return ssa_to_linear(ssa)

@@ -1,0 +1,495 @@
+"""Planning: a :class:`ConvPlan` of torch ops for one input shape (:func:`plan_conv`).
+
+The path optimizer's contraction order is turned into factor-only ``torch.einsum`` steps and
+feature-map x factor ``conv2d`` steps (:mod:`tnconv.contraction.steps`), each data step choosing
+how its indices map to the conv's batch, groups and channels and, with a cost table, whether
+its fold indices run as groups and whether a 1x1 step runs as a matrix product.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import opt_einsum
+import torch
+
+from .cost import FLOP_SLACK, MEMORY_WEIGHT, CostTable, pointwise_seconds, step_seconds
+from .execute import fold_factors as _fold_factors
+from .execute import run_plan as _run_plan
+from .geometry import ConvGeometry
+from .network import ConvNetwork
+from .paths import ConvPathOptimizer
+from .steps import DataStep, FactorStep
+
+__all__ = ["ConvPlan", "plan_conv"]
+
+
+@dataclass
+class _Operand:
+    indices: str
+    is_data: bool
+    slot: int  # position in the executor's operand list
+
+
+@dataclass
+class ConvPlan:
+    """A replayable sequence of einsum / conv2d steps for one input shape."""
+
+    input_shape: tuple[int, int, int, int]
+    output_shape: tuple[int, int, int, int]
+    data_shape: tuple[int, ...]  # x reshaped so the S-group indices are separate axes
+    steps: list[FactorStep | DataStep] = field(default_factory=list)
+    final_perm: tuple[int, ...] | None = None
+    path: list[tuple[int, ...]] = field(default_factory=list)
+    cost: float = math.nan
+    layout: str = "nchw"  # the layout the plan was priced for
+    # run an NCHW input in channels-last (converted in, and the output back): the cost table
+    # predicted the conversions cost less than they save
+    convert: bool = False
+    frozen: bool = False  # priced for folded factor-only steps (inference)
+
+    @property
+    def flops(self) -> int:
+        """FLOPs of one forward pass (2 per multiply-add, as torch.utils.flop_counter counts)."""
+        return sum(step.flops for step in self.steps)
+
+    @property
+    def macs(self) -> int:
+        """Multiply(-add)s of one forward pass, broadcast products included (what the
+        path optimizer minimises when memory traffic is weighed at 0)."""
+        return sum(s.macs if isinstance(s, FactorStep) else s.flops // 2 for s in self.steps)
+
+    @property
+    def data_macs(self) -> int:
+        """Multiply-adds of the steps that touch the feature map (all a frozen layer runs)."""
+        return sum(step.flops // 2 for step in self.steps if isinstance(step, DataStep))
+
+    @property
+    def data_flops(self) -> int:
+        """FLOPs of the steps that touch the feature map (what a frozen layer still pays)."""
+        return sum(step.flops for step in self.steps if isinstance(step, DataStep))
+
+    def describe(self) -> list[str]:
+        """One human-readable line per step."""
+        lines = []
+        for step in self.steps:
+            if isinstance(step, FactorStep):
+                lines.append(f"einsum {step.equation} (weights only, {step.flops} FLOPs)")
+            else:
+                o, c, kh, kw = step.weight_shape
+                kind = f"{kh}x{kw} conv" if (kh, kw) != (1, 1) else "1x1 conv"
+                if step.matmul:
+                    kind = "1x1 conv as matmul"
+                grp = f", groups={step.groups}" if step.groups > 1 else ""
+                fold = step.data_shape[0] // self.input_shape[0]
+                bat = f", batch x{fold}" if fold > 1 else ""
+                if step.repeat > 1:
+                    bat = f", weight x{step.repeat} over groups"
+                lines.append(
+                    f"{kind} {c * step.groups}->{o}{grp}{bat}, stride={step.stride} "
+                    f"({step.flops} FLOPs)"
+                )
+        return lines
+
+    def fold_factors(self, factors: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """The conv2d weight of every data step (factor-only steps contracted, reshaped,
+        repeated), keyed ``-1 - step index``: what a frozen layer computes once and reuses."""
+        return _fold_factors(self, factors)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        factors: Sequence[torch.Tensor],
+        bias: torch.Tensor | None = None,
+        folded: dict[int, torch.Tensor] | None = None,
+        between: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Run the plan on ``x`` (B, S, H, W) with ``factors``; returns (B, T, H', W').
+
+        ``folded`` (from :meth:`fold_factors` on the same factors) skips every weights-only
+        computation. ``between(j, y)``, if given, replaces the feature map ``y`` produced by the
+        j-th data step (j = 0, 1, ...) whenever another data step follows (e.g. to quantize the
+        feature maps between a layer's steps); the last step's output is left to the caller.
+        """
+        return _run_plan(self, x, factors, bias, folded, between)
+
+    @property
+    def fused_in(self) -> bool:
+        """A converting plan's first data step is a matrix product that reads NCHW itself."""
+        data = [s for s in self.steps if isinstance(s, DataStep)]
+        return self.convert and bool(data) and data[0].matmul
+
+    @property
+    def fused_out(self) -> bool:
+        """A converting plan's last data step is a matrix product that writes NCHW itself."""
+        data = [s for s in self.steps if isinstance(s, DataStep)]
+        return self.convert and bool(data) and data[-1].matmul and self.final_perm is None
+
+
+def plan_conv(
+    network: ConvNetwork,
+    geometry: ConvGeometry,
+    input_shape: tuple[int, int, int, int],
+    memory_weight: float = MEMORY_WEIGHT,
+    path: Sequence[tuple[int, int]] | None = None,
+    flop_slack: float = FLOP_SLACK,
+    *,
+    layout: str = "nchw",
+    tables: Mapping[str, CostTable] | None = None,
+    frozen: bool = False,
+    fold: str | None = None,
+    convert: bool | None = None,
+) -> ConvPlan:
+    """Plan the factorized convolution of an input of shape (B, S, H, W) in ``layout``.
+
+    With ``tables`` (a :class:`~tnconv.contraction.cost.CostTable` per layout, "nchw" / "nhwc") the
+    order minimises the predicted seconds of the steps in ``layout``, each data step choosing
+    between folding and grouping its fold indices; for an NCHW input the channels-last plan
+    plus the two layout conversions is taken when predicted faster (``convert`` forces or
+    forbids it). ``frozen`` prices factor-only steps at nothing (they are folded once).
+    Without tables the order minimises multiply-adds + ``memory_weight`` x elements moved.
+
+    Either way the order is replaced by the FLOP-optimal one when it would run more than
+    ``1 + flop_slack`` times its multiply-adds per forward pass (frozen: those touching the
+    feature map): the FLOPs tnconv reports are those it runs and stay near the network's
+    minimum. ``path`` forces an order (opt_einsum's linear format,
+    operand 0 being the feature map); ``fold`` forces "batch" or "groups" for every data step.
+    """
+    if layout not in ("nchw", "nhwc"):
+        raise ValueError(f"layout must be 'nchw' or 'nhwc'; got {layout!r}")
+    if fold not in (None, "batch", "groups"):
+        raise ValueError(f"fold must be None, 'batch' or 'groups'; got {fold!r}")
+    if tables is None:
+        if convert:
+            raise ValueError("convert=True needs cost tables")
+        return _plan_in(
+            network,
+            geometry,
+            input_shape,
+            memory_weight,
+            path,
+            flop_slack,
+            None,
+            frozen,
+            fold,
+            "nchw" if layout == "nchw" else "nhwc",
+        )
+    plan = _plan_in(
+        network,
+        geometry,
+        input_shape,
+        memory_weight,
+        path,
+        flop_slack,
+        tables[layout],
+        frozen,
+        fold,
+        layout,
+    )
+    if layout == "nchw" and convert is not False:
+        other = _plan_in(
+            network,
+            geometry,
+            input_shape,
+            memory_weight,
+            path,
+            flop_slack,
+            tables["nhwc"],
+            frozen,
+            fold,
+            "nhwc",
+        )
+        other.convert = True
+        elems = math.prod(other.input_shape) * (not other.fused_in) + math.prod(
+            other.output_shape
+        ) * (not other.fused_out)
+        other.cost += tables["nhwc"].copy * elems
+        if convert or other.cost < plan.cost:
+            return other
+    return plan
+
+
+def _plan_in(
+    network: ConvNetwork,
+    geometry: ConvGeometry,
+    input_shape: tuple[int, int, int, int],
+    memory_weight: float,
+    path: Sequence[tuple[int, int]] | None,
+    flop_slack: float,
+    table: CostTable | None,
+    frozen: bool,
+    fold: str | None,
+    layout: str,
+) -> ConvPlan:
+    args = (network, geometry, input_shape)
+    if path is not None:
+        return _build_plan(*args, path, memory_weight, table, frozen, fold, layout)
+    plan = _build_plan(*args, None, memory_weight, table, frozen, fold, layout)
+    if memory_weight > 0 or table is not None:
+        lean = _build_plan(*args, None, 0.0, None, frozen, fold, layout)
+
+        def work(p: ConvPlan) -> int:  # what runs per forward pass
+            return p.data_macs if frozen else p.macs
+
+        if work(plan) > (1.0 + flop_slack) * work(lean):
+            if table is not None:  # price the FLOP-optimal order with the table
+                return _build_plan(*args, lean.path, 0.0, table, frozen, fold, layout)
+            return lean
+    return plan
+
+
+def _build_plan(
+    network: ConvNetwork,
+    geometry: ConvGeometry,
+    input_shape: tuple[int, int, int, int],
+    path: Sequence[tuple[int, int]] | None,
+    memory_weight: float,
+    table: CostTable | None = None,
+    frozen: bool = False,
+    fold: str | None = None,
+    layout: str = "nchw",
+) -> ConvPlan:
+    b, s, h_in, w_in = input_shape
+    sz = network.size_of
+    kh, kw = network.kernel_size
+    h_out, w_out = geometry.output_size((h_in, w_in), (kh, kw))
+    sizes = dict(sz)
+    sizes.update({network.batch: b, network.H: h_in, network.W: w_in})
+    in_sizes = tuple(sz[c] for c in network.in_modes)
+    out_channels = math.prod(sz[c] for c in network.out_modes)
+    if math.prod(in_sizes) != s:
+        raise ValueError(
+            f"input has {s} channels, the factorized kernel expects {math.prod(in_sizes)}"
+        )
+
+    optimizer = ConvPathOptimizer(
+        network,
+        (h_in, w_in),
+        (h_out, w_out),
+        memory_weight,
+        table if fold is None else None,
+        frozen,
+    )
+    equation = network.einsum()
+    shapes = [(b, *in_sizes, h_in, w_in)] + [tuple(sizes[c] for c in t) for t in network.terms]
+    if path is not None:
+        path = [tuple(p) for p in path]
+        optimizer.cost = math.nan
+    elif len(shapes) == 2:
+        path = [(0, 1)]
+    else:
+        found, _ = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimizer)
+        path = [tuple(p) for p in found]
+
+    plan = ConvPlan(
+        input_shape=(b, s, h_in, w_in),
+        output_shape=(b, out_channels, h_out, w_out),
+        data_shape=(b, *in_sizes, h_in, w_in),
+        path=path,
+        cost=optimizer.cost,
+        layout=layout,
+        frozen=frozen,
+    )
+    operands = [_Operand(network.in_modes, True, 0)] + [
+        _Operand(t, False, i + 1) for i, t in enumerate(network.terms)
+    ]
+    # h / w stay live until the data step that consumes them
+    output = set(network.out_modes) | {network.h, network.w}
+    next_slot = len(operands)
+    consumed = {"h": False, "w": False}
+    order_hint = _usage_order(operands, path, output)
+    for step_no, pair in enumerate(path):
+        i, j = sorted(pair)
+        right = operands.pop(j)
+        left = operands.pop(i)
+        rest = set("".join(o.indices for o in operands)) | output
+        if not left.is_data and not right.is_data:
+            keep = "".join(dict.fromkeys(c for c in left.indices + right.indices if c in rest))
+            eq = f"{left.indices},{right.indices}->{keep}"
+            involved = set(left.indices + right.indices)
+            # a step that sums an index (of size > 1) runs as a matmul (2 FLOPs per multiply-
+            # add); a pure outer / elementwise product is a broadcast multiply, which torch's
+            # flop counter does not count either (weights only, and tiny)
+            sums = any(sizes[c] > 1 for c in involved - set(keep))
+            flops = 2 * math.prod(sizes[c] for c in involved) if sums else 0
+            macs = math.prod(sizes[c] for c in involved)
+            plan.steps.append(FactorStep(left.slot, right.slot, eq, flops, macs))
+            operands.append(_Operand(keep, False, next_slot))
+            next_slot += 1
+            continue
+        data, factor = (left, right) if left.is_data else (right, left)
+        step, new_indices = _data_step(
+            data.indices,
+            factor,
+            rest,
+            sizes,
+            network,
+            geometry,
+            consumed,
+            (b, h_in, w_in, h_out, w_out),
+            order_hint[step_no],
+            table,
+            fold,
+        )
+        plan.steps.append(step)
+        operands.append(_Operand(new_indices, True, 0))
+    if table is not None:
+        # the cost of what is executed (a forced path or fold is priced here, not by the DP)
+        plan.cost = sum(
+            st.seconds
+            if isinstance(st, DataStep)
+            else (0.0 if frozen else table.einsum + table.pointwise.mac * st.macs)
+            for st in plan.steps
+        )
+    (final,) = operands
+    if final.indices != network.out_modes:
+        perm = [final.indices.index(c) + 1 for c in network.out_modes]
+        plan.final_perm = (0, *perm, len(final.indices) + 1, len(final.indices) + 2)
+    return plan
+
+
+def _usage_order(
+    operands: list[_Operand], path: list[tuple[int, ...]], output: set[str]
+) -> list[dict[str, int]]:
+    """For each step, the step at which each index is next consumed (output: never)."""
+    ops = [o.indices for o in operands]
+    events: list[set[str]] = []
+    for pair in path:
+        i, j = sorted(pair)
+        b_, a_ = ops.pop(j), ops.pop(i)
+        rest = set("".join(ops)) | output
+        events.append(set(a_ + b_) - rest)  # indices that disappear in this step
+        ops.append("".join(dict.fromkeys(c for c in a_ + b_ if c in rest)))
+    hints = []
+    for k in range(len(path)):
+        when: dict[str, int] = {}
+        for later in range(len(path) - 1, k, -1):
+            for c in events[later]:
+                when[c] = later
+        hints.append(when)
+    return hints
+
+
+def _data_step(
+    data: str,
+    factor: _Operand,
+    rest: set[str],
+    sizes: dict[str, int],
+    net: ConvNetwork,
+    geo: ConvGeometry,
+    consumed: dict[str, bool],
+    dims: tuple[int, int, int, int, int],
+    next_use: dict[str, int],
+    table: CostTable | None = None,
+    fold_mode: str | None = None,
+) -> tuple[DataStep, str]:
+    b, h_in, w_in, h_out, w_out = dims
+    fidx = factor.indices
+    fold = [c for c in data if c not in fidx]
+    grouped = [c for c in data if c in fidx and c in rest]
+    contracted = [c for c in data if c in fidx and c not in rest]
+    new = [c for c in fidx if c not in data and c not in (net.h, net.w)]
+    # the indices used last go first (outermost), so later steps find them in order; the
+    # output's own indices go first of all, in the order the output wants them
+    never = 1 << 30
+    out_pos = {c: i for i, c in enumerate(net.out_modes)}
+    new.sort(key=lambda c: (-next_use.get(c, never), out_pos.get(c, 0)))
+
+    has_h, has_w = net.h in fidx, net.w in fidx
+    cur_h = h_out if consumed["h"] else h_in
+    cur_w = w_out if consumed["w"] else w_in
+    order = fold + grouped + contracted
+    perm = tuple([0] + [data.index(c) + 1 for c in order] + [len(data) + 1, len(data) + 2])
+    data_perm = None if perm == tuple(range(len(perm))) else perm
+    nhwc_perm = tuple(
+        [0]
+        + [data.index(c) + 1 for c in fold]
+        + [len(data) + 1, len(data) + 2]
+        + [data.index(c) + 1 for c in grouped + contracted]
+    )
+    n_fold = math.prod(sizes[c] for c in fold)
+    n_group = math.prod(sizes[c] for c in grouped)
+    n_con = math.prod(sizes[c] for c in contracted)
+    n_new = math.prod(sizes[c] for c in new)
+
+    f_order = grouped + new + contracted + ([net.h] if has_h else []) + ([net.w] if has_w else [])
+    fperm = tuple(fidx.index(c) for c in f_order)
+    factor_perm = None if fperm == tuple(range(len(fperm))) else fperm
+    kh = sizes[net.h] if has_h else 1
+    kw = sizes[net.w] if has_w else 1
+
+    top, bottom, left, right = geo.padding
+    ph = (top, bottom) if has_h else (0, 0)
+    pw = (left, right) if has_w else (0, 0)
+    symmetric = ph[0] == ph[1] and pw[0] == pw[1] and geo.padding_mode == "zeros"
+    padding = (ph[0], pw[0]) if symmetric else (0, 0)
+    pad = None if symmetric else (pw[0], pw[1], ph[0], ph[1])
+    stride = (geo.stride[0] if has_h else 1, geo.stride[1] if has_w else 1)
+    dilation = (geo.dilation[0] if has_h else 1, geo.dilation[1] if has_w else 1)
+    if has_h:
+        consumed["h"] = True
+    if has_w:
+        consumed["w"] = True
+    new_h = h_out if consumed["h"] else h_in
+    new_w = w_out if consumed["w"] else w_in
+
+    new_indices = "".join(fold + grouped + new)
+    out_shape = (b, *(sizes[c] for c in new_indices), new_h, new_w)
+    out_elems = b * n_fold * n_group * n_new * new_h * new_w
+    flops = 2 * out_elems * n_con * kh * kw
+    seconds, as_groups = math.nan, fold_mode == "groups" and n_fold > 1
+    in_elems = b * n_fold * n_group * n_con * cur_h * cur_w
+    if table is not None:
+        seconds, as_groups = step_seconds(
+            table,
+            n_fold,
+            n_group,
+            kh * kw > 1,
+            flops // 2,
+            in_elems,
+            out_elems,
+            fold_mode,
+            (n_con, n_new),
+        )
+    repeat = n_fold if as_groups else 1
+    matmul = (
+        table is not None
+        and (n_fold * n_group if as_groups else n_group) == 1
+        and kh * kw == 1
+        and stride == (1, 1)
+        and padding == (0, 0)
+        and pad is None
+        and pointwise_seconds(table, flops / 2, in_elems + out_elems, n_con, n_new)[1]
+    )
+    if as_groups:
+        # channels (fold, groups, contracted), groups = fold x groups, weight repeated per fold
+        data_shape = (b, n_fold * n_group * n_con, cur_h, cur_w)
+        hw = [len(data) + 1, len(data) + 2]
+        nhwc_perm = tuple([0, *hw] + [data.index(c) + 1 for c in order])
+        groups = n_fold * n_group
+    else:
+        data_shape = (b * n_fold, n_group * n_con, cur_h, cur_w)
+        groups = n_group
+    weight_shape = (repeat * n_group * n_new, n_con, kh, kw)
+    step = DataStep(
+        factor=factor.slot,
+        data_perm=data_perm,
+        data_shape=data_shape,
+        nhwc_perm=nhwc_perm,
+        factor_perm=factor_perm,
+        weight_shape=weight_shape,
+        groups=groups,
+        stride=stride,
+        padding=padding,
+        pad=pad,
+        padding_mode=geo.padding_mode,
+        dilation=dilation,
+        out_shape=out_shape,
+        flops=flops,
+        repeat=repeat,
+        seconds=seconds,
+        matmul=matmul,
+    )
+    return step, new_indices
