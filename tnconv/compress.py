@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 from tqdm.auto import tqdm
@@ -34,11 +33,20 @@ from .allocation import (
     saving_shortfall,
 )
 from .bn_folding import fold_batchnorm
+from .convs import (
+    DENSE_REASONS,
+    INPUT_SIZE,
+    LayerSelector,
+    conv_input_shapes,
+    default_input_size,
+    select_convs,
+)
 from .decompositions.base import Decomposition
 from .errors import BudgetError, RankSpecError, StructureError
 from .factorization import Factorization
 from .layers import FactorizedConv2d
 from .rank import parse_rank_spec
+from .recommend import auto_spec
 from .registry import get
 from .statistics import InputStatistics, calibrate_inputs
 
@@ -54,12 +62,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-LayerSelector = Sequence[str] | Callable[[str, nn.Module], bool] | None
-
-# attributes tnconv keeps on a compressed model (they survive deepcopy, pickling and tnconv.save)
-DENSE_REASONS = "_tnconv_dense_reasons"
-INPUT_SIZE = "_tnconv_input_size"
 
 
 class LayerSpec(BaseModel):
@@ -97,79 +99,6 @@ class LayerSpec(BaseModel):
                 "optionally 'method' and 'options'"
             ) from exc
         return spec
-
-
-# ---------------------------------------------------------------------------------------------
-# layer selection and shapes
-# ---------------------------------------------------------------------------------------------
-def select_convs(model: nn.Module, layers: LayerSelector = None) -> list[tuple[str, nn.Conv2d]]:
-    """The ``nn.Conv2d`` modules chosen by ``layers`` (names, a predicate, or None for all).
-
-    Raises ``KeyError`` for a name that is not in the model and ``TypeError`` for a named module
-    that is not an ``nn.Conv2d``.
-    """
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if layers is None:
-        return convs
-    if callable(layers):
-        return [(n, m) for n, m in convs if layers(n, m)]
-    if isinstance(layers, str):
-        layers = [layers]
-    modules = dict(model.named_modules())
-    chosen = []
-    for name in layers:
-        if name not in modules:
-            known = ", ".join(n for n, _ in convs[:12]) + (" ..." if len(convs) > 12 else "")
-            raise KeyError(f"no module named {name!r} in the model; conv layers: {known}")
-        if not isinstance(modules[name], nn.Conv2d):
-            raise TypeError(f"module {name!r} is a {type(modules[name]).__name__}, not nn.Conv2d")
-        chosen.append((name, modules[name]))
-    return chosen
-
-
-def default_input_size(model: nn.Module) -> tuple[int, int, int, int]:
-    """The input size used when none is given: the size recorded by :func:`compress`, or
-    ``(1, C, 224, 224)`` with C the input channels of the model's first convolution."""
-    recorded = getattr(model, INPUT_SIZE, None)
-    if recorded is not None:
-        return tuple(recorded)  # type: ignore[return-value]
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, FactorizedConv2d)):
-            return (1, module.in_channels, 224, 224)
-    raise ValueError("the model has no convolution; give input_size")
-
-
-def conv_input_shapes(
-    model: nn.Module, input_size: Sequence[int]
-) -> dict[str, tuple[int, int, int, int]]:
-    """Input shape of every conv (dense or factorized) in one forward pass on zeros."""
-    shapes: dict[str, tuple[int, int, int, int]] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, FactorizedConv2d)):
-
-            def record(mod: nn.Module, args: tuple, name: str = name) -> None:
-                shapes[name] = tuple(args[0].shape)  # type: ignore[assignment]
-
-            hooks.append(module.register_forward_pre_hook(record))
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(tuple(input_size), device=device, dtype=dtype))
-    except Exception as exc:
-        raise ValueError(
-            f"could not run the model on an input of size {tuple(input_size)} to measure "
-            f"FLOPs ({type(exc).__name__}: {exc}); pass the right input_size"
-        ) from exc
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return shapes
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -266,8 +195,6 @@ def compress(
             raise RankSpecError(
                 'compress(model, "auto") takes budget=, not rank / eps / ratio / spec'
             )
-        from .recommend import auto_spec  # recommend builds on this module
-
         args = dict(input_size=input_size, must_save=must_save, progress=progress)
         target = model if inplace else plain_copy(model)
         if fold_bn if fold_bn is not None else (calibration is not None and not model.training):

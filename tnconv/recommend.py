@@ -44,7 +44,7 @@ from .allocation import (
     parse_budget,
     saving_shortfall,
 )
-from .compress import LayerSelector, conv_input_shapes, default_input_size, select_convs
+from .convs import LayerSelector, conv_input_shapes, default_input_size, select_convs
 from .decompositions.base import Decomposition
 from .errors import BudgetError, RankSpecError, TnconvError
 from .rank import largest_fitting
