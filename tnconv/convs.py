@@ -1,9 +1,9 @@
 """A model's convolutions: which ones a call chooses, the input shape each one sees, and the
 attributes tnconv records on a compressed model.
 
-Shared by :mod:`tnconv.compress`, :mod:`tnconv.recommend`, :mod:`tnconv.selection` and the
-summaries, so that none of them imports another for these helpers (``tnconv.compress``
-re-exports them).
+:mod:`tnconv.compress` and :mod:`tnconv.recommend` both use them, so neither imports the other
+for them (recommend needs no compress at all, compress imports recommend's ``auto_spec``);
+``tnconv.compress`` re-exports them, where the other modules still import them from.
 """
 
 from __future__ import annotations
