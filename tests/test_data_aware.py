@@ -148,6 +148,18 @@ def test_output_aware_is_much_better_on_correlated_inputs(method: str) -> None:
     assert aware < 0.9 * plain, (aware, plain, f.info["output_aware"])
 
 
+@pytest.mark.parametrize("method", ["tucker", "tt", "tr", "rsdtr", "tc"])
+def test_eps_bounds_the_exact_output_error_with_the_patch_moment(method: str) -> None:
+    """With the patch moment kept, eps holds on the output error F.conv2d measures."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 16, 3, padding=1).double()
+    x = correlated_inputs(16, 12, 8, 3)
+    stats = calibrate_inputs(nn.Sequential(conv), [x])["0"]
+    for eps in (0.2, 0.375, 0.5):
+        f = _fit(method, conv.weight.detach(), {"eps": eps}, stats)
+        assert conv_output_error(conv, f.to_tensor(), x) <= eps + 1e-9, (method, eps)
+
+
 def test_eps_bounds_the_modelled_output_error() -> None:
     """Without the patch moment, eps bounds the Kronecker-model output error (error-bounded
     methods), and the layer gets fewer parameters than the weight-only fit at that eps."""

@@ -104,8 +104,8 @@ class Decomposition(ABC):
                 :mod:`tnconv.decompositions.output_aware`); ``eps`` / ``ratio`` then bound and
                 rank the output error *in the mode-wise (Kronecker) model of the input moments*;
                 ``info["relative_error"]`` reports the exact output error where the statistics
-                keep the patch moment, which can exceed ``eps`` by a few percent of it (the
-                kernel error is in ``info["kernel_error"]``).
+                keep the patch moment, and ``eps`` is then checked on it too (the kernel error
+                is in ``info["kernel_error"]``).
             **options: method-specific options, validated by ``self.Options``.
 
         Returns:
