@@ -304,8 +304,16 @@ def _map(fn: Callable[[_T], _U], items: Sequence[_T], workers: int) -> list[_U]:
     whatever ``workers``: each ``fn(x)`` must touch only its own state."""
     if workers <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
+
+    def single(x: _T) -> _U:
+        # OpenMP's thread count is per OS thread: a new thread starts at the process default
+        # (OMP_NUM_THREADS or the cores), not at the caller's 1, and a 2-thread reduction gives
+        # other bits; one thread per task keeps the result independent of the thread count
+        torch.set_num_threads(1)
+        return fn(x)
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        return list(pool.map(fn, items))
+        return list(pool.map(single, items))
 
 
 def _divisors(n: int) -> list[int]:
