@@ -160,7 +160,7 @@ class InputStatistics:
         root of the mode's damped, trace-normalised second moment. Whitening the kernel with
         them (``W x_S P_S x_h P_h x_w P_w``) turns the Kronecker model of the output error into
         the Frobenius error."""
-        return tuple(_sqrt_pair(m, damping) for m in self.marginals())
+        return tuple(symmetric_sqrt(m, damping) for m in self.marginals())
 
     def output_error(self, delta: torch.Tensor, kernel: torch.Tensor) -> float:
         """Relative output error ``sqrt(E||dW x||^2 / E||W x||^2)`` of a kernel error ``delta``
@@ -182,7 +182,9 @@ class InputStatistics:
         return math.sqrt(max(num, 0.0) / den)
 
 
-def _sqrt_pair(m: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+def symmetric_sqrt(m: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, P^-1)`` with P the symmetric square root of ``m`` (a second moment) normalised to
+    mean eigenvalue 1, plus ``damping`` on its eigenvalues; the identity for an all-zero ``m``."""
     n = m.shape[0]
     mean = float(torch.trace(m)) / n
     if mean <= 0:  # a mode that never saw a non-zero input: nothing to weight

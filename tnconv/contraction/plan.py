@@ -107,12 +107,7 @@ class ConvPlan:
         between: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run the plan on ``x`` (B, S, H, W) with ``factors``; returns (B, T, H', W').
-
-        ``folded`` (from :meth:`fold_factors` on the same factors) skips every weights-only
-        computation. ``between(j, y)``, if given, replaces the feature map ``y`` produced by the
-        j-th data step (j = 0, 1, ...) whenever another data step follows (e.g. to quantize the
-        feature maps between a layer's steps); the last step's output is left to the caller.
-        """
+        Arguments as for :func:`tnconv.contraction.execute.run_plan`."""
         return _run_plan(self, x, factors, bias, folded, between)
 
     @property

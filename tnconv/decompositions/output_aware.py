@@ -30,9 +30,9 @@ import torch
 
 from ..factorization import Factorization, parse_equation
 from ..rank import ErrorBound
+from ..statistics import DAMPING, CalibrationDataError, InputStatistics, symmetric_sqrt, whiten
 
 if TYPE_CHECKING:
-    from ..statistics import InputStatistics
     from .base import Decomposition
 
 Whitening = dict[str, tuple[torch.Tensor, torch.Tensor]]  # output index -> (P, P^-1)
@@ -55,8 +55,6 @@ def factorize(
     whitened kernels, so their spectra are shared by every spec of a ladder)."""
     shape = tuple(int(n) for n in w.shape)
     if (stats.channels, *stats.kernel_size) != shape[1:]:
-        from ..statistics import CalibrationDataError
-
         raise CalibrationDataError(
             f"statistics of {stats.channels} channels and kernel {stats.kernel_size} for a "
             f"kernel of shape {shape}"
@@ -166,10 +164,8 @@ def _split_whitening(
     if len(group) == 2:
         channel = stats.marginals()[0]
         left, right = _nearest_kronecker(channel, sizes[group[0]], sizes[group[1]])
-        from ..statistics import DAMPING, _sqrt_pair
-
-        mats[group[0]] = _sqrt_pair(left, DAMPING)
-        mats[group[1]] = _sqrt_pair(right, DAMPING)
+        mats[group[0]] = symmetric_sqrt(left, DAMPING)
+        mats[group[1]] = symmetric_sqrt(right, DAMPING)
         return mats, f"Kronecker channel ({group[0]} x {group[1]}) x rows x cols"
     return mats, "rows x cols (the channel mode is split in more than two indices)"
 
@@ -190,8 +186,7 @@ def _apply(w64: torch.Tensor, mats: Whitening, probe: Factorization | None) -> t
     """The kernel with every mode / index of ``mats`` multiplied by its P."""
     t, s, kh, kw = w64.shape
     if probe is None:
-        ps, ph, pw = mats["S"][0], mats["h"][0], mats["w"][0]
-        return torch.einsum("tshw,sa,hb,wc->tabc", w64, ps, ph, pw).contiguous()
+        return whiten(w64, mats["S"][0], mats["h"][0], mats["w"][0]).contiguous()
     assert probe.modes is not None
     group = probe.modes[1]
     sizes = probe.index_sizes()
