@@ -23,13 +23,13 @@ from .conftest import require_support
 @pytest.mark.parametrize(
     ("weight", "message"),
     [
-        (torch.randn(4, 3, 3), "4-D"),
-        (torch.randn(2, 4, 3, 3, 1), "4-D"),
+        (torch.randn(4), "got 1-D"),
+        (torch.randn(2, 4, 3, 3, 1, 1), "got 6-D"),
         (torch.randn(4, 0, 3, 3), "zero-sized"),
         (torch.ones(4, 3, 3, 3, dtype=torch.int64), "floating"),
         (torch.full((4, 3, 3, 3), float("nan")), "NaN"),
         (torch.tensor([[[[1.0, float("inf")]]]]), "NaN or Inf"),
-        ("not a tensor", "cannot be converted|4-D"),
+        ("not a tensor", "cannot be converted|got 0-D"),
     ],
 )
 def test_bad_weights(method: str, weight: object, message: str) -> None:
@@ -87,10 +87,12 @@ def test_unknown_method_lists_known() -> None:
 
 def test_bad_layer_arguments() -> None:
     f = tnconv.get("tucker").factorize(torch.randn(6, 5, 3, 3), 2)
-    with pytest.raises(NotImplementedError, match="groups"):
+    with pytest.raises(ValueError, match="groups=5 but the factorization has 1"):
         tnconv.FactorizedConv2d(f, groups=5)
-    with pytest.raises(NotImplementedError, match="groups"):
-        tnconv.FactorizedConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2), "tucker", 2)
+    with pytest.raises(InvalidWeightError, match="groups=3 does not divide"):
+        tnconv.get("tucker").factorize(torch.randn(4, 2, 3, 3), 2, groups=3)
+    with pytest.raises(InvalidWeightError, match="1 spatial mode"):
+        tnconv.FactorizedConv1d(f)
     with pytest.raises(TypeError, match="Conv2d"):
         tnconv.FactorizedConv2d.from_conv(nn.Linear(3, 4), "tucker", 2)
     with pytest.raises(TypeError, match="Factorization"):

@@ -37,7 +37,13 @@ from .errors import (
 )
 from .factorization import Factorization
 from .io import load, save
-from .layers import FactorizedConv2d
+from .layers import (
+    FactorizedConv1d,
+    FactorizedConv2d,
+    FactorizedConv3d,
+    FactorizedLayer,
+    FactorizedLinear,
+)
 from .quantization import quantize
 from .recommend import Recommendation, recommend
 from .registry import (
@@ -65,7 +71,11 @@ __all__ = [
     "Decomposition",
     "EquationError",
     "Factorization",
+    "FactorizedConv1d",
     "FactorizedConv2d",
+    "FactorizedConv3d",
+    "FactorizedLayer",
+    "FactorizedLinear",
     "InputStatistics",
     "InvalidWeightError",
     "LoadError",

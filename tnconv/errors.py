@@ -14,7 +14,13 @@ class TnconvError(Exception):
 
 
 class InvalidWeightError(TnconvError, ValueError):
-    """The kernel handed to ``factorize`` is not a finite, non-empty, 4-D floating tensor."""
+    """The kernel handed to ``factorize`` is not a finite, non-empty floating tensor of 2 to 5
+    modes (T, S, *k), or its shape does not fit the request (e.g. groups)."""
+
+
+class KernelOrderError(InvalidWeightError):
+    """The method has no meaning for a kernel of this order (number of modes); names the
+    methods that have one."""
 
 
 class RankSpecError(TnconvError, ValueError):

@@ -1,11 +1,17 @@
 """Factorization: the factors of a decomposed kernel, the einsum tying them, and its metadata.
 
-A conv kernel has the four modes (T, S, kh, kw) = (out, in, kh, kw). A factorization describes it
-as an einsum network: ``equation`` lists one index string per factor and, after ``->``, the kernel
-indices. ``modes`` groups the output indices into the four kernel modes; by default each mode is
-one index, in order (``"atb,bsc,chd,dwa->tshw"`` has modes ``("t", "s", "h", "w")``). A channel
-mode may be a group of several indices (a tensorised channel, e.g. ``("tu", "s", "h", "w")``,
-row-major), the spatial modes are always single indices, each carried by exactly one factor.
+A kernel has the modes (T, S, *k): out channels, in channels and 0 to 3 spatial modes (a Linear
+layer's (T, S), a Conv1d's (T, S, k), a Conv2d's (T, S, kh, kw), a Conv3d's (T, S, kd, kh, kw)).
+A factorization describes it as an einsum network: ``equation`` lists one index string per
+factor and, after ``->``, the kernel indices. ``modes`` groups the output indices into the kernel
+modes; by default each mode is one index, in order (``"atb,bsc,chd,dwa->tshw"`` has modes
+``("t", "s", "h", "w")``). A channel mode may be a group of several indices (a tensorised channel,
+e.g. ``("tu", "s", "h", "w")``, row-major), the spatial modes are always single indices, each
+carried by exactly one factor.
+
+A grouped convolution's kernel (T, S / G, *k) is a network whose ``group`` index (of size G)
+leads the T mode and is carried by every factor: one network per group, sharing its structure,
+with the group as a batch-like index. The layer feeds it the input channels as (G, S / G).
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from .errors import EquationError, InvalidWeightError
 
 __all__ = ["Factorization", "contract_contiguous", "parse_equation", "validate_weight"]
 
-KernelShape = tuple[int, int, int, int]
+KernelShape = tuple[int, ...]
+
+MODE_NAMES = {2: "(T, S)", 3: "(T, S, k)", 4: "(T, S, kh, kw)", 5: "(T, S, kd, kh, kw)"}
 
 
 def parse_equation(equation: str) -> tuple[list[str], str]:
@@ -89,12 +97,13 @@ def _last_contraction(terms: list[str], ops: list[torch.Tensor], out: str) -> to
     return torch.einsum(",".join(terms) + "->" + out, *ops).contiguous()
 
 
-def validate_weight(weight: Any) -> torch.Tensor:
+def validate_weight(weight: Any, orders: Sequence[int] = (4,)) -> torch.Tensor:
     """Check a kernel and return it as a torch tensor (numpy arrays are accepted).
 
-    Raises :class:`InvalidWeightError` for anything that is not a finite, non-empty, 4-D
-    floating tensor of shape (T, S, kh, kw), and for a tensor on the meta device (no values).
-    Inference tensors (made under ``torch.inference_mode``) are accepted as they are.
+    Raises :class:`InvalidWeightError` for anything that is not a finite, non-empty floating
+    tensor of one of ``orders`` (4: (T, S, kh, kw); 2, 3 and 5 for Linear, 1-D and 3-D kernels),
+    and for a tensor on the meta device (no values). Inference tensors (made under
+    ``torch.inference_mode``) are accepted as they are.
     """
     if not isinstance(weight, torch.Tensor):
         try:
@@ -103,9 +112,10 @@ def validate_weight(weight: Any) -> torch.Tensor:
             raise InvalidWeightError(
                 f"weight of type {type(weight).__name__} cannot be converted to a tensor"
             ) from exc
-    if weight.ndim != 4:
+    if weight.ndim not in orders:
+        expected = " or ".join(f"{k}-D {MODE_NAMES.get(k, '')}".strip() for k in orders)
         raise InvalidWeightError(
-            f"weight must be 4-D (out, in, kh, kw); got {weight.ndim}-D shape {tuple(weight.shape)}"
+            f"weight must be {expected}; got {weight.ndim}-D shape {tuple(weight.shape)}"
         )
     if any(n == 0 for n in weight.shape):
         raise InvalidWeightError(f"weight has a zero-sized mode: shape {tuple(weight.shape)}")
@@ -123,16 +133,18 @@ def validate_weight(weight: Any) -> torch.Tensor:
 
 @dataclass
 class Factorization:
-    """Factors of a conv kernel and the einsum equation that rebuilds it.
+    """Factors of a kernel and the einsum equation that rebuilds it.
 
     Attributes:
         factors: the factor tensors, in the order of the equation's operands.
         equation: einsum over the factors whose output is the kernel's indices.
-        shape: kernel shape (T, S, kh, kw).
+        shape: kernel shape (T, S, *k) with 0 to 3 spatial modes; (T, S / G, *k) when grouped.
         ranks: the bond sizes, in the method's documented order.
         method: registry name of the decomposition that produced it ("" if built by hand).
-        modes: index groups of the four kernel modes; defaults to one output index per mode.
+        modes: index groups of the kernel modes; defaults to one output index per mode.
         info: free-form facts from the fit (achieved error, chosen shift, ...), JSON-friendly.
+        group: the group index of a grouped kernel ("" if not grouped): the first index of the
+            T mode, carried by every factor; its size is the number of groups G.
     """
 
     factors: list[torch.Tensor]
@@ -140,8 +152,9 @@ class Factorization:
     shape: KernelShape
     ranks: tuple[int, ...]
     method: str = ""
-    modes: tuple[str, str, str, str] | None = None
+    modes: tuple[str, ...] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    group: str = ""
 
     def __post_init__(self) -> None:
         self.factors = list(self.factors)
@@ -149,20 +162,23 @@ class Factorization:
         self.ranks = tuple(int(r) for r in self.ranks)
         inputs, out = parse_equation(self.equation)
         if self.modes is None:
-            if len(out) != 4:
+            if len(out) != len(self.shape):
                 raise EquationError(
-                    f"equation {self.equation!r} has {len(out)} output indices; give `modes` "
-                    "to group them into the four kernel modes"
+                    f"equation {self.equation!r} has {len(out)} output indices for a kernel of "
+                    f"{len(self.shape)} modes; give `modes` to group them into the kernel modes"
                 )
-            self.modes = (out[0], out[1], out[2], out[3])
+            self.modes = tuple(out)
         self.modes = tuple(self.modes)  # type: ignore[assignment]
         self._check(inputs, out)
 
     # -- validation -------------------------------------------------------------------------
     def _check(self, inputs: list[str], out: str) -> None:
         eq = self.equation
-        if len(self.shape) != 4:
-            raise EquationError(f"shape must have 4 modes (T, S, kh, kw); got {self.shape}")
+        order = len(self.shape)
+        if order not in MODE_NAMES:
+            raise EquationError(
+                f"shape must have 2 to 5 modes (T, S and 0 to 3 spatial); got {self.shape}"
+            )
         if len(inputs) != len(self.factors):
             raise EquationError(
                 f"equation {eq!r} has {len(inputs)} operands but {len(self.factors)} factors given"
@@ -171,10 +187,16 @@ class Factorization:
             raise EquationError(f"equation {eq!r}: output indices must be distinct")
         modes = self.modes
         assert modes is not None
-        if len(modes) != 4 or "".join(modes) != out or any(len(m) == 0 for m in modes):
-            raise EquationError(f"modes {modes} must split the output {out!r} into 4 groups")
-        if len(modes[2]) != 1 or len(modes[3]) != 1:
+        if len(modes) != order or "".join(modes) != out or any(len(m) == 0 for m in modes):
+            raise EquationError(f"modes {modes} must split the output {out!r} into {order} groups")
+        if any(len(m) != 1 for m in modes[2:]):
             raise EquationError(f"spatial modes must be single indices; got {modes[2:]}")
+        if self.group and (len(self.group) != 1 or not modes[0].startswith(self.group)):
+            raise EquationError(
+                f"group index {self.group!r} must be one index leading the T mode {modes[0]!r}"
+            )
+        if self.group and len(modes[0]) < 2:
+            raise EquationError(f"grouped T mode {modes[0]!r} needs indices besides the group")
         sizes: dict[str, int] = {}
         for term, factor in zip(inputs, self.factors, strict=True):
             if not isinstance(factor, torch.Tensor):
@@ -193,7 +215,9 @@ class Factorization:
         for c, k in counts.items():
             if c not in out and k < 2:
                 raise EquationError(f"index {c!r} of {eq!r} is summed inside one factor only")
-        for c in (modes[2], modes[3]):
+        if self.group and any(self.group not in term for term in inputs):
+            raise EquationError(f"group index {self.group!r} of {eq!r} must be in every factor")
+        for c in modes[2:]:
             if counts[c] != 1:
                 raise EquationError(f"spatial index {c!r} of {eq!r} must be in exactly one factor")
         for mode, n in zip(modes, self.shape, strict=True):
@@ -210,8 +234,18 @@ class Factorization:
 
     @property
     def dense_params(self) -> int:
-        """Number of entries of the dense kernel T*S*kh*kw."""
+        """Number of entries of the dense kernel (T * S * kh * kw for a 2-D conv)."""
         return math.prod(self.shape)
+
+    @property
+    def spatial_dims(self) -> int:
+        """Number of spatial modes: 0 (Linear), 1, 2 or 3."""
+        return len(self.shape) - 2
+
+    @property
+    def groups(self) -> int:
+        """Number of groups G (1 unless grouped)."""
+        return self.index_sizes()[self.group] if self.group else 1
 
     @property
     def compression(self) -> float:
@@ -232,7 +266,7 @@ class Factorization:
         }
 
     def to_tensor(self) -> torch.Tensor:
-        """The dense kernel (T, S, kh, kw) this factorization represents (differentiable)."""
+        """The dense kernel (T, S, *k) this factorization represents (differentiable)."""
         return contract_contiguous(self.equation, self.factors).reshape(self.shape)
 
     def relative_error(self, weight: Any) -> float:
@@ -241,7 +275,7 @@ class Factorization:
         For an all-zero ``weight`` it is 0 when the factorization is zero too (0 vs 0) and
         ``inf`` otherwise, never NaN.
         """
-        w = validate_weight(weight)
+        w = validate_weight(weight, (len(self.shape),))
         if tuple(w.shape) != self.shape:
             raise InvalidWeightError(f"weight shape {tuple(w.shape)} differs from {self.shape}")
         w64 = w.detach().to(torch.float64)
@@ -293,7 +327,8 @@ class Factorization:
         return total
 
     def with_factors(self, factors: Sequence[torch.Tensor]) -> Factorization:
-        """The same network (equation, shape, ranks, method, modes, info) with other factors."""
+        """The same network (equation, shape, ranks, method, modes, info, group) with other
+        factors."""
         return Factorization(
             list(factors),
             self.equation,
@@ -302,6 +337,7 @@ class Factorization:
             self.method,
             self.modes,
             dict(self.info),
+            self.group,
         )
 
     def to(self, *args: Any, **kwargs: Any) -> Factorization:
@@ -314,10 +350,11 @@ class Factorization:
 
     def __repr__(self) -> str:
         shapes = ", ".join(str(tuple(f.shape)) for f in self.factors)
+        group = f", group={self.group!r}" if self.group else ""
         return (
             f"Factorization(method={self.method!r}, shape={self.shape}, ranks={self.ranks}, "
             f"equation={self.equation!r}, factors=[{shapes}], params={self.num_params}/"
-            f"{self.dense_params})"
+            f"{self.dense_params}{group})"
         )
 
 

@@ -9,6 +9,7 @@ frozen layer (``ConvPlan.fold_factors``), and :func:`pointwise_matmul` /
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,18 @@ if TYPE_CHECKING:
 
 __all__ = ["fold_factors", "pointwise_conv_input", "pointwise_matmul", "run_plan"]
 
-_FORMATS = {False: torch.contiguous_format, True: torch.channels_last}
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+_CONV = {4: F.conv2d, 5: F.conv3d}
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """``x`` (N, C, *spatial) is laid out channels-last (and not also plain contiguous)."""
+    fmt = _CHANNELS_LAST.get(x.dim())
+    return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+
+
+def _layout(dim: int, nhwc: bool) -> torch.memory_format:
+    return _CHANNELS_LAST[dim] if nhwc else torch.contiguous_format
 
 
 def fold_factors(plan: ConvPlan, factors: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -48,7 +60,7 @@ def run_plan(
     folded: dict[int, torch.Tensor] | None = None,
     between: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Run ``plan`` on ``x`` (B, S, H, W) with ``factors``; returns (B, T, H', W').
+    """Run ``plan`` on ``x`` (B, S, *spatial) with ``factors``; returns (B, T, *spatial').
 
     ``folded`` (from :func:`fold_factors` on the same factors) skips every weights-only
     computation. ``between(j, y)``, if given, replaces the feature map ``y`` produced by the
@@ -57,17 +69,14 @@ def run_plan(
     """
     # The steps run in the input's memory layout and so does the output, as with
     # torch.nn.Conv2d, unless the plan converts an NCHW input (``convert``).
-    nhwc = (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    )
+    nhwc = is_channels_last(x)
+    dim = x.dim()
     converted = plan.convert and not nhwc
     # a conversion next to a 1x1 step runs inside its matrix product (read or written
     # transposed) instead of as a copy of the whole feature map
     fuse_in, fuse_out = converted and plan.fused_in, converted and plan.fused_out
     if converted and not fuse_in:
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=_CHANNELS_LAST[dim])
     nhwc = nhwc or converted  # the layout the steps run in
     ops: list[torch.Tensor | None] = [x.reshape(plan.data_shape), *factors]
     data_steps = sum(isinstance(step, DataStep) for step in plan.steps)
@@ -83,8 +92,9 @@ def run_plan(
         assert data is not None
         in_nhwc = nhwc and not (fuse_in and j == 0)
         if in_nhwc:
-            n, c, h, w = step.data_shape
-            data = data.permute(step.nhwc_perm).reshape(n, h, w, c).permute(0, 3, 1, 2)
+            n, c, *spatial = step.data_shape
+            data = data.permute(step.nhwc_perm).reshape(n, *spatial, c)
+            data = data.permute(0, dim - 1, *range(1, dim - 1))
         else:
             if step.data_perm is not None:
                 data = data.permute(step.data_perm)
@@ -104,7 +114,7 @@ def run_plan(
         else:
             if step.pointwise:
                 data = pointwise_conv_input(data, in_nhwc)
-            out = F.conv2d(
+            out = _CONV[dim](
                 data, weight, None, step.stride, step.padding, step.dilation, step.groups
             )
         ops[0] = out.reshape(step.out_shape)
@@ -117,16 +127,16 @@ def run_plan(
         y = y.permute(plan.final_perm)
     y = y.reshape(plan.output_shape)
     # the input's layout (a no-op unless regrouped, or converted without a fused last step)
-    y = y.contiguous() if converted else y.contiguous(memory_format=_FORMATS[nhwc])
+    y = y.contiguous() if converted else y.contiguous(memory_format=_layout(dim, nhwc))
     if bias is not None:
-        y = y + bias.view(1, -1, 1, 1)
+        y = y + bias.view(1, -1, *([1] * (dim - 2)))
     return y
 
 
 def pointwise_conv_input(x: torch.Tensor, nhwc: bool) -> torch.Tensor:
     """The input a 1x1, stride-1 conv2d step is given: an NCHW map (N, C, H, W) as a
     (N, C, 1, H*W) image, which oneDNN's NCHW 1x1 kernels run faster; channels-last unchanged."""
-    if nhwc:
+    if nhwc or x.dim() != 4:
         return x
     n, c, h, w = x.shape
     return x.reshape(n, c, 1, h * w)
@@ -141,34 +151,35 @@ def pointwise_matmul(
     """A 1x1, stride-1, ungrouped convolution as one matrix product over the pixels.
 
     Args:
-        x: (N, C, H, W), NCHW or channels-last (``nhwc``; inferred from the strides if None).
-        weight: (O, C, 1, 1).
+        x: (N, C, *spatial) (two or three spatial axes), channels-first or channels-last
+            (``nhwc``; inferred from the strides if None).
+        weight: (O, C, 1, ...).
         out_nhwc: the output's layout (default: the input's). A change of layout costs no copy:
             the product reads its operand transposed (measured as fast as the plain product,
             where a separate conversion of a 32x256x14x14 map took 0.9 ms on 2 threads).
 
     Returns:
-        (N, O, H, W), the values of ``F.conv2d(x, weight)``: in channels-last the pixels are the
-        rows of an (N*H*W, C) view, in NCHW each image is a (C, H*W) view; ``x`` is not copied.
+        (N, O, *spatial), the values of the convolution: in channels-last the pixels are the rows
+        of an (N*P, C) view (P pixels), channels-first each image is a (C, P) view; ``x`` is not
+        copied.
     """
-    n, c, h, w = x.shape
+    n, c, *spatial = x.shape
+    p = math.prod(spatial)
+    dim = x.dim()
     mat = weight.reshape(weight.shape[0], c)
     if nhwc is None:
-        nhwc = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        nhwc = is_channels_last(x)
     out_nhwc = nhwc if out_nhwc is None else out_nhwc
     if nhwc:
-        pixels = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view: rows are pixels
+        pixels = x.permute(0, *range(2, dim), 1).reshape(n, p, c)  # a view: rows are pixels
     else:
-        pixels = x.reshape(n, c, h * w).transpose(1, 2)  # a view, read transposed
+        pixels = x.reshape(n, c, p).transpose(1, 2)  # a view, read transposed
     # explicit mm / bmm: torch.matmul may fold a batch into a matrix product and then copy
     # its transposed result (measured: a 32x128x28x28 copy costing more than the product)
     if out_nhwc:
-        if nhwc:
-            y = pixels.reshape(n * h * w, c) @ mat.T
-        else:
-            y = torch.bmm(pixels, mat.T.expand(n, c, -1))
-        return y.view(n, h, w, -1).permute(0, 3, 1, 2)
-    return torch.bmm(mat.expand(n, -1, c), pixels.transpose(1, 2)).view(n, -1, h, w)
+        y = pixels.reshape(n * p, c) @ mat.T if nhwc else torch.bmm(pixels, mat.T.expand(n, c, -1))
+        return y.view(n, *spatial, -1).permute(0, dim - 1, *range(1, dim - 1))
+    return torch.bmm(mat.expand(n, -1, c), pixels.transpose(1, 2)).view(n, -1, *spatial)
 
 
 def _step_weight(step: DataStep, factor: torch.Tensor) -> torch.Tensor:
@@ -179,5 +190,5 @@ def _step_weight(step: DataStep, factor: torch.Tensor) -> torch.Tensor:
     # a weight with channels-last-like strides would switch conv2d's output layout
     weight = weight.reshape(step.weight_shape[0] // step.repeat, *step.weight_shape[1:])
     if step.repeat > 1:
-        return weight.repeat(step.repeat, 1, 1, 1)
+        return weight.repeat(step.repeat, *([1] * (weight.dim() - 1)))
     return weight.contiguous()

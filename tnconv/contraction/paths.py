@@ -30,8 +30,8 @@ class ConvPathOptimizer(PathOptimizer):
     def __init__(
         self,
         network: ConvNetwork,
-        in_hw: tuple[int, int],
-        out_hw: tuple[int, int],
+        in_hw: tuple[int, ...],
+        out_hw: tuple[int, ...],
         memory_weight: float = MEMORY_WEIGHT,
         table: CostTable | None = None,
         frozen: bool = False,
@@ -65,11 +65,11 @@ class ConvPathOptimizer(PathOptimizer):
 
         op_mask = [mask_of(t) for t in inputs]
         out_mask = mask_of(output)
-        skip = mask_of((net.batch, net.H, net.W))  # the feature map's own axes
-        h_bit, w_bit = bit[net.h], bit[net.w]
-        coupled = h_bit | w_bit  # live until the data step that consumes them
-        owner_h = next(i for i, m in enumerate(op_mask) if m & h_bit)
-        owner_w = next(i for i, m in enumerate(op_mask) if m & w_bit)
+        skip = mask_of((net.batch, *net.axes))  # the feature map's own axes
+        # per executor axis: the kernel index's bit and the operand carrying it (none: -1)
+        axis_bits = [0 if c is None else bit[c] for c in net.spatial]
+        coupled = mask_of(net.coupled)  # live until the data step that consumes them
+        owners = [next(i for i, m in enumerate(op_mask) if m & b) if b else -1 for b in axis_bits]
         batch = size_dict[net.batch]
         full = (1 << n) - 1
 
@@ -139,17 +139,19 @@ class ConvPathOptimizer(PathOptimizer):
             grouped = d & fi & need
             new = fi & ~d & ~coupled
             fold = d & ~fi
-            kh = sizes[net.h] if fi & h_bit else 1
-            kw = sizes[net.w] if fi & w_bit else 1
-            hb = self.out_hw[0] if t >> owner_h & 1 else self.in_hw[0]
-            wb = self.out_hw[1] if t >> owner_w & 1 else self.in_hw[1]
-            ha = self.out_hw[0] if (t | u) >> owner_h & 1 else self.in_hw[0]
-            wa = self.out_hw[1] if (t | u) >> owner_w & 1 else self.in_hw[1]
-            out_elems = batch * prod(fold) * prod(grouped) * prod(new) * ha * wa
-            macs = out_elems * prod(contracted) * kh * kw
-            in_elems = batch * prod(d) * hb * wb
+            extent = before = after = 1
+            for a, (b, o) in enumerate(zip(axis_bits, owners, strict=True)):
+                if fi & b:
+                    extent *= sizes[net.spatial[a]]  # type: ignore[index]
+                done_before = o >= 0 and t >> o & 1
+                done_after = o >= 0 and (t | u) >> o & 1
+                before *= self.out_hw[a] if done_before else self.in_hw[a]
+                after *= self.out_hw[a] if done_after else self.in_hw[a]
+            out_elems = batch * prod(fold) * prod(grouped) * prod(new) * after
+            macs = out_elems * prod(contracted) * extent
+            in_elems = batch * prod(d) * before
             if table is not None:
-                spatial = kh * kw > 1
+                spatial = extent > 1
                 return step_seconds(
                     table,
                     prod(fold),

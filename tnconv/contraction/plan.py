@@ -37,8 +37,8 @@ class _Operand:
 class ConvPlan:
     """A replayable sequence of einsum / conv2d steps for one input shape."""
 
-    input_shape: tuple[int, int, int, int]
-    output_shape: tuple[int, int, int, int]
+    input_shape: tuple[int, ...]  # (B, S, *spatial) on the executor's axes
+    output_shape: tuple[int, ...]  # (B, T, *spatial')
     data_shape: tuple[int, ...]  # x reshaped so the S-group indices are separate axes
     steps: list[FactorStep | DataStep] = field(default_factory=list)
     final_perm: tuple[int, ...] | None = None
@@ -78,10 +78,11 @@ class ConvPlan:
             if isinstance(step, FactorStep):
                 lines.append(f"einsum {step.equation} (weights only, {step.flops} FLOPs)")
             else:
-                o, c, kh, kw = step.weight_shape
-                kind = f"{kh}x{kw} conv" if (kh, kw) != (1, 1) else "1x1 conv"
+                o, c, *extent = step.weight_shape
+                box = "x".join(str(k) for k in extent)
+                kind = f"{box} conv"
                 if step.matmul:
-                    kind = "1x1 conv as matmul"
+                    kind = f"{box} conv as matmul"
                 grp = f", groups={step.groups}" if step.groups > 1 else ""
                 fold = step.data_shape[0] // self.input_shape[0]
                 bat = f", batch x{fold}" if fold > 1 else ""
@@ -126,7 +127,7 @@ class ConvPlan:
 def plan_conv(
     network: ConvNetwork,
     geometry: ConvGeometry,
-    input_shape: tuple[int, int, int, int],
+    input_shape: tuple[int, ...],
     memory_weight: float = MEMORY_WEIGHT,
     path: Sequence[tuple[int, int]] | None = None,
     flop_slack: float = FLOP_SLACK,
@@ -137,7 +138,11 @@ def plan_conv(
     fold: str | None = None,
     convert: bool | None = None,
 ) -> ConvPlan:
-    """Plan the factorized convolution of an input of shape (B, S, H, W) in ``layout``.
+    """Plan the factorized convolution of an input of shape (B, S, *spatial) in ``layout``.
+
+    ``input_shape`` has one spatial size per executor axis of ``network`` (two for Linear, 1-D
+    and 2-D kernels, whose missing axes have size 1; three for 3-D kernels); ``geometry`` may
+    have fewer axes (it is lifted with unit axes in front).
 
     With ``tables`` (a :class:`~tnconv.contraction.cost.CostTable` per layout, "nchw" / "nhwc") the
     order minimises the predicted seconds of the steps in ``layout``, each data step choosing
@@ -209,7 +214,7 @@ def plan_conv(
 def _plan_in(
     network: ConvNetwork,
     geometry: ConvGeometry,
-    input_shape: tuple[int, int, int, int],
+    input_shape: tuple[int, ...],
     memory_weight: float,
     path: Sequence[tuple[int, int]] | None,
     flop_slack: float,
@@ -238,7 +243,7 @@ def _plan_in(
 def _build_plan(
     network: ConvNetwork,
     geometry: ConvGeometry,
-    input_shape: tuple[int, int, int, int],
+    input_shape: tuple[int, ...],
     path: Sequence[tuple[int, int]] | None,
     memory_weight: float,
     table: CostTable | None = None,
@@ -246,12 +251,19 @@ def _build_plan(
     fold: str | None = None,
     layout: str = "nchw",
 ) -> ConvPlan:
-    b, s, h_in, w_in = input_shape
+    n_axes = len(network.spatial)
+    if len(input_shape) != 2 + n_axes:
+        raise ValueError(
+            f"expected an input of shape (B, S, {n_axes} spatial sizes); got {tuple(input_shape)}"
+        )
+    b, s, *rest_in = input_shape
+    sp_in = tuple(int(v) for v in rest_in)
+    geometry = geometry.lifted(n_axes)
     sz = network.size_of
-    kh, kw = network.kernel_size
-    h_out, w_out = geometry.output_size((h_in, w_in), (kh, kw))
+    sp_out = geometry.output_size(sp_in, network.kernel_size)
     sizes = dict(sz)
-    sizes.update({network.batch: b, network.H: h_in, network.W: w_in})
+    sizes[network.batch] = b
+    sizes.update(zip(network.axes, sp_in, strict=True))
     in_sizes = tuple(sz[c] for c in network.in_modes)
     out_channels = math.prod(sz[c] for c in network.out_modes)
     if math.prod(in_sizes) != s:
@@ -261,14 +273,14 @@ def _build_plan(
 
     optimizer = ConvPathOptimizer(
         network,
-        (h_in, w_in),
-        (h_out, w_out),
+        sp_in,
+        sp_out,
         memory_weight,
         table if fold is None else None,
         frozen,
     )
     equation = network.einsum()
-    shapes = [(b, *in_sizes, h_in, w_in)] + [tuple(sizes[c] for c in t) for t in network.terms]
+    shapes = [(b, *in_sizes, *sp_in)] + [tuple(sizes[c] for c in t) for t in network.terms]
     if path is not None:
         path = [tuple(p) for p in path]
         optimizer.cost = math.nan
@@ -279,9 +291,9 @@ def _build_plan(
         path = [tuple(p) for p in found]
 
     plan = ConvPlan(
-        input_shape=(b, s, h_in, w_in),
-        output_shape=(b, out_channels, h_out, w_out),
-        data_shape=(b, *in_sizes, h_in, w_in),
+        input_shape=(b, s, *sp_in),
+        output_shape=(b, out_channels, *sp_out),
+        data_shape=(b, *in_sizes, *sp_in),
         path=path,
         cost=optimizer.cost,
         layout=layout,
@@ -290,10 +302,10 @@ def _build_plan(
     operands = [_Operand(network.in_modes, True, 0)] + [
         _Operand(t, False, i + 1) for i, t in enumerate(network.terms)
     ]
-    # h / w stay live until the data step that consumes them
-    output = set(network.out_modes) | {network.h, network.w}
+    # the spatial indices stay live until the data step that consumes them
+    output = set(network.out_modes) | set(network.coupled)
     next_slot = len(operands)
-    consumed = {"h": False, "w": False}
+    consumed = [False] * n_axes
     order_hint = _usage_order(operands, path, output)
     for step_no, pair in enumerate(path):
         i, j = sorted(pair)
@@ -323,7 +335,7 @@ def _build_plan(
             network,
             geometry,
             consumed,
-            (b, h_in, w_in, h_out, w_out),
+            (b, sp_in, sp_out),
             order_hint[step_no],
             table,
             fold,
@@ -341,7 +353,8 @@ def _build_plan(
     (final,) = operands
     if final.indices != network.out_modes:
         perm = [final.indices.index(c) + 1 for c in network.out_modes]
-        plan.final_perm = (0, *perm, len(final.indices) + 1, len(final.indices) + 2)
+        trail = range(len(final.indices) + 1, len(final.indices) + 1 + n_axes)
+        plan.final_perm = (0, *perm, *trail)
     return plan
 
 
@@ -374,74 +387,71 @@ def _data_step(
     sizes: dict[str, int],
     net: ConvNetwork,
     geo: ConvGeometry,
-    consumed: dict[str, bool],
-    dims: tuple[int, int, int, int, int],
+    consumed: list[bool],
+    dims: tuple[int, tuple[int, ...], tuple[int, ...]],
     next_use: dict[str, int],
     table: CostTable | None = None,
     fold_mode: str | None = None,
 ) -> tuple[DataStep, str]:
-    b, h_in, w_in, h_out, w_out = dims
+    b, sp_in, sp_out = dims
+    n_axes = len(sp_in)
     fidx = factor.indices
+    coupled = set(net.coupled)
     fold = [c for c in data if c not in fidx]
     grouped = [c for c in data if c in fidx and c in rest]
     contracted = [c for c in data if c in fidx and c not in rest]
-    new = [c for c in fidx if c not in data and c not in (net.h, net.w)]
+    new = [c for c in fidx if c not in data and c not in coupled]
     # the indices used last go first (outermost), so later steps find them in order; the
     # output's own indices go first of all, in the order the output wants them
     never = 1 << 30
     out_pos = {c: i for i, c in enumerate(net.out_modes)}
     new.sort(key=lambda c: (-next_use.get(c, never), out_pos.get(c, 0)))
 
-    has_h, has_w = net.h in fidx, net.w in fidx
-    cur_h = h_out if consumed["h"] else h_in
-    cur_w = w_out if consumed["w"] else w_in
+    has = [c is not None and c in fidx for c in net.spatial]
+    cur = tuple(o if done else i for i, o, done in zip(sp_in, sp_out, consumed, strict=True))
     order = fold + grouped + contracted
-    perm = tuple([0] + [data.index(c) + 1 for c in order] + [len(data) + 1, len(data) + 2])
+    trail = [len(data) + 1 + a for a in range(n_axes)]
+    perm = tuple([0] + [data.index(c) + 1 for c in order] + trail)
     data_perm = None if perm == tuple(range(len(perm))) else perm
-    nhwc_perm = tuple(
-        [0]
-        + [data.index(c) + 1 for c in fold]
-        + [len(data) + 1, len(data) + 2]
-        + [data.index(c) + 1 for c in grouped + contracted]
-    )
+    channels = [data.index(c) + 1 for c in grouped + contracted]
+    nhwc_perm = tuple([0] + [data.index(c) + 1 for c in fold] + trail + channels)
     n_fold = math.prod(sizes[c] for c in fold)
     n_group = math.prod(sizes[c] for c in grouped)
     n_con = math.prod(sizes[c] for c in contracted)
     n_new = math.prod(sizes[c] for c in new)
 
-    f_order = grouped + new + contracted + ([net.h] if has_h else []) + ([net.w] if has_w else [])
+    carried = [c for c, h in zip(net.spatial, has, strict=True) if h]
+    f_order = grouped + new + contracted + carried  # type: ignore[operator]
     fperm = tuple(fidx.index(c) for c in f_order)
     factor_perm = None if fperm == tuple(range(len(fperm))) else fperm
-    kh = sizes[net.h] if has_h else 1
-    kw = sizes[net.w] if has_w else 1
+    kernel = tuple(sizes[c] if h else 1 for c, h in zip(net.spatial, has, strict=True))  # type: ignore[index]
 
-    top, bottom, left, right = geo.padding
-    ph = (top, bottom) if has_h else (0, 0)
-    pw = (left, right) if has_w else (0, 0)
-    symmetric = ph[0] == ph[1] and pw[0] == pw[1] and geo.padding_mode == "zeros"
-    padding = (ph[0], pw[0]) if symmetric else (0, 0)
-    pad = None if symmetric else (pw[0], pw[1], ph[0], ph[1])
-    stride = (geo.stride[0] if has_h else 1, geo.stride[1] if has_w else 1)
-    dilation = (geo.dilation[0] if has_h else 1, geo.dilation[1] if has_w else 1)
-    if has_h:
-        consumed["h"] = True
-    if has_w:
-        consumed["w"] = True
-    new_h = h_out if consumed["h"] else h_in
-    new_w = w_out if consumed["w"] else w_in
+    sides = [
+        (geo.padding[2 * a], geo.padding[2 * a + 1]) if has[a] else (0, 0) for a in range(n_axes)
+    ]
+    symmetric = all(lo == hi for lo, hi in sides) and geo.padding_mode == "zeros"
+    padding = tuple(lo for lo, _ in sides) if symmetric else (0,) * n_axes
+    # F.pad lists the last axis first
+    pad = None if symmetric else tuple(v for side in reversed(sides) for v in side)
+    stride = tuple(geo.stride[a] if has[a] else 1 for a in range(n_axes))
+    dilation = tuple(geo.dilation[a] if has[a] else 1 for a in range(n_axes))
+    for a in range(n_axes):
+        consumed[a] = consumed[a] or has[a]
+    after = tuple(o if done else i for i, o, done in zip(sp_in, sp_out, consumed, strict=True))
 
     new_indices = "".join(fold + grouped + new)
-    out_shape = (b, *(sizes[c] for c in new_indices), new_h, new_w)
-    out_elems = b * n_fold * n_group * n_new * new_h * new_w
-    flops = 2 * out_elems * n_con * kh * kw
+    out_shape = (b, *(sizes[c] for c in new_indices), *after)
+    out_elems = b * n_fold * n_group * n_new * math.prod(after)
+    extent = math.prod(kernel)
+    flops = 2 * out_elems * n_con * extent
     seconds, as_groups = math.nan, fold_mode == "groups" and n_fold > 1
-    in_elems = b * n_fold * n_group * n_con * cur_h * cur_w
+    in_elems = b * n_fold * n_group * n_con * math.prod(cur)
     if table is not None:
         seconds, as_groups = step_seconds(
             table,
             n_fold,
             n_group,
-            kh * kw > 1,
+            extent > 1,
             flops // 2,
             in_elems,
             out_elems,
@@ -452,22 +462,21 @@ def _data_step(
     matmul = (
         table is not None
         and (n_fold * n_group if as_groups else n_group) == 1
-        and kh * kw == 1
-        and stride == (1, 1)
-        and padding == (0, 0)
+        and extent == 1
+        and all(v == 1 for v in stride)
+        and not any(padding)
         and pad is None
         and pointwise_seconds(table, flops / 2, in_elems + out_elems, n_con, n_new)[1]
     )
     if as_groups:
         # channels (fold, groups, contracted), groups = fold x groups, weight repeated per fold
-        data_shape = (b, n_fold * n_group * n_con, cur_h, cur_w)
-        hw = [len(data) + 1, len(data) + 2]
-        nhwc_perm = tuple([0, *hw] + [data.index(c) + 1 for c in order])
+        data_shape = (b, n_fold * n_group * n_con, *cur)
+        nhwc_perm = tuple([0, *trail] + [data.index(c) + 1 for c in order])
         groups = n_fold * n_group
     else:
-        data_shape = (b * n_fold, n_group * n_con, cur_h, cur_w)
+        data_shape = (b * n_fold, n_group * n_con, *cur)
         groups = n_group
-    weight_shape = (repeat * n_group * n_new, n_con, kh, kw)
+    weight_shape = (repeat * n_group * n_new, n_con, *kernel)
     step = DataStep(
         factor=factor.slot,
         data_perm=data_perm,

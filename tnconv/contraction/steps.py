@@ -26,37 +26,38 @@ class FactorStep:
 
 @dataclass(frozen=True)
 class DataStep:
-    """Contract the feature map with one weight operand as a single ``conv2d``."""
+    """Contract the feature map with one weight operand as a single convolution (conv2d, or
+    conv3d on a plan with three spatial axes)."""
 
     factor: int
     data_perm: tuple[int, ...] | None  # permutation of the data tensor before reshaping
-    data_shape: tuple[int, ...]  # conv input (B * fold, groups * contracted, H, W)
-    # channels-last execution: permute to (B, fold, H, W, groups, contracted), reshape to
-    # (B * fold, H, W, groups * contracted), and view as NCHW
+    data_shape: tuple[int, ...]  # conv input (B * fold, groups * contracted, *spatial)
+    # channels-last execution: permute to (B, fold, *spatial, groups, contracted), reshape to
+    # (B * fold, *spatial, groups * contracted), and view as channels-first
     nhwc_perm: tuple[int, ...]
     factor_perm: tuple[int, ...] | None
-    weight_shape: tuple[int, int, int, int]  # (groups * new, contracted, kh', kw')
+    weight_shape: tuple[int, ...]  # (groups * new, contracted, *kernel)
     groups: int
-    stride: tuple[int, int]
-    padding: tuple[int, int]  # symmetric padding handed to conv2d
-    pad: tuple[int, int, int, int] | None  # explicit F.pad (left, right, top, bottom) if needed
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]  # symmetric padding handed to the conv
+    pad: tuple[int, ...] | None  # explicit F.pad (last axis first) if needed
     padding_mode: str
-    dilation: tuple[int, int]
-    out_shape: tuple[int, ...]  # (B, *fold, *groups, *new, H', W')
+    dilation: tuple[int, ...]
+    out_shape: tuple[int, ...]  # (B, *fold, *groups, *new, *spatial')
     flops: int
     # > 1: the fold indices run as conv groups with the weight repeated this many times
     # (channels (fold, groups, contracted)) instead of being folded into the batch
     repeat: int = 1
     seconds: float = math.nan  # predicted by the cost table (nan without one)
-    # a pointwise step run as one matrix product over the pixels instead of a conv2d call
+    # a pointwise step run as one matrix product over the pixels instead of a conv call
     matmul: bool = False
 
     @property
     def pointwise(self) -> bool:
         """A 1x1, stride-1, unpadded step: the spatial axes can be flattened."""
         return (
-            self.weight_shape[2:] == (1, 1)
-            and self.stride == (1, 1)
-            and self.padding == (0, 0)
+            all(k == 1 for k in self.weight_shape[2:])
+            and all(s == 1 for s in self.stride)
+            and not any(self.padding)
             and self.pad is None
         )

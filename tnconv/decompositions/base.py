@@ -26,8 +26,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .._modes import plain_tensors, tensor_version
-from ..errors import BudgetError, OptionError, RankSpecError
-from ..factorization import Factorization, KernelShape, validate_weight
+from ..errors import (
+    BudgetError,
+    InvalidWeightError,
+    KernelOrderError,
+    OptionError,
+    RankSpecError,
+)
+from ..factorization import MODE_NAMES, Factorization, KernelShape, validate_weight
 from ..rank import (
     ErrorBound,
     FixedRank,
@@ -37,7 +43,7 @@ from ..rank import (
     param_budget,
     parse_rank_spec,
 )
-from . import output_aware
+from . import lifting, output_aware
 from ._linalg import balance_scales, cached
 
 if TYPE_CHECKING:
@@ -56,6 +62,15 @@ def _float64(w: torch.Tensor) -> torch.Tensor:
 
 
 log = logging.getLogger(__name__)
+
+
+def _orders_of(name: str) -> tuple[int, ...]:
+    from ..registry import get
+
+    try:
+        return get(name).kernel_orders
+    except Exception:  # a broken plugin does not hide the others
+        return ()
 
 
 class NoOptions(BaseModel):
@@ -79,6 +94,10 @@ class Decomposition(ABC):
     # True for methods whose real work happens while the network trains (``admm-<base>``): their
     # ``factorize`` is the base method's, and ``tnconv list`` marks them
     training_time: ClassVar[bool] = False
+    # the kernel orders the family has a meaning for: 2 (Linear), 3 (Conv1d), 4 (Conv2d),
+    # 5 (Conv3d); the family's algebra is written for 4 and :mod:`.lifting` states what it
+    # does with the others. A family without a meaning for an order leaves it out.
+    kernel_orders: ClassVar[tuple[int, ...]] = (2, 3, 4, 5)
 
     # -- the public entry point -------------------------------------------------------------
     def factorize(
@@ -89,12 +108,16 @@ class Decomposition(ABC):
         eps: Any = None,
         ratio: Any = None,
         statistics: InputStatistics | None = None,
+        groups: int = 1,
         **options: Any,
     ) -> Factorization:
-        """Factorize a conv kernel.
+        """Factorize a kernel.
 
         Args:
-            weight: kernel of shape (T, S, kh, kw); torch tensor or numpy array, floating point.
+            weight: kernel of shape (T, S, kh, kw) (a Conv2d's); also (T, S) (Linear),
+                (T, S, k) (Conv1d) or (T, S, kd, kh, kw) (Conv3d), see :mod:`.lifting`; with
+                ``groups`` > 1 a grouped conv's (T, S / groups, *k). Torch tensor or numpy
+                array, floating point.
             rank: int (every bond), tuple (one per bond, in ``rank_order``), or a float in (0, 1)
                 meaning ``ratio``.
             eps: relative Frobenius error bound in (0, 1): the smallest factorization meeting it.
@@ -106,29 +129,71 @@ class Decomposition(ABC):
                 ``info["relative_error"]`` reports the exact output error where the statistics
                 keep the patch moment, and ``eps`` is then checked on it too (the kernel error
                 is in ``info["kernel_error"]``).
+            groups: the number of groups of a grouped conv: each group's kernel is fitted with
+                the spec, at ranks common to all groups, and the network carries a group index
+                (``Factorization.group``); ``eps`` / ``ratio`` hold per group, hence overall.
             **options: method-specific options, validated by ``self.Options``.
 
         Returns:
             A :class:`Factorization` whose factors have the weight's dtype and device.
 
         Raises:
-            InvalidWeightError: weight not 4-D, empty mode, NaN/Inf, not floating point.
+            InvalidWeightError: weight not 2- to 5-D, empty mode, NaN/Inf, not floating point,
+                or ``groups`` not dividing T (``KernelOrderError``: an order the method has no
+                meaning for).
             RankSpecError: none or several of rank/eps/ratio, or a value out of range.
             OptionError: an unknown option or a bad option value.
             BudgetError: ``ratio`` leaves fewer parameters than the smallest factorization needs.
         """
-        w = validate_weight(weight)
+        w = self._validate(weight, groups, statistics)
         spec = parse_rank_spec(rank, eps, ratio)
         opts = self.parse_options(options)
+
+        def fit(kernel: torch.Tensor, ranks: tuple[int, ...] | None) -> Factorization:
+            w4 = lifting.to_order4(kernel)
+            at = spec if ranks is None else FixedRank(ranks=ranks)
+            if not bool(w4.any()):
+                f = self._zero_kernel(w4, at, opts)
+            elif statistics is not None:
+                f = output_aware.factorize(self, w4, _float64(w4), at, opts, statistics, {})
+            else:
+                f = self._factorize(w4, _float64(w4), at, opts)
+            return lifting.from_order4(f, tuple(kernel.shape))
+
         # out of inference mode: the fit's tensors (and the spectra memoised on its float64
         # copy) are ordinary tensors whatever mode the caller is in, and so are the factors
         with plain_tensors():
-            if not bool(w.any()):
-                return self._zero_kernel(w, spec, opts)
-            w64 = _float64(w)
-            if statistics is not None:
-                return output_aware.factorize(self, w, w64, spec, opts, statistics, {})
-            return self._factorize(w, w64, spec, opts)
+            if groups == 1:
+                return fit(w, None)
+            return lifting.stack_groups(w, groups, fit, self.name)
+
+    def _validate(
+        self, weight: Any, groups: Any, statistics: InputStatistics | None
+    ) -> torch.Tensor:
+        """The checked kernel; typed errors for an order the method has no meaning for, bad
+        ``groups``, and statistics on a kernel they do not describe."""
+        w = validate_weight(weight, tuple(MODE_NAMES))
+        if w.ndim not in self.kernel_orders:
+            from ..registry import available  # only to name the alternatives
+
+            others = [m for m in available() if w.ndim in _orders_of(m)]
+            raise KernelOrderError(
+                f"{self.name} has no meaning for a kernel of order {w.ndim} "
+                f"{MODE_NAMES[w.ndim]}; methods that take it: {', '.join(others) or 'none'}"
+            )
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise OptionError(f"groups must be a positive int; got {groups!r}")
+        if w.shape[0] % groups:
+            raise InvalidWeightError(
+                f"groups={groups} does not divide the {w.shape[0]} output channels of the "
+                f"kernel {tuple(w.shape)}"
+            )
+        if statistics is not None and (w.ndim != 4 or groups != 1):
+            raise OptionError(
+                "statistics (output-aware fitting) describe the inputs of an ungrouped 2-D "
+                f"convolution; this kernel is {tuple(w.shape)} with groups={groups}"
+            )
+        return w
 
     def factorize_many(
         self,
@@ -155,7 +220,16 @@ class Decomposition(ABC):
         float64 copy is made once and kept in it, and with it every spectrum cached on that
         copy, so a ladder fitted in several calls costs what one call would.
         """
-        w = validate_weight(weight)
+        groups = int(options.pop("groups", 1))
+        w = self._validate(weight, groups, statistics)
+        if w.ndim != 4 or groups != 1:
+            # other orders and grouped kernels: one fit per spec (nothing shared yet)
+            fits: list[Factorization] = []
+            for i, spec in enumerate(specs):
+                fits.append(self.factorize(w, **dict(spec), groups=groups, **options))
+                if until is not None and until(i, fits[-1]):
+                    break
+            return fits
         parsed = [parse_rank_spec(**dict(spec)) for spec in specs]
         opts = self.parse_options(options)
         with plain_tensors():
@@ -218,7 +292,7 @@ class Decomposition(ABC):
 
     def random(
         self,
-        shape: tuple[int, int, int, int],
+        shape: tuple[int, ...],
         rank: Any,
         *,
         std: float | None = None,
@@ -239,28 +313,33 @@ class Decomposition(ABC):
         summed indices, K: the number of factors); s is chosen to make that ``std**2`` exactly.
 
         Args:
-            shape: kernel shape (T, S, kh, kw).
+            shape: kernel shape (T, S, *k) (with ``groups``: (T, S / groups, *k)).
             rank: as in :meth:`factorize` (int, tuple, or a float share of the parameters).
             std: standard deviation of the reconstructed entries; default that of
                 ``nn.Conv2d``'s initialisation, uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) with
                 fan_in = S kh kw, i.e. ``1 / sqrt(3 fan_in)``.
             generator / seed: source of randomness (``seed`` makes a fresh generator).
             dtype, device: of the returned factors.
+            groups (an option): the number of groups of a grouped kernel.
         """
-        if len(shape) != 4 or any(int(n) < 1 for n in shape):
-            raise ValueError(f"shape must be 4 positive sizes (T, S, kh, kw); got {shape}")
-        shape = tuple(int(n) for n in shape)  # type: ignore[assignment]
+        if len(shape) not in MODE_NAMES or any(int(n) < 1 for n in shape):
+            raise ValueError(f"shape must be 2 to 5 positive sizes (T, S, *k); got {tuple(shape)}")
+        shape = tuple(int(n) for n in shape)
         if std is None:
-            std = 1.0 / math.sqrt(3.0 * shape[1] * shape[2] * shape[3])
+            std = 1.0 / math.sqrt(3.0 * math.prod(shape[1:]))
         if not (math.isfinite(std) and std > 0):
             raise ValueError(f"std must be a positive finite number; got {std}")
         if generator is None:
             generator = torch.Generator()
             generator.manual_seed(seed if seed is not None else torch.seed())
         # the structure only: fitted with the method's cheaper search options
+        groups = options.pop("groups", 1)
         quick = self.search_options(self.parse_options(options)).model_dump()
         template = self.factorize(
-            torch.randn(shape, generator=generator, dtype=torch.float64), rank, **quick
+            torch.randn(shape, generator=generator, dtype=torch.float64),
+            rank,
+            groups=groups,
+            **quick,
         )
         out = template.equation.split("->")[1]
         sizes = template.index_sizes()

@@ -30,7 +30,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .._modes import plain_tensors
-from ..factorization import Factorization, KernelShape, contract_contiguous, validate_weight
+from ..factorization import (
+    MODE_NAMES,
+    Factorization,
+    KernelShape,
+    contract_contiguous,
+    validate_weight,
+)
 from ..rank import FixedRank, parse_rank_spec
 from ..registry import register
 from ._linalg import cached, leading_left_vectors, mode_unfold, svd
@@ -513,10 +519,12 @@ class CP(Decomposition):
         independent ``factorize`` calls by what the stopping rule ``tol`` lets through (on the
         demo CNN's kernels, errors within 0.01 either way at 1e-4, 2-3x faster). With ``until``
         the specs are fitted in their own order, cold."""
-        opts = self.parse_options(options)
-        w = validate_weight(weight)
+        groups = options.get("groups", 1)
+        opts = self.parse_options({k: v for k, v in options.items() if k != "groups"})
+        w = validate_weight(weight, tuple(MODE_NAMES))
         cold = opts.n_init > 1 or not opts.warm_ladder or until is not None
-        if cold or statistics is not None or not bool(w.any()):
+        other = w.ndim != 4 or groups != 1  # other orders and grouped kernels: the base's
+        if cold or other or statistics is not None or not bool(w.any()):
             return super().factorize_many(
                 w, specs, until=until, reuse=reuse, statistics=statistics, **options
             )

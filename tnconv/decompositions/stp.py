@@ -35,9 +35,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import RankSpecError, StructureError
-from ..factorization import Factorization, KernelShape, validate_weight
+from ..factorization import MODE_NAMES, Factorization, KernelShape, validate_weight
 from ..rank import ParamRatio, parse_rank_spec
 from ..registry import register
+from . import lifting
 from ._linalg import cached
 from ._stp import move_inner_factor
 from .base import Decomposition
@@ -78,6 +79,7 @@ class _SemiTensor(Decomposition):
         eps: Any = None,
         ratio: Any = None,
         statistics: Any = None,
+        groups: int = 1,
         **options: Any,
     ) -> Factorization:
         """As :meth:`Decomposition.factorize`, with the option ``t`` (positive int, default 2).
@@ -85,14 +87,15 @@ class _SemiTensor(Decomposition):
         Raises :class:`~tnconv.errors.StructureError` (a ``RankSpecError``) when t does not
         divide a channel count or a rank it must divide; the message names what would work.
         """
-        w = validate_weight(weight)
+        w = validate_weight(weight, tuple(MODE_NAMES))
         spec = parse_rank_spec(rank, eps, ratio)
         opts = self.parse_options(options)
         bound = self.bind(opts)
-        if isinstance(spec, ParamRatio):
-            bound.check_shape(tuple(w.shape))  # type: ignore[arg-type, attr-defined]
+        if isinstance(spec, ParamRatio) and isinstance(groups, int) and groups > 0:
+            t, s_, kh, kw = lifting.to_order4(w).shape
+            bound.check_shape((t // groups, s_, kh, kw))  # type: ignore[attr-defined]
         return Decomposition.factorize(
-            bound, w, rank, eps=eps, ratio=ratio, statistics=statistics, **options
+            bound, w, rank, eps=eps, ratio=ratio, statistics=statistics, groups=groups, **options
         )
 
     def bind(self, options: BaseModel) -> _SemiTensor:

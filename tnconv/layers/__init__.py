@@ -1,5 +1,13 @@
-"""Layers that execute factorizations."""
+"""Layers that execute factorizations: one executor, the dimension as data."""
 
-from .conv import FactorizedConv2d
+from .base import FactorizedLayer
+from .conv import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d
+from .linear import FactorizedLinear
 
-__all__ = ["FactorizedConv2d"]
+__all__ = [
+    "FactorizedConv1d",
+    "FactorizedConv2d",
+    "FactorizedConv3d",
+    "FactorizedLayer",
+    "FactorizedLinear",
+]
