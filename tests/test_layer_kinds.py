@@ -1,0 +1,201 @@
+"""Every method on every layer kind: Linear, Conv1d, grouped Conv2d, Conv3d through the one
+executor, checked against ``F.linear`` / ``F.conv1d`` / ``F.conv2d`` / ``F.conv3d`` on the
+reconstructed kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import tnconv
+from tnconv.decompositions.lifting import to_order4
+from tnconv.errors import InputShapeError, KernelOrderError
+from tnconv.factorization import parse_equation
+from tnconv.layers import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, FactorizedLinear
+
+from .conftest import METHODS, supports
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+LAYER = {0: FactorizedLinear, 1: FactorizedConv1d, 2: FactorizedConv2d, 3: FactorizedConv3d}
+
+
+@st.composite
+def layer_cases(draw: st.DrawFn, dims: int) -> dict:
+    groups = draw(st.sampled_from([1, 2, 3])) if dims else 1
+    per_in = draw(st.sampled_from([2, 4, 6]))
+    per_out = draw(st.sampled_from([2, 4, 6]))
+    case = {
+        "dims": dims,
+        "groups": groups,
+        "in": per_in * groups,
+        "out": per_out * groups,
+        "rank": draw(st.integers(1, 4)),
+        "bias": draw(st.booleans()),
+        "batch": draw(st.integers(1, 2)),
+    }
+    if dims:
+        case["kernel"] = tuple(draw(st.integers(1, 3)) for _ in range(dims))
+        case["stride"] = tuple(draw(st.integers(1, 2)) for _ in range(dims))
+        case["padding"] = tuple(draw(st.integers(0, 2)) for _ in range(dims))
+        case["dilation"] = tuple(draw(st.integers(1, 2)) for _ in range(dims))
+        case["size"] = tuple(draw(st.integers(5, 8)) for _ in range(dims))
+    else:
+        case["lead"] = tuple(draw(st.lists(st.integers(1, 3), max_size=2)))
+    return case
+
+
+def _supported(method: str, case: dict) -> bool:
+    per_group = (
+        case["out"] // case["groups"],
+        case["in"] // case["groups"],
+        *case.get("kernel", ()),
+    )
+    lifted = tuple(to_order4(torch.empty(per_group, device="meta")).shape)
+    return supports(method, lifted, case["rank"])
+
+
+@pytest.mark.parametrize("dims", [0, 1, 2, 3])
+@pytest.mark.parametrize("method", METHODS)
+@settings(max_examples=6)
+@given(data=st.data())
+def test_every_method_every_layer_kind_equals_dense(method: str, dims: int, data) -> None:
+    case = data.draw(layer_cases(dims))
+    assume(_supported(method, case))
+    gen = torch.Generator().manual_seed(0)
+    shape = (case["out"], case["in"] // case["groups"], *case.get("kernel", ()))
+    w = torch.randn(shape, generator=gen, dtype=torch.float64)
+    f = tnconv.get(method).factorize(w, case["rank"], groups=case["groups"])
+    assert f.shape == shape and f.groups == case["groups"]
+    bias = torch.randn(case["out"], generator=gen, dtype=torch.float64) if case["bias"] else None
+    kernel = f.to_tensor()
+    if dims == 0:
+        layer = FactorizedLinear(f, bias=bias)
+        x = torch.randn(*case["lead"], case["in"], generator=gen, dtype=torch.float64)
+        expected = F.linear(x, kernel, bias)
+    else:
+        geometry = {k: case[k] for k in ("stride", "padding", "dilation")}
+        layer = LAYER[dims](f, bias=bias, groups=case["groups"], **geometry)
+        x = torch.randn(
+            case["batch"], case["in"], *case["size"], generator=gen, dtype=torch.float64
+        )
+        expected = CONV[dims](x, kernel, bias, groups=case["groups"], **geometry)
+    got = layer(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():  # the frozen path (folded factor-only steps) too
+        torch.testing.assert_close(layer(x), expected, rtol=1e-9, atol=1e-9)
+
+
+def _factor_count(f: tnconv.Factorization) -> int:
+    return len(parse_equation(f.equation)[0])
+
+
+def test_what_each_family_is_on_a_matrix() -> None:
+    """Order 2 is the family's network with the unit spatial modes dropped and the bond-only
+    factors absorbed: a low-rank product, a two-core train, a two-core ring."""
+    w = torch.randn(24, 20, dtype=torch.float64)
+    tt = tnconv.get("tt").factorize(w, 5)
+    assert _factor_count(tt) == 2 and tt.num_params == 24 * 5 + 5 * 20
+    ring = tnconv.get("rsdtr").factorize(w, 3)
+    inputs, _ = parse_equation(ring.equation)
+    assert len(inputs) == 2 and all(len(t) == 3 for t in inputs)  # (r, t, r'), (r', s, r)
+    cp = tnconv.get("cp").factorize(w, 4)
+    assert _factor_count(cp) == 2 and cp.num_params == 4 * (24 + 20)
+    for f in (tt, ring, cp):
+        assert f.info["fitted_as"] == [24, 20, 1, 1]
+        assert f.relative_error(w) == pytest.approx(f.info["relative_error"], rel=1e-6)
+    # full rank: exact
+    assert tnconv.get("tucker").factorize(w, 20).relative_error(w) < 1e-10
+
+
+def test_conv3d_kernel_keeps_the_spatial_modes_apart() -> None:
+    w = torch.randn(8, 6, 3, 2, 5, dtype=torch.float64)
+    f = tnconv.get("tucker").factorize(w, eps=1e-9)
+    assert f.modes is not None and len(f.modes) == 5
+    assert f.to_tensor().shape == w.shape
+    assert f.relative_error(w) < 1e-8
+    assert f.info["fitted_as"] == [8, 6, 3, 10]
+
+
+def test_grouped_network_has_the_group_in_every_factor() -> None:
+    w = torch.randn(12, 4, 3, 3, dtype=torch.float64)
+    for method in ("tucker", "tt", "cp"):
+        f = tnconv.get(method).factorize(w, eps=0.3, groups=3)
+        inputs, _ = parse_equation(f.equation)
+        assert f.group and all(f.group in t for t in inputs)
+        assert f.groups == 3 and f.modes is not None and f.modes[0].startswith(f.group)
+        assert f.relative_error(w) <= 0.3 + 1e-9
+        assert f.relative_error(w) == pytest.approx(f.info["relative_error"], rel=1e-6)
+        assert len(f.info["group_errors"]) == 3
+        # block g of the kernel is group g's own fit
+        for g in range(3):
+            block = f.to_tensor()[4 * g : 4 * g + 4]
+            err = float(torch.linalg.vector_norm(block - w[4 * g : 4 * g + 4]))
+            rel = err / float(torch.linalg.vector_norm(w[4 * g : 4 * g + 4]))
+            assert rel == pytest.approx(f.info["group_errors"][g], rel=1e-6)
+
+
+def test_grouped_ratio_holds_for_the_whole_kernel() -> None:
+    w = torch.randn(16, 8, 3, 3, dtype=torch.float64)
+    f = tnconv.get("tt").factorize(w, ratio=0.3, groups=2)
+    assert f.num_params <= 0.3 * w.numel()
+
+
+def test_linear_accepts_any_leading_shape() -> None:
+    lin = nn.Linear(12, 10)
+    layer = FactorizedLinear.from_linear(lin, "tt", ratio=0.5)
+    kernel = layer.to_tensor().detach()
+    for shape in [(12,), (3, 12), (2, 4, 12), (1, 1, 1, 12)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(layer(x), F.linear(x, kernel, lin.bias), rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputShapeError, match=r"\(\.\.\., 12\)"):
+        layer(torch.randn(3, 11))
+    dense = layer.to_linear()
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(dense(x), layer(x), rtol=1e-5, atol=1e-5)
+    assert layer.flops((5, 12)) > 0
+
+
+def test_unbatched_and_channels_last_conv_inputs() -> None:
+    conv1 = nn.Conv1d(6, 8, 3, padding=1)
+    l1 = FactorizedConv1d.from_conv(conv1, "tr", ratio=0.6)
+    x = torch.randn(6, 11)
+    torch.testing.assert_close(l1(x), F.conv1d(x, l1.to_tensor(), l1.bias, padding=1))
+    conv3 = nn.Conv3d(6, 8, 3, padding=1, groups=2)
+    l3 = FactorizedConv3d.from_conv(conv3, "rsdtr", ratio=0.6)
+    x = torch.randn(2, 6, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d)
+    expected = F.conv3d(x, l3.to_tensor(), l3.bias, padding=1, groups=2)
+    got = l3(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(l3(x[0]), expected[0], rtol=1e-4, atol=1e-5)
+    assert isinstance(l3.to_conv3d(), nn.Conv3d) and l3.to_conv3d().groups == 2
+
+
+@pytest.mark.parametrize("dims", [0, 1, 3])
+def test_from_scratch_trains_with_the_dense_init_scale(dims: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    if dims == 0:
+        layer = FactorizedLinear.from_scratch("tucker", 64, 48, 8, generator=gen)
+        dense = nn.Linear(64, 48)
+    else:
+        layer = LAYER[dims].from_scratch("tt", 32, 24, 3, 4, groups=2, generator=gen)
+        dense = {1: nn.Conv1d, 3: nn.Conv3d}[dims](32, 24, 3, groups=2)
+    std = float(layer.to_tensor().detach().std())
+    assert 0.5 < std / float(dense.weight.std()) < 2.0
+    x = torch.randn(2, 32, *([6] * dims)) if dims else torch.randn(4, 64)
+    layer(x).square().mean().backward()
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in layer.factors)
+
+
+def test_a_method_without_an_order_says_which_have_it() -> None:
+    class SquareOnly(type(tnconv.get("tucker"))):  # type: ignore[misc]
+        name = "square-only"
+        kernel_orders = (4,)
+
+    with pytest.raises(KernelOrderError, match=r"order 2 \(T, S\).*tucker"):
+        SquareOnly().factorize(torch.randn(4, 3), 2)
