@@ -25,10 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from . import timing
+from .contraction import ConvGeometry
 from .decompositions.base import Decomposition
 from .errors import BudgetError, RankSpecError, StructureError, TnconvError
 from .factorization import Factorization
-from .layers import FactorizedConv2d
+from .layers import FactorizedLayer, factorized_type, kernel_fit_shape
 
 __all__ = [
     "Budget",
@@ -126,39 +127,21 @@ def parse_budget(budget: Any) -> Budget:
         ) from exc
 
 
-def dense_conv_flops(conv: nn.Conv2d, input_shape: Sequence[int]) -> int:
-    """FLOPs of ``conv`` on ``input_shape`` as torch.utils.flop_counter counts them (no bias)."""
-    b, _, h, w = input_shape
-    pad = conv.padding
-    if isinstance(pad, str):
-        ho, wo = (
-            (h, w)
-            if pad == "same"
-            else (
-                (h - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1,
-                (w - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1,
-            )
-        )
-    else:
-        ho = (h + 2 * pad[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[
-            0
-        ] + 1
-        wo = (w + 2 * pad[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[
-            1
-        ] + 1
-    per_output = (conv.in_channels // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1]
-    return 2 * b * conv.out_channels * ho * wo * per_output
+def dense_conv_flops(conv: nn.Module, input_shape: Sequence[int]) -> int:
+    """FLOPs of a dense ``nn.Linear`` / ``nn.ConvNd`` on ``input_shape`` as
+    torch.utils.flop_counter counts them (no bias)."""
+    if isinstance(conv, nn.Linear):
+        return 2 * math.prod(input_shape[:-1]) * conv.out_features * conv.in_features
+    kernel = tuple(conv.kernel_size)
+    geometry = ConvGeometry.make(kernel, conv.stride, conv.padding, conv.dilation)
+    out = geometry.output_size(tuple(input_shape[2:]), kernel)
+    per_output = (conv.in_channels // conv.groups) * math.prod(kernel)
+    return 2 * input_shape[0] * conv.out_channels * math.prod(out) * per_output
 
 
-def layer_from_conv(conv: nn.Conv2d, f: Factorization) -> FactorizedConv2d:
-    return FactorizedConv2d(
-        f,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        bias=None if conv.bias is None else conv.bias.detach(),
-        padding_mode=conv.padding_mode,
-    )
+def layer_from_conv(conv: nn.Module, f: Factorization) -> FactorizedLayer:
+    """The factorized layer running ``f`` in place of the dense ``conv`` (any kind)."""
+    return factorized_type(conv).like(conv, f)
 
 
 # Input statistics of the layers being compressed (conv module id -> statistics), set by
@@ -193,6 +176,10 @@ def options_for_layer(
     known = _STATISTICS.get()
     if known is not None and id(conv) in known and "statistics" not in options:
         extra["statistics"] = known[id(conv)]
+    if getattr(conv, "groups", 1) > 1:
+        extra["groups"] = conv.groups
+    if not isinstance(conv, nn.Conv2d):  # the FLOP objective's geometry is a 2-D conv's
+        return {**options, **extra}
     if "stride" in fields and "stride" not in options:
         extra["stride"] = tuple(conv.stride)
     if "input_size" in fields and "input_size" not in options and shape is not None:
@@ -247,7 +234,7 @@ def saving_shortfall(
 
 
 def candidate_for(
-    layer: FactorizedConv2d | None, f: Factorization | None, shape: tuple | None, dense: tuple
+    layer: FactorizedLayer | None, f: Factorization | None, shape: tuple | None, dense: tuple
 ) -> Candidate:
     if f is None or layer is None:
         return Candidate(None, dense[0], dense[1] or 0, 0.0)
@@ -312,7 +299,7 @@ class _LayerFits:
         self.weight = conv.weight.detach()
         self.dense_info = (self.weight.numel(), dense_conv_flops(conv, shape) if shape else None)
         self.reuse: dict[str, Any] = {}  # the float64 kernel and its spectra, for every call
-        self.layers: dict[tuple[int, ...], FactorizedConv2d] = {}  # by ranks, as the candidates
+        self.layers: dict[tuple[int, ...], FactorizedLayer] = {}  # by ranks, as the candidates
         self.level_ranks: dict[int, tuple[int, ...]] = {}
         self.cands: dict[tuple[int, ...], Candidate] = {}
         # the eps walk: loosest bound first (the optimum at a smaller eps has no fewer
@@ -523,9 +510,10 @@ def allocate(
 
     unfit: dict[str, str] = {}  # layers whose shape the network cannot take
     for name, conv in bar:
-        kshape = tuple(conv.weight.shape)
+        kshape = kernel_fit_shape(conv)
         try:
-            levels_by_layer[name] = _rank_levels(decomposition, kshape, conv.weight.numel())
+            per_group = conv.weight.numel() // getattr(conv, "groups", 1)
+            levels_by_layer[name] = _rank_levels(decomposition, kshape, per_group)
         except StructureError as exc:
             unfit[name] = str(exc)
             continue
@@ -673,7 +661,7 @@ def round_ranks(
     Returns the factorization kept and a one-line note of the measurement (also stored as
     ``info["round_to"]`` of the result).
     """
-    kshape = tuple(conv.weight.shape)
+    kshape = kernel_fit_shape(conv)
     target = tuple(max(multiple, multiple * math.floor(r / multiple + 0.5)) for r in f.ranks)
     try:
         ranks = decomposition.bond_ranks(target, kshape)  # type: ignore[arg-type]

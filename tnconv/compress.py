@@ -1,4 +1,4 @@
-"""Model surgery: replace a model's ``nn.Conv2d`` layers by ``FactorizedConv2d``.
+"""Model surgery: replace a model's Linear and conv layers by factorized ones.
 
 :func:`compress` factorizes the chosen convolutions: with the same rank / eps / ratio for every
 layer, with a per-layer ``spec`` (each layer its own spec, and optionally its own method), or
@@ -44,7 +44,7 @@ from .convs import (
 from .decompositions.base import Decomposition
 from .errors import BudgetError, RankSpecError, StructureError
 from .factorization import Factorization
-from .layers import FactorizedConv2d
+from .layers import FactorizedLayer
 from .rank import parse_rank_spec
 from .recommend import auto_spec
 from .registry import get
@@ -131,7 +131,11 @@ def compress(
     allocate_by: Literal["kernel", "output"] = "kernel",
     **options: Any,
 ) -> nn.Module:
-    """Replace the chosen ``nn.Conv2d`` layers of ``model`` by ``FactorizedConv2d``.
+    """Replace the chosen layers of ``model`` by factorized ones: ``nn.Conv2d`` by
+    ``FactorizedConv2d``, ``nn.Linear`` by ``FactorizedLinear``, ``nn.Conv1d`` / ``nn.Conv3d``
+    by ``FactorizedConv1d`` / ``3d``; grouped convs are factorized per group with the group as
+    a shared index of the network; depthwise convs (one input channel per group) stay dense
+    (``summary`` says so).
 
     Args:
         model: any module; it is deep-copied first unless ``inplace=True``.
@@ -141,7 +145,8 @@ def compress(
             (:func:`tnconv.recommend`); its options are ``methods=[names]`` and
             per-method option dicts keyed by method name (``cp={"n_init": 1}``).
         rank, eps, ratio: the per-layer spec, as for ``Decomposition.factorize``.
-        layers: conv names, a predicate ``(name, module) -> bool``, or None for every conv.
+        layers: layer names, a layer type or tuple of types (``nn.Conv2d``), a predicate
+            ``(name, module) -> bool``, or None for every Linear / Conv1d / Conv2d / Conv3d.
         budget: instead of a per-layer spec, a global target: a share in (0, 1] of the selected
             layers' parameters, or ``("flops", share)`` / ``("latency", share)`` /
             ``Budget(kind=..., share=...)``. Ranks are allocated across layers
@@ -198,7 +203,7 @@ def compress(
         args = dict(input_size=input_size, must_save=must_save, progress=progress)
         target = model if inplace else plain_copy(model)
         if fold_bn if fold_bn is not None else (calibration is not None and not model.training):
-            picked = [n for n, c in select_convs(target, layers) if c.groups == 1]
+            picked = [n for n, c in select_convs(target, layers) if _foldable(c)]
             fold_batchnorm(target, inplace=True, convs=picked)
         chosen, dense = auto_spec(target, budget=budget, layers=layers, options=options, **args)
         if chosen:
@@ -255,10 +260,10 @@ def compress(
         fold_bn = calibration is not None and not model.training
     chosen = select_convs(target, layers)
     for name, conv in chosen:
-        if conv.groups == 1:
+        if not _depthwise(conv):
             check_not_meta(conv.weight, f"the weight of layer {name!r}")
     if fold_bn:  # the chosen layers are fitted as the kernels they compute with their BN
-        fold_batchnorm(target, inplace=True, convs=[n for n, c in chosen if c.groups == 1])
+        fold_batchnorm(target, inplace=True, convs=[n for n, c in chosen if _foldable(c)])
     timed = (
         must_save == "latency"
         or round_to is not None
@@ -271,15 +276,18 @@ def compress(
         or (target_budget is not None and target_budget.kind == "flops")
     )
     size = tuple(input_size) if input_size is not None else None
-    shapes: dict[str, tuple[int, int, int, int]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     if need_flops or size is not None:
         size = size or default_input_size(target)
         shapes = conv_input_shapes(target, size)
     reasons: dict[str, str] = dict(getattr(target, DENSE_REASONS, {}))
     eligible = []
     for name, conv in chosen:
-        if conv.groups != 1:
-            reasons[name] = f"grouped convolution (groups={conv.groups}) is not supported"
+        if _depthwise(conv):
+            reasons[name] = (
+                f"depthwise convolution (groups={conv.groups}, one input channel per group): "
+                "kept dense, a per-channel kernel has no channel modes to factorize"
+            )
         elif need_flops and name not in shapes:
             reasons[name] = (
                 f"not reached by a forward pass on input {size}: FLOPs and latency unknown"
@@ -288,14 +296,18 @@ def compress(
             eligible.append((name, conv))
     statistics: dict[int, InputStatistics] = {}
     if calibration is not None and eligible:
-        names = [name for name, _ in eligible]
-        by_name = calibrate_inputs(target, calibration, layers=names)
-        statistics = {id(conv): by_name[name] for name, conv in eligible}
+        # input statistics describe ungrouped 2-D convs; the other kinds are fitted by kernel
+        names = [name for name, conv in eligible if _calibrated(conv)]
+        others = [name for name, conv in eligible if not _calibrated(conv)]
+        if others:
+            log.info("calibration: %s fitted by kernel error (not ungrouped Conv2d)", others)
+        by_name = calibrate_inputs(target, calibration, layers=names) if names else {}
+        statistics = {id(conv): by_name[name] for name, conv in eligible if name in by_name}
     show = progress if progress is not None else len(eligible) >= 8
     label = "per-layer spec" if spec is not None else decomposition.name
     bar = tqdm(eligible, desc=f"compress ({label})", disable=not show, leave=False)
 
-    def install(name: str, layer: FactorizedConv2d | None, reason: str) -> None:
+    def install(name: str, layer: FactorizedLayer | None, reason: str) -> None:
         if layer is None:
             reasons[name] = reason
             log.info("%s stays dense: %s", name, reason)
@@ -309,7 +321,7 @@ def compress(
     steps = _announce(bar, method_of)
 
     def rounded(
-        dec: Decomposition, name: str, conv: nn.Conv2d, f: Factorization, opts: dict
+        dec: Decomposition, name: str, conv: nn.Module, f: Factorization, opts: dict
     ) -> Factorization:
         if round_to is None or probe is None:
             return f
@@ -357,7 +369,21 @@ def compress(
     return target
 
 
-def _announce(bar: tqdm, method_of: Callable[[str], str]) -> Iterator[tuple[str, nn.Conv2d]]:
+def _depthwise(module: nn.Module) -> bool:
+    """A conv with one input channel per group (and several groups)."""
+    groups = getattr(module, "groups", 1)
+    return groups > 1 and module.weight.shape[1] == 1
+
+
+def _foldable(module: nn.Module) -> bool:
+    """A conv whose following BatchNorm tnconv folds before factorizing."""
+    return isinstance(module, nn.Conv2d) and module.groups == 1
+
+
+_calibrated = _foldable  # the layers calibrate_inputs describes
+
+
+def _announce(bar: tqdm, method_of: Callable[[str], str]) -> Iterator[tuple[str, nn.Module]]:
     """The layers of ``bar``, each shown on the bar and logged (INFO) with its method and kernel
     shape before its work starts, so a long compression says where it is."""
     for name, conv in bar:
@@ -394,13 +420,13 @@ def _parse_layer_specs(
 
 def _factorize_layer(
     decomposition: Decomposition,
-    conv: nn.Conv2d,
-    shape: tuple[int, int, int, int] | None,
+    conv: nn.Module,
+    shape: tuple[int, ...] | None,
     spec: tuple[Any, Any, Any],
     options: dict[str, Any],
     must_save: SaveCriterion,
     probe: LatencyProbe | None = None,
-) -> tuple[FactorizedConv2d | None, str]:
+) -> tuple[FactorizedLayer | None, str]:
     rank, eps, ratio = spec
     options = options_for_layer(decomposition, conv, shape, options)
     try:

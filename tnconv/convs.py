@@ -1,5 +1,5 @@
-"""A model's convolutions: which ones a call chooses, the input shape each one sees, and the
-attributes tnconv records on a compressed model.
+"""A model's factorizable layers (``nn.Linear``, ``nn.Conv1d/2d/3d``): which ones a call
+chooses, the input shape each one sees, and the attributes tnconv records on a compressed model.
 
 :mod:`tnconv.compress` and :mod:`tnconv.recommend` both use them, so neither imports the other
 for them (recommend needs no compress at all, compress imports recommend's ``auto_spec``);
@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .layers import FactorizedConv2d
+from .layers import DENSE_TYPES, FactorizedLayer
 
 __all__ = [
     "DENSE_REASONS",
@@ -24,22 +24,28 @@ __all__ = [
     "select_convs",
 ]
 
-LayerSelector = Sequence[str] | Callable[[str, nn.Module], bool] | None
+LayerSelector = Sequence[str] | Callable[[str, nn.Module], bool] | type | tuple[type, ...] | None
 
 # attributes tnconv keeps on a compressed model (they survive deepcopy, pickling and tnconv.save)
 DENSE_REASONS = "_tnconv_dense_reasons"
 INPUT_SIZE = "_tnconv_input_size"
 
 
-def select_convs(model: nn.Module, layers: LayerSelector = None) -> list[tuple[str, nn.Conv2d]]:
-    """The ``nn.Conv2d`` modules chosen by ``layers`` (names, a predicate, or None for all).
+def select_convs(model: nn.Module, layers: LayerSelector = None) -> list[tuple[str, nn.Module]]:
+    """The factorizable layers (``nn.Linear``, ``nn.Conv1d/2d/3d``) chosen by ``layers``: names,
+    a layer type or tuple of types (e.g. ``nn.Conv2d``), a predicate ``(name, module) ->
+    bool``, or None for all of them.
 
     Raises ``KeyError`` for a name that is not in the model and ``TypeError`` for a named module
-    that is not an ``nn.Conv2d``.
+    that tnconv does not factorize.
     """
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, DENSE_TYPES)]
     if layers is None:
         return convs
+    if isinstance(layers, type) or (
+        isinstance(layers, tuple) and layers and all(isinstance(t, type) for t in layers)
+    ):
+        return [(n, m) for n, m in convs if isinstance(m, layers)]
     if callable(layers):
         return [(n, m) for n, m in convs if layers(n, m)]
     if isinstance(layers, str):
@@ -49,33 +55,45 @@ def select_convs(model: nn.Module, layers: LayerSelector = None) -> list[tuple[s
     for name in layers:
         if name not in modules:
             known = ", ".join(n for n, _ in convs[:12]) + (" ..." if len(convs) > 12 else "")
-            raise KeyError(f"no module named {name!r} in the model; conv layers: {known}")
-        if not isinstance(modules[name], nn.Conv2d):
-            raise TypeError(f"module {name!r} is a {type(modules[name]).__name__}, not nn.Conv2d")
+            raise KeyError(f"no module named {name!r} in the model; its layers: {known}")
+        if not isinstance(modules[name], DENSE_TYPES):
+            raise TypeError(
+                f"module {name!r} is a {type(modules[name]).__name__}, not an nn.Linear / "
+                "nn.Conv1d / nn.Conv2d / nn.Conv3d"
+            )
         chosen.append((name, modules[name]))
     return chosen
 
 
-def default_input_size(model: nn.Module) -> tuple[int, int, int, int]:
+# the input size assumed for a model whose first layer has this many spatial modes
+_DEFAULT_SPATIAL = {0: (), 1: (1024,), 2: (224, 224), 3: (16, 112, 112)}
+
+
+def default_input_size(model: nn.Module) -> tuple[int, ...]:
     """The input size used when none is given: the size recorded by :func:`compress`, or
-    ``(1, C, 224, 224)`` with C the input channels of the model's first convolution."""
+    ``(1, C, 224, 224)`` with C the input channels of the model's first layer (a Conv2d;
+    ``(1, C, 1024)`` for a Conv1d, ``(1, C, 16, 112, 112)`` for a Conv3d, ``(1, C)`` for a
+    Linear)."""
     recorded = getattr(model, INPUT_SIZE, None)
     if recorded is not None:
-        return tuple(recorded)  # type: ignore[return-value]
+        return tuple(recorded)
     for module in model.modules():
-        if isinstance(module, (nn.Conv2d, FactorizedConv2d)):
-            return (1, module.in_channels, 224, 224)
-    raise ValueError("the model has no convolution; give input_size")
+        if isinstance(module, FactorizedLayer):
+            return (1, module.in_channels, *_DEFAULT_SPATIAL[module.spatial_dims])
+        if isinstance(module, DENSE_TYPES):
+            dims = 0 if isinstance(module, nn.Linear) else len(module.kernel_size)
+            channels = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+            return (1, channels, *_DEFAULT_SPATIAL[dims])
+    raise ValueError("the model has no convolution or linear layer; give input_size")
 
 
-def conv_input_shapes(
-    model: nn.Module, input_size: Sequence[int]
-) -> dict[str, tuple[int, int, int, int]]:
-    """Input shape of every conv (dense or factorized) in one forward pass on zeros."""
-    shapes: dict[str, tuple[int, int, int, int]] = {}
+def conv_input_shapes(model: nn.Module, input_size: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """Input shape of every factorizable layer (dense or factorized) in one forward pass on
+    zeros (the last one, for a layer called several times)."""
+    shapes: dict[str, tuple[int, ...]] = {}
     hooks = []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, FactorizedConv2d)):
+        if isinstance(module, (*DENSE_TYPES, FactorizedLayer)):
 
             def record(mod: nn.Module, args: tuple, name: str = name) -> None:
                 shapes[name] = tuple(args[0].shape)  # type: ignore[assignment]

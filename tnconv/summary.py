@@ -1,4 +1,5 @@
-"""``tnconv.summary``: one row per convolution of a (compressed) model."""
+"""``tnconv.summary``: one row per Linear / conv layer of a (compressed) model, and the whole
+model's parameters and FLOPs before and after."""
 
 from __future__ import annotations
 
@@ -8,19 +9,21 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import timing
 from ._modes import check_not_meta
 from .compress import DENSE_REASONS, conv_input_shapes, default_input_size, dense_conv_flops
-from .layers import FactorizedConv2d
+from .layers import DENSE_TYPES, FactorizedLayer
 
 __all__ = ["LayerRow", "Summary", "summary"]
 
 
 @dataclass
 class LayerRow:
-    """One convolution: what it is, what it costs, and (if factorized) how well it fits.
+    """One Linear / conv layer: what it is, what it costs, and (if factorized) how well it fits.
 
     ``relative_error`` is the kernel's relative error when it was factorized (fine-tuning moves
     the factors afterwards); ``note`` says why a dense layer was left dense by ``compress``;
@@ -32,9 +35,9 @@ class LayerRow:
     """
 
     name: str
-    method: str  # "dense" for an nn.Conv2d
+    method: str  # "dense" for a dense layer
     ranks: tuple[int, ...]
-    shape: tuple[int, int, int, int]  # kernel (T, S/groups, kh, kw)
+    shape: tuple[int, ...]  # kernel (T, S/groups, *k); (out, in) for a Linear
     dense_params: int
     params: int
     dense_flops: int
@@ -44,6 +47,7 @@ class LayerRow:
     sensitivity: float | None = None
     latency_ms: float | None = None
     dense_latency_ms: float | None = None
+    kind: str = ""  # "linear", "conv1d", "conv2d", "conv3d", with "/g<groups>" when grouped
 
     @property
     def compression(self) -> float:
@@ -57,7 +61,18 @@ class Summary:
     rows: list[LayerRow]
     input_size: tuple[int, ...]
     model_params: int
-    other_params: int = field(default=0)  # parameters outside the conv kernels (bias, BN, FC)
+    other_params: int = field(default=0)  # parameters outside the layers' kernels (bias, BN)
+    # the whole model's inference FLOPs at input_size (torch.utils.flop_counter, one forward
+    # without gradients), and what they and its parameters were with every row dense
+    model_flops: int = 0
+
+    @property
+    def dense_model_params(self) -> int:
+        return self.model_params - self.params + self.dense_params
+
+    @property
+    def dense_model_flops(self) -> int:
+        return self.model_flops - self.flops + self.dense_flops
 
     @property
     def dense_params(self) -> int:
@@ -101,7 +116,8 @@ class Summary:
     def __str__(self) -> str:
         ms_head = f" {'ms (dense->this)':>17s}" if self.timed else ""
         head = (
-            f"{'layer':28s} {'method':8s} {'ranks':16s} {'params':>17s} {'MFLOPs':>17s}"
+            f"{'layer':28s} {'kind':10s} {'method':8s} {'ranks':16s} {'params':>17s} "
+            f"{'MFLOPs':>17s}"
             f"{ms_head} {'rel.err':>7s} {'sensitiv.':>9s}  note"
         )
         lines = [head, "-" * len(head)]
@@ -117,7 +133,7 @@ class Summary:
                     else f" {'-':>17s}"
                 )
             lines.append(
-                f"{r.name[-28:]:28s} {r.method:8s} {ranks[:16]:16s} "
+                f"{r.name[-28:]:28s} {r.kind:10s} {r.method:8s} {ranks[:16]:16s} "
                 f"{r.dense_params:>8d}->{r.params:<8d} "
                 f"{r.dense_flops / 1e6:>8.2f}->{r.flops / 1e6:<8.2f}{ms} {err} {sens}  {r.note}"
             )
@@ -125,14 +141,25 @@ class Summary:
         p_ratio = self.dense_params / max(self.params, 1)
         f_ratio = self.dense_flops / max(self.flops, 1)
         lines.append(
-            f"{'conv total':28s} {'':8s} {'':16s} {self.dense_params:>8d}->{self.params:<8d} "
+            f"{'layers total':28s} {'':10s} {'':8s} {'':16s} "
+            f"{self.dense_params:>8d}->{self.params:<8d} "
             f"{self.dense_flops / 1e6:>8.2f}->{self.flops / 1e6:<8.2f}"
             + (f" {self._ms(True):>8.3f}->{self._ms(False):<8.3f}" if self.timed else "")
         )
         lines.append(
-            f"conv params x{p_ratio:.2f} smaller, FLOPs x{f_ratio:.2f} fewer at input "
-            f"{tuple(self.input_size)}; model parameters {self.model_params} "
-            f"({self.other_params} outside conv kernels)"
+            f"layer params x{p_ratio:.2f} smaller, FLOPs x{f_ratio:.2f} fewer at input "
+            f"{tuple(self.input_size)}; {self.other_params} parameters outside their kernels"
+        )
+        mp = self.dense_model_params / max(self.model_params, 1)
+        lines.append(
+            f"whole model: parameters {self.dense_model_params} -> {self.model_params} "
+            f"(x{mp:.2f} smaller)"
+            + (
+                f", MFLOPs {self.dense_model_flops / 1e6:.2f} -> {self.model_flops / 1e6:.2f} "
+                f"(x{self.dense_model_flops / max(self.model_flops, 1):.2f} fewer)"
+                if self.model_flops
+                else ""
+            )
         )
         return "\n".join(lines)
 
@@ -145,7 +172,8 @@ def summary(
     channels_last: bool = False,
     repeats: int = timing.LATENCY_REPEATS,
 ) -> Summary:
-    """Rows for every ``nn.Conv2d`` and ``FactorizedConv2d`` of ``model``.
+    """Rows for every ``nn.Linear`` / ``nn.Conv1d/2d/3d`` and factorized layer of ``model``,
+    and the whole model's parameters and FLOPs before and after (``str()`` shows both).
 
     FLOPs are counted as ``torch.utils.flop_counter`` does (2 per multiply-add, biases excluded)
     for one inference forward pass (no gradients: factor-only steps folded once) at
@@ -166,13 +194,9 @@ def summary(
     kernel_params = 0
     for name, module in model.named_modules():
         shape = shapes.get(name)
-        if isinstance(module, FactorizedConv2d):
-            kshape = (module.out_channels, module.in_channels, *module.kernel_size)
-            dense_flops = (
-                2 * shape[0] * module.dense_params * math.prod(_out_hw(module, shape))
-                if shape
-                else 0
-            )
+        if isinstance(module, FactorizedLayer):
+            kshape = module.kernel_shape
+            dense_flops = dense_conv_flops(module.dense_shell(device="meta"), shape) if shape else 0
             err = module.info.get("relative_error")
             note = "" if shape else "not reached by the forward pass"
             note = "; ".join(filter(None, [note, _quantization_note(module)]))
@@ -190,10 +214,11 @@ def summary(
                     note,
                     # factors on the meta device (a model skeleton) have no values to measure
                     None if module.factors[0].is_meta else module.factorization.sensitivity(),
+                    kind=_kind(module),
                 )
             )
             kernel_params += module.num_params
-        elif isinstance(module, nn.Conv2d):
+        elif isinstance(module, DENSE_TYPES):
             flops = dense_conv_flops(module, shape) if shape else 0
             note = reasons.get(name, "")
             if not shape:
@@ -211,6 +236,7 @@ def summary(
                     flops,
                     None,
                     f"kept dense: {note}" if name in reasons else note,
+                    kind=_kind(module),
                 )
             )
             kernel_params += module.weight.numel()
@@ -224,20 +250,47 @@ def summary(
                 continue
             module = modules[row.name]
             pair = {"this": module}
-            if isinstance(module, FactorizedConv2d):
-                pair["dense"] = module.to_conv2d()
+            if isinstance(module, FactorizedLayer):
+                pair["dense"] = module.to_dense()
             ms = timing.module_latencies(pair, shape, channels_last=channels_last, repeats=repeats)
             row.latency_ms = ms["this"]
             row.dense_latency_ms = ms.get("dense", ms["this"])
     total = sum(p.numel() for p in model.parameters())
-    return Summary(rows, size, total, total - kernel_params)
+    return Summary(rows, size, total, total - kernel_params, _model_flops(model, size))
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, FactorizedLayer):
+        dims, groups = module.spatial_dims, module.groups
+    elif isinstance(module, nn.Linear):
+        dims, groups = 0, 1
+    else:
+        dims, groups = len(module.kernel_size), module.groups
+    name = "linear" if dims == 0 else f"conv{dims}d"
+    return name + (f"/g{groups}" if groups > 1 else "")
+
+
+def _model_flops(model: nn.Module, size: Sequence[int]) -> int:
+    """Inference FLOPs of one forward pass at ``size`` (0 for a model on the meta device): the
+    second of two passes, so a factorized layer's folded weights are not counted."""
+    param = next(model.parameters(), None)
+    if param is None or param.is_meta:
+        return 0
+    dtype = param.dtype if param.is_floating_point() else torch.float32
+    x = torch.zeros(tuple(size), device=param.device, dtype=dtype)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+            with FlopCounterMode(display=False) as counter:
+                model(x)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
 
 
 def _quantization_note(module: nn.Module) -> str:
     from .quantization import quantization_note  # quantization builds on compress and layers
 
     return quantization_note(module)
-
-
-def _out_hw(layer: FactorizedConv2d, shape: Sequence[int]) -> tuple[int, int]:
-    return layer.geometry.output_size((shape[2], shape[3]), layer.kernel_size)

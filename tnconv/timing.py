@@ -58,8 +58,9 @@ def module_latencies(
     dtype = param.dtype if param is not None else torch.float32
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(tuple(input_shape), generator=gen, dtype=dtype).to(device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = x.contiguous(memory_format=fmt)
+    # channels-last exists for 4-D and 5-D maps; other inputs (Linear, Conv1d) keep their layout
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    x = x.contiguous(memory_format=fmt if channels_last and fmt else torch.contiguous_format)
     modes = {name: m.training for name, m in modules.items()}
     try:
         for m in modules.values():

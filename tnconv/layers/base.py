@@ -425,10 +425,12 @@ class FactorizedLayer(nn.Module):
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape of the output for an input of ``input_shape`` (as the dense layer's)."""
-        shell = self._dense_shell(device="meta")
+        shell = self.dense_shell(device="meta")
         return tuple(shell(torch.empty(input_shape, device="meta")).shape)
 
-    def _dense_shell(self, **factory: Any) -> nn.Module:
+    def dense_shell(self, **factory: Any) -> nn.Module:
+        """An uninitialised dense layer of the same kind and geometry (``factory``: device /
+        dtype, e.g. ``device="meta"`` for a shape-only shell)."""
         if self.spatial_dims == 0:
             return self.dense_type(
                 self.in_channels, self.out_channels, bias=self.bias is not None, **factory
@@ -450,7 +452,7 @@ class FactorizedLayer(nn.Module):
         """The dense layer (``nn.Linear`` / ``nn.ConvNd``) with the reconstructed kernel (e.g.
         to undo compression)."""
         w = self.to_tensor().detach()
-        dense = self._dense_shell(device=w.device, dtype=w.dtype)
+        dense = self.dense_shell(device=w.device, dtype=w.dtype)
         with torch.no_grad():
             dense.weight.copy_(w)
             if self.bias is not None:
