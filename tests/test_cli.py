@@ -81,7 +81,7 @@ def test_compress_summary_roundtrip(tmp_path, capsys: pytest.CaptureFixture) -> 
         "-q",
     )
     assert code == 0, err
-    assert "conv total" in out and dst.exists()
+    assert "layers total" in out and dst.exists()
     small = tnconv.load(dst, model_fn=small_model)
     assert isinstance(small[2], tnconv.FactorizedConv2d)
     x = torch.randn(2, 3, 16, 16)

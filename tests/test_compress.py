@@ -108,7 +108,8 @@ def test_original_untouched_and_outputs_preserved(method: str) -> None:
     x = torch.randn(2, 3, 13, 11, dtype=torch.float64)
     torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
     reasons = tnconv.dense_reasons(small)
-    assert "groups=4" in reasons["body.4"]
+    # the grouped conv is fitted per group (a shared group index); exact fits save nothing here
+    assert "no saving" in reasons["body.4"]
     assert all("must divide" in reasons[n] for n in set(names) - takes)
 
 
@@ -123,11 +124,15 @@ def test_layer_selection() -> None:
     model = SmallNet()
     only = tnconv.compress(model, "tt", 2, layers=["body.0", "body.2"])
     assert set(factorized(only)) == {"body.0", "body.2"}
-    by_kernel = tnconv.compress(model, "tt", 2, layers=lambda n, m: m.kernel_size == (3, 3))
-    assert set(factorized(by_kernel)) == {"stem", "body.0"}
+    by_kernel = tnconv.compress(
+        model, "tt", 2, layers=lambda n, m: getattr(m, "kernel_size", ()) == (3, 3)
+    )
+    assert set(factorized(by_kernel)) == {"stem", "body.0", "body.4"}  # body.4 is grouped
+    by_type = tnconv.compress(model, "tt", 2, layers=nn.Linear)
+    assert isinstance(by_type.head, tnconv.FactorizedLinear) and not factorized(by_type)
     with pytest.raises(KeyError, match=r"no module named .body\.9."):
         tnconv.compress(model, "tt", 2, layers=["body.9"])
-    with pytest.raises(TypeError, match=r"not nn\.Conv2d"):
+    with pytest.raises(TypeError, match=r"not an nn\.Linear"):
         tnconv.compress(model, "tt", 2, layers=["bn"])
 
 
@@ -297,7 +302,9 @@ def test_summary_rows_and_flops_match_the_flop_counter() -> None:
     size = (2, 3, 12, 10)
     s = tnconv.summary(small, size)
     assert [r.name for r in s.rows] == [
-        n for n, m in small.named_modules() if isinstance(m, (nn.Conv2d, tnconv.FactorizedConv2d))
+        n
+        for n, m in small.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear, tnconv.FactorizedLayer))
     ]
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         small(torch.zeros(size))
@@ -311,8 +318,12 @@ def test_summary_rows_and_flops_match_the_flop_counter() -> None:
             assert r.params == layer.num_params and r.ranks == layer.ranks
             assert 0 < r.relative_error < 1
     text = str(s)
-    assert "conv total" in text and "tr" in text
+    assert "layers total" in text and "tr" in text
     assert s.model_params == sum(p.numel() for p in small.parameters())
+    # the whole model: every FLOP is in a row here, every parameter of the dense model counted
+    assert s.model_flops == s.flops and s.dense_model_flops == s.dense_flops
+    assert s.dense_model_params == sum(p.numel() for p in model.parameters())
+    assert "whole model: parameters" in text
 
 
 def test_summary_csv(tmp_path) -> None:

@@ -148,7 +148,7 @@ def test_compressing_block_convs_keeps_stem_and_classifier_dense() -> None:
         model, "tt", eps=0.4, layers=block_convs(model), input_size=(1, 3, 32, 32)
     )
     rows = {r.name: r for r in tnconv.summary(small).rows}
-    assert set(rows) == {"conv1", *block_convs(model)}
+    assert set(rows) == {"conv1", "linear", *block_convs(model)}  # the classifier has a row too
     assert rows["conv1"].method == "dense" and rows["conv1"].note == ""  # never selected
     factorized = [n for n in block_convs(model) if rows[n].method == "tt"]
     kept = tnconv.dense_reasons(small)
@@ -206,7 +206,7 @@ def test_reduction_table_on_resnet20(tmp_path) -> None:
     row = table.rows[1]
     assert row.params == n_params(small) and row.flops == model_flops(small)
     small_rows = tnconv.summary(small, (1, 3, 32, 32)).rows
-    assert row.block_flops == sum(r.flops for r in small_rows if r.name != "conv1")
+    assert row.block_flops == sum(r.flops for r in small_rows if r.name not in ("conv1", "linear"))
     assert row.kept_dense == len(tnconv.dense_reasons(small))
 
     params = [r.params for r in table.rows]

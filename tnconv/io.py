@@ -52,7 +52,7 @@ from .bn_folding import FOLDED_BN, remove_folded
 from .compress import DENSE_REASONS, INPUT_SIZE
 from .errors import LoadError, TnconvError, UntrustedFileError
 from .factorization import Factorization
-from .layers import FactorizedConv2d
+from .layers import DENSE_TYPES, FACTORIZED_TYPES, FactorizedConv2d, FactorizedLayer
 
 __all__ = [
     "FORMAT_VERSION",
@@ -183,26 +183,33 @@ class ArchitectureSpec(BaseModel):
             return cls(**kwargs)
 
 
+_KINDS = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3}
+_LAYER_OF_DIMS = {layer.spatial_dims: layer for layer in FACTORIZED_TYPES.values()}
+
+
 class LayerSpec(BaseModel):
-    """Everything needed to rebuild one ``FactorizedConv2d`` (its values come from the state
-    dict)."""
+    """Everything needed to rebuild one factorized layer (its values come from the state
+    dict). Files written before Linear / Conv1d / Conv3d / grouped layers have no ``kind`` /
+    ``group``: they are ungrouped Conv2d layers, the defaults."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     method: str
     equation: str
-    modes: tuple[str, str, str, str]
-    shape: tuple[int, int, int, int]
+    modes: tuple[str, ...]
+    shape: tuple[int, ...]  # the dense layer's weight shape (T, S / groups, *k)
     ranks: tuple[int, ...]
     factor_shapes: list[tuple[int, ...]]
-    stride: tuple[int, int]
-    padding: tuple[int, int] | Literal["same", "valid"]
-    dilation: tuple[int, int]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | Literal["same", "valid"]
+    dilation: tuple[int, ...]
     padding_mode: Literal["zeros", "reflect", "replicate", "circular"]
     bias: bool
     dtype: str
     info: dict[str, Any] = {}
+    kind: Literal["linear", "conv1d", "conv2d", "conv3d"] = "conv2d"
+    group: str = ""  # the group index of a grouped kernel
 
     @field_validator("dtype")
     @classmethod
@@ -213,14 +220,17 @@ class LayerSpec(BaseModel):
         return value
 
     @classmethod
-    def of(cls, name: str, layer: FactorizedConv2d) -> LayerSpec:
+    def of(cls, name: str, layer: FactorizedLayer) -> LayerSpec:
         info = {k: v for k, v in layer.info.items() if isinstance(v, (int, float, str, bool))}
+        dims = layer.spatial_dims
         return cls(
             name=name,
             method=layer.method,
             equation=layer.equation,
             modes=layer.modes,
-            shape=(layer.out_channels, layer.in_channels, *layer.kernel_size),
+            kind="linear" if dims == 0 else f"conv{dims}d",
+            group=layer.group,
+            shape=layer.kernel_shape,
             ranks=tuple(layer.ranks),
             factor_shapes=[tuple(p.shape) for p in layer.factors],
             stride=layer.stride,
@@ -232,7 +242,7 @@ class LayerSpec(BaseModel):
             info=info,
         )
 
-    def build(self) -> FactorizedConv2d:
+    def build(self) -> FactorizedLayer:
         """An empty-valued layer with this structure (load a state dict into it)."""
         dtype = getattr(torch, self.dtype)
         factors = [torch.zeros(s, dtype=dtype) for s in self.factor_shapes]
@@ -244,13 +254,18 @@ class LayerSpec(BaseModel):
             self.method,
             self.modes,
             dict(self.info),
+            self.group,
         )
-        return FactorizedConv2d(
+        layer = _LAYER_OF_DIMS[_KINDS[self.kind]]
+        if self.kind == "linear":
+            return layer(f, bias=self.bias)
+        return layer(
             f,
             self.stride,
             self.padding,
             self.dilation,
             bias=self.bias,
+            groups=f.groups,
             padding_mode=self.padding_mode,
         )
 
@@ -468,7 +483,7 @@ def _header_of(model: nn.Module, version: str) -> SavedModelHeader:
     specs = [
         LayerSpec.of(name, m)
         for name, m in model.named_modules()
-        if isinstance(m, FactorizedConv2d)
+        if isinstance(m, FactorizedLayer)
     ]
     qspecs = [QuantLayerSpec.of(name, m) for name, m in quantized_layers(model)]
     size = getattr(model, INPUT_SIZE, None)
@@ -815,7 +830,7 @@ def load(
                 raise LoadError(f"{path}: corrupt quantized weight {full!r}: {exc}") from exc
     for spec in header.layers:
         layer = result.get_submodule(spec.name)
-        if not isinstance(layer, FactorizedConv2d) or LayerSpec.of(spec.name, layer).model_dump(
+        if not isinstance(layer, FactorizedLayer) or LayerSpec.of(spec.name, layer).model_dump(
             exclude={"info"}
         ) != spec.model_dump(exclude={"info"}):
             raise LoadError(f"{path}: layer {spec.name!r} does not match its saved spec")
@@ -853,14 +868,22 @@ def _install(model: nn.Module, spec: LayerSpec) -> None:
         current = model.get_submodule(spec.name)
     except AttributeError as exc:
         raise LoadError(f"the model has no module {spec.name!r} to factorize") from exc
-    if isinstance(current, nn.Conv2d):
+    if isinstance(current, DENSE_TYPES):
+        wanted = _LAYER_OF_DIMS[_KINDS[spec.kind]].dense_type
+        if not isinstance(current, wanted):
+            raise LoadError(
+                f"module {spec.name!r} is a {type(current).__name__}; the saved layer replaces "
+                f"an nn.{wanted.__name__}"
+            )
         if tuple(current.weight.shape) != spec.shape:
             raise LoadError(
                 f"module {spec.name!r} has kernel {tuple(current.weight.shape)}, the saved layer "
                 f"{spec.shape}"
             )
-    elif not isinstance(current, FactorizedConv2d):
-        raise LoadError(f"module {spec.name!r} is a {type(current).__name__}, not a convolution")
+    elif not isinstance(current, FactorizedLayer):
+        raise LoadError(
+            f"module {spec.name!r} is a {type(current).__name__}, not a Linear or convolution"
+        )
     parent_name, _, child = spec.name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     layer = spec.build()

@@ -222,45 +222,52 @@ class Decomposition(ABC):
         """
         groups = int(options.pop("groups", 1))
         w = self._validate(weight, groups, statistics)
-        if w.ndim != 4 or groups != 1:
-            # other orders and grouped kernels: one fit per spec (nothing shared yet)
+        if groups != 1:
+            # grouped kernels: one fit per spec (nothing shared between specs yet)
             fits: list[Factorization] = []
             for i, spec in enumerate(specs):
                 fits.append(self.factorize(w, **dict(spec), groups=groups, **options))
                 if until is not None and until(i, fits[-1]):
                     break
             return fits
+        shape = tuple(int(n) for n in w.shape)
+        w4 = lifting.to_order4(w)  # other orders: the 4-D kernel they are fitted as
         parsed = [parse_rank_spec(**dict(spec)) for spec in specs]
         opts = self.parse_options(options)
         with plain_tensors():
-            zero = not bool(w.any())
-            w64 = self._reused_float64(w, reuse)
+            zero = not bool(w4.any())
+            w64 = self._reused_float64(w4, reuse, source=w)
             fitted: list[Factorization] = []
             whitened: dict[str, Any] = reuse.setdefault("whitened", {}) if reuse is not None else {}
             for i, spec in enumerate(parsed):
                 if zero:
-                    f = self._zero_kernel(w, spec, opts)
+                    f = self._zero_kernel(w4, spec, opts)
                 elif statistics is not None:
-                    f = output_aware.factorize(self, w, w64, spec, opts, statistics, whitened)
+                    f = output_aware.factorize(self, w4, w64, spec, opts, statistics, whitened)
                 else:
-                    f = self._factorize(w, w64, spec, opts)
+                    f = self._factorize(w4, w64, spec, opts)
+                f = lifting.from_order4(f, shape)
                 fitted.append(f)
                 if until is not None and until(i, f):
                     break
         return fitted
 
     @staticmethod
-    def _reused_float64(w: torch.Tensor, reuse: dict[str, Any] | None) -> torch.Tensor:
-        """The float64 copy of ``w`` (T, S, kh, kw) kept in ``reuse`` while ``w`` is the same,
-        unmodified tensor, else a fresh one (stored in ``reuse``).
+    def _reused_float64(
+        w: torch.Tensor, reuse: dict[str, Any] | None, source: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The float64 copy of ``w`` (T, S, kh, kw) kept in ``reuse`` while ``w`` (or the
+        ``source`` it is a view of) is the same, unmodified tensor, else a fresh one (stored in
+        ``reuse``).
 
         An ordinary tensor is recognised by identity and version counter. An inference tensor has
         no version counter (and may be changed in place inside ``inference_mode``), so its copy is
         reused only while its values still equal the copy's: one comparison per call, against a
         private float64 clone that nothing else can modify.
         """
-        version = tensor_version(w)
-        key = (id(w), version)
+        source = w if source is None else source
+        version = tensor_version(source)
+        key = (id(source), version)
         if reuse is not None and reuse.get("kernel") == key:
             w64 = reuse["float64"]
             if version is not None or torch.equal(w64, w.detach().to(torch.float64)):
