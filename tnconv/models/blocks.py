@@ -165,41 +165,55 @@ class _Net(nn.Module):
         return self.head(y.flatten(2).mean(-1))
 
 
-def resnet_bottleneck_net(classes: int = 10) -> nn.Module:
-    """A small ResNet-50-style network: three bottleneck stages."""
-    blocks = [Bottleneck(32, 16), Bottleneck(64, 32, 2), Bottleneck(128, 32)]
-    return _Net(_conv_bn(3, 32, 3), blocks, 128, classes)
+def resnet_bottleneck_net(classes: int = 10, width: int = 32) -> nn.Module:
+    """A small ResNet-50-style network: three bottleneck stages (``width``: stem channels)."""
+    w = width
+    blocks = [Bottleneck(w, w // 2), Bottleneck(2 * w, w, 2), Bottleneck(4 * w, w)]
+    return _Net(_conv_bn(3, w, 3), blocks, 4 * w, classes)
 
 
-def resnext_net(classes: int = 10) -> nn.Module:
-    """A small ResNeXt: grouped (32 groups) bottlenecks."""
-    blocks = [Bottleneck(64, 32, groups=32, width=128), Bottleneck(128, 32, 2, 32, 128)]
-    return _Net(_conv_bn(3, 64, 3), blocks, 128, classes)
+def resnext_net(classes: int = 10, width: int = 64) -> nn.Module:
+    """A small ResNeXt: grouped (32x4d-style) bottlenecks."""
+    w = width
+    groups = max(1, w // 2)
+    blocks = [
+        Bottleneck(w, w // 2, groups=groups, width=2 * w),
+        Bottleneck(2 * w, w // 2, 2, groups, 2 * w),
+    ]
+    return _Net(_conv_bn(3, w, 3), blocks, 2 * w, classes)
 
 
-def mobilenet_v2_net(classes: int = 10) -> nn.Module:
-    blocks = [InvertedResidual(32, 32), InvertedResidual(32, 64, 2), InvertedResidual(64, 64)]
-    return _Net(_conv_bn(3, 32, 3), blocks, 64, classes)
+def mobilenet_v2_net(classes: int = 10, width: int = 32) -> nn.Module:
+    w = width
+    blocks = [InvertedResidual(w, w), InvertedResidual(w, 2 * w, 2), InvertedResidual(2 * w, 2 * w)]
+    return _Net(_conv_bn(3, w, 3), blocks, 2 * w, classes)
 
 
-def efficientnet_net(classes: int = 10) -> nn.Module:
-    blocks = [MBConv(32, 32), MBConv(32, 64, 2), MBConv(64, 64)]
-    return _Net(_conv_bn(3, 32, 3), blocks, 64, classes)
+def efficientnet_net(classes: int = 10, width: int = 32) -> nn.Module:
+    w = width
+    blocks = [MBConv(w, w), MBConv(w, 2 * w, 2), MBConv(2 * w, 2 * w)]
+    return _Net(_conv_bn(3, w, 3), blocks, 2 * w, classes)
 
 
-def convnext_net(classes: int = 10) -> nn.Module:
-    stem = nn.Conv2d(3, 64, 4, stride=4)
-    return _Net(stem, [ConvNeXtBlock(64), ConvNeXtBlock(64)], 64, classes)
+def convnext_net(classes: int = 10, width: int = 64) -> nn.Module:
+    stem = nn.Conv2d(3, width, 4, stride=4)
+    return _Net(stem, [ConvNeXtBlock(width), ConvNeXtBlock(width)], width, classes)
 
 
-def temporal_net(classes: int = 10) -> nn.Module:
-    blocks = [TemporalBlock(32, 64, 1), TemporalBlock(64, 64, 2), TemporalBlock(64, 64, 4)]
-    return _Net(nn.Conv1d(8, 32, 1), blocks, 64, classes)
+def temporal_net(classes: int = 10, width: int = 32) -> nn.Module:
+    w = width
+    blocks = [
+        TemporalBlock(w, 2 * w, 1),
+        TemporalBlock(2 * w, 2 * w, 2),
+        TemporalBlock(2 * w, 2 * w, 4),
+    ]
+    return _Net(nn.Conv1d(8, w, 1), blocks, 2 * w, classes)
 
 
-def video_net(classes: int = 10) -> nn.Module:
-    blocks = [Conv3dBlock(16, 32, 2), Conv3dBlock(32, 32)]
-    return _Net(nn.Conv3d(3, 16, 3, padding=1), blocks, 32, classes)
+def video_net(classes: int = 10, width: int = 16) -> nn.Module:
+    w = width
+    blocks = [Conv3dBlock(w, 2 * w, 2), Conv3dBlock(2 * w, 2 * w)]
+    return _Net(nn.Conv3d(3, w, 3, padding=1), blocks, 2 * w, classes)
 
 
 def resnet50(classes: int = 1000) -> nn.Module:
@@ -220,8 +234,8 @@ def resnet50(classes: int = 1000) -> nn.Module:
     return _Net(stem, blocks, cin, classes)
 
 
-# name -> (factory, input size)
-ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+# name -> (factory(classes=10, width=...), input size); the widths are the factories' defaults
+ARCHITECTURES: dict[str, tuple[Callable[..., nn.Module], tuple[int, ...]]] = {
     "resnet-bottleneck": (resnet_bottleneck_net, (1, 3, 32, 32)),
     "resnext": (resnext_net, (1, 3, 32, 32)),
     "mobilenet-v2": (mobilenet_v2_net, (1, 3, 32, 32)),
