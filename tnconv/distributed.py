@@ -1,0 +1,310 @@
+"""``torch.distributed`` support for the training helpers (``torchrun --nproc_per_node N``).
+
+When a process group is initialised (``torch.distributed.init_process_group``, which
+:func:`init_from_env` does for ``torchrun``), :func:`tnconv.finetune`, :func:`tnconv.training.fit`
+(so :meth:`tnconv.ADMM.fit` and quantization-aware fine-tuning) train data-parallel: the model is
+wrapped in ``DistributedDataParallel``, only rank 0 shows progress bars and logs epochs, the
+reported loss is the mean over every rank's samples, and ADMM's Z / U update is computed on rank 0
+and broadcast. Without a process group nothing changes: the helpers run exactly as before.
+
+How a loader is split (docs/scale.md, "torch.distributed / torchrun"):
+
+* a ``DataLoader`` whose sampler is a ``DistributedSampler`` is already sharded: each rank trains
+  on its own batches as they come, and the sampler's epoch is set before every epoch;
+* any other loader is taken as the *global* batches: every rank must iterate the same batches
+  (give each rank's loader the same seeded ``generator``), and each rank trains on its
+  contiguous share of every batch (:func:`shard_batch`; shares differ by at most one sample, and
+  each rank's loss is weighted by its share so the averaged gradient is the global batch's mean
+  gradient). The run is then the 1-process run with the same batches, to rounding. Every batch's
+  fingerprint is compared across ranks (one small all-reduce), so a loader that yields other
+  batches on another rank raises :class:`~tnconv.errors.LoaderError` instead of training on
+  overlapping data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from .errors import LoaderError, OptionError
+
+__all__ = [
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "broadcast_tensors",
+    "check_same_batch",
+    "init_from_env",
+    "is_distributed",
+    "is_main_process",
+    "is_sharded",
+    "rank",
+    "set_epoch",
+    "shard_batch",
+    "sync_batchnorm",
+    "unwrap",
+    "world_size",
+    "wrap_ddp",
+]
+
+log = logging.getLogger(__name__)
+
+
+def is_distributed() -> bool:
+    """Whether a ``torch.distributed`` process group is initialised (any world size)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank in the default group; 0 without one."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """The number of processes in the default group; 1 without one."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 and in a process without a group: the one that logs, prints and writes."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing without a process group)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def init_from_env(timeout_s: float = 1800.0) -> bool:
+    """Initialise the default process group from ``torchrun``'s environment, if there is one.
+
+    ``torchrun`` (and ``torch.distributed.launch``) set ``WORLD_SIZE``, ``RANK`` and
+    ``MASTER_ADDR`` / ``MASTER_PORT``; this starts the group with the ``env://`` method, on NCCL
+    when CUDA is available and gloo otherwise (``TNCONV_DIST_BACKEND`` overrides), and pins the
+    process to ``cuda:LOCAL_RANK``. Returns whether a group is initialised afterwards (False when
+    the process was not started by a launcher; a group initialised already is kept).
+    """
+    if is_distributed():
+        return True
+    if not dist.is_available() or "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return False
+    backend = os.environ.get("TNCONV_DIST_BACKEND") or (
+        "nccl" if torch.cuda.is_available() else "gloo"
+    )
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
+    log.info("torch.distributed: rank %d of %d (%s)", rank(), world_size(), backend)
+    return True
+
+
+# -- models -----------------------------------------------------------------------------------
+def wrap_ddp(model: nn.Module, **ddp_options: Any) -> nn.Module:
+    """``DistributedDataParallel(model)`` under a process group; ``model`` itself otherwise.
+
+    Wrapping broadcasts rank 0's parameters and buffers to every rank. CUDA models get
+    ``device_ids=[their device]`` unless given. ``ddp_options`` go to DDP (e.g.
+    ``find_unused_parameters=True`` for a model some of whose parameters a forward skips).
+    """
+    if not is_distributed():
+        return model
+    if not any(p.requires_grad for p in model.parameters()):
+        raise OptionError("DistributedDataParallel needs a model with a trainable parameter")
+    param = next(model.parameters())
+    if param.device.type == "cuda" and "device_ids" not in ddp_options:
+        ddp_options["device_ids"] = [param.device]
+    return nn.parallel.DistributedDataParallel(model, **ddp_options)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (``model`` if not wrapped)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def sync_batchnorm(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Swap ``model``'s batch-norm layers for ``nn.SyncBatchNorm`` while the block runs.
+
+    Under a process group, batch statistics are then those of the global batch (the 1-process
+    statistics) instead of each rank's share. The swapped layers share the original layers'
+    parameters and running buffers, so training updates the originals, which are put back on
+    exit: the caller's model keeps its ``BatchNorm2d`` types. A no-op without a process group or
+    with ``enabled=False``.
+
+    Raises:
+        OptionError: the model is on the CPU (torch's ``SyncBatchNorm`` runs only on CUDA).
+    """
+    if not enabled or not is_distributed():
+        yield model
+        return
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(
+                child, nn.SyncBatchNorm
+            ):
+                swaps.append((parent, name, child))
+    if swaps and any(
+        p.device.type != "cuda" for _, _, bn in swaps for p in [*bn.parameters(), *bn.buffers()]
+    ):
+        raise OptionError(
+            "sync_batchnorm=True needs the model on CUDA: torch's SyncBatchNorm does not run on "
+            "the CPU (on CPU ranks each batch-norm layer normalises with its rank's share)"
+        )
+    try:
+        for parent, name, bn in swaps:
+            setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(bn))
+        yield model
+    finally:
+        for parent, name, bn in swaps:
+            setattr(parent, name, bn)
+
+
+# -- loaders ----------------------------------------------------------------------------------
+def is_sharded(loader: Any) -> bool:
+    """Whether ``loader`` is a ``DataLoader`` with a ``DistributedSampler`` (its own shard)."""
+    if not isinstance(loader, DataLoader):
+        return False
+    sampler = loader.sampler
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    inner = getattr(batch_sampler, "sampler", None)
+    return isinstance(sampler, DistributedSampler) or isinstance(inner, DistributedSampler)
+
+
+def set_epoch(loader: Any, epoch: int) -> None:
+    """``sampler.set_epoch(epoch)`` for a ``DistributedSampler`` loader (its shuffle then
+    differs per epoch, as in a 1-process run); nothing for other loaders."""
+    if not isinstance(loader, DataLoader):
+        return
+    for sampler in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+
+
+def _split(t: torch.Tensor, index: int, parts: int) -> torch.Tensor:
+    return torch.tensor_split(t, parts, dim=0)[index]
+
+
+def shard_batch(batch: Any, index: int | None = None, parts: int | None = None) -> Any:
+    """This rank's contiguous share of a global batch: every tensor in ``batch`` (a tensor, or a
+    tuple / list of them) is split along dim 0 into ``parts`` (default: the world size) pieces
+    whose sizes differ by at most one, and piece ``index`` (default: this rank) is returned.
+    Without a process group the batch is returned unchanged."""
+    parts = world_size() if parts is None else parts
+    index = rank() if index is None else index
+    if parts == 1:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return _split(batch, index, parts)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(
+            _split(t, index, parts) if isinstance(t, torch.Tensor) else t for t in batch
+        )
+    raise LoaderError(
+        f"cannot split a batch of type {type(batch).__name__} across processes; give a tensor "
+        "or a tuple of tensors, or a DataLoader with a DistributedSampler"
+    )
+
+
+def _fingerprint(batch: Any) -> list[float]:
+    """Position-weighted sums of a batch's tensors (in float64): equal on two ranks only if
+    their batches very probably hold the same samples in the same order."""
+    tensors = [batch] if isinstance(batch, torch.Tensor) else list(batch)
+    out: list[float] = []
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        n = t.shape[0] if t.ndim else 1
+        rows = t.detach().reshape(n, -1).to(torch.float64)
+        weights = torch.arange(1, n + 1, dtype=torch.float64, device=rows.device)
+        out += [float(n), float((rows.sum(dim=1) * weights).sum())]
+    return out
+
+
+def check_same_batch(batch: Any) -> int:
+    """Check that every rank holds the same global ``batch``; returns its size (dim 0).
+
+    One all-reduce of a few numbers. Raises :class:`~tnconv.errors.LoaderError` on every rank
+    when they differ (their loaders shuffle or augment with different random numbers), and when
+    the batch has fewer samples than there are ranks (a rank would get none).
+    """
+    tensors = [batch] if isinstance(batch, torch.Tensor) else list(batch)
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None:
+        raise LoaderError(f"a batch holds no tensor: {type(batch).__name__}")
+    size = int(first.shape[0])
+    if not is_distributed():
+        return size
+    prints = torch.tensor(_fingerprint(batch), dtype=torch.float64)
+    both = torch.cat([prints, -prints])
+    if dist.get_backend() == "nccl":
+        both = both.cuda()
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    high, low = both[: len(prints)], -both[len(prints) :]
+    if not bool(torch.equal(high, low)):
+        raise LoaderError(
+            "the ranks' loaders yield different batches: with a loader that is not sharded, "
+            "every rank must iterate the same global batches (seed each rank's DataLoader "
+            "generator and augmentation identically), or give the loader a DistributedSampler"
+        )
+    if size < world_size():
+        raise LoaderError(
+            f"a batch of {size} sample(s) cannot be split over {world_size()} processes; use a "
+            "batch size of at least the world size and drop_last=True for a short last batch"
+        )
+    return size
+
+
+# -- collectives --------------------------------------------------------------------------------
+def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` in place with rank ``src``'s values (nothing without a group).
+
+    Tensors are packed into one flat buffer per (device, dtype), so a whole model's worth costs
+    one broadcast per kind. Every rank must pass tensors of the same shapes, in the same order.
+    """
+    if not is_distributed() or not tensors:
+        return
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for group in groups.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        dist.broadcast(flat, src=src)
+        offset = 0
+        with torch.no_grad():
+            for t in group:
+                n = t.numel()
+                t.copy_(flat[offset : offset + n].view_as(t))
+                offset += n
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (``obj`` itself without a group)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(values: Sequence[float]) -> list[float]:
+    """The element-wise sums of ``values`` over the ranks, in float64 (``values`` without a
+    group)."""
+    if not is_distributed():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [float(v) for v in t.cpu()]
