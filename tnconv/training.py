@@ -494,9 +494,7 @@ def finetune(
                     else:
                         with torch.no_grad():
                             target = teacher(inputs.to(teacher_device)).to(logits.device)
-                        loss = distillation_loss(
-                            logits, labels, target, temperature, float(alpha)
-                        )
+                        loss = distillation_loss(logits, labels, target, temperature, float(alpha))
                     (loss * weight if par.active else loss).backward()
                     if clip is not None:
                         torch.nn.utils.clip_grad_norm_(params, clip)
