@@ -39,6 +39,7 @@ from torch.utils.data.distributed import DistributedSampler
 from .errors import LoaderError, OptionError
 
 __all__ = [
+    "GlobalBatchNorm",
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
@@ -132,18 +133,71 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+class GlobalBatchNorm(nn.Module):
+    """A batch-norm layer whose training-mode statistics are those of the global batch, on any
+    device and backend (torch's ``nn.SyncBatchNorm`` runs only on CUDA).
+
+    Wraps ``bn`` (any ``nn.modules.batchnorm._BatchNorm``; inputs (B, C, ...)) and shares its
+    parameters and running buffers. In training mode the mean and the (biased) variance over
+    every rank's samples are computed in two differentiable all-reduces
+    (``torch.distributed.nn.functional.all_reduce``: their backward sums the ranks' gradients,
+    so each rank's input gradient is what the global batch's would be, times the world size,
+    which DDP's averaging undoes), and the running statistics are updated with them as
+    ``bn`` would (the unbiased variance, ``momentum`` or the cumulative average). In eval mode
+    it is ``bn`` itself.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        if not bn.training or not is_distributed():
+            return bn(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [d for d in range(x.ndim) if d != 1]
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        with torch.no_grad():
+            count = torch.tensor(
+                [float(x.numel() // x.shape[1])], dtype=torch.float64, device=x.device
+            )
+            dist.all_reduce(count, op=dist.ReduceOp.SUM)
+            n = float(count.item())
+        mean = all_reduce(x.sum(dim=dims), op=dist.ReduceOp.SUM) / n
+        centred = x - mean.view(shape)
+        var = all_reduce(centred.pow(2).sum(dim=dims), op=dist.ReduceOp.SUM) / n
+        y = centred * torch.rsqrt(var + bn.eps).view(shape)
+        if bn.affine:
+            y = y * bn.weight.view(shape) + bn.bias.view(shape)
+        if bn.training and bn.track_running_stats:
+            with torch.no_grad():
+                assert bn.num_batches_tracked is not None
+                assert bn.running_mean is not None and bn.running_var is not None
+                bn.num_batches_tracked.add_(1)
+                factor = (
+                    1.0 / float(bn.num_batches_tracked)
+                    if bn.momentum is None
+                    else float(bn.momentum)
+                )
+                unbiased = var.detach() * (n / max(n - 1.0, 1.0))
+                bn.running_mean.mul_(1 - factor).add_(factor * mean.detach())
+                bn.running_var.mul_(1 - factor).add_(factor * unbiased)
+        return y
+
+
 @contextlib.contextmanager
 def sync_batchnorm(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
-    """Swap ``model``'s batch-norm layers for ``nn.SyncBatchNorm`` while the block runs.
+    """Swap ``model``'s batch-norm layers for synchronised ones while the block runs.
 
-    Under a process group, batch statistics are then those of the global batch (the 1-process
-    statistics) instead of each rank's share. The swapped layers share the original layers'
-    parameters and running buffers, so training updates the originals, which are put back on
-    exit: the caller's model keeps its ``BatchNorm2d`` types. A no-op without a process group or
-    with ``enabled=False``.
-
-    Raises:
-        OptionError: the model is on the CPU (torch's ``SyncBatchNorm`` runs only on CUDA).
+    Under a process group, training-mode batch statistics are then those of the global batch
+    (as in a 1-process run) instead of each rank's share: ``nn.SyncBatchNorm`` for layers on
+    CUDA, :class:`GlobalBatchNorm` elsewhere (torch's runs only on CUDA). The swapped layers
+    share the original layers' parameters and running buffers, so training updates the
+    originals, which are put back on exit: the caller's model keeps its ``BatchNorm2d`` types.
+    A no-op without a process group or with ``enabled=False``. The root module itself is never
+    swapped (only children).
     """
     if not enabled or not is_distributed():
         yield model
@@ -155,16 +209,14 @@ def sync_batchnorm(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module
                 child, nn.SyncBatchNorm
             ):
                 swaps.append((parent, name, child))
-    if swaps and any(
-        p.device.type != "cuda" for _, _, bn in swaps for p in [*bn.parameters(), *bn.buffers()]
-    ):
-        raise OptionError(
-            "sync_batchnorm=True needs the model on CUDA: torch's SyncBatchNorm does not run on "
-            "the CPU (on CPU ranks each batch-norm layer normalises with its rank's share)"
-        )
     try:
         for parent, name, bn in swaps:
-            setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(bn))
+            on_cuda = any(t.device.type == "cuda" for t in [*bn.parameters(), *bn.buffers()])
+            setattr(
+                parent,
+                name,
+                nn.SyncBatchNorm.convert_sync_batchnorm(bn) if on_cuda else GlobalBatchNorm(bn),
+            )
         yield model
     finally:
         for parent, name, bn in swaps:
