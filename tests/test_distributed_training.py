@@ -12,7 +12,6 @@ and a last test runs
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 import tnconv
 from tnconv import distributed as tdist
+from tnconv.cli import main
 from tnconv.errors import LoaderError
 from tnconv.training import fit
 
@@ -271,47 +271,54 @@ def test_helpers_without_a_process_group() -> None:
     assert not tdist.init_from_env() or "WORLD_SIZE" in os.environ
 
 
-@pytest.mark.skipif(
-    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-    reason="torchrun is not installed",
-)
-def test_tnconv_admm_runs_under_torchrun(tmp_path: Path) -> None:
+_ADMM_ARGS = [
+    "admm",
+    "-m",
+    "tucker",
+    "--ratio",
+    "0.5",
+    "--source",
+    "sklearn",
+    "--train-limit",
+    "128",
+    "--width",
+    "4",
+    "--dense-epochs",
+    "1",
+    "--epochs",
+    "1",
+    "--tune-epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--sync-batchnorm",
+    "-q",
+]
+
+
+def test_tnconv_admm_under_torchrun_gives_the_one_process_model(tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [
-        str(torchrun) if torchrun.exists() else "torchrun",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "tnconv.cli",
-        "admm",
-        "-m",
-        "tucker",
-        "--ratio",
-        "0.5",
-        "--source",
-        "sklearn",
-        "--train-limit",
-        "128",
-        "--width",
-        "4",
-        "--dense-epochs",
-        "1",
-        "--epochs",
-        "1",
-        "--tune-epochs",
-        "1",
-        "--batch-size",
-        "32",
-        "-q",
-        "-o",
-        str(tmp_path / "admm.safetensors"),
-    ]
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this python")
+    port = str(_free_port())
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", port, "-m", "tnconv.cli"]
+    out = tmp_path / "two.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run(
+        [*cmd, *_ADMM_ARGS, "-o", str(out)], capture_output=True, text=True, timeout=120, env=env
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("wrote ") == 1  # rank 0 alone prints and writes
-    assert "admm step" in done.stdout
-    assert tnconv.load(tmp_path / "admm.safetensors") is not None
+    assert done.stdout.count("admm step   2") == 1
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*_ADMM_ARGS, "-o", str(tmp_path / "one.safetensors")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    one = tnconv.load(tmp_path / "one.safetensors").state_dict()
+    two = tnconv.load(out).state_dict()
+    floats = {k: v for k, v in one.items() if v.is_floating_point()}
+    _close({k: two[k] for k in floats}, floats, rtol=1e-4)

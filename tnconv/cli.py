@@ -467,7 +467,12 @@ def _admm(args: argparse.Namespace) -> int:
         model = _read_model(args.input, args)
     else:
         model = train_dense(
-            data, width=args.width, epochs=args.dense_epochs, seed=args.seed, progress=progress
+            data,
+            width=args.width,
+            epochs=args.dense_epochs,
+            seed=args.seed,
+            progress=progress,
+            sync_batchnorm=args.sync_batchnorm,
         )
     try:
         dense_acc = evaluate(model, data.test_loader())
@@ -488,6 +493,7 @@ def _admm(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         progress=progress,
+        sync_batchnorm=args.sync_batchnorm,
         options={base: _options(args.option)},
     )
     ADMM(
@@ -677,6 +683,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-epochs", type=int, default=6, help="DigitsNet training epochs")
     p.add_argument("--layers", help="comma-separated conv names (default: convs with >1 input)")
     p.add_argument("--compare", action="store_true", help="also run direct compression")
+    p.add_argument(
+        "--sync-batchnorm",
+        action="store_true",
+        help="under torchrun: batch-norm statistics over the global batch (the 1-process model)",
+    )
     p.add_argument("--option", action="append", default=[], help="method option key=value")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, help="where to tnconv.save the result")

@@ -133,16 +133,35 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce (sum): the backward sums the ranks' output gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        out = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(tensor)  # type: ignore[no-any-return]
+
+
 class GlobalBatchNorm(nn.Module):
     """A batch-norm layer whose training-mode statistics are those of the global batch, on any
     device and backend (torch's ``nn.SyncBatchNorm`` runs only on CUDA).
 
     Wraps ``bn`` (any ``nn.modules.batchnorm._BatchNorm``; inputs (B, C, ...)) and shares its
     parameters and running buffers. In training mode the mean and the (biased) variance over
-    every rank's samples are computed in two differentiable all-reduces
-    (``torch.distributed.nn.functional.all_reduce``: their backward sums the ranks' gradients,
-    so each rank's input gradient is what the global batch's would be, times the world size,
-    which DDP's averaging undoes), and the running statistics are updated with them as
+    every rank's samples are computed in two differentiable all-reduces (their backward sums
+    the ranks' gradients, so each rank's input gradient is the global batch's times the world
+    size, which DDP's averaging undoes), and the running statistics are updated with them as
     ``bn`` would (the unbiased variance, ``momentum`` or the cumulative average). In eval mode
     it is ``bn`` itself.
     """
@@ -155,8 +174,6 @@ class GlobalBatchNorm(nn.Module):
         bn = self.bn
         if not bn.training or not is_distributed():
             return bn(x)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = [d for d in range(x.ndim) if d != 1]
         shape = [1, -1] + [1] * (x.ndim - 2)
         with torch.no_grad():
@@ -165,9 +182,9 @@ class GlobalBatchNorm(nn.Module):
             )
             dist.all_reduce(count, op=dist.ReduceOp.SUM)
             n = float(count.item())
-        mean = all_reduce(x.sum(dim=dims), op=dist.ReduceOp.SUM) / n
+        mean = _all_reduce_sum(x.sum(dim=dims)) / n
         centred = x - mean.view(shape)
-        var = all_reduce(centred.pow(2).sum(dim=dims), op=dist.ReduceOp.SUM) / n
+        var = _all_reduce_sum(centred.pow(2).sum(dim=dims)) / n
         y = centred * torch.rsqrt(var + bn.eps).view(shape)
         if bn.affine:
             y = y * bn.weight.view(shape) + bn.bias.view(shape)
