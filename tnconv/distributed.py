@@ -133,24 +133,77 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Differentiable all-reduce (sum): the backward sums the ranks' output gradients."""
+def _accumulator(x: torch.Tensor) -> torch.dtype:
+    """float64 for the per-channel sums where the device has it (CPU, CUDA)."""
+    return torch.float64 if x.device.type in ("cpu", "cuda") else torch.float32
+
+
+class _GlobalBatchNormFunction(torch.autograd.Function):
+    """Batch norm over every rank's samples: one all-reduce forward, one backward.
+
+    Forward: each rank's per-channel count, mean and biased variance (``torch.var_mean``) are
+    combined in float64 with one all-reduce of ``(n_r m_r, n_r (v_r + m_r^2), n_r)`` (Chan et
+    al.'s pairwise combination), then torch's fused batch norm normalises with the global
+    statistics; it returns ``(y, mean, biased variance, global count)``, the last three without
+    gradient. Backward: torch's batch-norm backward gives the local ``sum(dy)`` and
+    ``sum(dy * xhat)`` (the bias and weight gradients, returned local: DDP averages them); their
+    all-reduced sums give each rank's input gradient as the global batch's times the world size
+    (DDP's averaging undoes the factor)::
+
+        dx = w * invstd * (dy - sum(dy) / N - xhat * sum(dy * xhat) / N)
+    """
 
     @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = x.shape[1]
+        dims = [d for d in range(x.ndim) if d != 1]
+        acc = _accumulator(x)
+        local_var, local_mean = torch.var_mean(x, dim=dims, correction=0)
+        n_local = float(x.numel() // c)
+        m = local_mean.to(acc)
+        count = torch.full((1,), n_local, dtype=acc, device=x.device)
+        stats = torch.cat([n_local * m, n_local * (local_var.to(acc) + m * m), count])
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        n = float(stats[-1])
+        mean_acc = stats[:c] / n
+        var_acc = (stats[c : 2 * c] / n - mean_acc * mean_acc).clamp(min=0.0)
+        mean, var = mean_acc.to(x.dtype), var_acc.to(x.dtype)
+        invstd = torch.rsqrt(var + eps)
+        y = torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.n, ctx.eps = n, eps
+        total = stats[-1].clone()
+        ctx.mark_non_differentiable(mean, var, total)
+        return y, mean, var, total
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        out = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
-
-
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    return _AllReduceSum.apply(tensor)  # type: ignore[no-any-return]
+    def backward(
+        ctx: Any, dy: torch.Tensor, *_: Any
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        c = x.shape[1]
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        dy = dy.contiguous()
+        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy, x, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True]
+        )
+        both = torch.cat([sum_dy, sum_dy_xhat]).to(_accumulator(x))
+        dist.all_reduce(both, op=dist.ReduceOp.SUM)
+        total_dy, total_dy_xhat = (both[:c] / ctx.n).to(x.dtype), (both[c:] / ctx.n).to(x.dtype)
+        k = invstd if weight is None else weight * invstd
+        # dx = k dy + b x + a, per channel
+        b = -k * invstd * total_dy_xhat
+        a = -k * total_dy - b * mean
+        dx = torch.addcmul(torch.addcmul(a.view(shape), x, b.view(shape)), dy, k.view(shape))
+        grad_w = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
+        grad_b = sum_dy if ctx.needs_input_grad[2] else None
+        return dx, grad_w, grad_b, None
 
 
 class GlobalBatchNorm(nn.Module):
@@ -158,12 +211,11 @@ class GlobalBatchNorm(nn.Module):
     device and backend (torch's ``nn.SyncBatchNorm`` runs only on CUDA).
 
     Wraps ``bn`` (any ``nn.modules.batchnorm._BatchNorm``; inputs (B, C, ...)) and shares its
-    parameters and running buffers. In training mode the mean and the (biased) variance over
-    every rank's samples are computed in two differentiable all-reduces (their backward sums
-    the ranks' gradients, so each rank's input gradient is the global batch's times the world
-    size, which DDP's averaging undoes), and the running statistics are updated with them as
-    ``bn`` would (the unbiased variance, ``momentum`` or the cumulative average). In eval mode
-    it is ``bn`` itself.
+    parameters and running buffers. In training mode the per-channel mean and biased variance
+    of every rank's samples together normalise the input, with one all-reduce forward and one
+    backward per layer and step (:class:`_GlobalBatchNormFunction`); the running statistics
+    are updated with them as ``bn`` would (the unbiased variance, ``momentum`` or the
+    cumulative average). In eval mode it is ``bn`` itself.
     """
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
@@ -174,21 +226,8 @@ class GlobalBatchNorm(nn.Module):
         bn = self.bn
         if not bn.training or not is_distributed():
             return bn(x)
-        dims = [d for d in range(x.ndim) if d != 1]
-        shape = [1, -1] + [1] * (x.ndim - 2)
-        with torch.no_grad():
-            count = torch.tensor(
-                [float(x.numel() // x.shape[1])], dtype=torch.float64, device=x.device
-            )
-            dist.all_reduce(count, op=dist.ReduceOp.SUM)
-            n = float(count.item())
-        mean = _all_reduce_sum(x.sum(dim=dims)) / n
-        centred = x - mean.view(shape)
-        var = _all_reduce_sum(centred.pow(2).sum(dim=dims)) / n
-        y = centred * torch.rsqrt(var + bn.eps).view(shape)
-        if bn.affine:
-            y = y * bn.weight.view(shape) + bn.bias.view(shape)
-        if bn.training and bn.track_running_stats:
+        y, mean, var, count = _GlobalBatchNormFunction.apply(x, bn.weight, bn.bias, bn.eps)
+        if bn.track_running_stats:
             with torch.no_grad():
                 assert bn.num_batches_tracked is not None
                 assert bn.running_mean is not None and bn.running_var is not None
@@ -198,9 +237,9 @@ class GlobalBatchNorm(nn.Module):
                     if bn.momentum is None
                     else float(bn.momentum)
                 )
-                unbiased = var.detach() * (n / max(n - 1.0, 1.0))
-                bn.running_mean.mul_(1 - factor).add_(factor * mean.detach())
-                bn.running_var.mul_(1 - factor).add_(factor * unbiased)
+                n = float(count)
+                bn.running_mean.mul_(1 - factor).add_(factor * mean)
+                bn.running_var.mul_(1 - factor).add_(factor * var * (n / max(n - 1.0, 1.0)))
         return y
 
 
