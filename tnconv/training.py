@@ -137,7 +137,9 @@ def fit(
     used as it is (its epoch set every epoch), any other loader's batches are global batches of
     which each rank trains on its share (:mod:`tnconv.distributed`); the history is the mean
     over every rank's samples, and only rank 0 shows the bar and logs. ``sync_batchnorm``:
-    batch statistics over the global batch (``nn.SyncBatchNorm``, CUDA only). ``penalty()``
+    batch statistics over the global batch (:func:`tnconv.distributed.sync_batchnorm`: torch's
+    ``nn.SyncBatchNorm`` on CUDA, :class:`~tnconv.distributed.GlobalBatchNorm` elsewhere; the
+    model keeps its layers). Feature-map quantizers' ranges follow the global batch. ``penalty()``
     must be the same on every rank (it is not weighted by the rank's share). Without a process
     group both options do nothing.
     """
@@ -403,7 +405,7 @@ def finetune(
     Under ``torch.distributed`` (``torchrun``) it trains data-parallel as :func:`fit` does
     (DDP; a ``DistributedSampler`` loader used as it is, any other loader's batches split
     across the ranks; the history averaged over the ranks; rank-0 bar and logs;
-    ``sync_batchnorm`` for ``nn.SyncBatchNorm`` on CUDA; quantized models' feature-map ranges
+    ``sync_batchnorm`` for global batch-norm statistics; quantized models' feature-map ranges
     follow the global batch). With the same global batches it gives the 1-process weights to
     rounding (tests/test_distributed_training.py). The model is trained in place and stays
     unwrapped.
