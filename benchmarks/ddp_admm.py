@@ -9,7 +9,8 @@ unless ``--per-rank-batchnorm``) runs
   ``--batch-size`` (the same global batches: the loader is seeded identically on both ranks).
 
 Prints the wall time of the epoch (from the first batch to the end of the last Z / U update,
-the processes synchronised by a barrier at both ends) and how far each run's weights end from
+the processes synchronised by a barrier at both ends), the CPU time of all its processes
+together, and how far each run's weights end from
 the 1-process, 1-thread run's, ``||w - w1|| / ||w1||`` over all trained weights and for the
 three farthest tensors; next to a run from weights nudged by a relative 1e-7 (what rounding
 alone does to the same epoch). docs/scale.md has the figures.
@@ -34,10 +35,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import tnconv
+import tnconv.distributed
 from tnconv.experiments.admm import default_layers, load_digits, train_dense
 
 
-def _admm_epoch(model: torch.nn.Module, args: argparse.Namespace) -> tuple[float, Any]:
+def _admm_epoch(model: torch.nn.Module, args: argparse.Namespace) -> tuple[float, float, Any]:
+    """(wall seconds, CPU seconds of every process together, the ADMM trainer)."""
     data = load_digits(args.source, seed=0, limit=args.limit)
     admm = tnconv.ADMM(
         model, args.method, ratio=args.ratio, layers=default_layers, rho=0.5, rho_growth=2.0
@@ -45,11 +48,13 @@ def _admm_epoch(model: torch.nn.Module, args: argparse.Namespace) -> tuple[float
     loader = data.loader(args.batch_size, seed=1)
     if dist.is_initialized():
         dist.barrier()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     admm.fit(loader, args.epochs, lr=0.02, sync_batchnorm=not args.per_rank_batchnorm)
+    cpu = time.process_time() - cpu
     if dist.is_initialized():
         dist.barrier()
-    return time.perf_counter() - start, admm
+        cpu = tnconv.distributed.all_reduce_sum([cpu])[0]
+    return time.perf_counter() - start, cpu, admm
 
 
 def _worker(rank: int, port: int, folder: str, args: argparse.Namespace) -> None:
@@ -57,10 +62,15 @@ def _worker(rank: int, port: int, folder: str, args: argparse.Namespace) -> None
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         model = torch.load(Path(folder) / "dense.pt", weights_only=False)
-        seconds, admm = _admm_epoch(model, args)
+        seconds, cpu, admm = _admm_epoch(model, args)
         if rank == 0:
             torch.save(
-                {"seconds": seconds, "state": model.state_dict(), "history": admm.history},
+                {
+                    "seconds": seconds,
+                    "cpu": cpu,
+                    "state": model.state_dict(),
+                    "history": admm.history,
+                },
                 Path(folder) / "two.pt",
             )
     finally:
@@ -114,15 +124,15 @@ def main() -> None:
     )
     rows = []
     one = copy.deepcopy(dense)
-    seconds_1, admm_1 = _admm_epoch(one, args)
-    rows.append(("1 process, 1 thread", seconds_1))
+    seconds_1, cpu_1, admm_1 = _admm_epoch(one, args)
+    rows.append(("1 process, 1 thread", seconds_1, cpu_1))
     threads = None
     if not args.skip_threads:
         threads = copy.deepcopy(dense)
         torch.set_num_threads(2)
-        seconds_2t, _ = _admm_epoch(threads, args)
+        seconds_2t, cpu_2t, _ = _admm_epoch(threads, args)
         torch.set_num_threads(1)
-        rows.append(("1 process, 2 threads", seconds_2t))
+        rows.append(("1 process, 2 threads", seconds_2t, cpu_2t))
     # how far rounding alone carries a run: the same epoch from weights moved by 1 ulp-ish
     nudged = copy.deepcopy(dense)
     with torch.no_grad():
@@ -137,10 +147,10 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = "1"
         mp.spawn(_worker, args=(port, folder, args), nprocs=2)
         two = torch.load(Path(folder) / "two.pt", weights_only=False)
-    rows.append(("2 processes (gloo), 1 thread each", two["seconds"]))
-    print(f"{'run':36s} {'epoch s':>8s} {'x 1 thread':>10s}")
-    for label, seconds in rows:
-        print(f"{label:36s} {seconds:8.2f} {seconds_1 / seconds:10.2f}")
+    rows.append(("2 processes (gloo), 1 thread each", two["seconds"], two["cpu"]))
+    print(f"{'run':36s} {'epoch s':>8s} {'x 1 thread':>10s} {'CPU s (all)':>11s}")
+    for label, seconds, cpu in rows:
+        print(f"{label:36s} {seconds:8.2f} {seconds_1 / seconds:10.2f} {cpu:11.2f}")
     reference = one.state_dict()
     others = [("2 processes", two["state"]), ("weights x (1 + 1e-7)", nudged.state_dict())]
     if threads is not None:
