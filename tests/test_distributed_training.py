@@ -29,7 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 import tnconv
 from tnconv import distributed as tdist
 from tnconv.cli import main
-from tnconv.errors import LoaderError
+from tnconv.errors import LoaderError, ProjectionError
 from tnconv.training import fit
 
 BATCH = 16  # global batch: each of the 2 ranks trains on 8 of it
@@ -156,6 +156,17 @@ def _worker(rank: int, world: int, init: str, folder: str) -> None:
             fit(_net(), _loader(_data(), seed=10 + rank), 1)
         except LoaderError as exc:
             errors["unsynced"] = str(exc)
+        admm = tnconv.ADMM(_net(), "tucker", ratio=0.4, layers=["2"], rho=1.0)
+        if rank == 0:  # a projection that fails on rank 0 alone
+
+            def broken(name: str, v: torch.Tensor) -> torch.Tensor:
+                raise ProjectionError(f"layer {name!r} cannot be projected")
+
+            admm._project = broken  # type: ignore[method-assign]
+        try:
+            admm.step()
+        except ProjectionError as exc:
+            errors["projection"] = str(exc)
         out["errors"] = errors
         out["world"] = (tdist.rank(), tdist.world_size(), tdist.is_main_process())
         torch.save(out, Path(folder) / f"rank{rank}.pt")
@@ -246,6 +257,9 @@ def test_ranks_and_errors(runs) -> None:
     assert [r["world"] for r in ranks] == [(0, 2, True), (1, 2, False)]
     for r in ranks:
         assert "yield different batches" in r["errors"]["unsynced"]
+    # rank 0's failure reaches rank 1 (which would otherwise wait for the broadcast forever)
+    assert ranks[0]["errors"]["projection"] == "layer '2' cannot be projected"
+    assert ranks[1]["errors"]["projection"] == "on rank 0: layer '2' cannot be projected"
 
 
 def test_helpers_without_a_process_group() -> None:
