@@ -210,7 +210,8 @@ def evaluate(
     """Top-1 accuracy of ``model`` on ``loader``, in [0, 1]; the model's mode is restored.
 
     ``memory_format`` converts each batch (e.g. ``torch.channels_last``); the model is left as
-    it is.
+    it is. It never communicates under ``torch.distributed``: every rank that calls it
+    evaluates the whole loader, and calling it on rank 0 alone is safe.
     """
     device = _device_of(model)
     was_training = model.training
