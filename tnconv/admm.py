@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed as tdist
 from ._modes import check_not_meta, plain_copy, plain_tensors
 from .allocation import parse_budget
 from .compress import (
@@ -287,6 +288,11 @@ class ADMM:
         Returns the per-layer distance ``||W - Z|| / ||W||`` after the update (also appended to
         :attr:`history`). On the first step under ``budget=`` the ranks are allocated.
 
+        Under a ``torch.distributed`` process group the update (and a budget's allocation) is
+        computed on rank 0 alone and broadcast: every rank ends the step with rank 0's Z, U,
+        ranks and distances, however the method's projection would round elsewhere; an error
+        on rank 0 is raised on every rank. Every rank must call it at the same point.
+
         Raises:
             NonFiniteWeightError: a weight is NaN / Inf (the layer is named).
             ProjectionError: the method failed to factorize a layer (the cause is chained).
@@ -294,6 +300,30 @@ class ADMM:
         self._require_rho()
         for name in self.layer_names:
             self._check_finite(name, self._layers[name].weight)
+        distances = self._update_broadcast() if tdist.is_distributed() else self._update()
+        self.steps += 1
+        self.history.append(
+            {
+                "step": self.steps,
+                "rho": self.rho,
+                "distance": dict(distances),
+                "max_distance": max(distances.values(), default=0.0),
+            }
+        )
+        if tdist.is_main_process():
+            log.info(
+                "admm step %d (rho %.3g): max ||W-Z||/||W|| %.4f",
+                self.steps,
+                self.rho,
+                self.history[-1]["max_distance"],
+            )
+        assert self.schedule is not None and self.rho is not None
+        self.rho = self.schedule.next(self.rho)
+        return distances
+
+    def _update(self) -> dict[str, float]:
+        """The Z- and U-updates (and a budget's allocation on the first step) in this process;
+        returns the per-layer distances."""
         if self.budget is not None and not self.ranks:
             self._allocate()
         names = self.layer_names
@@ -323,24 +353,42 @@ class ADMM:
         if not distances and unfit is not None:
             self.left_dense.clear()
             raise unfit  # no layer can take the spec: nothing to train toward
-        self.steps += 1
-        self.history.append(
+        return distances
+
+    def _update_broadcast(self) -> dict[str, float]:
+        """:meth:`_update` on rank 0, its result broadcast: the layers' fate (ranks, layers left
+        dense) and distances as objects, then Z and U in place (one flat broadcast)."""
+        failure: Exception | None = None
+        distances: dict[str, float] = {}
+        if tdist.rank() == 0:
+            try:
+                distances = self._update()
+            except Exception as exc:  # every rank must leave the broadcast below
+                failure = exc
+        news = tdist.broadcast_object(
             {
-                "step": self.steps,
-                "rho": self.rho,
-                "distance": dict(distances),
-                "max_distance": max(distances.values(), default=0.0),
+                "error": None if failure is None else (type(failure), str(failure)),
+                "distances": distances,
+                "ranks": self.ranks,
+                "left_dense": self.left_dense,
             }
         )
-        log.info(
-            "admm step %d (rho %.3g): max ||W-Z||/||W|| %.4f",
-            self.steps,
-            self.rho,
-            self.history[-1]["max_distance"],
-        )
-        assert self.schedule is not None and self.rho is not None
-        self.rho = self.schedule.next(self.rho)
-        return distances
+        if failure is not None:
+            raise failure
+        if news["error"] is not None:
+            kind, message = news["error"]
+            try:
+                error = kind(f"on rank 0: {message}")
+            except Exception:
+                error = ADMMError(f"on rank 0: {kind.__name__}: {message}")
+            raise error
+        self.ranks, self.left_dense = dict(news["ranks"]), dict(news["left_dense"])
+        tensors = []
+        for name in self.layer_names:
+            w = self._layers[name].weight.detach()
+            tensors += [self._aligned(self.Z, name, w), self._aligned(self.U, name, w)]
+        tdist.broadcast_tensors(tensors, src=0)
+        return dict(news["distances"])
 
     def plan(
         self,
@@ -365,14 +413,15 @@ class ADMM:
                 project_first=project_first,
             )
             self.rho = self.schedule.rho
-            log.info(
-                "admm: rho %.3g (x%.3g per step, cap %.3g) derived from lr %g, %d steps/epoch",
-                self.schedule.rho,
-                self.schedule.rho_growth,
-                self.schedule.rho_max,
-                lr,
-                steps_per_epoch,
-            )
+            if tdist.is_main_process():
+                log.info(
+                    "admm: rho %.3g (x%.3g per step, cap %.3g) derived from lr %g, %d steps/epoch",
+                    self.schedule.rho,
+                    self.schedule.rho_growth,
+                    self.schedule.rho_max,
+                    lr,
+                    steps_per_epoch,
+                )
         return self.schedule
 
     def _require_rho(self) -> float:

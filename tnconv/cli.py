@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed as tdist
 from .compress import compress
 from .errors import TnconvError
 from .io import load, save
@@ -401,7 +402,27 @@ def _analyze_sweep(
 
 
 def cmd_admm(args: argparse.Namespace) -> int:
-    """ADMM training toward a method on the shipped digits, compression, fine-tuning."""
+    """ADMM training toward a method on the shipped digits, compression, fine-tuning.
+
+    Under ``torchrun`` every training loop runs data-parallel over the same global batches
+    (:mod:`tnconv.distributed`); rank 0 alone prints and writes the model.
+    """
+    started = tdist.init_from_env()
+    try:
+        return _admm(args)
+    finally:
+        if started:
+            tdist.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def _say(*lines: str) -> None:
+    """Print on rank 0 (every line, in a process without a group)."""
+    if tdist.is_main_process():
+        print(*lines, sep="\n")
+
+
+def _admm(args: argparse.Namespace) -> int:
     import copy
 
     from .admm import ADMM, ADMMSchedule
@@ -446,7 +467,12 @@ def cmd_admm(args: argparse.Namespace) -> int:
         model = _read_model(args.input, args)
     else:
         model = train_dense(
-            data, width=args.width, epochs=args.dense_epochs, seed=args.seed, progress=progress
+            data,
+            width=args.width,
+            epochs=args.dense_epochs,
+            seed=args.seed,
+            progress=progress,
+            sync_batchnorm=args.sync_batchnorm,
         )
     try:
         dense_acc = evaluate(model, data.test_loader())
@@ -467,6 +493,7 @@ def cmd_admm(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         progress=progress,
+        sync_batchnorm=args.sync_batchnorm,
         options={base: _options(args.option)},
     )
     ADMM(
@@ -485,7 +512,7 @@ def cmd_admm(args: argparse.Namespace) -> int:
     admm = arms[0][1].admm
     assert admm is not None
     for h in admm.history:
-        print(
+        _say(
             f"admm step {h['step']:3d}  rho {h['rho']:.3g}  max ||W-Z||/||W|| "
             f"{h['max_distance']:.4f}"
         )
@@ -504,10 +531,11 @@ def cmd_admm(args: argparse.Namespace) -> int:
             f"{label:7s} {dense_params:>10d}->{params:<11d} {100 * arm.before:7.1f} "
             f"{100 * arm.after:6.1f} {epochs:>13s} {arm.seconds:5.0f}"
         )
-    print("\n".join(rows))
-    print("(accuracy % on the test digits before / after fine-tuning)")
-    save(arms[0][1].model, args.output)
-    print(f"wrote {args.output}")
+    _say(*rows, "(accuracy % on the test digits before / after fine-tuning)")
+    if tdist.is_main_process():
+        save(arms[0][1].model, args.output)
+        _say(f"wrote {args.output}")
+    tdist.barrier()  # the file exists for every rank afterwards
     return 0
 
 
@@ -655,6 +683,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-epochs", type=int, default=6, help="DigitsNet training epochs")
     p.add_argument("--layers", help="comma-separated conv names (default: convs with >1 input)")
     p.add_argument("--compare", action="store_true", help="also run direct compression")
+    p.add_argument(
+        "--sync-batchnorm",
+        action="store_true",
+        help="under torchrun: batch-norm statistics over the global batch (the 1-process model)",
+    )
     p.add_argument("--option", action="append", default=[], help="method option key=value")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, help="where to tnconv.save the result")

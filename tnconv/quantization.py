@@ -179,11 +179,15 @@ class ActivationQuantizer(nn.Module):
     its input unchanged); afterwards it maps ``x`` onto ``2**bits`` levels spanning
     ``[min(lo, 0), max(hi, 0)]`` with the straight-through gradient. In training mode (fine-
     tuning) the range follows the batches' min / max as an exponential moving average with
-    weight ``momentum`` (as torch's QAT observers do); in eval mode it is fixed.
+    weight ``momentum`` (as torch's QAT observers do); in eval mode it is fixed. With
+    ``synchronize`` (set by the training helpers under a ``torch.distributed`` process group)
+    that min / max is taken over every rank's batch (one all-reduce), so the range follows the
+    global batch as in a 1-process run.
     """
 
     lo: torch.Tensor
     hi: torch.Tensor
+    synchronize: bool = False  # class default: layers pickled before it existed read False
 
     def __init__(self, bits: int, momentum: float = 0.1, reduce_range: bool = False) -> None:
         super().__init__()
@@ -228,8 +232,13 @@ class ActivationQuantizer(nn.Module):
             # fine-tuning moves the feature maps: follow them as torch's QAT observers do
             with torch.no_grad():
                 m = self.momentum
-                self.lo.mul_(1 - m).add_(m * x.detach().amin().to(self.lo))
-                self.hi.mul_(1 - m).add_(m * x.detach().amax().to(self.hi))
+                low, high = x.detach().amin().to(self.lo), x.detach().amax().to(self.hi)
+                if self.synchronize and torch.distributed.is_initialized():
+                    both = torch.stack([-low, high])
+                    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+                    low, high = -both[0], both[1]
+                self.lo.mul_(1 - m).add_(m * low)
+                self.hi.mul_(1 - m).add_(m * high)
         scale, zero = self.qparams()
         return fake_quantize(x, scale, zero, 0, self.top)
 

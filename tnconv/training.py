@@ -9,8 +9,9 @@ Tucker, and it can distil from a teacher.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -19,8 +20,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed as tdist
 from .errors import LoaderError, OptionError
 from .layers import FactorizedConv2d
+from .quantization import ActivationQuantizer
 
 __all__ = ["balance_factors", "distillation_loss", "evaluate", "finetune", "fit"]
 
@@ -30,6 +33,67 @@ log = logging.getLogger(__name__)
 def _device_of(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+class _DataParallel:
+    """What a training loop does differently under a ``torch.distributed`` process group.
+
+    Without a group every method is the identity (``split`` returns the batch and weight 1.0,
+    ``net`` is the model, ``reduce`` returns its arguments), so the 1-process loop is unchanged.
+    Under a group ``net`` is the model wrapped in ``DistributedDataParallel``; a loader that is
+    not sharded is taken as global batches, each rank keeping its share (``split``), whose loss
+    is weighted by ``weight = share * world / batch`` so that DDP's gradient average is the
+    global batch's mean gradient (1.0 exactly for equal shares).
+    """
+
+    def __init__(self, model: nn.Module, loader: Any, ddp_options: dict[str, Any]) -> None:
+        self.active = tdist.is_distributed()
+        self.sharded = self.active and tdist.is_sharded(loader)
+        self.loader = loader
+        self.world = tdist.world_size()
+        self.main = tdist.is_main_process()
+        self.net = tdist.wrap_ddp(model, **ddp_options) if self.active else model
+
+    def start_epoch(self, epoch: int) -> None:
+        if self.sharded:
+            tdist.set_epoch(self.loader, epoch)
+
+    def split(self, batch: Any) -> tuple[Any, float]:
+        """(this rank's part of ``batch``, the weight of its loss)."""
+        if not self.active or self.sharded:
+            return batch, 1.0
+        total = tdist.check_same_batch(batch)
+        local = tdist.shard_batch(batch)
+        size = int((local if isinstance(local, torch.Tensor) else local[0]).shape[0])
+        return local, size * self.world / total
+
+    def reduce(self, total: float, count: int) -> tuple[float, int]:
+        """The sums over every rank of an epoch's loss total and sample count."""
+        if not self.active:
+            return total, count
+        summed_total, summed_count = tdist.all_reduce_sum([total, count])
+        return summed_total, int(summed_count)
+
+
+@contextlib.contextmanager
+def _data_parallel(
+    model: nn.Module, loader: Any, sync_batchnorm: bool, ddp_options: dict[str, Any] | None
+) -> Iterator[_DataParallel]:
+    """Set up (and afterwards undo) data-parallel training of ``model`` over ``loader``:
+    batch-norm layers synchronised on request, activation quantizers' ranges synchronised
+    (their min / max over the global batch, as one process sees it), DDP wrapping."""
+    if not tdist.is_distributed():
+        yield _DataParallel(model, loader, {})
+        return
+    quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    with tdist.sync_batchnorm(model, sync_batchnorm):
+        for q in quantizers:
+            q.synchronize = True
+        try:
+            yield _DataParallel(model, loader, dict(ddp_options or {}))
+        finally:
+            for q in quantizers:
+                q.synchronize = False
 
 
 def fit(
@@ -47,6 +111,8 @@ def fit(
     after_batch: Callable[[int], None] | None = None,
     after_epoch: Callable[[int], None] | None = None,
     memory_format: torch.memory_format = torch.preserve_format,
+    sync_batchnorm: bool = False,
+    ddp_options: dict[str, Any] | None = None,
 ) -> list[float]:
     """Train ``model`` in place with SGD (Nesterov-free momentum) and cross-entropy.
 
@@ -65,6 +131,17 @@ def fit(
     ``memory_format=torch.channels_last`` converts every batch (and the model's 4-D
     parameters) to NHWC, which the CPU convolutions run faster: one training step of the demo's
     CNN at batch 32 took 53 ms instead of 70 ms on two cores.
+
+    Under a ``torch.distributed`` process group (e.g. ``torchrun``) the model trains wrapped in
+    ``DistributedDataParallel`` (``ddp_options`` go to it): a ``DistributedSampler`` loader is
+    used as it is (its epoch set every epoch), any other loader's batches are global batches of
+    which each rank trains on its share (:mod:`tnconv.distributed`); the history is the mean
+    over every rank's samples, and only rank 0 shows the bar and logs. ``sync_batchnorm``:
+    batch statistics over the global batch (:func:`tnconv.distributed.sync_batchnorm`: torch's
+    ``nn.SyncBatchNorm`` on CUDA, :class:`~tnconv.distributed.GlobalBatchNorm` elsewhere; the
+    model keeps its layers). Feature-map quantizers' ranges follow the global batch. ``penalty()``
+    must be the same on every rank (it is not weighted by the rank's share). Without a process
+    group both options do nothing.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1; got {epochs}")
@@ -84,32 +161,42 @@ def fit(
     model.train()
     history = []
     step = 0
-    for epoch in range(epochs):
-        total, count = 0.0, 0
-        batches: Iterable = tqdm(
-            loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress, leave=False
-        )
-        for inputs, labels in batches:
-            inputs = inputs.to(device, memory_format=memory_format)
-            labels = labels.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(inputs), labels)
-            objective = loss if penalty is None else loss + penalty()
-            objective.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            total += float(loss.detach()) * len(labels)
-            count += len(labels)
-            step += 1
-            if after_batch is not None:
+    with _data_parallel(model, loader, sync_batchnorm, ddp_options) as par:
+        for epoch in range(epochs):
+            par.start_epoch(epoch)
+            total, count = 0.0, 0
+            batches: Iterable = tqdm(
+                loader,
+                desc=f"{desc} {epoch + 1}/{epochs}",
+                disable=not (progress and par.main),
+                leave=False,
+            )
+            for batch in batches:
+                (inputs, labels), weight = par.split(batch)
+                inputs = inputs.to(device, memory_format=memory_format)
+                labels = labels.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(par.net(inputs), labels)
+                objective = loss * weight if par.active else loss
+                if penalty is not None:
+                    objective = objective + penalty()
+                objective.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                total += float(loss.detach()) * len(labels)
+                count += len(labels)
+                step += 1
+                if after_batch is not None:
+                    with torch.no_grad():
+                        after_batch(step)
+            total, count = par.reduce(total, count)
+            history.append(total / max(count, 1))
+            if after_epoch is not None:
                 with torch.no_grad():
-                    after_batch(step)
-        history.append(total / max(count, 1))
-        if after_epoch is not None:
-            with torch.no_grad():
-                after_epoch(epoch + 1)
-        log.info("%s epoch %d: loss %.4f", desc, epoch + 1, history[-1])
+                    after_epoch(epoch + 1)
+            if par.main:
+                log.info("%s epoch %d: loss %.4f", desc, epoch + 1, history[-1])
     model.eval()
     return history
 
@@ -123,7 +210,8 @@ def evaluate(
     """Top-1 accuracy of ``model`` on ``loader``, in [0, 1]; the model's mode is restored.
 
     ``memory_format`` converts each batch (e.g. ``torch.channels_last``); the model is left as
-    it is.
+    it is. It never communicates under ``torch.distributed``: every rank that calls it
+    evaluates the whole loader, and calling it on rank 0 alone is safe.
     """
     device = _device_of(model)
     was_training = model.training
@@ -288,6 +376,8 @@ def finetune(
     relative_lr: bool = True,
     progress: bool = False,
     memory_format: torch.memory_format = torch.preserve_format,
+    sync_batchnorm: bool = False,
+    ddp_options: dict[str, Any] | None = None,
 ) -> list[float]:
     """Fine-tune a compressed ``model`` in place; stable for every decomposition by default.
 
@@ -313,9 +403,17 @@ def finetune(
       peaking at ``lr`` (default 3e-3 for Adam, 0.01 for SGD) over ``epochs * len(loader)``
       steps.
 
+    Under ``torch.distributed`` (``torchrun``) it trains data-parallel as :func:`fit` does
+    (DDP; a ``DistributedSampler`` loader used as it is, any other loader's batches split
+    across the ranks; the history averaged over the ranks; rank-0 bar and logs;
+    ``sync_batchnorm`` for global batch-norm statistics; quantized models' feature-map ranges
+    follow the global batch). With the same global batches it gives the 1-process weights to
+    rounding (tests/test_distributed_training.py). The model is trained in place and stays
+    unwrapped.
+
     Raises:
         LoaderError: ``loader`` is not a sized iterable of ``(inputs, labels)`` tensor pairs,
-            or yields no batch.
+            or yields no batch; under a process group, the ranks' batches differ.
         OptionError: epochs < 1, a non-positive lr / temperature / clip, alpha outside [0, 1],
             an unknown optimizer.
         TypeError: ``model`` or ``teacher`` is not an ``nn.Module``.
@@ -371,42 +469,52 @@ def finetune(
     history: list[float] = []
     step = 0
     try:
-        for epoch in range(epochs):
-            total, count = 0.0, 0
-            batches: Iterable = tqdm(
-                loader, desc=f"finetune {epoch + 1}/{epochs}", disable=not progress, leave=False
-            )
-            for batch in batches:
-                if step >= epochs * steps_per_epoch:
-                    break  # a loader longer than its len(): the schedule is spent
-                inputs, labels = _split_batch(batch, unlabelled=teacher is not None)
-                inputs = inputs.to(device, memory_format=memory_format)
-                if labels is not None:
-                    labels = labels.to(device)
-                opt.zero_grad(set_to_none=True)
-                logits = model(inputs)
-                if teacher is None:
-                    assert labels is not None
-                    loss = F.cross_entropy(logits, labels)
-                else:
-                    with torch.no_grad():
-                        target = teacher(inputs.to(teacher_device)).to(logits.device)
-                    loss = distillation_loss(logits, labels, target, temperature, float(alpha))
-                loss.backward()
-                if clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, clip)
-                opt.step()
-                scheduler.step()
-                step += 1
-                if balance:
-                    for layer in layers:
-                        balance_factors(layer)
-                total += float(loss.detach()) * len(inputs)
-                count += len(inputs)
-            if count == 0:
-                raise LoaderError("loader yields no batch")
-            history.append(total / count)
-            log.info("finetune epoch %d: loss %.4f", epoch + 1, history[-1])
+        with _data_parallel(model, loader, sync_batchnorm, ddp_options) as par:
+            for epoch in range(epochs):
+                par.start_epoch(epoch)
+                total, count = 0.0, 0
+                batches: Iterable = tqdm(
+                    loader,
+                    desc=f"finetune {epoch + 1}/{epochs}",
+                    disable=not (progress and par.main),
+                    leave=False,
+                )
+                for batch in batches:
+                    if step >= epochs * steps_per_epoch:
+                        break  # a loader longer than its len(): the schedule is spent
+                    if par.active:
+                        _split_batch(batch, unlabelled=teacher is not None)  # types first
+                    batch, weight = par.split(batch)
+                    inputs, labels = _split_batch(batch, unlabelled=teacher is not None)
+                    inputs = inputs.to(device, memory_format=memory_format)
+                    if labels is not None:
+                        labels = labels.to(device)
+                    opt.zero_grad(set_to_none=True)
+                    logits = par.net(inputs)
+                    if teacher is None:
+                        assert labels is not None
+                        loss = F.cross_entropy(logits, labels)
+                    else:
+                        with torch.no_grad():
+                            target = teacher(inputs.to(teacher_device)).to(logits.device)
+                        loss = distillation_loss(logits, labels, target, temperature, float(alpha))
+                    (loss * weight if par.active else loss).backward()
+                    if clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, clip)
+                    opt.step()
+                    scheduler.step()
+                    step += 1
+                    if balance:
+                        for layer in layers:
+                            balance_factors(layer)
+                    total += float(loss.detach()) * len(inputs)
+                    count += len(inputs)
+                total, count = par.reduce(total, count)
+                if count == 0:
+                    raise LoaderError("loader yields no batch")
+                history.append(total / count)
+                if par.main:
+                    log.info("finetune epoch %d: loss %.4f", epoch + 1, history[-1])
     finally:
         model.eval()
         if teacher is not None:

@@ -66,6 +66,7 @@ class ADMMRun:
     step_every: int | None = None  # ADMM Z/U update every k optimizer steps (None: per epoch)
     seed: int = 0
     progress: bool = False
+    sync_batchnorm: bool = False  # under torch.distributed: global-batch BN statistics
     options: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {"cp": {"n_init": 1, "max_iter": 200}}
     )
@@ -105,11 +106,20 @@ def train_dense(
     lr: float = 0.05,
     seed: int = 0,
     progress: bool = False,
+    sync_batchnorm: bool = False,
 ) -> nn.Module:
     """The demo's DigitsNet trained from scratch (SGD + OneCycle, batches of 64)."""
     torch.manual_seed(seed)
     model = DigitsNet(width=width)
-    fit(model, data.loader(64, seed), epochs, lr=lr, progress=progress, desc="dense")
+    fit(
+        model,
+        data.loader(64, seed),
+        epochs,
+        lr=lr,
+        progress=progress,
+        desc="dense",
+        sync_batchnorm=sync_batchnorm,
+    )
     return model
 
 
@@ -183,6 +193,7 @@ def direct_arm(
             run.admm_epochs + run.tune_epochs,
             lr=run.tune_lr,
             progress=run.progress,
+            sync_batchnorm=run.sync_batchnorm,
             desc=f"direct {method} fine-tune",
         )
         after = evaluate(small, data.test_loader())
@@ -218,6 +229,7 @@ def admm_arm(
         step_every=run.step_every,
         schedule=run.admm_schedule,
         progress=run.progress,
+        sync_batchnorm=run.sync_batchnorm,
     )
     small = admm.compress(progress=False)
     before = after = evaluate(small, data.test_loader())
@@ -229,6 +241,7 @@ def admm_arm(
             run.tune_epochs,
             lr=run.tune_lr,
             progress=run.progress,
+            sync_batchnorm=run.sync_batchnorm,
             desc=f"admm {method} fine-tune",
         )
         after = evaluate(small, data.test_loader())

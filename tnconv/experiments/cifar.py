@@ -20,6 +20,12 @@ Without ``--checkpoint`` the dense model is first trained for ``--pretrain-epoch
 Training batches get the standard augmentation (4-pixel padding, random 32x32 crop, horizontal
 flip). ``main(argv)`` returns the exit code: 0, or 2 with a one-line message for a bad argument
 or a missing / unreadable file.
+
+Under ``torchrun --nproc_per_node N`` (``python -m torch.distributed.run ... -m
+tnconv.experiments.cifar ...``) the pretraining and fine-tuning run data-parallel: every rank
+reads the same shuffled, augmented global batches (same seeds) and trains on its share of each
+(:mod:`tnconv.distributed`), ``--sync-batchnorm`` makes batch statistics global, and rank 0
+alone writes the files and prints the report.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from .. import __version__
+from .. import distributed as tdist
 from ..compress import compress, dense_reasons
 from ..datasets import load_cifar10
 from ..io import save
@@ -144,6 +151,11 @@ def build_parser() -> Parser:
         help="CPU threads for torch (default: torch's choice; 1 is fastest on busy small CPUs)",
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument(
+        "--sync-batchnorm",
+        action="store_true",
+        help="under torchrun: batch-norm statistics over the global batch (the 1-process run)",
+    )
     return p
 
 
@@ -241,8 +253,10 @@ def run(args: argparse.Namespace) -> CifarRun:
             schedule="onecycle",
             progress=progress,
             desc="pretrain",
+            sync_batchnorm=args.sync_batchnorm,
         )
-        torch.save(model.state_dict(), args.out / "dense.pt")
+        if tdist.is_main_process():
+            torch.save(model.state_dict(), args.out / "dense.pt")
     seconds["pretrain"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -280,6 +294,7 @@ def run(args: argparse.Namespace) -> CifarRun:
             schedule="onecycle",
             progress=progress,
             desc="fine-tune",
+            sync_batchnorm=args.sync_batchnorm,
         )
         if args.epochs > 0
         else []
@@ -297,8 +312,9 @@ def run(args: argparse.Namespace) -> CifarRun:
     }
     if args.checkpoint is None:
         files["dense"] = args.out / "dense.pt"
-    save(compressed, files["model"])
-    summary(compressed, CIFAR_INPUT).to_csv(files["layers"])
+    if tdist.is_main_process():
+        save(compressed, files["model"])
+        summary(compressed, CIFAR_INPUT).to_csv(files["layers"])
     seconds["total"] = time.perf_counter() - clock
 
     reasons = dense_reasons(compressed)
@@ -331,8 +347,11 @@ def run(args: argparse.Namespace) -> CifarRun:
             "python": platform.python_version(),
         },
         "device": str(device),
+        "processes": tdist.world_size(),
     }
-    files["results"].write_text(json.dumps(results, indent=2) + "\n")
+    if tdist.is_main_process():
+        files["results"].write_text(json.dumps(results, indent=2) + "\n")
+    tdist.barrier()  # every rank returns once the files exist
     return CifarRun(model, compressed, results, args.out)
 
 
@@ -374,11 +393,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = parse_args(argv)
         except SystemExit as exc:  # --help and --version print and exit
             return int(exc.code or 0)
-        result = run(args)
+        started = tdist.init_from_env()
+        main_rank = tdist.is_main_process()
+        try:
+            result = run(args)
+        finally:
+            if started:
+                torch.distributed.destroy_process_group()
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    print(format_report(result.results))
+    if main_rank:
+        print(format_report(result.results))
     return 0
 
 
