@@ -334,13 +334,13 @@ def test_bad_arguments_are_typed_errors() -> None:
     ):
         with pytest.raises(OptionError, match="rho"):
             tnconv.ADMM(model, "tt", 2, **bad)
-    with pytest.raises(TypeError, match=r"not nn\.Conv2d"):
+    with pytest.raises(TypeError, match=r"not an nn\.Linear"):
         tnconv.ADMM(model, "tt", 2, layers=["1"])  # a ReLU
     with pytest.raises(KeyError, match="no module"):
         tnconv.ADMM(model, "tt", 2, layers=["99"])
-    with pytest.raises(TypeError, match="grouped"):
-        tnconv.ADMM(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), "tt", 2)
-    with pytest.raises(ValueError, match=r"no nn\.Conv2d"):
+    with pytest.raises(ValueError, match="only depthwise"):
+        tnconv.ADMM(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4)), "tt", 2)
+    with pytest.raises(ValueError, match="no Linear / conv layer"):
         tnconv.ADMM(model, "tt", 2, layers=lambda n, m: False)
     with pytest.raises(RankSpecError):
         tnconv.ADMM(model, "tt")

@@ -34,13 +34,14 @@ from tqdm.auto import tqdm
 
 from . import distributed as tdist
 from ._modes import check_not_meta, plain_copy, plain_tensors
-from .allocation import parse_budget
+from .allocation import options_for_layer, parse_budget
 from .compress import (
     Budget,
     LayerSelector,
     compress,
     conv_input_shapes,
     dense_reasons,
+    is_depthwise,
     select_convs,
 )
 from .decompositions.admm import ADMMDecomposition
@@ -230,16 +231,14 @@ class ADMM:
         self.options = dict(options)
         self.input_size = tuple(input_size) if input_size is not None else None
 
-        chosen = select_convs(model, layers)
+        # depthwise convs (one input channel per group) stay out, as compress leaves them dense
+        chosen = [(n, c) for n, c in select_convs(model, layers) if not is_depthwise(c)]
         for name, conv in chosen:
-            if conv.groups != 1:
-                raise TypeError(
-                    f"layer {name!r} is a grouped convolution (groups={conv.groups}); "
-                    "tensor decompositions need groups=1"
-                )
             check_not_meta(conv.weight, f"the weight of layer {name!r}")
         if not chosen:
-            raise ValueError("ADMM: no nn.Conv2d layer selected (layers= chose none)")
+            raise ValueError(
+                "ADMM: no Linear / conv layer selected (layers= chose none, or only depthwise)"
+            )
         self.model = model
         self._layers: dict[str, nn.Conv2d] = dict(chosen)
         with plain_tensors():  # ordinary tensors: step() updates them in place in any mode
@@ -608,15 +607,12 @@ class ADMM:
         """The method options, plus the layer's stride / input size when the method's options
         take them and the caller left them unset (as tnconv.compress does)."""
         fields = getattr(self.decomposition.Options, "model_fields", {})
-        extra: dict[str, Any] = {}
-        if "stride" in fields and "stride" not in self.options:
-            extra["stride"] = tuple(self._layers[name].stride)
+        shape = None
         if "input_size" in fields and "input_size" not in self.options and self.input_size:
             if self._shapes is None:
                 self._shapes = conv_input_shapes(self.model, self.input_size)
-            if name in self._shapes:
-                extra["input_size"] = tuple(self._shapes[name][2:])
-        return {**self.options, **extra}
+            shape = self._shapes.get(name)
+        return options_for_layer(self.decomposition, self._layers[name], shape, self.options)
 
     def _project(self, name: str, v: torch.Tensor) -> torch.Tensor:
         spec = {"rank": self.ranks[name]} if self.budget is not None else self.spec

@@ -260,7 +260,7 @@ def compress(
         fold_bn = calibration is not None and not model.training
     chosen = select_convs(target, layers)
     for name, conv in chosen:
-        if not _depthwise(conv):
+        if not is_depthwise(conv):
             check_not_meta(conv.weight, f"the weight of layer {name!r}")
     if fold_bn:  # the chosen layers are fitted as the kernels they compute with their BN
         fold_batchnorm(target, inplace=True, convs=[n for n, c in chosen if _foldable(c)])
@@ -283,7 +283,7 @@ def compress(
     reasons: dict[str, str] = dict(getattr(target, DENSE_REASONS, {}))
     eligible = []
     for name, conv in chosen:
-        if _depthwise(conv):
+        if is_depthwise(conv):
             reasons[name] = (
                 f"depthwise convolution (groups={conv.groups}, one input channel per group): "
                 "kept dense, a per-channel kernel has no channel modes to factorize"
@@ -369,7 +369,7 @@ def compress(
     return target
 
 
-def _depthwise(module: nn.Module) -> bool:
+def is_depthwise(module: nn.Module) -> bool:
     """A conv with one input channel per group (and several groups)."""
     groups = getattr(module, "groups", 1)
     return groups > 1 and module.weight.shape[1] == 1
