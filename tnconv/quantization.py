@@ -41,7 +41,10 @@ from ._modes import check_not_meta, plain_copy
 from .compress import conv_input_shapes, default_input_size
 from .contraction import ConvPlan, DataStep, plan_conv
 from .errors import TnconvError
-from .layers import FactorizedConv2d
+from .layers import FactorizedConv2d, FactorizedLayer
+
+# what summary notes for a factorized layer quantize() leaves in floating point
+FLOAT_NOTE = "float: quantize covers Conv2d factorized layers, not Linear / Conv1d / Conv3d"
 
 __all__ = [
     "ActivationQuantizer",
@@ -620,6 +623,9 @@ def quantize(
                 plan = module.plan_for(shape)
             axes = factor_axes(plan, len(module.factors), per_channel)
             new = QuantizedFactorizedConv2d.from_layer(module, config, plan.path, axes)
+        elif isinstance(module, FactorizedLayer):
+            # the quantized executor is the 2-D one; the others stay float and summary says so
+            module._tnconv_quant_note = FLOAT_NOTE
         elif dense and type(module) is nn.Conv2d:
             new = QuantizedConv2d.from_conv(module, config)
         elif dense and type(module) is nn.Linear:
@@ -766,7 +772,7 @@ def quantization_note(layer: nn.Module) -> str:
     """A short description of a quantized layer for :func:`tnconv.summary`: bit widths, the
     feature-map range, and the int8 engine :func:`to_int8` would use here ("" otherwise)."""
     if not isinstance(layer, _Quantized):
-        return ""
+        return getattr(layer, "_tnconv_quant_note", "")
     c = layer.config
     text = f"w{c.weight_bits}"
     if c.activation_bits is not None:
