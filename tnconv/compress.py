@@ -39,6 +39,7 @@ from .convs import (
     LayerSelector,
     conv_input_shapes,
     default_input_size,
+    is_depthwise,
     select_convs,
 )
 from .decompositions.base import Decomposition
@@ -367,12 +368,6 @@ def compress(
     if size is not None:
         setattr(target, INPUT_SIZE, tuple(size))
     return target
-
-
-def is_depthwise(module: nn.Module) -> bool:
-    """A conv with one input channel per group (and several groups)."""
-    groups = getattr(module, "groups", 1)
-    return groups > 1 and module.weight.shape[1] == 1
 
 
 def _foldable(module: nn.Module) -> bool:

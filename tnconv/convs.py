@@ -21,6 +21,7 @@ __all__ = [
     "LayerSelector",
     "conv_input_shapes",
     "default_input_size",
+    "is_depthwise",
     "select_convs",
 ]
 
@@ -63,6 +64,12 @@ def select_convs(model: nn.Module, layers: LayerSelector = None) -> list[tuple[s
             )
         chosen.append((name, modules[name]))
     return chosen
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A conv with one input channel per group (and several groups): kept dense by compress."""
+    groups = getattr(module, "groups", 1)
+    return groups > 1 and module.weight.shape[1] == 1
 
 
 # the input size assumed for a model whose first layer has this many spatial modes

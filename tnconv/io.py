@@ -481,9 +481,7 @@ def _header_of(model: nn.Module, version: str) -> SavedModelHeader:
     from .quantization import quantized_layers
 
     specs = [
-        LayerSpec.of(name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, FactorizedLayer)
+        LayerSpec.of(name, m) for name, m in model.named_modules() if isinstance(m, FactorizedLayer)
     ]
     qspecs = [QuantLayerSpec.of(name, m) for name, m in quantized_layers(model)]
     size = getattr(model, INPUT_SIZE, None)

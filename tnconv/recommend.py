@@ -44,9 +44,16 @@ from .allocation import (
     parse_budget,
     saving_shortfall,
 )
-from .convs import LayerSelector, conv_input_shapes, default_input_size, select_convs
+from .convs import (
+    LayerSelector,
+    conv_input_shapes,
+    default_input_size,
+    is_depthwise,
+    select_convs,
+)
 from .decompositions.base import Decomposition
 from .errors import BudgetError, RankSpecError, TnconvError
+from .layers import kernel_fit_shape
 from .rank import largest_fitting
 from .registry import available, get
 
@@ -193,7 +200,8 @@ def _method_candidates(
 ) -> list[Candidate]:
     """Candidates of one method on one layer that save what ``must_save`` asks."""
     weight = conv.weight.detach()
-    kshape = tuple(int(n) for n in weight.shape)
+    kshape = kernel_fit_shape(conv)  # one group's kernel, as the family fits it
+    groups = getattr(conv, "groups", 1)
     dense_params = weight.numel()
     dense_flops = dense_conv_flops(conv, shape) if shape is not None else None
     specs: list[dict[str, Any]] = []
@@ -204,7 +212,7 @@ def _method_candidates(
             1,
             min(top, 4096),
             lambda r, share=share: (
-                dec.num_params_at(kshape, dec.bond_ranks(r, kshape))  # type: ignore[arg-type]
+                groups * dec.num_params_at(kshape, dec.bond_ranks(r, kshape))  # type: ignore[arg-type]
                 <= share * dense_params
             ),
         )
@@ -244,7 +252,8 @@ def recommend(
         model: the dense model (not modified).
         budget: a share in (0, 1] of the selected layers' parameters, or ``("flops", share)``
             (as ``compress(budget=)``).
-        layers: conv names, a predicate, or None for every ``nn.Conv2d`` (grouped ones skipped).
+        layers: layer names, a type, a predicate, or None for every Linear / conv layer
+            (depthwise convs skipped).
         methods: registered names to choose among (default: every registered one, less
             training-time entries).
         input_size: (B, C, H, W) for FLOPs; needed for a FLOPs budget or ``must_save`` "flops" /
@@ -275,9 +284,9 @@ def recommend(
     decs = {n: get(n) for n in names}
     for n, dec in decs.items():
         dec.parse_options(options.get(n, {}))  # fail before any work
-    chosen = [(n, c) for n, c in select_convs(model, layers) if c.groups == 1]
+    chosen = [(n, c) for n, c in select_convs(model, layers) if not is_depthwise(c)]
     if not chosen:
-        raise ValueError("no (ungrouped) nn.Conv2d layer selected")
+        raise ValueError("no Linear / conv layer (other than depthwise) selected")
     need_flops = target.kind == "flops" or must_save != "params"
     shapes: dict[str, tuple[int, int, int, int]] = {}
     if need_flops or input_size is not None:

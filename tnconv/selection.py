@@ -35,10 +35,16 @@ from .allocation import (
     options_for_layer,
     parse_budget,
 )
-from .compress import LayerSelector, conv_input_shapes, default_input_size, select_convs
+from .compress import (
+    LayerSelector,
+    conv_input_shapes,
+    default_input_size,
+    is_depthwise,
+    select_convs,
+)
 from .decompositions.base import Decomposition
 from .errors import BudgetError
-from .layers import FactorizedConv2d
+from .layers import FactorizedConv2d, kernel_fit_shape
 from .registry import get
 
 __all__ = ["Evaluation", "RankSelection", "select_ranks"]
@@ -198,9 +204,9 @@ def select_ranks(
     decomposition.parse_options(options)
 
     work = plain_copy(model)
-    convs = dict((n, c) for n, c in select_convs(work, layers) if c.groups == 1)
+    convs = dict((n, c) for n, c in select_convs(work, layers) if not is_depthwise(c))
     if not convs:
-        raise ValueError("no (ungrouped) nn.Conv2d layer selected")
+        raise ValueError("no Linear / conv layer (other than depthwise) selected")
     shapes: dict[str, tuple[int, int, int, int]] = {}
     if target.kind == "flops" or input_size is not None:
         shapes = conv_input_shapes(work, input_size or default_input_size(work))
@@ -286,11 +292,12 @@ def _candidates(
     """Fits at the largest uniform rank under each share of the dense parameters, cheapest first,
     then the dense layer (cost ``dense_cost``)."""
     weight = conv.weight.detach()
-    kshape = tuple(weight.shape)
+    kshape = kernel_fit_shape(conv)  # one group's kernel, as the family fits it
+    groups = getattr(conv, "groups", 1)
     dense_params = weight.numel()
     top = max(decomposition.bond_ranks(10**9, kshape))  # type: ignore[arg-type]
     params_at = {
-        r: decomposition.num_params_at(kshape, decomposition.bond_ranks(r, kshape))  # type: ignore[arg-type]
+        r: groups * decomposition.num_params_at(kshape, decomposition.bond_ranks(r, kshape))  # type: ignore[arg-type]
         for r in range(1, min(top, 4096) + 1)
     }
     levels = sorted(
