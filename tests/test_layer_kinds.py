@@ -199,3 +199,83 @@ def test_a_method_without_an_order_says_which_have_it() -> None:
 
     with pytest.raises(KernelOrderError, match=r"order 2 \(T, S\).*tucker"):
         SquareOnly().factorize(torch.randn(4, 3), 2)
+
+
+# -- tensorized channels --------------------------------------------------------------------------
+TENSORIZABLE = [m for m in METHODS if m not in ("str", "stt", "sttucker")]
+
+
+def tt_matrix_weight(seed: int = 0) -> torch.Tensor:
+    """A (512, 256) weight that is exactly a rank-2 TT-matrix over ((8, 8, 8), (8, 8, 4)): full
+    rank as a matrix, 448 parameters as a train."""
+    gen = torch.Generator().manual_seed(seed)
+    cores = [
+        torch.randn(shape, generator=gen, dtype=torch.float64)
+        for shape in ((1, 8, 8, 2), (2, 8, 8, 2), (2, 8, 4, 1))
+    ]
+    return torch.einsum("aijb,bklc,cmnd->ikmjln", *cores).reshape(512, 256)
+
+
+def test_tensorized_train_is_a_tt_matrix() -> None:
+    w = tt_matrix_weight()
+    assert int(torch.linalg.matrix_rank(w)) == 256  # nothing for a matrix low rank to take
+    f = tnconv.get("tt").factorize(w, eps=1e-6, tensorize=((8, 8, 8), (8, 8, 4)))
+    assert f.relative_error(w) < 1e-6 and f.num_params == 448
+    assert f.info["tensorize"] == [[8, 8, 8], [8, 8, 4]]
+    assert f.modes is not None and len(f.modes[0]) == 3 and len(f.modes[1]) == 3
+    for method in ("tr", "rsdtr"):  # a ring holds the train (closing bond 1)
+        g = tnconv.get(method).factorize(w, 2, tensorize=((8, 8, 8), (8, 8, 4)))
+        assert g.relative_error(w) < 1e-6
+
+
+@pytest.mark.parametrize("method", TENSORIZABLE)
+@pytest.mark.parametrize("dims", [0, 2, 3])
+def test_tensorized_layers_equal_dense(method: str, dims: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    shape = (24, 16, *([3] * dims))
+    w = torch.randn(shape, generator=gen, dtype=torch.float64)
+    f = tnconv.get(method).factorize(w, 3, tensorize=((4, 6), (4, 4)))
+    kernel = f.to_tensor()
+    assert f.modes is not None and len(f.modes[0]) == 2 and len(f.modes[1]) == 2
+    if dims == 0:
+        x = torch.randn(5, 16, generator=gen, dtype=torch.float64)
+        got, expected = FactorizedLinear(f)(x), F.linear(x, kernel)
+    else:
+        x = torch.randn(2, 16, *([6] * dims), generator=gen, dtype=torch.float64)
+        got = LAYER[dims](f, padding=1)(x)
+        expected = CONV[dims](x, kernel, padding=1)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_tensorize_errors_and_auto() -> None:
+    from tnconv.decompositions.lifting import auto_tensorize
+    from tnconv.errors import OptionError, StructureError
+
+    assert auto_tensorize(512, 256) == ((8, 8, 8), (8, 8, 4))
+    assert auto_tensorize(10, 64) == ((5, 2), (8, 8))
+    assert auto_tensorize(7, 64) is None  # a prime channel count: not tensorized
+    w = torch.randn(24, 16)
+    with pytest.raises(OptionError, match="multiply to 24 x 8"):
+        tnconv.get("tt").factorize(w, 2, tensorize=((4, 6), (2, 4)))
+    with pytest.raises(OptionError, match="as many"):
+        tnconv.get("tt").factorize(w, 2, tensorize=((4, 6), (16,)))
+    with pytest.raises(StructureError, match="cannot be tensorized"):
+        tnconv.get("stt").factorize(w, 2, tensorize=((4, 6), (4, 4)))
+
+
+def test_compress_tensorized_saves_and_loads(tmp_path) -> None:
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10))
+    with torch.no_grad():
+        model[0].weight.copy_(tt_matrix_weight().float())
+    plain = tnconv.compress(model, "tt", eps=1e-4, layers=["0"])
+    assert "no saving" in tnconv.dense_reasons(plain)["0"]
+    small = tnconv.compress(model, "tt", eps=1e-4, layers=["0"], tensorize="auto")
+    assert isinstance(small[0], FactorizedLinear) and small[0].num_params == 448
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-3, atol=1e-3)
+    path = tmp_path / "tt.tnconv"
+    tnconv.save(small, path)
+    back = tnconv.load(
+        path, model=nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10))
+    )
+    torch.testing.assert_close(back(x), small(x))

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import timing
 from .contraction import ConvGeometry
-from .decompositions.base import Decomposition
+from .decompositions.base import LAYOUT_KEYS, Decomposition
 from .errors import BudgetError, RankSpecError, StructureError, TnconvError
 from .factorization import Factorization
 from .layers import FactorizedLayer, factorized_type, kernel_fit_shape
@@ -497,6 +497,7 @@ def allocate(
     full = decomposition.parse_options(options)
     quick = decomposition.search_options(full)
     quick_options = {k: getattr(quick, k) for k in type(quick).model_fields}
+    quick_options |= {k: options[k] for k in LAYOUT_KEYS if k in options}
     options_by_layer: dict[str, _LayerOptions] = {}
     fits_by_layer: dict[str, _LayerFits] = {}
     levels_by_layer: dict[str, list[int]] = {}
@@ -510,7 +511,7 @@ def allocate(
 
     unfit: dict[str, str] = {}  # layers whose shape the network cannot take
     for name, conv in bar:
-        kshape = kernel_fit_shape(conv)
+        kshape = kernel_fit_shape(conv, options.get("tensorize"))
         try:
             per_group = conv.weight.numel() // getattr(conv, "groups", 1)
             levels_by_layer[name] = _rank_levels(decomposition, kshape, per_group)
@@ -661,7 +662,7 @@ def round_ranks(
     Returns the factorization kept and a one-line note of the measurement (also stored as
     ``info["round_to"]`` of the result).
     """
-    kshape = kernel_fit_shape(conv)
+    kshape = kernel_fit_shape(conv, options.get("tensorize"))
     target = tuple(max(multiple, multiple * math.floor(r / multiple + 0.5)) for r in f.ranks)
     try:
         ranks = decomposition.bond_ranks(target, kshape)  # type: ignore[arg-type]

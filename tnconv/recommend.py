@@ -51,7 +51,7 @@ from .convs import (
     is_depthwise,
     select_convs,
 )
-from .decompositions.base import Decomposition
+from .decompositions.base import LAYOUT_KEYS, Decomposition
 from .errors import BudgetError, RankSpecError, TnconvError
 from .layers import kernel_fit_shape
 from .rank import largest_fitting
@@ -186,7 +186,8 @@ class Recommendation:
 
 def _quick(dec: Decomposition, options: dict[str, Any]) -> dict[str, Any]:
     quick = dec.search_options(dec.parse_options(options))
-    return {k: getattr(quick, k) for k in type(quick).model_fields}
+    layout = {k: options[k] for k in LAYOUT_KEYS if k in options}
+    return {k: getattr(quick, k) for k in type(quick).model_fields} | layout
 
 
 def _method_candidates(
@@ -200,7 +201,9 @@ def _method_candidates(
 ) -> list[Candidate]:
     """Candidates of one method on one layer that save what ``must_save`` asks."""
     weight = conv.weight.detach()
-    kshape = kernel_fit_shape(conv)  # one group's kernel, as the family fits it
+    kshape = kernel_fit_shape(
+        conv, options.get("tensorize")
+    )  # one group's kernel, as the family fits it
     groups = getattr(conv, "groups", 1)
     dense_params = weight.numel()
     dense_flops = dense_conv_flops(conv, shape) if shape is not None else None

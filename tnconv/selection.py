@@ -292,7 +292,9 @@ def _candidates(
     """Fits at the largest uniform rank under each share of the dense parameters, cheapest first,
     then the dense layer (cost ``dense_cost``)."""
     weight = conv.weight.detach()
-    kshape = kernel_fit_shape(conv)  # one group's kernel, as the family fits it
+    kshape = kernel_fit_shape(
+        conv, options.get("tensorize")
+    )  # one group's kernel, as the family fits it
     groups = getattr(conv, "groups", 1)
     dense_params = weight.numel()
     top = max(decomposition.bond_ranks(10**9, kshape))  # type: ignore[arg-type]

@@ -63,6 +63,10 @@ def _float64(w: torch.Tensor) -> torch.Tensor:
 
 log = logging.getLogger(__name__)
 
+# factorize's arguments that say how the kernel is laid out, not how the family fits it: callers
+# passing a layer's options through (compress, budget allocation) keep them beside the method's
+LAYOUT_KEYS = ("groups", "tensorize")
+
 
 def _orders_of(name: str) -> tuple[int, ...]:
     from ..registry import get
@@ -109,6 +113,7 @@ class Decomposition(ABC):
         ratio: Any = None,
         statistics: InputStatistics | None = None,
         groups: int = 1,
+        tensorize: Any = None,
         **options: Any,
     ) -> Factorization:
         """Factorize a kernel.
@@ -132,6 +137,11 @@ class Decomposition(ABC):
             groups: the number of groups of a grouped conv: each group's kernel is fitted with
                 the spec, at ranks common to all groups, and the network carries a group index
                 (``Factorization.group``); ``eps`` / ``ratio`` hold per group, hence overall.
+            tensorize: split the channel modes before fitting: ``((t_1, ..., t_d), (s_1, ...,
+                s_d))`` (products T and S, per group) or ``"auto"``; the family then fits the
+                pairs (t_i, s_i) and the spatial modes as its four modes (a TT-matrix for
+                ``tt``, a TR-matrix for ``tr`` / ``rsdtr``: :class:`.lifting.Lifting`), and the
+                network's channel modes are the index groups (t_1..t_d), (s_1..s_d).
             **options: method-specific options, validated by ``self.Options``.
 
         Returns:
@@ -145,12 +155,13 @@ class Decomposition(ABC):
             OptionError: an unknown option or a bad option value.
             BudgetError: ``ratio`` leaves fewer parameters than the smallest factorization needs.
         """
-        w = self._validate(weight, groups, statistics)
+        w = self._validate(weight, groups, statistics, tensorize)
         spec = parse_rank_spec(rank, eps, ratio)
         opts = self.parse_options(options)
 
         def fit(kernel: torch.Tensor, ranks: tuple[int, ...] | None) -> Factorization:
-            w4 = lifting.to_order4(kernel)
+            lift = lifting.Lifting.of(tuple(kernel.shape), tensorize)
+            w4 = lift.to_fit(kernel)
             at = spec if ranks is None else FixedRank(ranks=ranks)
             if not bool(w4.any()):
                 f = self._zero_kernel(w4, at, opts)
@@ -158,7 +169,7 @@ class Decomposition(ABC):
                 f = output_aware.factorize(self, w4, _float64(w4), at, opts, statistics, {})
             else:
                 f = self._factorize(w4, _float64(w4), at, opts)
-            return lifting.from_order4(f, tuple(kernel.shape))
+            return lift.from_fit(f)
 
         # out of inference mode: the fit's tensors (and the spectra memoised on its float64
         # copy) are ordinary tensors whatever mode the caller is in, and so are the factors
@@ -168,7 +179,11 @@ class Decomposition(ABC):
             return lifting.stack_groups(w, groups, fit, self.name)
 
     def _validate(
-        self, weight: Any, groups: Any, statistics: InputStatistics | None
+        self,
+        weight: Any,
+        groups: Any,
+        statistics: InputStatistics | None,
+        tensorize: Any = None,
     ) -> torch.Tensor:
         """The checked kernel; typed errors for an order the method has no meaning for, bad
         ``groups``, and statistics on a kernel they do not describe."""
@@ -188,11 +203,14 @@ class Decomposition(ABC):
                 f"groups={groups} does not divide the {w.shape[0]} output channels of the "
                 f"kernel {tuple(w.shape)}"
             )
-        if statistics is not None and (w.ndim != 4 or groups != 1):
+        if statistics is not None and (w.ndim != 4 or groups != 1 or tensorize is not None):
             raise OptionError(
-                "statistics (output-aware fitting) describe the inputs of an ungrouped 2-D "
-                f"convolution; this kernel is {tuple(w.shape)} with groups={groups}"
+                "statistics (output-aware fitting) describe the inputs of an ungrouped, "
+                f"untensorized 2-D convolution; this kernel is {tuple(w.shape)} with "
+                f"groups={groups}, tensorize={tensorize!r}"
             )
+        t, s, *k = w.shape
+        lifting.Lifting.of((t // groups, s, *k), tensorize)  # a bad tensorize fails here
         return w
 
     def factorize_many(
@@ -221,17 +239,20 @@ class Decomposition(ABC):
         copy, so a ladder fitted in several calls costs what one call would.
         """
         groups = int(options.pop("groups", 1))
-        w = self._validate(weight, groups, statistics)
+        tensorize = options.pop("tensorize", None)
+        w = self._validate(weight, groups, statistics, tensorize)
         if groups != 1:
             # grouped kernels: one fit per spec (nothing shared between specs yet)
             fits: list[Factorization] = []
             for i, spec in enumerate(specs):
-                fits.append(self.factorize(w, **dict(spec), groups=groups, **options))
+                fits.append(
+                    self.factorize(w, **dict(spec), groups=groups, tensorize=tensorize, **options)
+                )
                 if until is not None and until(i, fits[-1]):
                     break
             return fits
-        shape = tuple(int(n) for n in w.shape)
-        w4 = lifting.to_order4(w)  # other orders: the 4-D kernel they are fitted as
+        lift = lifting.Lifting.of(tuple(w.shape), tensorize)
+        w4 = lift.to_fit(w)  # other orders, tensorized channels: the 4-D kernel fitted
         parsed = [parse_rank_spec(**dict(spec)) for spec in specs]
         opts = self.parse_options(options)
         with plain_tensors():
@@ -246,7 +267,7 @@ class Decomposition(ABC):
                     f = output_aware.factorize(self, w4, w64, spec, opts, statistics, whitened)
                 else:
                     f = self._factorize(w4, w64, spec, opts)
-                f = lifting.from_order4(f, shape)
+                f = lift.from_fit(f)
                 fitted.append(f)
                 if until is not None and until(i, f):
                     break
@@ -341,11 +362,13 @@ class Decomposition(ABC):
             generator.manual_seed(seed if seed is not None else torch.seed())
         # the structure only: fitted with the method's cheaper search options
         groups = options.pop("groups", 1)
+        tensorize = options.pop("tensorize", None)
         quick = self.search_options(self.parse_options(options)).model_dump()
         template = self.factorize(
             torch.randn(shape, generator=generator, dtype=torch.float64),
             rank,
             groups=groups,
+            tensorize=tensorize,
             **quick,
         )
         out = template.equation.split("->")[1]
@@ -364,7 +387,10 @@ class Decomposition(ABC):
         return result
 
     def parse_options(self, options: dict[str, Any]) -> BaseModel:
-        """Validate ``options`` with the method's pydantic ``Options`` model."""
+        """Validate ``options`` with the method's pydantic ``Options`` model. The layout
+        arguments of :meth:`factorize` (:data:`LAYOUT_KEYS`: ``groups``, ``tensorize``) are not
+        method options and are left out."""
+        options = {k: v for k, v in options.items() if k not in LAYOUT_KEYS}
         try:
             return self.Options.model_validate(options)
         except ValidationError as exc:

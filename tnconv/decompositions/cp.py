@@ -520,10 +520,12 @@ class CP(Decomposition):
         demo CNN's kernels, errors within 0.01 either way at 1e-4, 2-3x faster). With ``until``
         the specs are fitted in their own order, cold."""
         groups = options.get("groups", 1)
-        opts = self.parse_options({k: v for k, v in options.items() if k != "groups"})
+        layout = {"groups", "tensorize"}
+        opts = self.parse_options({k: v for k, v in options.items() if k not in layout})
         w = validate_weight(weight, tuple(MODE_NAMES))
         cold = opts.n_init > 1 or not opts.warm_ladder or until is not None
-        other = w.ndim != 4 or groups != 1  # other orders and grouped kernels: the base's
+        # other orders, grouped or tensorized kernels: the base's
+        other = w.ndim != 4 or groups != 1 or options.get("tensorize") is not None
         if cold or other or statistics is not None or not bool(w.any()):
             return super().factorize_many(
                 w, specs, until=until, reuse=reuse, statistics=statistics, **options

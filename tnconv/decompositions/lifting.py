@@ -23,25 +23,211 @@ import math
 import string
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..errors import InvalidWeightError, StructureError
+from ..errors import InvalidWeightError, OptionError, StructureError
 from ..factorization import Factorization, parse_equation
 
-__all__ = ["from_order4", "stack_groups", "to_order4"]
+__all__ = ["Lifting", "auto_tensorize", "from_order4", "stack_groups", "to_order4"]
+
+Tensorize = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def _split(n: int, parts: int) -> tuple[int, ...] | None:
+    """``n`` as ``parts`` factors as equal as possible (largest first), or None when ``n`` has
+    fewer than ``parts`` prime factors."""
+    primes, m, p = [], n, 2
+    while p * p <= m:
+        while m % p == 0:
+            primes.append(p)
+            m //= p
+        p += 1
+    if m > 1:
+        primes.append(m)
+    if len(primes) < parts:
+        return None
+    sizes = [1] * parts
+    for q in sorted(primes, reverse=True):  # the largest prime to the smallest part
+        sizes[sizes.index(min(sizes))] *= q
+    return tuple(sorted(sizes, reverse=True))
+
+
+def auto_tensorize(out_channels: int, in_channels: int) -> Tensorize | None:
+    """The channel split ``tensorize="auto"`` uses: three balanced factors of T and of S when
+    both are at least 64 and have three prime factors, else two, else None (not tensorized)."""
+    for parts in (3, 2) if min(out_channels, in_channels) >= 64 else (2,):
+        t, s = _split(out_channels, parts), _split(in_channels, parts)
+        if t is not None and s is not None and min(t + s) >= 2:
+            return t, s
+    return None
+
+
+@dataclass(frozen=True)
+class Lifting:
+    """How a kernel (T, S, *k) of any order, its channels optionally tensorized, is fitted by a
+    family's 4-D algebra: its *atoms* (``t0..``: the factors of T, ``s0..``: of S, ``k0..``:
+    the spatial modes) are laid out in four *slots*, the modes of the 4-D kernel the family
+    fits (an empty slot has size 1). After the fit, the index of each slot is split back into
+    its atoms inside the factor carrying it (a reshape: exact) and empty slots are dropped.
+
+    Untensorized: (T, S) -> [t0][s0][][], (T, S, k) -> [t0][s0][][k0], (T, S, kh, kw) ->
+    [t0][s0][k0][k1], (T, S, kd, kh, kw) -> [t0][s0][k0][k1 k2]. Tensorized into d pairs
+    (Novikov et al. 2015's TT-matrix layout): the pairs (t_i, s_i) in order, then the spatial
+    modes, merged until four slots remain: a train over the slots is a TT-matrix, a ring a
+    TR-matrix, Tucker-2 a Tucker over the first two pairs.
+    """
+
+    shape: tuple[int, ...]
+    out_sizes: tuple[int, ...]
+    in_sizes: tuple[int, ...]
+    slots: tuple[tuple[str, ...], ...]
+
+    @classmethod
+    def of(cls, shape: tuple[int, ...], tensorize: Any = None) -> Lifting:
+        """The layout for a kernel of ``shape`` and a ``tensorize`` request: None, "auto" or
+        ``((t_1, ..., t_d), (s_1, ..., s_d))`` with products T and S."""
+        shape = tuple(int(n) for n in shape)
+        t, s, *k = shape
+        spatial = tuple(f"k{i}" for i in range(len(k)))
+        split = auto_tensorize(t, s) if isinstance(tensorize, str) else tensorize
+        if isinstance(tensorize, str) and tensorize != "auto":
+            raise OptionError(
+                f'tensorize must be None, "auto" or (out sizes, in sizes); got {tensorize!r}'
+            )
+        if split is None:
+            empty: tuple[tuple[str, ...], ...] = ((),) * (2 - len(k)) if len(k) < 2 else ()
+            tail = (*empty, *((a,) for a in spatial))
+            if len(k) == 3:
+                tail = (("k0",), ("k1", "k2"))
+            return cls(shape, (t,), (s,), (("t0",), ("s0",), *tail))
+        out_sizes, in_sizes = cls._check(split, t, s)
+        items: list[tuple[str, ...]] = [(f"t{i}", f"s{i}") for i in range(len(out_sizes))]
+        if spatial:
+            items.append(spatial if len(items) + len(spatial) > 4 else spatial[:1])
+            if len(items) + len(spatial) - 1 <= 4:
+                items += [(a,) for a in spatial[1:]]
+        sizes = dict(zip([f"t{i}" for i in range(len(out_sizes))], out_sizes, strict=True))
+        sizes |= dict(zip([f"s{i}" for i in range(len(in_sizes))], in_sizes, strict=True))
+        sizes |= dict(zip(spatial, k, strict=True))
+        while len(items) > 4:  # merge the adjacent pair of smallest size
+            j = min(
+                range(len(items) - 1),
+                key=lambda i: math.prod(sizes[a] for a in items[i] + items[i + 1]),
+            )
+            items[j : j + 2] = [items[j] + items[j + 1]]
+        items += [()] * (4 - len(items))
+        return cls(shape, out_sizes, in_sizes, tuple(items))
+
+    @staticmethod
+    def _check(split: Any, t: int, s: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        try:
+            out_sizes, in_sizes = (tuple(int(n) for n in part) for part in split)
+        except (TypeError, ValueError) as exc:
+            raise OptionError(
+                "tensorize must be (out sizes, in sizes), e.g. ((8, 8, 8), (4, 4, 4)); got "
+                f"{split!r}"
+            ) from exc
+        if len(out_sizes) != len(in_sizes) or len(out_sizes) < 2 or min(out_sizes + in_sizes) < 1:
+            raise OptionError(
+                f"tensorize={split!r}: give as many (>= 2) positive output as input sizes"
+            )
+        if math.prod(out_sizes) != t or math.prod(in_sizes) != s:
+            raise OptionError(
+                f"tensorize={split!r}: the sizes multiply to {math.prod(out_sizes)} x "
+                f"{math.prod(in_sizes)}, the kernel has {t} x {s} channels"
+            )
+        return out_sizes, in_sizes
+
+    @property
+    def tensorized(self) -> bool:
+        return len(self.out_sizes) > 1
+
+    @property
+    def atom_sizes(self) -> dict[str, int]:
+        k = self.shape[2:]
+        sizes = {f"t{i}": n for i, n in enumerate(self.out_sizes)}
+        sizes |= {f"s{i}": n for i, n in enumerate(self.in_sizes)}
+        return sizes | {f"k{i}": n for i, n in enumerate(k)}
+
+    @property
+    def fit_shape(self) -> tuple[int, int, int, int]:
+        """The 4-D kernel the family fits."""
+        sizes = self.atom_sizes
+        return tuple(math.prod(sizes[a] for a in slot) for slot in self.slots)  # type: ignore[return-value]
+
+    def to_fit(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` (of :attr:`shape`) as the 4-D kernel the family fits (a view when nothing is
+        permuted)."""
+        sizes = self.atom_sizes
+        order = [*(f"t{i}" for i in range(len(self.out_sizes)))]
+        order += [f"s{i}" for i in range(len(self.in_sizes))]
+        order += [f"k{i}" for i in range(len(self.shape) - 2)]
+        atoms = w.reshape([sizes[a] for a in order])
+        wanted = [a for slot in self.slots for a in slot]
+        perm = [order.index(a) for a in wanted]
+        if perm != sorted(perm):
+            atoms = atoms.permute(perm)
+        return atoms.reshape(self.fit_shape)
+
+    def from_fit(self, f: Factorization) -> Factorization:
+        """The factorization ``f`` of :meth:`to_fit` ``(w)`` as one of ``w``. Exact."""
+        if self.slots == (("t0",), ("s0",), ("k0",), ("k1",)):
+            return f
+        inputs, _ = parse_equation(f.equation)
+        factors = list(f.factors)
+        used = {c for term in inputs for c in term}
+        sizes = self.atom_sizes
+        letters: dict[str, str] = {}  # atom -> its index letter(s)
+        for slot, mode in zip(self.slots, f.modes or (), strict=True):
+            if not slot:  # an empty slot: drop its unit indices
+                for c in mode:
+                    k = next(i for i, term in enumerate(inputs) if c in term)
+                    factors[k] = factors[k].squeeze(inputs[k].index(c))
+                    inputs[k] = inputs[k].replace(c, "")
+                continue
+            if len(slot) == 1:
+                letters[slot[0]] = mode
+                continue
+            if len(mode) != 1:
+                raise StructureError(
+                    f"{f.method}: its network splits the slot {slot} into several indices "
+                    f"({mode!r}); it cannot be tensorized this way"
+                )
+            names = [mode] + [_fresh(used) for _ in slot[1:]]
+            k = next(i for i, term in enumerate(inputs) if mode in term)
+            axis = inputs[k].index(mode)
+            fshape = list(factors[k].shape)
+            atoms = [sizes[a] for a in slot]
+            factors[k] = factors[k].reshape(*fshape[:axis], *atoms, *fshape[axis + 1 :])
+            inputs[k] = inputs[k].replace(mode, "".join(names))
+            letters.update(zip(slot, names, strict=True))
+        modes = [
+            "".join(letters[f"t{i}"] for i in range(len(self.out_sizes))),
+            "".join(letters[f"s{i}"] for i in range(len(self.in_sizes))),
+            *(letters[f"k{i}"] for i in range(len(self.shape) - 2)),
+        ]
+        inputs, factors = _absorb_bond_factors(inputs, factors, "".join(modes))
+        out = Factorization(
+            factors,
+            ",".join(inputs) + "->" + "".join(modes),
+            self.shape,
+            f.ranks,
+            f.method,
+            tuple(modes),
+            dict(f.info),
+        )
+        out.info["fitted_as"] = list(self.fit_shape)
+        if self.tensorized:
+            out.info["tensorize"] = [list(self.out_sizes), list(self.in_sizes)]
+        return out
 
 
 def to_order4(w: torch.Tensor) -> torch.Tensor:
     """``w`` (T, S, *k) with 0 to 3 spatial modes as the 4-D kernel its family fits (a view)."""
-    t, s, *k = w.shape
-    if len(k) == 0:
-        return w.reshape(t, s, 1, 1)
-    if len(k) == 1:
-        return w.reshape(t, s, 1, k[0])
-    if len(k) == 2:
-        return w
-    return w.reshape(t, s, k[0], k[1] * k[2])
+    return Lifting.of(tuple(w.shape)).to_fit(w)
 
 
 def _fresh(used: set[str]) -> str:
@@ -53,41 +239,7 @@ def _fresh(used: set[str]) -> str:
 def from_order4(f: Factorization, shape: tuple[int, ...]) -> Factorization:
     """The factorization ``f`` of ``to_order4(w)`` as one of ``w`` (``shape``): unit spatial
     indices dropped (order 2 / 3), or the merged one split (order 5). Exact."""
-    shape = tuple(int(n) for n in shape)
-    if len(shape) == 4:
-        return f
-    inputs, _ = parse_equation(f.equation)
-    modes = list(f.modes or ())
-    factors = list(f.factors)
-    if len(shape) == 5:
-        merged = modes[3]
-        used = {c for t in inputs for c in t}
-        extra = _fresh(used)
-        k = next(i for i, t in enumerate(inputs) if merged in t)
-        axis = inputs[k].index(merged)
-        fshape = list(factors[k].shape)
-        factors[k] = factors[k].reshape(*fshape[:axis], shape[3], shape[4], *fshape[axis + 1 :])
-        inputs[k] = inputs[k].replace(merged, merged + extra)
-        modes = [*modes[:3], merged, extra]
-    else:
-        drop = modes[2:4] if len(shape) == 2 else modes[2:3]
-        for c in drop:
-            k = next(i for i, t in enumerate(inputs) if c in t)
-            factors[k] = factors[k].squeeze(inputs[k].index(c))
-            inputs[k] = inputs[k].replace(c, "")
-        modes = [m for m in modes if m not in drop]
-    inputs, factors = _absorb_bond_factors(inputs, factors, "".join(modes))
-    out = Factorization(
-        factors,
-        ",".join(inputs) + "->" + "".join(modes),
-        shape,
-        f.ranks,
-        f.method,
-        tuple(modes),
-        dict(f.info),
-    )
-    out.info["fitted_as"] = list(to_order4(torch.empty(shape, device="meta")).shape)
-    return out
+    return Lifting.of(tuple(shape)).from_fit(f)
 
 
 def _absorb_bond_factors(

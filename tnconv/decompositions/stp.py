@@ -80,6 +80,7 @@ class _SemiTensor(Decomposition):
         ratio: Any = None,
         statistics: Any = None,
         groups: int = 1,
+        tensorize: Any = None,
         **options: Any,
     ) -> Factorization:
         """As :meth:`Decomposition.factorize`, with the option ``t`` (positive int, default 2).
@@ -92,10 +93,19 @@ class _SemiTensor(Decomposition):
         opts = self.parse_options(options)
         bound = self.bind(opts)
         if isinstance(spec, ParamRatio) and isinstance(groups, int) and groups > 0:
-            t, s_, kh, kw = lifting.to_order4(w).shape
-            bound.check_shape((t // groups, s_, kh, kw))  # type: ignore[attr-defined]
+            t, s_, *k = w.shape
+            lift = lifting.Lifting.of((t // groups, s_, *k), tensorize)
+            bound.check_shape(lift.fit_shape)  # type: ignore[attr-defined]
         return Decomposition.factorize(
-            bound, w, rank, eps=eps, ratio=ratio, statistics=statistics, groups=groups, **options
+            bound,
+            w,
+            rank,
+            eps=eps,
+            ratio=ratio,
+            statistics=statistics,
+            groups=groups,
+            tensorize=tensorize,
+            **options,
         )
 
     def bind(self, options: BaseModel) -> _SemiTensor:

@@ -275,6 +275,10 @@ class Tucker(Decomposition):
         ranks, params, missing = self._rank_table(weight, 4 if options.full else 2)
         allowed = eps * eps * float(torch.sum(weight * weight))
         ok = missing <= allowed
+        if not bool(ok.any()):
+            # an eps below the rounding of the captured energies (e.g. 1e-9): the tuple that
+            # misses least (full ranks), rather than an empty choice
+            ok = missing <= missing.min()
         # the cheapest tuple whose HOSVD truncation already meets eps (ties: lower error)
         order = torch.argsort(missing[ok])
         pick = order[torch.argmin(params[ok][order])]

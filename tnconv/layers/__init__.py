@@ -1,6 +1,7 @@
 """Layers that execute factorizations: one executor, the dimension as data."""
 
-import torch
+from typing import Any
+
 from torch import nn
 
 from .base import FactorizedLayer
@@ -30,15 +31,15 @@ def factorized_type(module: nn.Module) -> type[FactorizedLayer]:
     )
 
 
-def kernel_fit_shape(module: nn.Module) -> tuple[int, ...]:
-    """The 4-D kernel one group of ``module``'s weight is fitted as (see
-    :mod:`tnconv.decompositions.lifting`): what structure queries (``bond_ranks``,
-    ``num_params_at``) of a family take."""
-    from ..decompositions.lifting import to_order4
+def kernel_fit_shape(module: nn.Module, tensorize: Any = None) -> tuple[int, ...]:
+    """The 4-D kernel one group of ``module``'s weight is fitted as, channels tensorized as
+    asked (see :class:`tnconv.decompositions.lifting.Lifting`): what structure queries
+    (``bond_ranks``, ``num_params_at``) of a family take."""
+    from ..decompositions.lifting import Lifting
 
     groups = int(getattr(module, "groups", 1))
     t, s, *k = module.weight.shape
-    return tuple(to_order4(torch.empty((t // groups, s, *k), device="meta")).shape)
+    return Lifting.of((t // groups, s, *k), tensorize).fit_shape
 
 
 __all__ = [
