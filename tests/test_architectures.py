@@ -1,0 +1,72 @@
+"""Real architectures (hand-built blocks, no downloads): compress replaces their Linear, 1x1,
+grouped, Conv1d and Conv3d layers, keeps depthwise convs dense, and holds the budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tnconv
+from tnconv.models.blocks import ARCHITECTURES, resnet50
+
+from .conftest import METHODS
+
+# small widths: the same layer kinds and groups, seconds per compression
+TINY = {
+    "resnet-bottleneck": (8, (1, 3, 16, 16)),
+    "resnext": (8, (1, 3, 16, 16)),
+    "mobilenet-v2": (8, (1, 3, 16, 16)),
+    "efficientnet-mbconv": (8, (1, 3, 16, 16)),
+    "convnext": (16, (1, 3, 16, 16)),
+    "temporal-1d": (8, (1, 8, 32)),
+    "video-3d": (4, (1, 3, 4, 8, 8)),
+}
+
+
+def _check(name: str, method: str) -> tnconv.Summary:
+    width, size = TINY[name]
+    torch.manual_seed(0)
+    model = ARCHITECTURES[name][0](width=width).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small = tnconv.compress(model, method, budget=0.25, input_size=size, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    x = torch.randn(size)
+    with torch.no_grad():
+        y, y_dense = small(x), model(x)
+    assert y.shape == y_dense.shape and bool(torch.isfinite(y).all())
+    s = tnconv.summary(small, input_size=size)
+    selected = [r for r in s.rows if "depthwise" not in r.note]
+    # the budget: a quarter of the selected layers' parameters, dense leftovers included
+    assert sum(r.params for r in selected) <= 0.25 * sum(r.dense_params for r in selected) + 1
+    for r in s.rows:
+        if "/g" in r.kind and r.shape[1] == 1:
+            assert r.method == "dense" and "depthwise" in r.note
+    return s
+
+
+@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("method", ["tucker", "tr"])
+def test_every_architecture(name: str, method: str) -> None:
+    s = _check(name, method)
+    kinds = {r.kind.split("/")[0] for r in s.rows if r.method != "dense"}
+    expected = {"temporal-1d": {"conv1d"}, "video-3d": {"conv3d"}}.get(name, {"conv2d"})
+    assert expected <= kinds
+    replaced = sum(r.dense_params for r in s.rows if r.method != "dense")
+    weights = sum(r.dense_params for r in s.rows if "depthwise" not in r.note)
+    assert replaced >= 0.8 * weights
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_on_grouped_linear_and_3d_layers(method: str) -> None:
+    for name in ("resnext", "video-3d"):
+        s = _check(name, method)
+        assert any(r.method == method for r in s.rows)
+
+
+def test_resnet50_shape_and_layer_count() -> None:
+    with torch.device("meta"):
+        model = resnet50()
+    assert sum(p.numel() for p in model.parameters()) == 25_557_032
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 53 and isinstance(model.head, nn.Linear)
