@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -330,6 +331,8 @@ def test_bad_arguments_are_typed_errors() -> None:
         {"rho": -1.0},
         {"rho": math.nan},
         {"rho_growth": 0.5},
+        {"rho_growth": 0.0},  # without rho too (rho derived later)
+        {"rho_max": 0.0},
         {"rho": 1.0, "rho_max": 0.5},
     ):
         with pytest.raises(OptionError, match="rho"):
@@ -442,6 +445,56 @@ def test_cli_admm_end_to_end(tmp_path, capsys: pytest.CaptureFixture) -> None:
     assert "rho" in capsys.readouterr().err
     assert main(["admm", "-m", "nope", "--rank", "2", "-o", str(out)]) == 2
     assert "unknown decomposition" in capsys.readouterr().err
+    assert main(["admm", "-m", "tt", "--rank", "2", "--rho-growth", "0", "-o", str(out)]) == 2
+    assert "rho_growth" in capsys.readouterr().err
+
+
+def _printed_rhos(text: str) -> list[float]:
+    return [float(m) for m in re.findall(r"admm step +\d+  rho (\S+)", text)]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        # no --rho: derived from --lr 0.02 and 448 digits in batches of 32 (14 per epoch), the
+        # projection before training taking one doubling: start/2, then start, 2 x start
+        ([], [0.5 * 1.25 / (0.02 * 14), 1.25 / (0.02 * 14), 2 * 1.25 / (0.02 * 14)]),
+        (["--rho", "0.3"], [0.3, 0.3, 0.3]),  # explicit: as given, constant
+        (["--rho", "0.3", "--rho-growth", "2", "--rho-max", "0.9"], [0.3, 0.6, 0.9]),
+        (["--rho-growth", "3"], [1.25 / (0.02 * 14) / 3, 1.25 / (0.02 * 14), 10.0]),  # cap 0.2/lr
+    ],
+)
+def test_cli_admm_rho_default_is_derived_explicit_is_honoured(
+    tmp_path, capsys: pytest.CaptureFixture, flags: list[str], expected: list[float]
+) -> None:
+    pytest.importorskip("sklearn")
+    args = ["admm", "-m", "tucker", "--rank", "2", "--source", "sklearn", "--width", "4"]
+    args += ["--dense-epochs", "1", "--train-limit", "448", "--epochs", "2"]
+    args += ["--tune-epochs", "0", "-o", str(tmp_path / "small.pt"), "-q", *flags]
+    assert main(args) == 0
+    rhos = _printed_rhos(capsys.readouterr().out)
+    assert rhos == pytest.approx(expected, rel=2e-3)  # printed with 3 significant digits
+
+
+def test_admm_run_rho_default_is_derived_explicit_is_honoured() -> None:
+    pytest.importorskip("sklearn")
+    from tnconv.admm import PULL_START
+    from tnconv.demo import compressible
+    from tnconv.experiments.admm import ADMMRun, admm_arm, load_digits, train_dense
+
+    assert (ADMMRun().rho, ADMMRun().rho_growth, ADMMRun().rho_max) == (None, None, None)
+    data = load_digits("sklearn", seed=0, limit=448)  # 14 batches of 32
+    model = train_dense(data, width=4, epochs=1, seed=0)
+    derived = admm_arm(
+        model, "tucker", data, ADMMRun(admm_epochs=2, tune_epochs=0), compressible, rank=2
+    )
+    assert derived.admm is not None
+    start = PULL_START / (0.01 * 14)  # ADMMRun's admm_lr 0.01; the cap 0.2 / lr is 20
+    assert [h["rho"] for h in derived.admm.history] == pytest.approx([start / 2, start, 2 * start])
+    run = ADMMRun(admm_epochs=2, tune_epochs=0, rho=0.4)
+    explicit = admm_arm(model, "tucker", data, run, compressible, rank=2)
+    assert explicit.admm is not None
+    assert [h["rho"] for h in explicit.admm.history] == pytest.approx([0.4, 0.4, 0.4])
 
 
 # -- the default rho ------------------------------------------------------------------------------

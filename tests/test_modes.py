@@ -22,6 +22,7 @@ from torch import nn
 
 import tnconv
 from tnconv import FactorizedConv2d
+from tnconv.bn_folding import fold_batchnorm
 from tnconv.errors import InvalidWeightError
 
 from .conftest import METHODS
@@ -340,3 +341,102 @@ def test_folded_weights_follow_inference_factors_changed_in_place() -> None:
         layer.factors[0].mul_(2.0)  # an in-place change no version counter sees
         y2 = layer(x)
     torch.testing.assert_close(y2, 2.0 * y1)
+
+
+# -- BN folding (compress(fold_bn=True), inplace or not) with inference-tensor weights ----------
+
+WEIGHTS = ["plain", "inference_tensors", "frozen"]
+CALLS = ["plain", "inference_mode", "no_grad"]
+
+
+def _bn_net(weights: str) -> nn.Sequential:
+    """``make_net(weights)`` in eval mode with non-trivial BatchNorm statistics and affine
+    parameters (set in the mode that may modify the net's tensors)."""
+    net = make_net(weights)
+    gen = torch.Generator().manual_seed(3)
+    ctx = torch.inference_mode() if weights == "inference_tensors" else torch.no_grad()
+    with ctx:
+        bn = net[1]
+        bn.running_mean.normal_(0, 0.5, generator=gen)
+        bn.running_var.uniform_(0.5, 2.0, generator=gen)
+        bn.weight.uniform_(0.5, 1.5, generator=gen)
+        bn.bias.normal_(0, 0.2, generator=gen)
+    return net.eval()
+
+
+def _assert_conv_trains(conv: nn.Module, x: torch.Tensor, frozen: bool) -> None:
+    """The folded conv holds ordinary parameters (``requires_grad`` as the net's) and a backward
+    pass outside every special mode reaches both."""
+    params = [conv.weight, conv.bias]
+    assert all(not p.is_inference() for p in params)
+    assert all(p.requires_grad is not frozen for p in params)
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    conv(x).square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_fold_batchnorm_in_every_mode(weights: str, call: str, inplace: bool) -> None:
+    net = _bn_net(weights)
+    with torch.inference_mode():
+        expected = net(x_in()).clone()
+    with calling(call):
+        folded = fold_batchnorm(net, inplace=inplace)
+    assert (folded is net) is inplace
+    assert isinstance(folded[1], nn.Identity)
+    assert isinstance(net[1], nn.Identity) is inplace
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x_in()), expected, rtol=1e-5, atol=1e-6)
+    if not inplace:  # a copy is ordinary tensors throughout: the whole model trains
+        assert not any(t.is_inference() for t in (*folded.parameters(), *folded.buffers()))
+    _assert_conv_trains(folded[0], x_in(), frozen=weights == "frozen")
+
+
+def test_fold_batchnorm_inplace_keeps_an_ordinary_parameter_object() -> None:
+    """In place on ordinary weights, the conv's parameters are updated, not replaced: an
+    optimizer built on the model before folding still holds them."""
+    net = _bn_net("plain")
+    weight, bias = net[0].weight, net[0].bias
+    fold_batchnorm(net, inplace=True)
+    assert net[0].weight is weight and net[0].bias is bias
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_fold_batchnorm_gives_a_biasless_conv_a_bias_like_its_weight(weights: str) -> None:
+    ctx = torch.inference_mode() if weights == "inference_tensors" else contextlib.nullcontext()
+    with ctx:
+        net = nn.Sequential(nn.Conv2d(4, 8, 3, bias=False), nn.BatchNorm2d(8)).eval()
+    if weights == "frozen":
+        net.requires_grad_(False)
+    folded = fold_batchnorm(net, inplace=True)
+    bias = folded[0].bias
+    assert isinstance(bias, nn.Parameter) and not bias.is_inference()
+    assert bias.requires_grad is (weights != "frozen")
+    assert bias.dtype == folded[0].weight.dtype and bias.shape == (8,)
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_compress_fold_bn_in_every_mode(weights: str, call: str, inplace: bool) -> None:
+    net = _bn_net(weights)
+    with calling(call):
+        small = tnconv.compress(net, "tucker", ratio=0.5, inplace=inplace, fold_bn=True)
+    with torch.no_grad():  # the user's own inference tensors (inplace) run without autograd
+        y = small.eval()(x_in())
+    assert (small is net) is inplace
+    assert isinstance(small[1], nn.Identity)
+    ref = tnconv.compress(_bn_net("plain"), "tucker", ratio=0.5, fold_bn=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(y, ref(x_in()), rtol=1e-4, atol=1e-5)
+    if inplace and weights == "inference_tensors":
+        # the layers tnconv rebuilt are trainable; the user's untouched Linear head is still an
+        # inference tensor (it cannot take part in a backward pass), so train the layers alone
+        assert_trainable(small[0], x_in())
+        assert_trainable(small[3], x_in(8))
+    else:
+        assert_trainable(small, x_in())

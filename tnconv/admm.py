@@ -101,6 +101,24 @@ class ADMMSchedule(BaseModel):
             )
             raise OptionError(f"bad ADMM schedule: {problems}") from exc
 
+    @classmethod
+    def given(
+        cls, rho: Any = None, rho_growth: Any = None, rho_max: Any = None
+    ) -> ADMMSchedule | None:
+        """The schedule fixed by explicit arguments, as :class:`ADMM` reads them: ``rho`` given,
+        the schedule (``rho_growth`` 1 unless given: constant); ``rho`` None, None (rho is
+        derived later, :meth:`from_training`), after checking a given ``rho_growth`` /
+        ``rho_max`` on their own. :class:`OptionError` names a bad field."""
+        if rho is not None:
+            return cls.parse(rho, 1.0 if rho_growth is None else rho_growth, rho_max)
+        if rho_growth is not None or rho_max is not None:
+            cls.parse(
+                1e-3 if rho_max is None else rho_max,
+                1.0 if rho_growth is None else rho_growth,
+                rho_max,
+            )
+        return None
+
     def next(self, rho: float) -> float:
         """The rho after one more step."""
         grown = rho * self.rho_growth
@@ -206,13 +224,7 @@ class ADMM:
             raise TypeError(f"ADMM needs a torch.nn.Module; got {type(model).__name__}")
         # rho=None: derived from the training schedule by fit() (or plan())
         self._growth_given, self._max_given = rho_growth, rho_max
-        self.schedule: ADMMSchedule | None = None
-        if rho is not None:
-            self.schedule = ADMMSchedule.parse(
-                rho, 1.0 if rho_growth is None else rho_growth, rho_max
-            )
-        elif rho_growth is not None or rho_max is not None:
-            ADMMSchedule.parse(1e-3 if rho_max is None else rho_max, rho_growth or 1.0, rho_max)
+        self.schedule: ADMMSchedule | None = ADMMSchedule.given(rho, rho_growth, rho_max)
         decomposition = method if isinstance(method, Decomposition) else get(method)
         if isinstance(decomposition, ADMMDecomposition):
             decomposition = decomposition.base  # admm-<base>: this trainer is its ADMM part

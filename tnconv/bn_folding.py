@@ -73,7 +73,11 @@ def fold_batchnorm(
 ) -> nn.Module:
     """``model`` (a copy unless ``inplace``) with every conv -> BN pair (or those whose conv is
     named in ``convs``) folded into the conv and the BN replaced by ``nn.Identity``. Equal to
-    ``model`` in eval mode."""
+    ``model`` in eval mode.
+
+    Works under ``torch.inference_mode``, ``torch.no_grad`` and plain autograd, and on models
+    whose weights are inference tensors: in place, such a conv's weight and bias are replaced by
+    ordinary parameters (ordinary ones are updated in place), so the folded conv can be trained."""
     target = model if inplace else plain_copy(model)
     pairs = conv_bn_pairs(target)
     if convs is not None:
@@ -83,7 +87,8 @@ def fold_batchnorm(
     for conv_name, bn_name in pairs:
         conv, bn = modules[conv_name], modules[bn_name]
         assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
-        with plain_tensors():  # no_grad; a new bias is an ordinary tensor under inference_mode
+        # no_grad, out of inference mode: new parameters are ordinary tensors whatever the mode
+        with plain_tensors():
             sigma = torch.sqrt(bn.running_var.to(torch.float64) + bn.eps)  # type: ignore[union-attr]
             gamma = bn.weight.to(torch.float64) if bn.weight is not None else torch.ones_like(sigma)
             beta = bn.bias.to(torch.float64) if bn.bias is not None else torch.zeros_like(sigma)
@@ -91,11 +96,8 @@ def fold_batchnorm(
             w = conv.weight.to(torch.float64) * scale.view(-1, 1, 1, 1)
             b = conv.bias.to(torch.float64) if conv.bias is not None else torch.zeros_like(sigma)
             bias = (b - bn.running_mean.to(torch.float64)) * scale + beta  # type: ignore[union-attr]
-            conv.weight.copy_(w.to(conv.weight.dtype))
-            if conv.bias is None:
-                conv.bias = nn.Parameter(bias.to(conv.weight.dtype))
-            else:
-                conv.bias.copy_(bias.to(conv.bias.dtype))
+            _assign(conv, "weight", w)
+            _assign(conv, "bias", bias)
         _replace(target, bn_name, nn.Identity())
         log.info("folded %s into %s", bn_name, conv_name)
     if pairs:
@@ -103,6 +105,25 @@ def fold_batchnorm(
         folded.update({bn: conv for conv, bn in pairs})
         setattr(target, FOLDED_BN, folded)
     return target
+
+
+def _assign(conv: nn.Conv2d, name: str, value: torch.Tensor) -> None:
+    """Set ``conv.<name>`` (``weight`` or ``bias``, float64 ``value`` of its shape) to ``value``.
+
+    An ordinary parameter is updated in place (an optimizer holding it keeps working); a missing
+    bias, or a parameter that is an inference tensor (model built or loaded under
+    ``torch.inference_mode``, which cannot be modified in place outside it) is replaced by a new
+    ordinary ``nn.Parameter`` of the layer's dtype and device, keeping ``requires_grad``, so the
+    folded conv can be trained. Call inside :func:`plain_tensors`.
+    """
+    old: torch.Tensor | None = getattr(conv, name)
+    if old is not None and not old.is_inference():
+        old.copy_(value.to(old.dtype))
+        return
+    like = conv.weight
+    requires_grad = old.requires_grad if old is not None else like.requires_grad
+    fresh = value.to(dtype=like.dtype, device=like.device).clone()
+    setattr(conv, name, nn.Parameter(fresh, requires_grad=requires_grad))
 
 
 def remove_folded(model: nn.Module, folded: dict[str, str]) -> None:

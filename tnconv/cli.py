@@ -452,7 +452,7 @@ def _admm(args: argparse.Namespace) -> int:
         if value < (1 if flag == "--epochs" else 0):
             raise CLIError(f"{flag} must be >= {1 if flag == '--epochs' else 0}; got {value}")
     # everything that can be checked without a model fails before any training
-    ADMMSchedule.parse(args.rho, args.rho_growth, args.rho_max)
+    ADMMSchedule.given(args.rho, args.rho_growth, args.rho_max)
     method = get(args.method).name
     base = getattr(get(method), "base_name", "") or method  # admm-<base> means <base>
     get(base).parse_options(_options(args.option))
@@ -671,9 +671,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-kind", choices=["params", "flops"], default="params")
     p.add_argument("--epochs", type=int, default=3, help="ADMM training epochs")
     p.add_argument("--tune-epochs", type=int, default=1, help="fine-tuning epochs after it")
-    p.add_argument("--rho", type=float, default=0.5, help="initial penalty weight")
-    p.add_argument("--rho-growth", type=float, default=2.0, help="rho *= this per step")
-    p.add_argument("--rho-max", type=float, default=8.0, help="cap on rho")
+    p.add_argument(
+        "--rho",
+        type=float,
+        help="initial penalty weight (default: derived from --lr and the batches per epoch, "
+        "a pull of 1.25 per epoch doubled every epoch; docs/admm.md)",
+    )
+    p.add_argument(
+        "--rho-growth",
+        type=float,
+        help="rho *= this per ADMM step (default: x2 per epoch for a derived rho, 1 with --rho)",
+    )
+    p.add_argument(
+        "--rho-max",
+        type=float,
+        help="cap on rho (default: 16x the derived start, at most 0.2/lr; none with --rho)",
+    )
     p.add_argument("--lr", type=float, default=0.02, help="ADMM training peak lr (OneCycle)")
     p.add_argument("--tune-lr", type=float, default=0.005, help="fine-tuning peak lr")
     p.add_argument("--batch-size", type=int, default=32)

@@ -18,12 +18,16 @@ shares of the dense layer (``shares``), fitted once and reused.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import pickle
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -43,7 +47,14 @@ from .compress import (
     select_convs,
 )
 from .decompositions.base import Decomposition
-from .errors import BudgetError
+from .errors import BudgetError, NotPicklableError, StudyError
+from .executors import (
+    ModelPayload,
+    TaskRunner,
+    check_picklable,
+    default_worker_threads,
+    model_payload,
+)
 from .layers import FactorizedConv2d, kernel_fit_shape
 from .registry import get
 
@@ -107,34 +118,155 @@ class RankSelection(dict):  # type: ignore[type-arg]
         return len(self.log)
 
 
+def _metric(value: Any) -> float:
+    """``evaluate``'s return value as a finite float (TypeError / ValueError otherwise)."""
+    try:
+        metric = float(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"evaluate(model) must return a number; got {type(value).__name__}"
+        ) from exc
+    if not math.isfinite(metric):
+        raise ValueError(f"evaluate(model) returned {metric}; it must be finite")
+    return metric
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+@dataclass(frozen=True)
+class _Trial:
+    """One evaluation as a worker receives it: every selected layer's candidate index (the last
+    index is the dense layer); ``index`` is its place in the log."""
+
+    index: int
+    levels: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class _EvalContext:
+    """What every trial shares, sent once per worker (process pool, Dask) or with each trial
+    (other executors): the callable and the fitted candidate layers (None: the dense layer)."""
+
+    evaluate: Callable[[nn.Module], float]
+    candidates: dict[str, list[FactorizedConv2d | None]]
+    training: dict[str, bool]  # every module's mode in the model select_ranks evaluates
+    threads: int | None
+
+
+# worker side: one model per thread (a thread pool's threads must not swap each other's layers)
+_WORKER = threading.local()
+_POOL: dict[str, Any] = {}
+
+
+def _init_worker(payload: ModelPayload, ctx: _EvalContext) -> None:
+    """Process-pool initializer: the model and the candidates arrive once per worker process."""
+    _POOL["payload"], _POOL["context"] = payload, ctx
+
+
+def _worker_trial(
+    trial: _Trial, ctx: _EvalContext | None = None, payload: ModelPayload | None = None
+) -> Any:
+    """``evaluate`` of the model at ``trial``'s candidates, in a worker. The dense model and a
+    copy of the candidates are built once per thread (per payload token); each trial swaps the
+    layers it needs."""
+    payload = payload if payload is not None else _POOL["payload"]
+    ctx = ctx if ctx is not None else _POOL["context"]
+    if ctx.threads is not None:
+        torch.set_num_threads(ctx.threads)
+    if getattr(_WORKER, "token", None) != payload.token:
+        model = payload.build()
+        for name, module in model.named_modules():
+            module.training = ctx.training.get(name, module.training)
+        _WORKER.model = model
+        _WORKER.layers = {
+            name: [model.get_submodule(name) if c is None else c for c in cands]
+            for name, cands in copy.deepcopy(ctx.candidates).items()
+        }
+        _WORKER.token = payload.token
+    for name, k in trial.levels:
+        _swap(_WORKER.model, name, _WORKER.layers[name][k])
+    return ctx.evaluate(_WORKER.model)
+
+
 @dataclass
 class _Search:
-    """The working state shared by both strategies: one model copy whose layers are swapped."""
+    """The working state shared by both strategies: one model copy whose layers are swapped, or
+    (with ``runner``) trials sent to an executor's workers."""
 
     work: nn.Module
     evaluate: Callable[[nn.Module], float]
     convs: dict[str, nn.Conv2d]
     candidates: dict[str, list[_Candidate]]  # cheapest first, the dense layer last
     bar: Any
+    runner: TaskRunner | None = None
     log: list[Evaluation] = field(default_factory=list)
     current: dict[str, _Candidate] = field(default_factory=dict)
 
     def set(self, name: str, cand: _Candidate) -> None:
-        parent_name, _, child = name.rpartition(".")
-        parent = self.work.get_submodule(parent_name) if parent_name else self.work
-        setattr(parent, child, self.convs[name] if cand.layer is None else cand.layer)
+        _swap(self.work, name, self.convs[name] if cand.layer is None else cand.layer)
         self.current[name] = cand
 
     def measure(self, phase: str, layer: str | None) -> float:
-        value = self.evaluate(self.work)
+        """``evaluate`` of the current configuration, logged."""
+        return self.measure_many([(phase, layer, {})])[0]
+
+    def measure_many(
+        self, trials: Sequence[tuple[str, str | None, dict[str, _Candidate]]]
+    ) -> list[float]:
+        """``evaluate`` of the current configuration with each trial's layers changed
+        (``(phase, layer named in the log, {layer: candidate})``), logged in order.
+        Independent evaluations: on the executor's workers when there is one. The current
+        configuration is the same afterwards."""
+        configs = [{**self.current, **changes} for _, _, changes in trials]
+        if self.runner is None:
+            before = dict(self.current)
+            metrics = []
+            try:
+                for (phase, layer, _), config in zip(trials, configs, strict=True):
+                    for name, cand in config.items():
+                        if self.current[name] is not cand:
+                            self.set(name, cand)
+                    metrics.append(self._record(phase, layer, self.evaluate(self.work)))
+            finally:
+                for name, cand in before.items():
+                    if self.current[name] is not cand:
+                        self.set(name, cand)
+            return metrics
+        runner = self.runner
+        index = {
+            name: {id(c): k for k, c in enumerate(cands)} for name, cands in self.candidates.items()
+        }
+        tasks = [
+            _Trial(
+                len(self.log) + i,
+                tuple((name, index[name][id(cand)]) for name, cand in config.items()),
+            )
+            for i, config in enumerate(configs)
+        ]
+        results: dict[int, Any] = {}
+        runner.run(
+            tasks,
+            lambda trial, value: results.__setitem__(trial.index, value),
+            key=lambda trial: f"{runner.key}-{trial.index}",
+        )
+        # logged in trial order, whichever worker finished first: the serial run's log
+        saved = dict(self.current)
         try:
-            metric = float(value)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(
-                f"evaluate(model) must return a number; got {type(value).__name__}"
-            ) from exc
-        if not math.isfinite(metric):
-            raise ValueError(f"evaluate(model) returned {metric}; it must be finite")
+            metrics = []
+            for (phase, layer, _), config, task in zip(trials, configs, tasks, strict=True):
+                self.current = config
+                metrics.append(self._record(phase, layer, results[task.index]))
+        finally:
+            self.current = saved
+        return metrics
+
+    def _record(self, phase: str, layer: str | None, value: Any) -> float:
+        """Log ``value`` (``evaluate``'s return) for the current configuration."""
+        metric = _metric(value)
         self.log.append(
             Evaluation(
                 len(self.log),
@@ -160,6 +292,10 @@ def select_ranks(
     shares: Sequence[float] = DEFAULT_SHARES,
     input_size: Sequence[int] | None = None,
     progress: bool = True,
+    executor: Any = None,
+    workers: int | None = None,
+    worker_threads: int | None = None,
+    model_factory: Callable[[], nn.Module] | None = None,
     **options: Any,
 ) -> RankSelection:
     """Choose every selected layer's rank so that the metric stays highest within ``budget``.
@@ -180,6 +316,23 @@ def select_ranks(
             the largest uniform rank whose factorization fits it.
         input_size: (B, C, H, W) for FLOP budgets (default: :func:`default_input_size`).
         progress: a tqdm bar over evaluations.
+        executor: where the evaluations run, as for :func:`tnconv.study`. ``None``: here, in
+            order. ``"processes"``: a local spawn process pool of ``workers`` processes
+            (default: the CPU count), a ``concurrent.futures.Executor``, a
+            ``distributed.Client`` or a Dask scheduler address ``"tcp://host:8786"``. The
+            candidates are fitted here; the model and the fitted candidate layers travel once
+            per worker (process pool, Dask; with each evaluation to another executor), each
+            evaluation as its layers' candidate indices. The independent evaluations (one-step:
+            the baseline and the whole scan; multi-step: every layer's move of a step) run in
+            parallel; the choice, the log and the numbers are the serial run's when ``evaluate``
+            is deterministic (the same thread count for bit-identical float sums). ``evaluate``
+            must then be picklable (a module-level function or a ``functools.partial`` of one),
+            and see each model it is given afresh (a worker reuses its model between calls).
+        workers: process count for ``executor="processes"``.
+        worker_threads: torch threads in each worker; default 1 for ``"processes"`` and Dask,
+            untouched for other executors.
+        model_factory: a picklable ``factory() -> nn.Module``: with it, workers receive the
+            factory and the model's ``state_dict`` instead of the pickled model.
         **options: method options, as for ``factorize``.
 
     Returns:
@@ -189,6 +342,9 @@ def select_ranks(
     Raises:
         BudgetError: even the smallest candidates of every layer exceed the budget.
         ValueError / TypeError: a bad strategy, shares, budget or ``evaluate``.
+        NotPicklableError: with an executor, ``evaluate``, the model, ``model_factory`` or a
+            fitted candidate layer cannot be pickled (before any evaluation).
+        StudyError: an unknown ``executor``, or ``workers`` without ``"processes"``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"select_ranks needs a torch.nn.Module; got {type(model).__name__}")
@@ -196,6 +352,10 @@ def select_ranks(
         raise ValueError(f"strategy must be 'one-step' or 'multi-step'; got {strategy!r}")
     if not callable(evaluate):
         raise TypeError("evaluate must be a callable evaluate(model) -> float")
+    if executor is not None:
+        check_picklable("evaluate", evaluate)  # before any work
+    elif workers is not None or model_factory is not None:
+        raise StudyError("workers= and model_factory= apply with an executor")
     shares = tuple(float(s) for s in shares)
     if not shares or not all(0.0 < s < 1.0 for s in shares):
         raise ValueError(f"shares must be floats in (0, 1); got {shares!r}")
@@ -207,6 +367,7 @@ def select_ranks(
     convs = dict((n, c) for n, c in select_convs(work, layers) if not is_depthwise(c))
     if not convs:
         raise ValueError("no Linear / conv layer (other than depthwise) selected")
+    payload = model_payload(work, model_factory) if executor is not None else None
     shapes: dict[str, tuple[int, int, int, int]] = {}
     if target.kind == "flops" or input_size is not None:
         shapes = conv_input_shapes(work, input_size or default_input_size(work))
@@ -239,21 +400,52 @@ def select_ranks(
     evaluations = (
         1 + sum(len(c) - 1 for c in candidates.values()) + 1 if strategy == "one-step" else None
     )
+    runner = None
+    if executor is not None:
+        assert payload is not None
+        ctx = _EvalContext(
+            evaluate,
+            {n: [c.layer for c in cands] for n, cands in candidates.items()},
+            {n: m.training for n, m in work.named_modules()},
+            default_worker_threads(executor, worker_threads),
+        )
+        try:
+            pickle.dumps(ctx)
+        except Exception as exc:
+            raise NotPicklableError(
+                f"the fitted {decomposition.name} candidate layers cannot be sent to worker "
+                f"processes ({type(exc).__name__}: {exc})"
+            ) from exc
+        most = (evaluations or 1) if strategy == "one-step" else len(convs)
+        runner = TaskRunner(
+            executor,
+            _worker_trial,
+            (ctx, payload),
+            workers=workers,
+            max_tasks=most,
+            initializer=_init_worker,
+            initargs=(payload, ctx),
+            error=StudyError,
+            key=f"tnconv-select-{payload.token[:8]}",
+        )
     bar = tqdm(total=evaluations, desc=f"select_ranks ({strategy})", disable=not progress)
-    search = _Search(work, evaluate, convs, candidates, bar)
+    search = _Search(work, evaluate, convs, candidates, bar, runner)
     for name in convs:
         search.current[name] = candidates[name][-1]  # dense
     try:
-        baseline = search.measure("baseline", None)
         if strategy == "one-step":
-            chosen = _one_step(search, baseline, allowed)
+            baseline, drops = _scan(search)  # independent: one batch on an executor
+            chosen = _one_step(search, drops, allowed)
         else:
+            baseline = search.measure("baseline", None)
             chosen = _multi_step(search, allowed)
         for name, cand in chosen.items():
             search.set(name, cand)
         metric = search.measure("final", None)
     finally:
         bar.close()
+        if runner is not None:
+            runner.close()
 
     result = RankSelection({n: c.ranks for n, c in chosen.items() if c.layer is not None})
     result.method = decomposition.name
@@ -325,15 +517,27 @@ def _candidates(
     return [*sorted(found.values(), key=lambda c: c.cost), dense]
 
 
-def _one_step(search: _Search, baseline: float, allowed: float) -> dict[str, _Candidate]:
-    """Sensitivity scan, then greedy upgrades by metric recovered per unit of cost."""
-    drop: dict[tuple[str, int], float] = {}
+def _scan(search: _Search) -> tuple[float, dict[tuple[str, int], float]]:
+    """The baseline (every layer dense), then the sensitivity scan: the metric with one layer
+    at each of its candidates, all in one batch of independent evaluations. Returns the
+    baseline and each (layer, candidate index)'s drop."""
+    trials: list[tuple[str, str | None, dict[str, _Candidate]]] = [("baseline", None, {})]
     for name, cands in search.candidates.items():
-        for k, cand in enumerate(cands[:-1]):
-            search.set(name, cand)
-            drop[name, k] = baseline - search.measure("scan", name)
-        search.set(name, cands[-1])
+        trials += [("scan", name, {name: cand}) for cand in cands[:-1]]
+    baseline, *metrics = search.measure_many(trials)
+    drop: dict[tuple[str, int], float] = {}
+    it = iter(metrics)
+    for name, cands in search.candidates.items():
+        for k in range(len(cands) - 1):
+            drop[name, k] = baseline - next(it)
         drop[name, len(cands) - 1] = 0.0
+    return baseline, drop
+
+
+def _one_step(
+    search: _Search, drop: dict[tuple[str, int], float], allowed: float
+) -> dict[str, _Candidate]:
+    """Greedy upgrades from the scan's drops by metric recovered per unit of cost."""
 
     def value(name: str, k: int) -> float:  # what a layer's choice costs in metric
         return drop[name, k] + _TIE_BREAK * search.candidates[name][k].loss
@@ -371,13 +575,12 @@ def _multi_step(search: _Search, allowed: float) -> dict[str, _Candidate]:
 
     while spent() > allowed:
         best: tuple[float, str, float] | None = None
-        for name, cands in search.candidates.items():
-            k = level[name]
-            if k == 0:
-                continue
-            search.set(name, cands[k - 1])
-            trial = search.measure("step", name)
-            search.set(name, cands[k])
+        movable = [name for name in search.candidates if level[name] > 0]
+        trials = search.measure_many(  # independent: one batch on an executor
+            [("step", name, {name: search.candidates[name][level[name] - 1]}) for name in movable]
+        )
+        for name, trial in zip(movable, trials, strict=True):
+            cands, k = search.candidates[name], level[name]
             loss = metric - trial + _TIE_BREAK * (cands[k - 1].loss - cands[k].loss)
             score = loss / max(cands[k].cost - cands[k - 1].cost, 1)
             if best is None or score < best[0]:

@@ -11,15 +11,10 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import multiprocessing
-import os
-import pickle
 import random
 import time
-import uuid
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +26,11 @@ from tqdm.auto import tqdm
 from ._modes import check_not_meta, plain_copy
 from .allocation import _SHARED, shared_candidates
 from .compress import LayerSelector, compress, default_input_size
-from .errors import BudgetError, NotPicklableError, StructureError, StudyError
+from .errors import BudgetError, StructureError, StudyError
+from .executors import ModelPayload as _ModelPayload
+from .executors import TaskRunner, default_worker_threads
+from .executors import check_picklable as _check_picklable
+from .executors import model_payload as _payload
 from .factorization import validate_weight
 from .layers import FactorizedConv2d
 from .registry import available, get
@@ -342,33 +341,6 @@ class _Context:
 
 
 @dataclass(frozen=True)
-class _ModelPayload:
-    """The dense model as workers receive it: ``factory`` + ``state`` (tensors), or the pickled
-    module. ``token`` identifies it so a worker builds it once for all its cells."""
-
-    token: str
-    factory: Callable[[], nn.Module] | None = None
-    state: dict[str, torch.Tensor] | None = None
-    pickled: bytes | None = None
-
-    def build(self) -> nn.Module:
-        if self.pickled is not None:
-            model = pickle.loads(self.pickled)
-        else:
-            assert self.factory is not None and self.state is not None
-            model = self.factory()
-            model.load_state_dict(self.state)
-        return model.eval()
-
-    @property
-    def nbytes(self) -> int:
-        if self.pickled is not None:
-            return len(self.pickled)
-        assert self.state is not None
-        return sum(t.numel() * t.element_size() for t in self.state.values())
-
-
-@dataclass(frozen=True)
 class _Cell:
     """One (method, budget) of the grid, at ``index`` in the result's rows."""
 
@@ -511,40 +483,6 @@ def _worker_cell(
 # --- driver side ---------------------------------------------------------------------------------
 
 
-def _check_picklable(what: str, obj: Any) -> None:
-    if obj is None:
-        return
-    try:
-        pickle.dumps(obj)
-    except Exception as exc:
-        raise NotPicklableError(
-            f"{what}={obj!r} cannot be sent to worker processes ({type(exc).__name__}: {exc}); "
-            "pass a module-level function (or a functools.partial of one), not a lambda, "
-            "a local function or a closure"
-        ) from exc
-
-
-def _payload(model: nn.Module, factory: Callable[[], nn.Module] | None) -> _ModelPayload:
-    token = uuid.uuid4().hex
-    if factory is not None:
-        _check_picklable("model_factory", factory)
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        return _ModelPayload(token, factory=factory, state=state)
-    try:
-        pickled = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        raise NotPicklableError(
-            f"the model ({type(model).__name__}) cannot be pickled for worker processes "
-            f"({type(exc).__name__}: {exc}); pass model_factory= (a picklable function "
-            "building the architecture) and its state_dict is sent instead"
-        ) from exc
-    return _ModelPayload(token, pickled=pickled)
-
-
-def _is_dask_client(executor: Any) -> bool:
-    return type(executor).__module__.split(".")[0] == "distributed" and hasattr(executor, "scatter")
-
-
 _ROW_TYPES: dict[str, Callable[[str], Any]] = {
     f.name: (int if f.type in ("int", int) else float if f.type in ("float", float) else str)
     for f in fields(StudyRow)
@@ -650,11 +588,7 @@ def _study_model(
             f"workers={cfg.workers} sizes executor='processes'; a distributed.Client or an "
             "Executor brings its own workers"
         )
-    threads = cfg.worker_threads
-    if threads is None and (cfg.executor == "processes" or _is_dask_client(cfg.executor)):
-        threads = 1
-    if isinstance(cfg.executor, str) and cfg.executor != "processes":
-        threads = 1 if threads is None else threads
+    threads = default_worker_threads(cfg.executor, cfg.worker_threads)
     ctx = _Context(
         chosen,
         size,
@@ -706,94 +640,29 @@ def _run_parallel(
     finish: Callable[[_Cell, StudyRow], None],
 ) -> None:
     """Submit every cell, record each row as it arrives (any order); a cell whose worker fails
-    (a crash, an unpicklable result) becomes a failed row."""
-    executor, owned = cfg.executor, None
-    if isinstance(executor, str):
-        if executor == "processes":
-            if cfg.workers is not None and cfg.workers < 1:
-                raise StudyError(f"workers must be >= 1, got {cfg.workers}")
-            owned = executor = ProcessPoolExecutor(
-                max_workers=min(cfg.workers or os.cpu_count() or 1, len(todo)),
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(payload, ctx),
-            )
-        elif "://" in executor:
-            try:
-                from distributed import Client
-            except ImportError as exc:
-                raise ImportError(
-                    "a Dask scheduler address needs distributed: pip install 'tnconv[distributed]'"
-                ) from exc
-            owned = executor = Client(executor)
-        else:
-            raise StudyError(
-                f"executor={executor!r}: expected None, 'processes', a scheduler address "
-                "'tcp://host:port', a concurrent.futures.Executor or a distributed.Client"
-            )
-    try:
-        if _is_dask_client(executor):
-            _run_dask(executor, todo, ctx, payload, finish)
-            return
-        if not hasattr(executor, "submit"):
-            raise StudyError(
-                f"executor={executor!r} has no submit(); expected a concurrent.futures.Executor "
-                "or a distributed.Client"
-            )
-        if owned is not None:  # the pool's workers hold the model and context already
-            futures = {executor.submit(_worker_cell, c): c for c in todo}
-        else:
-            futures = {executor.submit(_worker_cell, c, ctx, payload): c for c in todo}
-        for fut in as_completed(futures):
-            cell = futures[fut]
-            try:
-                row = fut.result()
-            except Exception as exc:
-                log.warning("study cell %s @ %s lost its worker: %s", cell.method, cell.budget, exc)
-                row = _failed_row(cell, ctx, exc)
-            finish(cell, row)
-    finally:
-        if owned is not None:
-            if isinstance(owned, ProcessPoolExecutor):
-                owned.shutdown(wait=True, cancel_futures=True)
-            else:
-                owned.close()
+    (a crash, an unpicklable result) becomes a failed row. A process pool's workers receive the
+    model and context once (initializer), a Dask cluster once (scatter); other executors with
+    each cell."""
 
+    def lost(cell: _Cell, exc: BaseException) -> StudyRow:
+        log.warning("study cell %s @ %s lost its worker: %s", cell.method, cell.budget, exc)
+        return _failed_row(cell, ctx, exc)
 
-def _run_dask(
-    client: Any,
-    todo: list[_Cell],
-    ctx: _Context,
-    payload: _ModelPayload,
-    finish: Callable[[_Cell, StudyRow], None],
-) -> None:
-    """Model and context scattered once (workers fetch them from each other, not from here);
-    each cell ships as a few hundred bytes."""
-    from distributed import as_completed as dask_as_completed
+    def key(cell: _Cell) -> str:
+        return f"tnconv-study-{payload.token[:8]}-{cell.index}-{cell.method}-{cell.budget}"
 
-    shared_payload, shared_ctx = client.scatter([payload, ctx], hash=False)
-    futures = {
-        client.submit(
-            _worker_cell,
-            c,
-            shared_ctx,
-            shared_payload,
-            pure=False,
-            key=f"tnconv-study-{payload.token[:8]}-{c.index}-{c.method}-{c.budget}",
-        ): c
-        for c in todo
-    }
-    try:
-        for fut in dask_as_completed(list(futures)):
-            cell = futures[fut]
-            try:
-                row = fut.result()
-            except Exception as exc:
-                log.warning("study cell %s @ %s lost its worker: %s", cell.method, cell.budget, exc)
-                row = _failed_row(cell, ctx, exc)
-            finish(cell, row)
-    finally:
-        client.cancel([*futures, shared_payload, shared_ctx])
+    with TaskRunner(
+        cfg.executor,
+        _worker_cell,
+        (ctx, payload),
+        workers=cfg.workers,
+        max_tasks=len(todo),
+        initializer=_init_worker,
+        initargs=(payload, ctx),
+        error=StudyError,
+        key="tnconv-study",
+    ) as runner:
+        runner.run(todo, finish, lost=lost, key=key)
 
 
 def _study_kernels(

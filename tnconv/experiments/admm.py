@@ -52,13 +52,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ADMMRun:
-    """The protocol's knobs (defaults: the docs/admm.md benchmark on MNIST digits)."""
+    """The protocol's knobs (defaults: the docs/admm.md benchmark on MNIST digits).
+
+    ``rho`` / ``rho_growth`` / ``rho_max`` are :class:`tnconv.ADMM`'s: ``rho=None`` (the
+    default) derives the penalty schedule from the ADMM training (``admm_lr``, ``batch_size``
+    and the training set's size, ``step_every``: :meth:`tnconv.admm.ADMMSchedule.from_training`);
+    an explicit ``rho`` is used as given (constant unless ``rho_growth`` is given).
+    """
 
     admm_epochs: int = 3
     tune_epochs: int = 1
-    rho: float = 0.05
-    rho_growth: float = 2.0
-    rho_max: float = 1.0
+    rho: float | None = None
+    rho_growth: float | None = None
+    rho_max: float | None = None
     admm_lr: float = 0.01
     admm_schedule: str = "onecycle"  # training.fit's schedule during ADMM training
     tune_lr: float = 0.005
