@@ -151,7 +151,7 @@ def test_study_budgets_share_candidate_fits_with_the_same_result(monkeypatch, me
     # every candidate fitted once per conv, not once per conv and budget (the eps walks of
     # later budgets continue where earlier ones stopped)
     assert len(calls) == len(set(calls))
-    assert {shape for shape, _ in calls} == {(32, 3, 3, 3), (32, 32, 5, 5), (45, 32, 5, 5)}
+    assert {shape for shape, _ in calls} == {(32, 3, 3, 3), (32, 32, 5, 5), (45, 32, 5, 5), (3, 45)}
     for r in result.rows[1:]:
         s = alone[r.budget]
         assert r.params == sum(row.params for row in s.rows)
