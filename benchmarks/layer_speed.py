@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tnconv
 from tnconv import calibration
 from tnconv.contraction import DataStep, pointwise_conv_input, pointwise_matmul
+from tnconv.contraction.execute import is_channels_last
 from tnconv.errors import StructureError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -134,15 +135,19 @@ def tltorch_layers(conv: nn.Conv2d, ours: dict[str, nn.Module]) -> dict[str, nn.
     return layers
 
 
-def kernels_only(layer: tnconv.FactorizedConv2d, x: torch.Tensor) -> Callable[[], object]:
-    """The convolutions and matrix products of ``layer``'s frozen plan for ``x``, run back to
-    back on inputs made beforehand: no reshapes, permutes, copies or Python between them. Its
-    time is what PyTorch's own kernels need for the plan, a floor for the layer's time."""
-    nhwc = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+def kernels_only(layer: tnconv.FactorizedLayer, x: torch.Tensor) -> Callable[[], object]:
+    """The convolutions and matrix products of ``layer``'s frozen plan for ``x`` (the layer's
+    own input: a Linear's (..., S) too), run back to back on inputs made beforehand: no
+    reshapes, permutes, copies or Python between them. Its time is what PyTorch's own kernels
+    need for the plan, a floor for the layer's time."""
     with torch.no_grad():
         layer(x)  # builds and caches the plan and the folded weights
+        x = layer.executor_input(x)[0]
+        nhwc = is_channels_last(x)
         plan = layer.plan_for(tuple(x.shape), "nhwc" if nhwc else "nchw", frozen=True)
         folded = plan.fold_factors(list(layer.factors))
+    conv = F.conv3d if x.dim() == 5 else F.conv2d
+    layout = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
     nhwc = nhwc or plan.convert
     calls = []
     for k, step in enumerate(plan.steps):
@@ -150,7 +155,7 @@ def kernels_only(layer: tnconv.FactorizedConv2d, x: torch.Tensor) -> Callable[[]
             continue
         data = torch.randn(step.data_shape)
         if nhwc:
-            data = data.contiguous(memory_format=torch.channels_last)
+            data = data.contiguous(memory_format=layout)
         if step.pad is not None:
             data = F.pad(data, step.pad)
         weight = folded[-1 - k]
@@ -160,7 +165,7 @@ def kernels_only(layer: tnconv.FactorizedConv2d, x: torch.Tensor) -> Callable[[]
         if step.pointwise:  # as the executor runs 1x1 conv2d steps
             data = pointwise_conv_input(data, nhwc)
         calls.append(
-            lambda d=data, w=weight, st=step: F.conv2d(
+            lambda d=data, w=weight, st=step: conv(
                 d, w, None, st.stride, st.padding, st.dilation, st.groups
             )
         )
