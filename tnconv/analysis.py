@@ -241,6 +241,18 @@ def truncate_kernel(
     return approx.to(dtype=w.dtype, device=w.device), k, loss
 
 
+def conv2d_layers(model: nn.Module, layers: LayerSelector) -> list[tuple[str, nn.Module]]:
+    """The chosen layers that are ``nn.Conv2d``: the cuts here are those of a 4-D kernel. Every
+    Conv2d when ``layers`` is None; a named Linear / Conv1d / Conv3d raises ``TypeError``."""
+    chosen = select_convs(model, layers)
+    if layers is None:
+        return [(n, c) for n, c in chosen if isinstance(c, nn.Conv2d)]
+    for name, c in chosen:
+        if not isinstance(c, nn.Conv2d):
+            raise TypeError(f"layer {name!r} is a {type(c).__name__}; the analysis takes Conv2d")
+    return chosen
+
+
 def truncate(
     model: nn.Module,
     cut: str,
@@ -266,7 +278,7 @@ def truncate(
         raise TypeError(f"truncate needs a torch.nn.Module; got {type(model).__name__}")
     _cut_name(cut)
     target = plain_copy(model)
-    chosen = select_convs(target, layers)
+    chosen = conv2d_layers(target, layers)
     if not chosen:
         raise ValueError("no nn.Conv2d layer selected")
     record = {}
@@ -389,7 +401,7 @@ def sweep(
     names = [_cut_name(c) for c in cuts]
     if not names or not list(keeps):
         raise ValueError("sweep needs at least one cut and one keep")
-    selected = [n for n, c in select_convs(model, layers)]
+    selected = [n for n, c in conv2d_layers(model, layers)]
     for name, conv in select_convs(model, selected):
         if conv.groups != 1:
             raise ValueError(f"layer {name!r} is a grouped convolution (groups={conv.groups})")
@@ -450,7 +462,7 @@ def layer_table(
     5 / 10 / 30% norm loss (and as shares of the full rank), σ_max, σ_min, and the energy share
     of the top singular value. Grouped convolutions are skipped."""
     rows = []
-    chosen = [(n, c) for n, c in select_convs(model, layers) if c.groups == 1]
+    chosen = [(n, c) for n, c in conv2d_layers(model, layers) if c.groups == 1]
     for depth, (name, conv) in enumerate(
         tqdm(chosen, desc="spectra", disable=not progress, leave=False)
     ):

@@ -312,7 +312,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from . import analysis
 
     model = _read_model(args.input, args)
-    convs = [(n, m) for n, m in analysis.select_convs(model, None) if m.groups == 1]
+    convs = [(n, m) for n, m in analysis.conv2d_layers(model, None) if m.groups == 1]
     if args.layers:
         wanted = args.layers.split(",")
         known = {n for n, _ in convs}

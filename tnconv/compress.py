@@ -36,6 +36,7 @@ from .bn_folding import fold_batchnorm
 from .convs import (
     DENSE_REASONS,
     INPUT_SIZE,
+    LATENCY_GUARD,
     LayerSelector,
     conv_input_shapes,
     default_input_size,
@@ -50,6 +51,7 @@ from .rank import parse_rank_spec
 from .recommend import auto_spec
 from .registry import get
 from .statistics import InputStatistics, calibrate_inputs
+from .timing import module_latencies
 
 __all__ = [
     "Budget",
@@ -165,7 +167,10 @@ def compress(
             ("params"), fewer FLOPs ("flops"), both ("both"), or runs faster than the dense
             layer ("latency": both timed at the layer's input from ``input_size`` on this
             machine, round-robin in one loop, inference mode); otherwise it stays dense and
-            ``tnconv.summary`` says why. Default: "flops" when the method's options ask for
+            ``tnconv.summary`` says why. With "latency" the whole model is then timed against
+            the dense one at ``input_size`` (round-robin), and while it is not faster the
+            factorized layer that saves least is put back (:func:`latency_guard`; per-layer
+            gains do not add up end to end). Default: "flops" when the method's options ask for
             ``objective="flops"``, else "params".
         progress: show a tqdm bar over layers (default: when there are 8 or more).
         round_to: round each factorized layer's ranks to the nearest multiple of this (as
@@ -308,12 +313,15 @@ def compress(
     label = "per-layer spec" if spec is not None else decomposition.name
     bar = tqdm(eligible, desc=f"compress ({label})", disable=not show, leave=False)
 
+    replaced: dict[str, nn.Module] = {}  # name -> the dense module a factorized one replaced
+
     def install(name: str, layer: FactorizedLayer | None, reason: str) -> None:
         if layer is None:
             reasons[name] = reason
             log.info("%s stays dense: %s", name, reason)
         else:
             reasons.pop(name, None)
+            replaced[name] = target.get_submodule(name)
             _set_module(target, name, layer)
 
     def method_of(name: str) -> str:
@@ -364,10 +372,71 @@ def compress(
                     f = rounded(dec, name, conv, layer.factorization, layer_opts)
                     layer = layer_from_conv(conv, f)
                 install(name, layer, reason)
+    if must_save == "latency" and probe is not None and replaced and size is not None:
+        reference = model if not inplace else _with_modules(target, replaced)
+        guard = latency_guard(target, reference, replaced, shapes, size, probe)
+        reasons.update(guard.pop("undone"))
+        setattr(target, LATENCY_GUARD, guard)
     setattr(target, DENSE_REASONS, reasons)
     if size is not None:
         setattr(target, INPUT_SIZE, tuple(size))
     return target
+
+
+def _with_modules(model: nn.Module, modules: Mapping[str, nn.Module]) -> nn.Module:
+    """A copy of ``model`` with ``modules`` (name -> module) installed."""
+    other = plain_copy(model)
+    for name, module in modules.items():
+        _set_module(other, name, module)
+    return other
+
+
+def latency_guard(
+    model: nn.Module,
+    dense: nn.Module,
+    replaced: Mapping[str, nn.Module],
+    shapes: Mapping[str, tuple[int, ...]],
+    size: Sequence[int],
+    probe: LatencyProbe,
+) -> dict[str, Any]:
+    """Make the compressed ``model`` at least as fast as ``dense`` end to end, in place.
+
+    Both are timed round-robin at ``size``; while ``model`` is not faster, the factorized layer
+    that saves least (each timed against its dense original at its own input) is put back
+    (``replaced``: name -> the dense module), and the two models are timed again. Layer-by-layer
+    choices do not add up: the factorized layers' extra memory passes and calls cost time the
+    per-layer timings do not see. Returns ``{"dense_ms", "ms", "undone": {name: reason}}``.
+    """
+
+    def timed() -> tuple[float, float]:
+        ms = module_latencies(
+            {"dense": dense, "ours": model},
+            size,
+            channels_last=probe.channels_last,
+            repeats=probe.repeats,
+        )
+        return ms["dense"], ms["ours"]
+
+    dense_ms, ms = timed()
+    undone: dict[str, str] = {}
+    if ms < dense_ms:
+        return {"dense_ms": dense_ms, "ms": ms, "undone": undone}
+    saving = {}
+    for name, original in replaced.items():
+        if name in shapes:
+            d, (f,) = probe.measure(original, [model.get_submodule(name)], shapes[name])
+            saving[name] = d - f
+    for name in sorted(saving, key=saving.__getitem__):
+        _set_module(model, name, replaced[name])
+        undone[name] = (
+            f"whole-model latency guard: the compressed model ran {ms:.3f} ms vs {dense_ms:.3f} "
+            f"ms dense; this layer saved least ({saving[name]:+.3f} ms at its input)"
+        )
+        log.info("latency guard: %s back to dense (%s)", name, undone[name])
+        dense_ms, ms = timed()
+        if ms < dense_ms:
+            break
+    return {"dense_ms": dense_ms, "ms": ms, "undone": undone}
 
 
 def _foldable(module: nn.Module) -> bool:

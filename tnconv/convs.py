@@ -18,6 +18,7 @@ from .layers import DENSE_TYPES, FactorizedLayer
 __all__ = [
     "DENSE_REASONS",
     "INPUT_SIZE",
+    "LATENCY_GUARD",
     "LayerSelector",
     "conv_input_shapes",
     "default_input_size",
@@ -30,6 +31,8 @@ LayerSelector = Sequence[str] | Callable[[str, nn.Module], bool] | type | tuple[
 # attributes tnconv keeps on a compressed model (they survive deepcopy, pickling and tnconv.save)
 DENSE_REASONS = "_tnconv_dense_reasons"
 INPUT_SIZE = "_tnconv_input_size"
+# compress(must_save="latency"): the whole-model timing its guard ended with
+LATENCY_GUARD = "_tnconv_latency_guard"
 
 
 def select_convs(model: nn.Module, layers: LayerSelector = None) -> list[tuple[str, nn.Module]]:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import timing
-from ._modes import check_not_meta
+from ._modes import check_not_meta, plain_copy
 from .compress import DENSE_REASONS, conv_input_shapes, default_input_size, dense_conv_flops
 from .layers import DENSE_TYPES, FactorizedLayer
 
@@ -65,6 +65,9 @@ class Summary:
     # the whole model's inference FLOPs at input_size (torch.utils.flop_counter, one forward
     # without gradients), and what they and its parameters were with every row dense
     model_flops: int = 0
+    # summary(latency=True): the whole model's milliseconds and its dense equivalent's
+    model_ms: float | None = None
+    dense_model_ms: float | None = None
 
     @property
     def dense_model_params(self) -> int:
@@ -158,6 +161,12 @@ class Summary:
                 f", MFLOPs {self.dense_model_flops / 1e6:.2f} -> {self.model_flops / 1e6:.2f} "
                 f"(x{self.dense_model_flops / max(self.model_flops, 1):.2f} fewer)"
                 if self.model_flops
+                else ""
+            )
+            + (
+                f", {self.dense_model_ms:.3f} -> {self.model_ms:.3f} ms "
+                f"(x{self.dense_model_ms / self.model_ms:.2f} faster)"
+                if self.model_ms is not None and self.dense_model_ms is not None
                 else ""
             )
         )
@@ -256,7 +265,24 @@ def summary(
             row.latency_ms = ms["this"]
             row.dense_latency_ms = ms.get("dense", ms["this"])
     total = sum(p.numel() for p in model.parameters())
-    return Summary(rows, size, total, total - kernel_params, _model_flops(model, size))
+    result = Summary(rows, size, total, total - kernel_params, _model_flops(model, size))
+    if latency:
+        # the whole model against its dense equivalent, round-robin: per-layer gains do not add
+        # up end to end (calls and memory passes between layers)
+        dense = plain_copy(model)
+        for name, module in list(dense.named_modules()):
+            if isinstance(module, FactorizedLayer):
+                _set_module(dense, name, module.to_dense())
+        ms = timing.module_latencies(
+            {"this": model, "dense": dense}, size, channels_last=channels_last, repeats=repeats
+        )
+        result.model_ms, result.dense_model_ms = ms["this"], ms["dense"]
+    return result
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _kind(module: nn.Module) -> str:
