@@ -33,7 +33,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import tnconv
-from tnconv.compress import conv_input_shapes
+from tnconv.allocation import LatencyProbe
+from tnconv.bn_folding import fold_batchnorm
+from tnconv.compress import conv_input_shapes, latency_guard
 from tnconv.models import create
 from tnconv.timing import module_latencies
 
@@ -84,8 +86,10 @@ def compress_at_share(model: nn.Module, method: str, share: float) -> nn.Module:
 def latency_guarded(
     dense: nn.Module, small: nn.Module, size: tuple[int, ...], channels_last: bool
 ) -> nn.Module:
-    """``small`` with each factorized layer that is not faster than the dense original at its
-    input (round-robin, as compress(must_save="latency") times) replaced by that original."""
+    """``small`` guarded as compress(must_save="latency") guards it: each factorized layer that
+    is not faster than the dense original at its input (round-robin) replaced by that original,
+    then the whole model timed against ``dense`` and the layers saving least put back until it
+    is not slower (:func:`tnconv.compress.latency_guard`)."""
     guarded = copy.deepcopy(small)
     originals = dict(dense.named_modules())
     shapes = conv_input_shapes(small, size)
@@ -102,6 +106,14 @@ def latency_guarded(
             parent, _, child = name.rpartition(".")
             holder = guarded.get_submodule(parent) if parent else guarded
             setattr(holder, child, copy.deepcopy(originals[name]))
+    replaced = {
+        name: copy.deepcopy(originals[name])
+        for name, m in guarded.named_modules()
+        if isinstance(m, tnconv.FactorizedLayer)
+    }
+    if replaced:
+        probe = LatencyProbe(channels_last=channels_last, repeats=5)
+        latency_guard(guarded, dense, replaced, shapes, size, probe)
     return guarded.eval()
 
 
@@ -141,7 +153,12 @@ def flops_and_peak(model: nn.Module, x: torch.Tensor) -> tuple[int, float]:
 
 
 def run_model(
-    name: str, batches: list[int], repeats: int, methods: list[str], compiled: bool
+    name: str,
+    batches: list[int],
+    repeats: int,
+    methods: list[str],
+    compiled: bool,
+    fold_bn: bool = False,
 ) -> list[Row]:
     build, size = MODELS[name]
     torch.manual_seed(0)
@@ -152,6 +169,14 @@ def run_model(
             variants[method] = compress_at_share(dense, method, SHARE).eval()
         except Exception as exc:
             print(f"  {name}: skipped {method}: {exc}", file=sys.stderr)
+    if fold_bn:
+        # BatchNorm folded into the convs before factorizing (compress(fold_bn=True)), against
+        # the dense model folded the same way: a fair pair, one memory pass less per layer each
+        folded = fold_batchnorm(dense)
+        variants["dense+foldbn"] = folded.eval()
+        for method in ("tucker", "tt"):
+            if method in methods:
+                variants[f"{method}+foldbn"] = compress_at_share(folded, method, SHARE).eval()
     dense_params = conv_params(dense)
     rows = []
     for batch in batches:
@@ -227,6 +252,24 @@ def print_speedups(rows: list[Row]) -> None:
         print(f"| {model} | {name} | " + " | ".join(cells) + " |")
 
 
+def print_folded(rows: list[Row]) -> None:
+    """The effect of folding BatchNorm: each folded model against the folded dense one, and
+    the folded dense model against the plain one."""
+    by = {(r.model, r.name, r.batch, r.layout): r for r in rows}
+    settings = list(dict.fromkeys((r.batch, r.layout) for r in rows))
+    print("\nBatchNorm folded (speed-up over the folded dense model; dense+foldbn over dense):\n")
+    print("| model | method | " + " | ".join(f"b{b} {lay}" for b, lay in settings) + " |")
+    print("|---|---|" + "---:|" * len(settings))
+    names = dict.fromkeys((r.model, r.name) for r in rows if r.name.endswith("+foldbn"))
+    for model, name in names:
+        cells = []
+        for b, lay in settings:
+            r = by.get((model, name, b, lay))
+            base = by.get((model, "dense" if name == "dense+foldbn" else "dense+foldbn", b, lay))
+            cells.append(f"{base.ms / r.ms:.2f}" if r and base else "-")
+        print(f"| {model} | {name} | " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -234,13 +277,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default=None, help="comma-separated subset of the models")
     parser.add_argument("--repeats", type=int, default=None, help="default 10 (quick: 8)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument(
+        "--fold-bn", action="store_true", help="also BN-folded dense / tucker / tt models"
+    )
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pinned = pin_allocator()
     names = ["resnet20"] if args.quick else list(MODELS)
     if args.models:
         names = args.models.split(",")
-    methods = tnconv.available("base")
+    methods = tnconv.available("base") if not args.methods else args.methods.split(",")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, methods {methods}, "
         f"allocator pinned: {pinned}; conv params at <= {SHARE} per layer (stem dense)\n"
@@ -251,9 +298,11 @@ def main(argv: list[str] | None = None) -> None:
         # the 224x224 model at batch 32 takes ~1 s per forward on 2 cores: fewer repeats
         big = MODELS[name][1] > 64
         repeats = args.repeats or (8 if args.quick else (4 if big else 10))
-        rows += run_model(name, [1, 32], repeats, methods, args.compile)
+        rows += run_model(name, [1, 32], repeats, methods, args.compile, args.fold_bn)
     print_rows(rows)
     print_speedups(rows)
+    if args.fold_bn:
+        print_folded(rows)
     print(f"\n({time.perf_counter() - start:.0f} s)")
 
 
