@@ -303,7 +303,7 @@ def test_meta_model_entry_points() -> None:
     # a skeleton's summary needs no values: parameters and FLOPs, no sensitivities
     net[3] = FactorizedConv2d.from_scratch("tt", 8, 6, 3, 2, padding=1, device="meta")
     table = tnconv.summary(net, (1, 4, 6, 6))
-    assert [r.method for r in table.rows] == ["dense", "tt"]
+    assert [r.method for r in table.rows] == ["dense", "tt", "dense"]  # conv, conv, linear head
     assert table.rows[1].params < table.rows[1].dense_params and table.rows[1].flops > 0
     assert table.rows[1].sensitivity is None
     with pytest.raises(InvalidWeightError, match="meta device"):

@@ -394,6 +394,14 @@ def _fake_clock(slowdown: float, rounded_bonus: float = 1.0):
     def fake(modules, shape, *, channels_last=False, repeats=0):
         out = {}
         for name, m in modules.items():
+            if not isinstance(m, (torch.nn.Conv2d, tnconv.FactorizedConv2d)):
+                # a whole model: the sum of its layers' times at their inputs
+                inputs = conv_input_shapes(m, shape)
+                layers = dict(m.named_modules())
+                out[name] = sum(
+                    fake({"x": layers[n]}, s, repeats=repeats)["x"] for n, s in inputs.items()
+                )
+                continue
             if isinstance(m, tnconv.FactorizedConv2d):
                 ms = slowdown * m.flops(tuple(shape)) / 1e6
                 if all(r % 8 == 0 for r in m.ranks):

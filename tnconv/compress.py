@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import timing
 from ._modes import check_not_meta, plain_copy
 from .allocation import (
     Budget,
@@ -51,7 +52,6 @@ from .rank import parse_rank_spec
 from .recommend import auto_spec
 from .registry import get
 from .statistics import InputStatistics, calibrate_inputs
-from .timing import module_latencies
 
 __all__ = [
     "Budget",
@@ -409,7 +409,7 @@ def latency_guard(
     """
 
     def timed() -> tuple[float, float]:
-        ms = module_latencies(
+        ms = timing.module_latencies(
             {"dense": dense, "ours": model},
             size,
             channels_last=probe.channels_last,
