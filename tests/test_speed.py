@@ -541,3 +541,18 @@ def test_copies_and_saved_models_plan_afresh(tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(twin(x), y)
         torch.testing.assert_close(again(x), y)
+
+
+def test_inconsistent_calibration_timings_fall_back_to_the_built_in_costs(caplog) -> None:
+    """Timings no linear model fits (a busy machine) must not become a table: one measured under
+    load priced every call at 15 ms and made every plan fold its network into one product."""
+    from tnconv.calibration import DEFAULT_TABLES, _fit
+
+    default = DEFAULT_TABLES["nhwc"].pointwise
+    linear = [(m, e, 1e-5 + 2e-11 * m + 1e-10 * e) for m, e in ((1e6, 1e4), (4e6, 3e4), (1e7, 1e5))]
+    fitted = _fit(linear, default, "pointwise")
+    assert fitted != default and abs(fitted.call - 1e-5) < 1e-6
+    noisy = [(1e6, 1e4, 0.02), (4e6, 3e4, 1e-4), (1e7, 1e5, 0.03), (2e6, 2e4, 1e-5)]
+    with caplog.at_level("WARNING", logger="tnconv.calibration"):
+        assert _fit(noisy, default, "pointwise") == default
+    assert "built-in pointwise costs" in caplog.text

@@ -261,8 +261,14 @@ def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
     return min(samples)
 
 
-def _fit(rows: list[tuple[float, float, float]]) -> KindCost:
-    """Non-negative least squares of ``call + mac*x + elem*y`` on relative error."""
+# a kind whose timings no linear model fits within this (relative) is not used: measured under
+# load, one such table priced every call at 15 ms and made plans fold whole networks into one op
+MAX_MISFIT = 0.5
+
+
+def _fit(rows: list[tuple[float, float, float]], default: KindCost, kind: str) -> KindCost:
+    """Non-negative least squares of ``call + mac*x + elem*y`` on relative error; ``default``
+    (with a warning) when the timings fit no such model within :data:`MAX_MISFIT`."""
     from scipy.optimize import nnls
 
     a = np.array([[1.0, m, e] for m, e, _ in rows])
@@ -271,14 +277,17 @@ def _fit(rows: list[tuple[float, float, float]]) -> KindCost:
     coef, _ = nnls((a / scale) / t[:, None], np.ones(len(rows)))
     call, mac, elem = (coef / scale).tolist()
     misfit = float(np.max(np.abs(a @ (coef / scale) / t - 1.0)))
-    if misfit > 0.5:
+    if misfit > MAX_MISFIT:
         # timings this far from any linear model: other processes were competing for the cores
         log.warning(
-            "tnconv calibration: op timings are inconsistent (a fit is off by %.0f%%); the "
-            "machine looks busy. Plans may be slower; re-run `tnconv calibrate --reset` when "
-            "it is quiet.",
+            "tnconv calibration: %s op timings are inconsistent (a fit is off by %.0f%%); the "
+            "machine looks busy. Using the built-in %s costs; re-run `tnconv calibrate "
+            "--reset` when it is quiet.",
+            kind,
             100 * misfit,
+            kind,
         )
+        return default
     return KindCost(call, mac, elem)
 
 
@@ -310,8 +319,8 @@ def _measure(layout: Layout, repeats: int) -> CostTable:
                 )
                 macs = effective_macs(padding, macs, groups, cin // groups, cout // groups)
                 rows.append((float(macs), elems, seconds))
-            fits[kind] = _fit(rows)
-        fits["matmul"] = _fit(matmul_rows)
+            fits[kind] = _fit(rows, getattr(DEFAULT_TABLES[layout], kind), kind)
+        fits["matmul"] = _fit(matmul_rows, DEFAULT_TABLES[layout].matmul, "matmul")
         copies = []
         for b, c, size in ((8, 64, 14), (32, 121, 14), (4, 32, 28)):
             x = torch.randn(b, c, size, size, generator=gen).contiguous(memory_format=fmt)
