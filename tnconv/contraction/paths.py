@@ -11,7 +11,12 @@ from opt_einsum.paths import PathOptimizer, ssa_to_linear
 from .cost import MEMORY_WEIGHT, CostTable, step_seconds
 from .network import ConvNetwork
 
-__all__ = ["ConvPathOptimizer"]
+__all__ = ["FOLD_WEIGHT", "ConvPathOptimizer"]
+
+# the cost of a frozen plan's weights-only multiply-add, relative to one executed per forward
+# (seconds with a cost table, multiply-adds without): a tie-breaker, never a reason to run more
+# per forward
+FOLD_WEIGHT = 1e-18
 
 
 class ConvPathOptimizer(PathOptimizer):
@@ -102,9 +107,12 @@ class ConvPathOptimizer(PathOptimizer):
         table = self.table
 
         def factor_step_cost(a: int, b: int) -> float:
-            if self.frozen:
-                return 0.0  # contracted once, reused by every forward
             macs = prod(open_of(a) | open_of(b))
+            if self.frozen:
+                # contracted once, reused by every forward: nearly free, but among orders of
+                # equal per-forward cost the cheapest folding wins (an arbitrary one folded a
+                # TT-matrix through an 8-GFLOP outer product)
+                return FOLD_WEIGHT * macs
             if table is None:
                 return macs
             return table.einsum + table.pointwise.mac * macs
