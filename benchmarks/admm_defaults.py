@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from finetune import dense_model  # benchmarks/finetune.py: the demo's dense training
+from torch import nn
 from torch.utils.data import DataLoader
 
 import tnconv
@@ -48,7 +49,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         # fold_bn=False in both arms: BatchNorms kept, as measured (compress folds them by
         # default for a model in eval mode, which the ADMM-trained one is)
         direct = evaluate(
-            tnconv.compress(dense, method, ratio=args.ratio, fold_bn=False, **opts), test_loader
+            tnconv.compress(
+                dense, method, ratio=args.ratio, fold_bn=False, layers=nn.Conv2d, **opts
+            ),
+            test_loader,
         )
         torch.manual_seed(args.seed)
         loader = DataLoader(
@@ -57,7 +61,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             shuffle=True,
             generator=torch.Generator().manual_seed(args.seed),
         )
-        admm = tnconv.ADMM(copy.deepcopy(dense), method, ratio=args.ratio, **opts)
+        # layers=nn.Conv2d: the convs, as measured (the default also takes the Linear head)
+        admm = tnconv.ADMM(copy.deepcopy(dense), method, ratio=args.ratio, layers=nn.Conv2d, **opts)
         admm.fit(loader, epochs=args.epochs)
         after = evaluate(admm.compress(fold_bn=False), test_loader)
         row = {

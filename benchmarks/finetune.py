@@ -64,8 +64,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             started = time.perf_counter()
             opts = {"n_init": 1, "max_iter": 200} if method.startswith("cp") else {}
             # fold_bn=False: the model is fine-tuned with its BatchNorms (as measured)
+            # layers=nn.Conv2d: the convs, as measured (compress's default also takes the head)
             small = tnconv.compress(
-                copy.deepcopy(dense), method, ratio=args.ratio, fold_bn=False, **opts
+                copy.deepcopy(dense),
+                method,
+                ratio=args.ratio,
+                fold_bn=False,
+                layers=torch.nn.Conv2d,
+                **opts,
             )
             kept = sorted(tnconv.dense_reasons(small))
             before = evaluate(small, test_loader)
