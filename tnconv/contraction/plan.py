@@ -466,7 +466,12 @@ def _data_step(
         and all(v == 1 for v in stride)
         and not any(padding)
         and pad is None
-        and pointwise_seconds(table, flops / 2, in_elems + out_elems, n_con, n_new)[1]
+        # a Linear layer's rows are one (1, C, 1, M) map, which oneDNN's 1x1 convs run up to 3x
+        # slower than the matrix product the cost table (fitted on image maps) predicts
+        and (
+            net.spatial_dims == 0
+            or pointwise_seconds(table, flops / 2, in_elems + out_elems, n_con, n_new)[1]
+        )
     )
     if as_groups:
         # channels (fold, groups, contracted), groups = fold x groups, weight repeated per fold
