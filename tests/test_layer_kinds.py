@@ -279,3 +279,43 @@ def test_compress_tensorized_saves_and_loads(tmp_path) -> None:
         path, model=nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10))
     )
     torch.testing.assert_close(back(x), small(x))
+
+
+# -- autograd modes ------------------------------------------------------------------------------
+KIND_MODULES = {
+    "linear": lambda: nn.Linear(8, 6),
+    "conv1d": lambda: nn.Conv1d(4, 6, 3, padding=1),
+    "grouped": lambda: nn.Conv2d(4, 8, 3, padding=1, groups=2),
+    "conv3d": lambda: nn.Conv3d(4, 6, 3, padding=1),
+}
+KIND_INPUTS = {
+    "linear": (3, 8),
+    "conv1d": (2, 4, 7),
+    "grouped": (2, 4, 6, 6),
+    "conv3d": (1, 4, 4, 4, 4),
+}
+MODES = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("kind", list(KIND_MODULES))
+@pytest.mark.parametrize("method", METHODS)
+def test_every_layer_kind_under_inference_mode_and_no_grad(
+    method: str, kind: str, mode: str
+) -> None:
+    torch.manual_seed(0)
+    dense = KIND_MODULES[kind]()
+    x = torch.randn(KIND_INPUTS[kind])
+    with MODES[mode]():
+        try:
+            layer = tnconv.layers.factorized_type(dense).from_dense(dense, method, 2)
+        except tnconv.errors.StructureError:
+            pytest.skip(f"{method} cannot take the {kind} kernel at rank 2")
+        small = tnconv.compress(nn.Sequential(dense), method, rank=2)
+        y = layer(x)
+    expected = layer.to_dense()(x)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(small(x), small(x))  # the compressed model runs outside the mode too
+    # built in the mode, the layer still trains afterwards
+    layer(x).square().sum().backward()
+    assert all(p.grad is not None for p in layer.factors)

@@ -104,7 +104,8 @@ class LayerSpec(BaseModel):
         return spec
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Install ``module`` in ``model`` under the dotted ``name``, replacing what is there."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -322,7 +323,7 @@ def compress(
         else:
             reasons.pop(name, None)
             replaced[name] = target.get_submodule(name)
-            _set_module(target, name, layer)
+            set_module(target, name, layer)
 
     def method_of(name: str) -> str:
         return per_layer[name][0].name if spec is not None else decomposition.name
@@ -387,7 +388,7 @@ def _with_modules(model: nn.Module, modules: Mapping[str, nn.Module]) -> nn.Modu
     """A copy of ``model`` with ``modules`` (name -> module) installed."""
     other = plain_copy(model)
     for name, module in modules.items():
-        _set_module(other, name, module)
+        set_module(other, name, module)
     return other
 
 
@@ -427,7 +428,7 @@ def latency_guard(
             d, (f,) = probe.measure(original, [model.get_submodule(name)], shapes[name])
             saving[name] = d - f
     for name in sorted(saving, key=saving.__getitem__):
-        _set_module(model, name, replaced[name])
+        set_module(model, name, replaced[name])
         undone[name] = (
             f"whole-model latency guard: the compressed model ran {ms:.3f} ms vs {dense_ms:.3f} "
             f"ms dense; this layer saved least ({saving[name]:+.3f} ms at its input)"

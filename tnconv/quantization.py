@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from ._modes import check_not_meta, plain_copy
-from .compress import conv_input_shapes, default_input_size
+from .compress import conv_input_shapes, default_input_size, set_module
 from .contraction import ConvPlan, DataStep, plan_conv
 from .errors import TnconvError
 from .layers import FactorizedConv2d, FactorizedLayer
@@ -504,12 +504,6 @@ def _first_input(batch: Any) -> torch.Tensor:
     )
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def quantize(
     model: nn.Module,
     weight_bits: int = 8,
@@ -631,7 +625,7 @@ def quantize(
         elif dense and type(module) is nn.Linear:
             new = QuantizedLinear.from_linear(module, config)
         if new is not None:
-            _set_module(target, name, new.train(module.training))
+            set_module(target, name, new.train(module.training))
     if activation_bits is not None:
         calibrate(target, batches, device)
     return target
@@ -1017,7 +1011,7 @@ def to_int8(model: nn.Module, engine: str | None = None) -> tuple[nn.Module, dic
         else:
             new = Int8Linear(layer, chosen)  # type: ignore[arg-type]
         if name:
-            _set_module(target, name, new)
+            set_module(target, name, new)
         else:
             target = new
     return target, left

@@ -15,7 +15,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import timing
 from ._modes import check_not_meta, plain_copy
-from .compress import DENSE_REASONS, conv_input_shapes, default_input_size, dense_conv_flops
+from .compress import (
+    DENSE_REASONS,
+    conv_input_shapes,
+    default_input_size,
+    dense_conv_flops,
+    set_module,
+)
 from .layers import DENSE_TYPES, FactorizedLayer
 
 __all__ = ["LayerRow", "Summary", "summary"]
@@ -272,17 +278,12 @@ def summary(
         dense = plain_copy(model)
         for name, module in list(dense.named_modules()):
             if isinstance(module, FactorizedLayer):
-                _set_module(dense, name, module.to_dense())
+                set_module(dense, name, module.to_dense())
         ms = timing.module_latencies(
             {"this": model, "dense": dense}, size, channels_last=channels_last, repeats=repeats
         )
         result.model_ms, result.dense_model_ms = ms["this"], ms["dense"]
     return result
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _kind(module: nn.Module) -> str:
