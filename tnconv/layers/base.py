@@ -185,17 +185,7 @@ class FactorizedLayer(nn.Module):
         """The layer running ``factorization`` with ``module``'s geometry and bias (copied)."""
         bias = getattr(module, "bias", None)
         bias = None if bias is None else bias.detach()
-        if cls.spatial_dims == 0:
-            return cls(factorization, bias=bias)
-        return cls(
-            factorization,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            bias=bias,
-            groups=module.groups,
-            padding_mode=module.padding_mode,
-        )
+        return cls._with_geometry(factorization, bias, module)
 
     @classmethod
     def from_scratch(
@@ -248,17 +238,22 @@ class FactorizedLayer(nn.Module):
         if bias:
             draw = torch.rand(shape[0], generator=generator, dtype=torch.float64)
             bias_tensor = ((2 * draw - 1) * bound).to(device=device, dtype=dtype)
-        if cls.spatial_dims == 0:
-            return cls(factorization, bias=bias_tensor)
-        return cls(
-            factorization,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            bias=bias_tensor,
-            groups=groups,
-            padding_mode=padding_mode,
+        geometry = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+        return cls._with_geometry(
+            factorization, bias_tensor, {**geometry, "padding_mode": padding_mode}
         )
+
+    @classmethod
+    def _with_geometry(
+        cls, factorization: Factorization, bias: torch.Tensor | None, source: Any
+    ) -> FactorizedLayer:
+        """The layer with the conv geometry of ``source`` (a dense ``nn.ConvNd`` or a dict of
+        its arguments); a Linear layer has none to take."""
+        if cls.spatial_dims == 0:
+            return cls(factorization, bias=bias)
+        keys = ("stride", "padding", "dilation", "groups", "padding_mode")
+        get = source.get if isinstance(source, dict) else lambda k: getattr(source, k)
+        return cls(factorization, bias=bias, **{k: get(k) for k in keys})
 
     # -- execution ----------------------------------------------------------------------------
     def plan_for(
