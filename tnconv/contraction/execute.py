@@ -67,70 +67,152 @@ def run_plan(
     j-th data step (j = 0, 1, ...) whenever another data step follows (e.g. to quantize the
     feature maps between a layer's steps); the last step's output is left to the caller.
     """
-    # The steps run in the input's memory layout and so does the output, as with
-    # torch.nn.Conv2d, unless the plan converts an NCHW input (``convert``).
-    nhwc = is_channels_last(x)
-    dim = x.dim()
-    converted = plan.convert and not nhwc
-    # a conversion next to a 1x1 step runs inside its matrix product (read or written
-    # transposed) instead of as a copy of the whole feature map
-    fuse_in, fuse_out = converted and plan.fused_in, converted and plan.fused_out
-    if converted and not fuse_in:
-        x = x.contiguous(memory_format=_CHANNELS_LAST[dim])
-    nhwc = nhwc or converted  # the layout the steps run in
-    ops: list[torch.Tensor | None] = [x.reshape(plan.data_shape), *factors]
-    data_steps = sum(isinstance(step, DataStep) for step in plan.steps)
-    j = 0  # index of the data step
-    for k, step in enumerate(plan.steps):
-        if isinstance(step, FactorStep):
+    return compiled(plan, is_channels_last(x))(x, factors, bias, folded, between)
+
+
+def compiled(plan: ConvPlan, nhwc: bool) -> Callable[..., torch.Tensor]:
+    """``plan`` compiled for inputs in channels-last (``nhwc``) or NCHW layout, cached on the
+    plan: called as ``run_plan`` is, without the plan argument (all five arguments given)."""
+    runner = plan.runners.get(nhwc)
+    if runner is None:
+        runner = plan.runners[nhwc] = _Runner(plan, nhwc)
+    return runner
+
+
+class _Runner:
+    """A plan compiled for one input layout: every layout decision and every view that is
+    the identity for this plan is settled once, so a call runs the plan's convolutions and
+    products with only the reshapes / permutes that do something between them (the per-call
+    Python is what separates a layer from its kernels' time at batch 1)."""
+
+    def __init__(self, plan: ConvPlan, nhwc_input: bool) -> None:
+        # The steps run in the input's memory layout and so does the output, as with
+        # torch.nn.Conv2d, unless the plan converts an NCHW input (``convert``).
+        dim = len(plan.input_shape)
+        self.dim = dim
+        self.converted = converted = plan.convert and not nhwc_input
+        # a conversion next to a 1x1 step runs inside its matrix product (read or written
+        # transposed) instead of as a copy of the whole feature map
+        fuse_in, fuse_out = converted and plan.fused_in, converted and plan.fused_out
+        self.convert_in = converted and not fuse_in
+        self.nhwc = nhwc = nhwc_input or converted  # the layout the steps run in
+        self.entry_shape = None if plan.data_shape == plan.input_shape else plan.data_shape
+        self.factor_steps = [
+            (step.equation, step.left, step.right)
+            for step in plan.steps
+            if isinstance(step, FactorStep)
+        ]
+        data_steps = [(k, s) for k, s in enumerate(plan.steps) if isinstance(s, DataStep)]
+        self.calls: list[_DataCall] = []
+        shape = plan.data_shape  # the shape of the feature map before each data step
+        for j, (k, step) in enumerate(data_steps):
+            in_nhwc = nhwc and not (fuse_in and j == 0)
+            out_nhwc = nhwc and not (fuse_out and j + 1 == len(data_steps))
+            self.calls.append(_DataCall(k, step, shape, in_nhwc, out_nhwc, dim))
+            shape = step.out_shape
+        self.final_perm = plan.final_perm
+        self.output_shape = None if shape == plan.output_shape else plan.output_shape
+        if plan.final_perm is not None:
+            self.output_shape = plan.output_shape
+        self.layout = _layout(dim, nhwc)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        factors: Sequence[torch.Tensor],
+        bias: torch.Tensor | None,
+        folded: dict[int, torch.Tensor] | None,
+        between: Callable[[int, torch.Tensor], torch.Tensor] | None,
+    ) -> torch.Tensor:
+        if self.convert_in:
+            x = x.contiguous(memory_format=_CHANNELS_LAST[self.dim])
+        if self.entry_shape is not None:
+            x = x.reshape(self.entry_shape)
+        ops: list[torch.Tensor] = [x, *factors]
+        if folded is None:
+            for equation, left, right in self.factor_steps:
+                ops.append(torch.einsum(equation, ops[left], ops[right]))
+        last = len(self.calls) - 1
+        for j, call in enumerate(self.calls):
             if folded is not None:
-                ops.append(None)  # never read: data steps take their weight from folded
-                continue
-            ops.append(torch.einsum(step.equation, ops[step.left], ops[step.right]))
-            continue
-        data = ops[0]
-        assert data is not None
-        in_nhwc = nhwc and not (fuse_in and j == 0)
+                weight = folded[-1 - call.k]
+            else:
+                weight = _step_weight(call.step, ops[call.factor])
+            x = call(x, weight)
+            if between is not None and j < last:
+                x = between(j, x)
+        if self.final_perm is not None:
+            x = x.permute(self.final_perm)
+        if self.output_shape is not None:
+            x = x.reshape(self.output_shape)
+        # the input's layout (a no-op unless regrouped, or converted without a fused last step)
+        x = x.contiguous() if self.converted else x.contiguous(memory_format=self.layout)
+        if bias is not None:
+            x = x + bias.view(1, -1, *([1] * (self.dim - 2)))
+        return x
+
+
+class _DataCall:
+    """One data step of a compiled plan: the feature map (of the static shape ``shape``)
+    viewed as the step's conv input, the conv or matrix product, the output viewed as the
+    step's ``out_shape``; views that are the identity are skipped."""
+
+    def __init__(
+        self,
+        k: int,
+        step: DataStep,
+        shape: tuple[int, ...],
+        in_nhwc: bool,
+        out_nhwc: bool,
+        dim: int,
+    ) -> None:
+        self.k, self.step, self.factor = k, step, step.factor
+        self.in_nhwc, self.out_nhwc = in_nhwc, out_nhwc
+        self.matmul = step.matmul
+        # (channels-last 1x1 convs take the map as it is: see pointwise_conv_input)
+        self.pointwise = step.pointwise and not step.matmul and not in_nhwc and dim == 4
+        self.conv = _CONV[dim]
+        same = shape == step.data_shape
         if in_nhwc:
             n, c, *spatial = step.data_shape
-            data = data.permute(step.nhwc_perm).reshape(n, *spatial, c)
-            data = data.permute(0, dim - 1, *range(1, dim - 1))
+            self.nhwc_view = (step.nhwc_perm, (n, *spatial, c), (0, dim - 1, *range(1, dim - 1)))
+            # permuting to channels-last, reshaping nothing and permuting back is the identity
+            if same and step.nhwc_perm == (0, *range(2, dim), 1):
+                self.nhwc_view = None
+            self.data_perm, self.data_shape = None, None
         else:
-            if step.data_perm is not None:
-                data = data.permute(step.data_perm)
-            data = data.reshape(step.data_shape)
-        if folded is not None:
-            weight = folded[-1 - k]
+            self.nhwc_view = None
+            self.data_perm = step.data_perm
+            self.data_shape = None if same and step.data_perm is None else step.data_shape
+        self.pad = step.pad
+        self.pad_mode = "constant" if step.padding_mode == "zeros" else step.padding_mode
+        self.args = (step.stride, step.padding, step.dilation, step.groups)
+        spatial_out = step.out_shape[len(step.out_shape) - (dim - 2) :]
+        produced = (step.data_shape[0], step.weight_shape[0], *spatial_out)
+        # (an NCHW 1x1 conv runs on an (N, C, 1, H*W) view: its output is always reshaped)
+        skip = produced == step.out_shape and not self.pointwise
+        self.out_shape = None if skip else step.out_shape
+
+    def __call__(self, data: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.nhwc_view is not None:
+            perm, shape, back = self.nhwc_view
+            data = data.permute(perm).reshape(shape).permute(back)
         else:
-            factor = ops[step.factor]
-            assert factor is not None
-            weight = _step_weight(step, factor)
-        if step.pad is not None:
-            mode = "constant" if step.padding_mode == "zeros" else step.padding_mode
-            data = F.pad(data, step.pad, mode=mode)
-        if step.matmul:
-            out_nhwc = nhwc and not (fuse_out and j + 1 == data_steps)
-            out = pointwise_matmul(data, weight, in_nhwc, out_nhwc)
+            if self.data_perm is not None:
+                data = data.permute(self.data_perm)
+            if self.data_shape is not None:
+                data = data.reshape(self.data_shape)
+        if self.pad is not None:
+            data = F.pad(data, self.pad, mode=self.pad_mode)
+        if self.matmul:
+            out = pointwise_matmul(data, weight, self.in_nhwc, self.out_nhwc)
         else:
-            if step.pointwise:
-                data = pointwise_conv_input(data, in_nhwc)
-            out = _CONV[dim](
-                data, weight, None, step.stride, step.padding, step.dilation, step.groups
-            )
-        ops[0] = out.reshape(step.out_shape)
-        if between is not None and j + 1 < data_steps:
-            ops[0] = between(j, ops[0])
-        j += 1
-    y = ops[0]
-    assert y is not None
-    if plan.final_perm is not None:
-        y = y.permute(plan.final_perm)
-    y = y.reshape(plan.output_shape)
-    # the input's layout (a no-op unless regrouped, or converted without a fused last step)
-    y = y.contiguous() if converted else y.contiguous(memory_format=_layout(dim, nhwc))
-    if bias is not None:
-        y = y + bias.view(1, -1, *([1] * (dim - 2)))
-    return y
+            if self.pointwise:
+                data = pointwise_conv_input(data, False)
+            out = self.conv(data, weight, None, *self.args)
+        if self.out_shape is not None:
+            out = out.reshape(self.out_shape)
+        return out
 
 
 def pointwise_conv_input(x: torch.Tensor, nhwc: bool) -> torch.Tensor:

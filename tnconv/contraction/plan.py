@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import opt_einsum
 import torch
 
 from .cost import FLOP_SLACK, MEMORY_WEIGHT, CostTable, pointwise_seconds, step_seconds
+from .execute import compiled as _compiled
 from .execute import fold_factors as _fold_factors
 from .execute import run_plan as _run_plan
 from .geometry import ConvGeometry
@@ -49,6 +51,8 @@ class ConvPlan:
     # predicted the conversions cost less than they save
     convert: bool = False
     frozen: bool = False  # priced for folded factor-only steps (inference)
+    # compiled per input layout (is_channels_last) on first use by execute.run_plan
+    runners: dict[bool, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def flops(self) -> int:
@@ -110,6 +114,12 @@ class ConvPlan:
         """Run the plan on ``x`` (B, S, H, W) with ``factors``; returns (B, T, H', W').
         Arguments as for :func:`tnconv.contraction.execute.run_plan`."""
         return _run_plan(self, x, factors, bias, folded, between)
+
+    def runner(self, nhwc: bool) -> Callable[..., torch.Tensor]:
+        """The plan compiled for channels-last (``nhwc``) or NCHW inputs, called as
+        ``runner(x, factors, bias, folded, between)`` (:func:`~tnconv.contraction.execute.run_plan`
+        without the layout check; what a layer's forward calls)."""
+        return _compiled(self, nhwc)
 
     @property
     def fused_in(self) -> bool:

@@ -283,7 +283,7 @@ class FactorizedLayer(nn.Module):
                 self._plans.popitem(last=False)
         return plan
 
-    def _frozen(self) -> bool:
+    def _frozen(self, factors: list[torch.Tensor] | None = None) -> bool:
         """Fold factor-only steps when no gradient can reach the factors through this call:
         under ``torch.no_grad`` / ``torch.inference_mode``, or in ``eval()`` with frozen
         factors. Never while being traced by ``torch.compile`` (it folds constants itself)."""
@@ -291,7 +291,9 @@ class FactorizedLayer(nn.Module):
             return False
         if not torch.is_grad_enabled():
             return True
-        return not self.training and not any(p.requires_grad for p in self._factor_list())
+        if factors is None:
+            factors = self._factor_list()
+        return not self.training and not any(p.requires_grad for p in factors)
 
     def _factor_list(self) -> list[torch.Tensor]:
         """The factors in order. Read from the ParameterList's registry directly: iterating the
@@ -301,17 +303,19 @@ class FactorizedLayer(nn.Module):
     def _folded_weights(
         self, plan: ConvPlan, factors: list[torch.Tensor]
     ) -> dict[int, torch.Tensor]:
-        versions = [tensor_version(p) for p in factors]
-        if None in versions:
+        try:
+            key = (
+                id(plan),
+                torch.is_inference_mode_enabled(),
+                *[(p.data_ptr(), p._version) for p in factors],
+            )
+        except RuntimeError:
+            if all(tensor_version(p) is not None for p in factors):
+                raise
             # an inference-tensor factor (assigned by hand) has no version counter: an in-place
             # change could not be seen, so fold afresh every call and keep nothing
             with torch.no_grad():
                 return plan.fold_factors(factors)
-        key = (
-            id(plan),
-            torch.is_inference_mode_enabled(),
-            *((p.data_ptr(), v) for p, v in zip(factors, versions, strict=True)),
-        )
         if self._folded is None or self._folded[0] != key:
             with torch.no_grad():
                 self._folded = (key, plan.fold_factors(factors))
@@ -333,11 +337,11 @@ class FactorizedLayer(nn.Module):
             )
         x, how = self.executor_input(x)
         nhwc = is_channels_last(x)
-        frozen = self._frozen()
-        plan = self.plan_for(tuple(x.shape), "nhwc" if nhwc else "nchw", frozen)
         factors = self._factor_list()
+        frozen = self._frozen(factors)
+        plan = self.plan_for(tuple(x.shape), "nhwc" if nhwc else "nchw", frozen)
         folded = self._folded_weights(plan, factors) if frozen else None
-        y = plan(x, factors, self.bias, folded)
+        y = plan.runner(nhwc)(x, factors, self.bias, folded, None)
         return self.executor_output(y, how)
 
     def _conv_input(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
