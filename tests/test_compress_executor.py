@@ -88,6 +88,22 @@ def test_dask_local_cluster_gives_the_serial_models(serial, client) -> None:
         same(run(method, budget, executor=client), serial[method, str(budget)])
 
 
+def test_command_line_on_the_cluster_by_its_address(serial, client, tmp_path, capsys) -> None:
+    from tnconv.cli import main
+
+    saved, out = tmp_path / "net.safetensors", tmp_path / "small.safetensors"
+    tnconv.save(make_net(), saved)
+    argv = ["compress", str(saved), "-m", "tt", "--budget", "0.3", "--input-size", "2,3,8,8"]
+    argv += ["--model", f"{__name__}:make_net", "-o", str(out), "-q"]
+    code = main([*argv, "--scheduler", client.scheduler.address])
+    assert code == 0, capsys.readouterr().err
+    same(tnconv.load(out, model_fn=make_net).eval(), serial["tt", "0.3"])
+    assert main([*argv, "--scheduler", "tcp://x:1", "--workers", "2"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert main([*argv[:4], "--rank", "4", *argv[6:], "--workers", "2"]) == 2
+    assert "of --budget" in capsys.readouterr().err
+
+
 class Failing(Tucker):
     """tucker, except on the 16 -> 16 kernel (module level: workers unpickle it)."""
 
