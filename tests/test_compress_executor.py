@@ -1,7 +1,7 @@
-"""compress(budget=, executor=): the allocation's per-layer candidate fits on a real Dask
-LocalCluster, a spawn process pool and a thread pool give the serial run's ranks, parameters and
-outputs (params and FLOPs budgets, with calibration); bad arguments fail before any work and a
-worker's failure names its layer."""
+"""compress(budget=, executor=): the allocation's per-layer candidate fits (and "auto"'s) on a
+real Dask LocalCluster, a spawn process pool and a thread pool give the serial run's ranks,
+parameters and outputs (params and FLOPs budgets, with calibration); bad arguments fail before
+any work and a worker's failure names its layer."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ CASES = [
     ("rsdtr", 0.3),
     ("rsdtr", ("flops", 0.4)),
 ]
+AUTO = {"methods": ["tucker", "tt", "cp"]}  # compress(model, "auto"): the recommendation's fits
 
 
 def make_net() -> nn.Module:
@@ -68,7 +69,7 @@ def same(got: nn.Module, want: nn.Module) -> None:
 
 @pytest.fixture(scope="module")
 def serial(one_thread) -> dict[tuple[str, Any], nn.Module]:
-    return {(m, str(b)): run(m, b) for m, b in CASES}
+    return {(m, str(b)): run(m, b) for m, b in CASES} | {("auto", "0.3"): run("auto", 0.3, **AUTO)}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,7 @@ def client():
 def test_dask_local_cluster_gives_the_serial_models(serial, client) -> None:
     for method, budget in CASES:
         same(run(method, budget, executor=client), serial[method, str(budget)])
+    same(run("auto", 0.3, executor=client, **AUTO), serial["auto", "0.3"])
 
 
 def test_command_line_on_the_cluster_by_its_address(serial, client, tmp_path, capsys) -> None:
@@ -169,8 +171,5 @@ def test_bad_arguments_fail_before_any_work() -> None:
         run("tucker", 0.3, workers=2)
     with ThreadPoolExecutor(1) as pool, pytest.raises(tnconv.StudyError, match="workers"):
         run("tucker", 0.3, executor=pool, workers=2)
-    with ThreadPoolExecutor(1) as pool:
-        with pytest.raises(tnconv.StudyError, match="budget"):
-            tnconv.compress(make_net(), "tucker", rank=4, executor=pool)
-        with pytest.raises(tnconv.StudyError, match="auto"):
-            run("auto", 0.3, executor=pool)
+    with ThreadPoolExecutor(1) as pool, pytest.raises(tnconv.StudyError, match="budget"):
+        tnconv.compress(make_net(), "tucker", rank=4, executor=pool)

@@ -274,15 +274,19 @@ class FitStep:
 
 @dataclass(frozen=True)
 class _FitTask:
-    """One layer's fits as a worker receives them: the kernel (T, S / G, *k), its options
-    (with its input ``statistics`` when calibrated) and the steps, run in order on one shared
-    float64 copy of the kernel and its spectra. Never the model."""
+    """One layer's fits as a worker receives them: the kernel (T, S / G, *k), the method's name,
+    its options (with the layer's input ``statistics`` when calibrated) and the steps, run in
+    order on one shared float64 copy of the kernel and its spectra. Never the model. With
+    ``skip``, a :class:`TnconvError` / ``ValueError`` of the fits comes back as the result
+    (the method cannot fit this layer) instead of failing the run."""
 
     index: int
-    name: str
+    layer: str
+    method: str
     weight: torch.Tensor
     options: dict[str, Any]
     steps: tuple[FitStep, ...]
+    skip: bool = False
 
 
 def _fit_steps(
@@ -311,50 +315,98 @@ def _fit_steps(
 _FIT_POOL: dict[str, Any] = {}
 
 
-def _init_fit_worker(decomposition: Decomposition, threads: int | None) -> None:
-    """Process-pool initializer: the decomposition arrives once per worker process."""
-    _FIT_POOL["shared"] = (decomposition, threads)
+def _init_fit_worker(methods: dict[str, Decomposition], threads: int | None) -> None:
+    """Process-pool initializer: the decompositions arrive once per worker process."""
+    _FIT_POOL["shared"] = (methods, threads)
 
 
 def _fit_worker(
-    task: _FitTask, decomposition: Decomposition | None = None, threads: int | None = None
-) -> list[list[Factorization]]:
+    task: _FitTask,
+    methods: dict[str, Decomposition] | None = None,
+    threads: int | None = None,
+) -> list[list[Factorization]] | Exception:
     """A layer's fits in a worker: the factorizations (factors, ranks, info) of each step."""
-    if decomposition is None:
-        decomposition, threads = _FIT_POOL["shared"]
+    if methods is None:
+        methods, threads = _FIT_POOL["shared"]
     if threads is not None:
         torch.set_num_threads(threads)
-    return _fit_steps(decomposition, task.weight, task.options, task.steps, {})
+    try:
+        return _fit_steps(methods[task.method], task.weight, task.options, task.steps, {})
+    except (TnconvError, ValueError) as exc:
+        if not task.skip:
+            raise
+        return exc
 
 
 def fit_runner(
     executor: Any,
-    decomposition: Decomposition,
-    options: dict[str, Any],
+    methods: Decomposition | Sequence[Decomposition],
+    options: Any,
     *,
     workers: int | None = None,
     worker_threads: int | None = None,
     max_tasks: int = 1,
 ) -> TaskRunner:
-    """A :class:`TaskRunner` for per-layer fits of ``decomposition`` on ``executor`` (as
-    ``compress(executor=)`` takes it): the decomposition travels once per worker, each task is
+    """A :class:`TaskRunner` for per-layer fits of ``methods`` on ``executor`` (as
+    ``compress(executor=)`` takes it): the decompositions travel once per worker, each task is
     one layer's kernel, options and specs. :class:`NotPicklableError` names ``options`` or the
     method when they cannot reach a worker; :class:`StudyError` an unusable ``executor`` /
     ``workers``."""
     check_picklable("options", options)
-    check_picklable("method", decomposition)
-    threads = default_worker_threads(executor, worker_threads)
+    decs = [methods] if isinstance(methods, Decomposition) else list(methods)
+    for dec in decs:
+        check_picklable("method", dec)
+    shared = ({dec.name: dec for dec in decs}, default_worker_threads(executor, worker_threads))
     return TaskRunner(
         executor,
         _fit_worker,
-        (decomposition, threads),
+        shared,
         workers=workers,
         max_tasks=max_tasks,
         initializer=_init_fit_worker,
-        initargs=(decomposition, threads),
+        initargs=shared,
         error=StudyError,
         key=f"tnconv-fit-{uuid.uuid4().hex[:8]}",
     )
+
+
+def fit_task(
+    layer: str,
+    method: str,
+    weight: torch.Tensor,
+    options: dict[str, Any],
+    steps: Sequence[FitStep],
+    *,
+    skip: bool = False,
+) -> _FitTask:
+    """A task for :func:`run_fit_tasks` (a private copy of the kernel: only it is pickled)."""
+    return _FitTask(-1, layer, method, weight.detach().clone(), options, tuple(steps), skip)
+
+
+def run_fit_tasks(
+    runner: TaskRunner, tasks: Sequence[_FitTask], phase: str
+) -> list[list[list[Factorization]] | Exception]:
+    """Every task on ``runner``'s workers; the results in task order (each: the fits of each
+    step, or with ``skip`` the exception that ended them). A failure (the task's own exception,
+    a lost worker) is re-raised here with a note naming the layer and method; the other tasks
+    are cancelled."""
+    if not tasks:
+        return []
+    numbered = [dataclasses.replace(t, index=i) for i, t in enumerate(tasks)]
+    log.info("%s: %d layer fits on the executor", phase, len(numbered))
+    results: dict[int, Any] = {}
+
+    def finish(task: _FitTask, result: Any) -> None:
+        results[task.index] = result
+
+    def lost(task: _FitTask, exc: BaseException) -> None:
+        exc.add_note(
+            f"tnconv: the {task.method} fits of layer {task.layer!r} ({phase}) failed on a worker"
+        )
+        raise exc
+
+    runner.run(numbered, finish, lost=lost, key=lambda t: f"{runner.key}-{phase}-{t.index}")
+    return [results[i] for i in range(len(numbered))]
 
 
 def fit_on_workers(
@@ -363,32 +415,12 @@ def fit_on_workers(
     jobs: dict[str, tuple[torch.Tensor, dict[str, Any], Sequence[FitStep]]],
     phase: str = "fit",
 ) -> dict[str, list[list[Factorization]]]:
-    """Every layer's fits (``{name: (kernel, options, steps)}``) as one task per layer on
-    ``runner``'s workers: ``{name: [fits of each step]}``. A task's failure (its own exception,
-    a lost worker) is re-raised here with a note naming the layer; the other tasks are
-    cancelled."""
-    tasks = [
-        _FitTask(i, name, w.detach().clone(), opts, tuple(steps))
-        for i, (name, (w, opts, steps)) in enumerate(jobs.items())
-        if steps
-    ]
-    if not tasks:
-        return {}
-    log.info("%s: %d layers' %s fits on the executor", phase, len(tasks), decomposition.name)
-    results: dict[str, list[list[Factorization]]] = {}
-
-    def finish(task: _FitTask, fits: list[list[Factorization]]) -> None:
-        results[task.name] = fits
-
-    def lost(task: _FitTask, exc: BaseException) -> None:
-        exc.add_note(
-            f"tnconv: the {decomposition.name} fits of layer {task.name!r} ({phase}) failed "
-            "on a worker"
-        )
-        raise exc
-
-    runner.run(tasks, finish, lost=lost, key=lambda t: f"{runner.key}-{phase}-{t.index}")
-    return results
+    """Every layer's ``decomposition`` fits (``{name: (kernel, options, steps)}``; layers with
+    no steps are skipped) as one task per layer on ``runner``'s workers: ``{name: [fits of
+    each step]}`` (see :func:`run_fit_tasks`)."""
+    names = [name for name, (_, _, steps) in jobs.items() if steps]
+    tasks = [fit_task(n, decomposition.name, jobs[n][0], jobs[n][1], jobs[n][2]) for n in names]
+    return dict(zip(names, run_fit_tasks(runner, tasks, phase), strict=True))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------

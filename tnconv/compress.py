@@ -218,10 +218,11 @@ def compress(
             and factors when the workers compute as this process does (the same torch thread
             count for bit-identical float sums; ``worker_threads``). Inside
             :func:`tnconv.allocation.shared_candidates` the fits already made are reused and
-            only the missing ones are sent. Not with ``method="auto"`` (its recommendation
-            fits every method per layer here) nor with ``rank`` / ``eps`` / ``ratio`` / ``spec``
-            (one fit per layer): those raise :class:`tnconv.StudyError`. ``options`` and the
-            method must be picklable.
+            only the missing ones are sent. With ``method="auto"`` the recommendation's fits
+            (every method on every layer, :func:`tnconv.recommend`) run on the executor, one
+            task per (layer, method); the chosen layers' final fits (one per layer) run here.
+            Not with ``rank`` / ``eps`` / ``ratio`` / ``spec`` (one fit per layer):
+            :class:`tnconv.StudyError`. ``options`` and the method must be picklable.
         workers: process count for ``executor="processes"``.
         worker_threads: torch threads in each worker; default 1 for ``"processes"`` and Dask
             (one layer per core), untouched for other executors.
@@ -235,18 +236,13 @@ def compress(
             (before any work).
         StudyError: an unknown ``executor``, ``workers`` without ``"processes"``,
             ``workers`` / ``worker_threads`` without ``executor``, or ``executor`` without
-            ``budget`` or with ``method="auto"``.
+            ``budget``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress needs a torch.nn.Module; got {type(model).__name__}")
     if executor is None and (workers is not None or worker_threads is not None):
         raise StudyError("workers= and worker_threads= apply with an executor")
     if executor is not None:
-        if isinstance(method, str) and method.lower() == "auto":
-            raise StudyError(
-                'executor= is not supported with compress(model, "auto"): its recommendation '
-                "fits every method on every layer here"
-            )
         if budget is None or spec is not None:
             raise StudyError(
                 "executor= runs the per-layer candidate fits of a budget allocation; give "
@@ -265,7 +261,10 @@ def compress(
         if fold_bn if fold_bn is not None else (calibration is not None and not model.training):
             picked = [n for n, c in select_convs(target, layers) if _foldable(c)]
             fold_batchnorm(target, inplace=True, convs=picked)
-        chosen, dense = auto_spec(target, budget=budget, layers=layers, options=options, **args)
+        parallel = dict(executor=executor, workers=workers, worker_threads=worker_threads)
+        chosen, dense = auto_spec(
+            target, budget=budget, layers=layers, options=options, **args, **parallel
+        )
         if chosen:
             compress(
                 target,
