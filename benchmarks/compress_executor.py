@@ -37,7 +37,7 @@ class Recording(ThreadPoolExecutor):
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
         task = args[0]
-        self.sent.append((f"{task.name} ({len(task.steps)} step(s))", len(pickle.dumps(task))))
+        self.sent.append((f"{task.layer} ({len(task.steps)} step(s))", len(pickle.dumps(task))))
 
         def recorded(*a: Any) -> Any:
             result = fn(*a)
