@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import uuid
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -27,7 +28,8 @@ from torch import nn
 from . import timing
 from .contraction import ConvGeometry
 from .decompositions.base import LAYOUT_KEYS, Decomposition
-from .errors import BudgetError, RankSpecError, StructureError, TnconvError
+from .errors import BudgetError, RankSpecError, StructureError, StudyError, TnconvError
+from .executors import TaskRunner, check_picklable, default_worker_threads
 from .factorization import Factorization
 from .layers import FactorizedLayer, factorized_type, kernel_fit_shape
 
@@ -80,20 +82,34 @@ def shared_candidates() -> Iterator[None]:
         _SHARED.reset(token)
 
 
+_MISSING = object()
+
+
+def _shared_get(what: str, weight: torch.Tensor, key: Hashable) -> Any:
+    """The result stored for an equal kernel and key in the current :func:`shared_candidates`
+    block, or ``_MISSING``."""
+    store = _SHARED.get()
+    if store is None:
+        return _MISSING
+    w = weight.detach()
+    for kernel, result in store.get((what, tuple(w.shape), key), []):
+        if kernel.dtype == w.dtype and kernel.device == w.device and torch.equal(kernel, w):
+            return result
+    return _MISSING
+
+
 def _shared(what: str, weight: torch.Tensor, key: Hashable, compute: Callable[[], Any]) -> Any:
     """``compute()``, or the result of an earlier call for an equal kernel and key in the
     current :func:`shared_candidates` block (kernels compared by value: compress works on a
     copy of the model, so the tensors differ from call to call)."""
-    store = _SHARED.get()
-    if store is None:
-        return compute()
-    w = weight.detach()
-    slot = store.setdefault((what, tuple(w.shape), key), [])
-    for kernel, result in slot:
-        if kernel.dtype == w.dtype and kernel.device == w.device and torch.equal(kernel, w):
-            return result
+    found = _shared_get(what, weight, key)
+    if found is not _MISSING:
+        return found
     result = compute()
-    slot.append((w.clone(), result))
+    store = _SHARED.get()
+    if store is not None:
+        w = weight.detach()
+        store.setdefault((what, tuple(w.shape), key), []).append((w.clone(), result))
     return result
 
 
@@ -243,6 +259,171 @@ def candidate_for(
 
 
 # ---------------------------------------------------------------------------------------------
+# candidate fits, here or on an executor's workers
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FitStep:
+    """One call of a layer's fits: ``factorize_many(weight, specs)``, stopping after the first
+    fit with at least ``limit`` parameters (None: every spec); with ``single``, one
+    ``factorize(weight, **spec)`` per spec (the finalists' refits)."""
+
+    specs: tuple[dict[str, Any], ...]
+    limit: float | None = None
+    single: bool = False
+
+
+@dataclass(frozen=True)
+class _FitTask:
+    """One layer's fits as a worker receives them: the kernel (T, S / G, *k), the method's name,
+    its options (with the layer's input ``statistics`` when calibrated) and the steps, run in
+    order on one shared float64 copy of the kernel and its spectra. Never the model. With
+    ``skip``, a :class:`TnconvError` / ``ValueError`` of the fits comes back as the result
+    (the method cannot fit this layer) instead of failing the run."""
+
+    index: int
+    layer: str
+    method: str
+    weight: torch.Tensor
+    options: dict[str, Any]
+    steps: tuple[FitStep, ...]
+    skip: bool = False
+
+
+def _fit_steps(
+    decomposition: Decomposition,
+    weight: torch.Tensor,
+    options: dict[str, Any],
+    steps: Sequence[FitStep],
+    reuse: dict[str, Any],
+) -> list[list[Factorization]]:
+    """The fits of each step, in order (the serial and the worker side both run this)."""
+    out = []
+    for step in steps:
+        if step.single:
+            out.append([decomposition.factorize(weight, **spec, **options) for spec in step.specs])
+            continue
+        limit = step.limit
+        until = None if limit is None else (lambda i, f, limit=limit: f.num_params >= limit)
+        out.append(
+            decomposition.factorize_many(
+                weight, list(step.specs), until=until, reuse=reuse, **options
+            )
+        )
+    return out
+
+
+_FIT_POOL: dict[str, Any] = {}
+
+
+def _init_fit_worker(methods: dict[str, Decomposition], threads: int | None) -> None:
+    """Process-pool initializer: the decompositions arrive once per worker process."""
+    _FIT_POOL["shared"] = (methods, threads)
+
+
+def _fit_worker(
+    task: _FitTask,
+    methods: dict[str, Decomposition] | None = None,
+    threads: int | None = None,
+) -> list[list[Factorization]] | Exception:
+    """A layer's fits in a worker: the factorizations (factors, ranks, info) of each step."""
+    if methods is None:
+        methods, threads = _FIT_POOL["shared"]
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _fit_steps(methods[task.method], task.weight, task.options, task.steps, {})
+    except (TnconvError, ValueError) as exc:
+        if not task.skip:
+            raise
+        return exc
+
+
+def fit_runner(
+    executor: Any,
+    methods: Decomposition | Sequence[Decomposition],
+    options: Any,
+    *,
+    workers: int | None = None,
+    worker_threads: int | None = None,
+    max_tasks: int = 1,
+) -> TaskRunner:
+    """A :class:`TaskRunner` for per-layer fits of ``methods`` on ``executor`` (as
+    ``compress(executor=)`` takes it): the decompositions travel once per worker, each task is
+    one layer's kernel, options and specs. :class:`NotPicklableError` names ``options`` or the
+    method when they cannot reach a worker; :class:`StudyError` an unusable ``executor`` /
+    ``workers``."""
+    check_picklable("options", options)
+    decs = [methods] if isinstance(methods, Decomposition) else list(methods)
+    for dec in decs:
+        check_picklable("method", dec)
+    shared = ({dec.name: dec for dec in decs}, default_worker_threads(executor, worker_threads))
+    return TaskRunner(
+        executor,
+        _fit_worker,
+        shared,
+        workers=workers,
+        max_tasks=max_tasks,
+        initializer=_init_fit_worker,
+        initargs=shared,
+        error=StudyError,
+        key=f"tnconv-fit-{uuid.uuid4().hex[:8]}",
+    )
+
+
+def fit_task(
+    layer: str,
+    method: str,
+    weight: torch.Tensor,
+    options: dict[str, Any],
+    steps: Sequence[FitStep],
+    *,
+    skip: bool = False,
+) -> _FitTask:
+    """A task for :func:`run_fit_tasks` (a private copy of the kernel: only it is pickled)."""
+    return _FitTask(-1, layer, method, weight.detach().clone(), options, tuple(steps), skip)
+
+
+def run_fit_tasks(
+    runner: TaskRunner, tasks: Sequence[_FitTask], phase: str
+) -> list[list[list[Factorization]] | Exception]:
+    """Every task on ``runner``'s workers; the results in task order (each: the fits of each
+    step, or with ``skip`` the exception that ended them). A failure (the task's own exception,
+    a lost worker) is re-raised here with a note naming the layer and method; the other tasks
+    are cancelled."""
+    if not tasks:
+        return []
+    numbered = [dataclasses.replace(t, index=i) for i, t in enumerate(tasks)]
+    log.info("%s: %d layer fits on the executor", phase, len(numbered))
+    results: dict[int, Any] = {}
+
+    def finish(task: _FitTask, result: Any) -> None:
+        results[task.index] = result
+
+    def lost(task: _FitTask, exc: BaseException) -> None:
+        exc.add_note(
+            f"tnconv: the {task.method} fits of layer {task.layer!r} ({phase}) failed on a worker"
+        )
+        raise exc
+
+    runner.run(numbered, finish, lost=lost, key=lambda t: f"{runner.key}-{phase}-{t.index}")
+    return [results[i] for i in range(len(numbered))]
+
+
+def fit_on_workers(
+    runner: TaskRunner,
+    decomposition: Decomposition,
+    jobs: dict[str, tuple[torch.Tensor, dict[str, Any], Sequence[FitStep]]],
+    phase: str = "fit",
+) -> dict[str, list[list[Factorization]]]:
+    """Every layer's ``decomposition`` fits (``{name: (kernel, options, steps)}``; layers with
+    no steps are skipped) as one task per layer on ``runner``'s workers: ``{name: [fits of
+    each step]}`` (see :func:`run_fit_tasks`)."""
+    names = [name for name, (_, _, steps) in jobs.items() if steps]
+    tasks = [fit_task(n, decomposition.name, jobs[n][0], jobs[n][1], jobs[n][2]) for n in names]
+    return dict(zip(names, run_fit_tasks(runner, tasks, phase), strict=True))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
 # global budget allocation
 # ---------------------------------------------------------------------------------------------
 @dataclass
@@ -313,15 +494,26 @@ class _LayerFits:
             self.layers[f.ranks] = layer
             self.cands[f.ranks] = candidate_for(layer, f, self.shape, self.dense_info)
 
-    def _fit(self, specs: list[dict[str, Any]], until: Callable | None) -> list[Factorization]:
-        fitted = self.decomposition.factorize_many(
-            self.weight, specs, until=until, reuse=self.reuse, **self.options
-        )
+    def _fit(self, step: FitStep, fitted: list[Factorization] | None) -> list[Factorization]:
+        """``step``'s fits: ``fitted`` (done on a worker) or fitted here."""
+        if fitted is None:
+            (fitted,) = _fit_steps(
+                self.decomposition, self.weight, self.options, [step], self.reuse
+            )
         for f in fitted:
             self._add(f)
         return fitted
 
-    def ladder(self) -> None:
+    @property
+    def laddered(self) -> bool:
+        return bool(self.level_ranks)
+
+    def ladder_step(self) -> FitStep:
+        """The uniform-rank ladder's fits."""
+        return FitStep(tuple({"rank": r} for r in self.levels))
+
+    def ladder(self, fitted: list[Factorization] | None = None) -> None:
+        """Fit the ladder here, or take its ``fitted`` factorizations (from a worker)."""
         log.info(
             "%s: %d uniform-rank %s candidates for kernel %s",
             self.name,
@@ -329,27 +521,35 @@ class _LayerFits:
             self.decomposition.name,
             tuple(self.weight.shape),
         )
-        fitted = self._fit([{"rank": r} for r in self.levels], None)
+        fitted = self._fit(self.ladder_step(), fitted)
         self.level_ranks = {r: f.ranks for r, f in zip(self.levels, fitted, strict=True)}
 
-    def walk(self, limit: float) -> int:
+    def walk_step(self, limit: float) -> FitStep | None:
+        """The fits :meth:`walk` (``limit``) still needs (None: none)."""
+        if any(f.num_params >= limit for f in self.walked):
+            return None
+        todo = self.grid[len(self.walked) :]
+        return FitStep(tuple({"eps": e} for e in todo), limit) if todo else None
+
+    def walk(self, limit: float, fitted: list[Factorization] | None = None) -> int:
         """Continue the eps walk up to the first fit with at least ``limit`` parameters; return
         how many of the walk's fits that takes (a walk shared by several budgets has the same
-        fits, in the same order, as each budget's own walk would)."""
-        for n, f in enumerate(self.walked, start=1):
-            if f.num_params >= limit:
-                return n
-        todo = self.grid[len(self.walked) :]
-        if not todo:
+        fits, in the same order, as each budget's own walk would). ``fitted``: the fits of
+        :meth:`walk_step` (``limit``), done on a worker."""
+        step = self.walk_step(limit)
+        if step is None:
+            for n, f in enumerate(self.walked, start=1):
+                if f.num_params >= limit:
+                    return n
             return len(self.walked)
         log.info(
             "%s: up to %d eps-bounded %s candidates (up to %.4g parameters)",
             self.name,
-            len(todo),
+            len(step.specs),
             self.decomposition.name,
             limit,
         )
-        self.walked += self._fit([{"eps": e} for e in todo], lambda i, f: f.num_params >= limit)
+        self.walked += self._fit(step, fitted)
         return len(self.walked)
 
     def release(self) -> None:
@@ -479,11 +679,16 @@ def allocate(
     must_save: SaveCriterion,
     bar: Iterable[tuple[str, nn.Conv2d]],
     probe: LatencyProbe | None = None,
+    runner: TaskRunner | None = None,
 ) -> dict[str, tuple[Candidate, str]]:
     """Choose one candidate per layer, minimising the summed :func:`_loss` under the budget:
     the better of a greedy climb of the layers' convex hulls and the best uniform rank, each
     then topped up with whatever budget is left. A latency budget or ``must_save="latency"``
-    times every candidate against the dense layer with ``probe`` (default: NCHW inputs)."""
+    times every candidate against the dense layer with ``probe`` (default: NCHW inputs).
+
+    With ``runner`` (:func:`fit_runner`) the candidate fits run on its workers, one task per
+    layer and pass (the ladders, then the eps walks, then the finalists' refits), and give the
+    serial run's candidates; timing (``probe``) and every decision stay here."""
 
     def cost(c: Candidate) -> float:
         if budget.kind == "latency":
@@ -523,11 +728,9 @@ def allocate(
         def fits_of(
             name: str = name, conv: nn.Conv2d = conv, layer_options: dict = layer_options
         ) -> _LayerFits:
-            fits = _LayerFits(
+            return _LayerFits(
                 name, decomposition, conv, shapes.get(name), levels_by_layer[name], layer_options
             )
-            fits.ladder()
-            return fits
 
         key = (
             decomposition.name,
@@ -538,11 +741,31 @@ def allocate(
         # fits are shared within a study (the walk grows as budgets ask); timed candidates
         # are measured afresh
         fits_by_layer[name] = fits = _shared("candidates", conv.weight, key, fits_of)
-        walked = 0
-        if not two_pass:
-            walked = fits.walk(full_walk(fits))
-            fits.release()
-        options_by_layer[name] = fits.options_for(must_save, probe, walked)
+        if runner is None:
+            if not fits.laddered:
+                fits.ladder()
+            walked = 0
+            if not two_pass:
+                walked = fits.walk(full_walk(fits))
+                fits.release()
+            options_by_layer[name] = fits.options_for(must_save, probe, walked)
+    if runner is not None:
+        # the same fits as above, one task per layer: the ladder and (one pass) the whole walk
+        jobs = {}
+        for name, fits in fits_by_layer.items():
+            steps = [fits.ladder_step()] if not fits.laddered else []
+            walk = None if two_pass else fits.walk_step(full_walk(fits))
+            jobs[name] = (fits.weight, fits.options, steps + ([walk] if walk else []))
+        done = fit_on_workers(runner, decomposition, jobs, "candidates")
+        for name, fits in fits_by_layer.items():
+            got = iter(done.get(name, []))
+            if not fits.laddered:
+                fits.ladder(next(got))
+            walked = 0
+            if not two_pass:
+                walked = fits.walk(full_walk(fits), next(got, None))
+                fits.release()
+            options_by_layer[name] = fits.options_for(must_save, probe, walked)
     if not options_by_layer:
         return {name: (Candidate(None, 0, 0, 0.0), reason) for name, reason in unfit.items()}
     dense_total = sum(cost(o.all[-1]) for o in options_by_layer.values())
@@ -552,9 +775,22 @@ def allocate(
         # parameters the ladder-only allocation gives each layer (the whole walk where it gives
         # the dense kernel, or where the ladder alone cannot meet the budget)
         first = _greedy(options_by_layer, cost, allowed, unit)
+        limits = {
+            name: min(
+                full_walk(fits),
+                _EPS_REACH * first[name].params if first is not None else math.inf,
+            )
+            for name, fits in fits_by_layer.items()
+        }
+        walks: dict[str, list[list[Factorization]]] = {}
+        if runner is not None:
+            jobs = {}
+            for name, fits in fits_by_layer.items():
+                step = fits.walk_step(limits[name])
+                jobs[name] = (fits.weight, fits.options, [step] if step else [])
+            walks = fit_on_workers(runner, decomposition, jobs, "eps walks")
         for name, fits in fits_by_layer.items():
-            reach = _EPS_REACH * first[name].params if first is not None else math.inf
-            walked = fits.walk(min(full_walk(fits), reach))
+            walked = fits.walk(limits[name], walks[name][0] if name in walks else None)
             fits.release()
             options_by_layer[name] = fits.options_for(must_save, probe, walked)
 
@@ -582,6 +818,35 @@ def allocate(
         finalists.append(_fill(uniform[-1], options_by_layer, cost, allowed, unit))
     convs = dict(layers)
     refitted: dict[tuple[str, tuple[int, ...]], Candidate] = {}
+    full_options = {
+        name: options_for_layer(decomposition, convs[name], shapes.get(name), options)
+        for name in options_by_layer
+    }
+
+    def refit_key(name: str, ranks: tuple[int, ...]) -> tuple:
+        return (decomposition.name, _options_key(full_options[name]), ranks)
+
+    prefit: dict[tuple[str, tuple[int, ...]], Factorization] = {}
+    if runner is not None and quick != full:
+        # the finalists' refits, one task per layer (each distinct ranks once)
+        wanted: dict[str, list[tuple[int, ...]]] = {}
+        for p in finalists:
+            for name, c in p.items():
+                f = c.factorization
+                if f is None or f.ranks in wanted.get(name, []):
+                    continue
+                if _shared_get("refit", convs[name].weight, refit_key(name, f.ranks)) is _MISSING:
+                    wanted.setdefault(name, []).append(f.ranks)
+        jobs = {
+            name: (
+                convs[name].weight,
+                full_options[name],
+                [FitStep(tuple({"rank": r} for r in ranks), single=True)],
+            )
+            for name, ranks in wanted.items()
+        }
+        for name, (fits,) in fit_on_workers(runner, decomposition, jobs, "refits").items():
+            prefit.update({(name, r): f for r, f in zip(wanted[name], fits, strict=True)})
 
     def refit(name: str, c: Candidate) -> Candidate:
         if c.factorization is None or quick == full:
@@ -589,16 +854,15 @@ def allocate(
         key = (name, c.factorization.ranks)
         if key not in refitted:
             conv = convs[name]
-            opts = options_for_layer(decomposition, conv, shapes.get(name), options)
+            opts = full_options[name]
             ranks = c.factorization.ranks
-            f = _shared(
-                "refit",
-                conv.weight,
-                (decomposition.name, _options_key(opts), ranks),
-                lambda conv=conv, opts=opts, ranks=ranks: decomposition.factorize(
-                    conv.weight.detach(), ranks, **opts
-                ),
-            )
+
+            def compute(conv: nn.Module = conv, opts: dict = opts, ranks: tuple = ranks) -> Any:
+                if (name, ranks) in prefit:
+                    return prefit[name, ranks]
+                return decomposition.factorize(conv.weight.detach(), ranks, **opts)
+
+            f = _shared("refit", conv.weight, refit_key(name, ranks), compute)
             dense = (conv.weight.numel(), c.flops)
             full_fit = candidate_for(layer_from_conv(conv, f), f, shapes.get(name), dense)
             full_fit.latency = c.latency  # same ranks, same structure: the same executed plan

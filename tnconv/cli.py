@@ -193,6 +193,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         spec["budget"] = (args.budget_kind, args.budget)
     if not spec:
         raise CLIError("give one of --rank, --eps, --ratio or --budget")
+    parallel = _executor_args(args)
+    if parallel and args.budget is None:
+        raise CLIError("--workers / --scheduler run the candidate fits of --budget")
     size = _ints(args.input_size, "--input-size") if args.input_size else None
     layers = args.layers.split(",") if args.layers else None
     small = compress(
@@ -205,12 +208,26 @@ def cmd_compress(args: argparse.Namespace) -> int:
         round_to=args.round_to,
         channels_last=args.channels_last,
         **spec,
+        **parallel,
         **_options(args.option),
     )
     save(small, args.output)
     print(summary(small, size))
     print(f"wrote {args.output}")
     return 0
+
+
+def _executor_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``executor=`` / ``workers=`` from ``--scheduler`` / ``--workers`` (none for one worker)."""
+    if args.workers is not None and args.workers < 1:
+        raise CLIError(f"--workers must be >= 1, got {args.workers}")
+    if args.scheduler and args.workers is not None:
+        raise CLIError("--scheduler and --workers exclude each other (the cluster has its workers)")
+    if args.scheduler:
+        return {"executor": args.scheduler}
+    if args.workers is not None and args.workers > 1:
+        return {"executor": "processes", "workers": args.workers}
+    return {}
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -258,15 +275,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         target = _read_kernels(source)
     else:
         target = _read_model(source, args)
-    if args.workers is not None and args.workers < 1:
-        raise CLIError(f"--workers must be >= 1, got {args.workers}")
-    if args.scheduler and args.workers is not None:
-        raise CLIError("--scheduler and --workers exclude each other (the cluster has its workers)")
-    parallel: dict[str, Any] = {}
-    if args.scheduler:
-        parallel["executor"] = args.scheduler
-    elif args.workers is not None and args.workers > 1:
-        parallel.update(executor="processes", workers=args.workers)
+    parallel = _executor_args(args)
     if parallel and source.endswith(".npz"):
         raise CLIError("--workers / --scheduler run model studies; kernel studies run here")
     out = Path(args.out)
@@ -579,6 +588,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--channels-last", action="store_true", help="time layers on channels-last inputs"
     )
     p.add_argument("--option", action="append", default=[], help="method option key=value")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="with --budget: fit the layers' candidates on a local pool of N processes",
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="with --budget: fit the layers' candidates on a Dask cluster, e.g. "
+        "tcp://host:8786 (pip install 'tnconv[distributed]')",
+    )
     p.add_argument("-o", "--output", required=True, help="where to tnconv.save the result")
     p.add_argument("-q", "--quiet", action="store_true")
     _add_input_trust(p)

@@ -21,11 +21,14 @@ from . import timing
 from ._modes import check_not_meta, plain_copy
 from .allocation import (
     Budget,
+    FitStep,
     LatencyProbe,
     SaveCriterion,
     allocate,
     candidate_for,
     dense_conv_flops,
+    fit_on_workers,
+    fit_runner,
     layer_from_conv,
     layer_statistics,
     options_for_layer,
@@ -45,7 +48,8 @@ from .convs import (
     select_convs,
 )
 from .decompositions.base import Decomposition
-from .errors import BudgetError, RankSpecError, StructureError
+from .errors import BudgetError, RankSpecError, StructureError, StudyError
+from .executors import TaskRunner, check_picklable
 from .factorization import Factorization
 from .layers import FactorizedLayer
 from .rank import parse_rank_spec
@@ -133,6 +137,9 @@ def compress(
     calibration: Any = None,
     fold_bn: bool | None = None,
     allocate_by: Literal["kernel", "output"] = "kernel",
+    executor: Any = None,
+    workers: int | None = None,
+    worker_threads: int | None = None,
     **options: Any,
 ) -> nn.Module:
     """Replace the chosen layers of ``model`` by factorized ones: ``nn.Conv2d`` by
@@ -195,13 +202,55 @@ def compress(
             ranks by kernel error and fits each layer output-aware at its ranks; ``"output"``
             allocates by each layer's output error (every candidate fitted output-aware). On
             the digits CNN kernel allocation kept more accuracy (docs/data_aware.md).
+        executor: with ``budget``, where the per-layer candidate fits of the allocation run.
+            ``None`` (default): here, in order. ``"processes"``: a local spawn process pool of
+            ``workers`` processes (default: the CPU count, at most one per layer), a
+            ``distributed.Client``, a Dask scheduler address ``"tcp://host:8786"``, or any
+            ``concurrent.futures.Executor`` (as for :func:`tnconv.select_ranks`). A task is one
+            layer's fits in one pass of the allocation (its kernel, the method's options, the
+            rank levels or eps bounds, its input statistics when calibrated), never the model;
+            it returns the fitted factorizations, from which the layers and candidates are
+            built here. Passes: the rank ladders (and, for one-pass allocations, the eps
+            walks), the eps walks the first allocation asks for, the finalists' refits with
+            the full options, and with ``calibration`` the output-aware refits. Latency timing
+            (latency budgets, ``must_save="latency"``, ``round_to``) and every decision stay
+            here (timings are this machine's). The result is the serial run's: the same ranks
+            and factors when the workers compute as this process does (the same torch thread
+            count for bit-identical float sums; ``worker_threads``). Inside
+            :func:`tnconv.allocation.shared_candidates` the fits already made are reused and
+            only the missing ones are sent. With ``method="auto"`` the recommendation's fits
+            (every method on every layer, :func:`tnconv.recommend`) run on the executor, one
+            task per (layer, method); the chosen layers' final fits (one per layer) run here.
+            Not with ``rank`` / ``eps`` / ``ratio`` / ``spec`` (one fit per layer):
+            :class:`tnconv.StudyError`. ``options`` and the method must be picklable.
+        workers: process count for ``executor="processes"``.
+        worker_threads: torch threads in each worker; default 1 for ``"processes"`` and Dask
+            (one layer per core), untouched for other executors.
         **options: method options, as for ``factorize``.
 
     Returns:
         The compressed model (``model`` itself when ``inplace``).
+
+    Raises:
+        NotPicklableError: with ``executor``, ``options`` or the method cannot reach a worker
+            (before any work).
+        StudyError: an unknown ``executor``, ``workers`` without ``"processes"``,
+            ``workers`` / ``worker_threads`` without ``executor``, or ``executor`` without
+            ``budget``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress needs a torch.nn.Module; got {type(model).__name__}")
+    if executor is None and (workers is not None or worker_threads is not None):
+        raise StudyError("workers= and worker_threads= apply with an executor")
+    if executor is not None:
+        if budget is None or spec is not None:
+            raise StudyError(
+                "executor= runs the per-layer candidate fits of a budget allocation; give "
+                "budget= (rank= / eps= / ratio= / spec= fit each layer once, here)"
+            )
+        check_picklable("options", options)  # before any work
+        if isinstance(method, Decomposition):
+            check_picklable("method", method)
     if isinstance(method, str) and method.lower() == "auto":
         if spec is not None or any(v is not None for v in (rank, eps, ratio)):
             raise RankSpecError(
@@ -212,7 +261,10 @@ def compress(
         if fold_bn if fold_bn is not None else (calibration is not None and not model.training):
             picked = [n for n, c in select_convs(target, layers) if _foldable(c)]
             fold_batchnorm(target, inplace=True, convs=picked)
-        chosen, dense = auto_spec(target, budget=budget, layers=layers, options=options, **args)
+        parallel = dict(executor=executor, workers=workers, worker_threads=worker_threads)
+        chosen, dense = auto_spec(
+            target, budget=budget, layers=layers, options=options, **args, **parallel
+        )
         if chosen:
             compress(
                 target,
@@ -343,22 +395,24 @@ def compress(
 
     with layer_statistics(statistics):
         if target_budget is not None:
-            by_output = allocate_by == "output"
-            with layer_statistics(statistics if by_output else {}):
-                plan = allocate(
-                    decomposition, eligible, shapes, target_budget, options, must_save, steps, probe
-                )
-            for name, conv in eligible:
-                cand, reason = plan[name]
-                f = cand.factorization
-                if f is not None:
-                    f = rounded(decomposition, name, conv, f, options)
-                    if statistics and not by_output:  # ranks by kernel error, fit by output
-                        layer_opts = options_for_layer(
-                            decomposition, conv, shapes.get(name), options
-                        )
-                        f = decomposition.factorize(conv.weight.detach(), f.ranks, **layer_opts)
-                install(name, None if f is None else layer_from_conv(conv, f), reason)
+            plan = _budget_plan(
+                decomposition,
+                eligible,
+                shapes,
+                target_budget,
+                options,
+                must_save,
+                steps,
+                probe,
+                statistics=statistics,
+                by_output=allocate_by == "output",
+                rounded=rounded,
+                executor=executor,
+                workers=workers,
+                worker_threads=worker_threads,
+            )
+            for name, _ in eligible:
+                install(name, *plan[name])
         else:
             for name, conv in steps:
                 if spec is not None:
@@ -382,6 +436,82 @@ def compress(
     if size is not None:
         setattr(target, INPUT_SIZE, tuple(size))
     return target
+
+
+def _budget_plan(
+    decomposition: Decomposition,
+    eligible: list[tuple[str, nn.Module]],
+    shapes: dict[str, tuple[int, ...]],
+    budget: Budget,
+    options: dict[str, Any],
+    must_save: SaveCriterion,
+    steps: Iterator[tuple[str, nn.Module]],
+    probe: LatencyProbe | None,
+    *,
+    statistics: dict[int, InputStatistics],
+    by_output: bool,
+    rounded: Callable[[Decomposition, str, nn.Module, Factorization, dict], Factorization],
+    executor: Any,
+    workers: int | None,
+    worker_threads: int | None,
+) -> dict[str, tuple[FactorizedLayer | None, str]]:
+    """Every eligible layer's factorized layer (None: dense) and reason under ``budget``: the
+    allocation, ``round_to``'s rounding, and with calibration by kernel (``statistics`` and not
+    ``by_output``) the output-aware refit at the chosen ranks. The fits run on ``executor``'s
+    workers when given (one task per layer and pass); timing stays here."""
+    runner: TaskRunner | None = None
+    if executor is not None:
+        runner = fit_runner(
+            executor,
+            decomposition,
+            options,
+            workers=workers,
+            worker_threads=worker_threads,
+            max_tasks=max(1, len(eligible)),
+        )
+    try:
+        with layer_statistics(statistics if by_output else {}):
+            plan = allocate(
+                decomposition, eligible, shapes, budget, options, must_save, steps, probe, runner
+            )
+        convs = dict(eligible)
+        chosen: dict[str, Factorization | None] = {}
+        for name, conv in eligible:
+            f = plan[name][0].factorization
+            chosen[name] = None if f is None else rounded(decomposition, name, conv, f, options)
+        if statistics and not by_output:  # ranks by kernel error, fit by output
+            opts = {
+                name: options_for_layer(decomposition, convs[name], shapes.get(name), options)
+                for name, f in chosen.items()
+                if f is not None
+            }
+            if runner is None:
+                for name in opts:
+                    f = chosen[name]
+                    assert f is not None
+                    chosen[name] = decomposition.factorize(
+                        convs[name].weight.detach(), f.ranks, **opts[name]
+                    )
+            else:
+                jobs = {
+                    name: (
+                        convs[name].weight,
+                        opts[name],
+                        [FitStep(({"rank": chosen[name].ranks},), single=True)],  # type: ignore[union-attr]
+                    )
+                    for name in opts
+                }
+                for name, fits in fit_on_workers(
+                    runner, decomposition, jobs, "calibrated refits"
+                ).items():
+                    chosen[name] = fits[0][0]
+    finally:
+        if runner is not None:
+            runner.close()
+    return {
+        name: (None if f is None else layer_from_conv(convs[name], f), plan[name][1])
+        for name, f in chosen.items()
+    }
 
 
 def _with_modules(model: nn.Module, modules: Mapping[str, nn.Module]) -> nn.Module:

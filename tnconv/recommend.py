@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .allocation import (
     Candidate,
+    FitStep,
     SaveCriterion,
     _fill,
     _greedy,
@@ -39,9 +40,12 @@ from .allocation import (
     _loss,
     candidate_for,
     dense_conv_flops,
+    fit_runner,
+    fit_task,
     layer_from_conv,
     options_for_layer,
     parse_budget,
+    run_fit_tasks,
     saving_shortfall,
 )
 from .convs import (
@@ -52,7 +56,8 @@ from .convs import (
     select_convs,
 )
 from .decompositions.base import LAYOUT_KEYS, Decomposition
-from .errors import BudgetError, RankSpecError, TnconvError
+from .errors import BudgetError, RankSpecError, StudyError, TnconvError
+from .factorization import Factorization
 from .layers import kernel_fit_shape
 from .rank import largest_fitting
 from .registry import available, get
@@ -190,23 +195,17 @@ def _quick(dec: Decomposition, options: dict[str, Any]) -> dict[str, Any]:
     return {k: getattr(quick, k) for k in type(quick).model_fields} | layout
 
 
-def _method_candidates(
-    dec: Decomposition,
-    conv: nn.Conv2d,
-    shape: tuple[int, int, int, int] | None,
-    options: dict[str, Any],
-    must_save: SaveCriterion,
-    need_flops: bool,
-    shares: list[float],
-) -> list[Candidate]:
-    """Candidates of one method on one layer that save what ``must_save`` asks."""
+def _method_specs(
+    dec: Decomposition, conv: nn.Conv2d, options: dict[str, Any], shares: list[float]
+) -> list[dict[str, Any]]:
+    """The specs one method is fitted at on one layer: the largest uniform rank under each
+    share of the dense parameters, then (error-bounded methods) the eps grid."""
     weight = conv.weight.detach()
     kshape = kernel_fit_shape(
         conv, options.get("tensorize")
     )  # one group's kernel, as the family fits it
     groups = getattr(conv, "groups", 1)
     dense_params = weight.numel()
-    dense_flops = dense_conv_flops(conv, shape) if shape is not None else None
     specs: list[dict[str, Any]] = []
     top = max(dec.bond_ranks(10**9, kshape))  # type: ignore[arg-type]
     seen_ranks: set[int] = set()
@@ -224,9 +223,31 @@ def _method_candidates(
             specs.append({"rank": r})
     if dec.guarantees_eps:
         specs += [{"eps": e} for e in _EPS]
+    return specs
+
+
+def _method_candidates(
+    dec: Decomposition,
+    conv: nn.Conv2d,
+    shape: tuple[int, int, int, int] | None,
+    options: dict[str, Any],
+    must_save: SaveCriterion,
+    need_flops: bool,
+    shares: list[float],
+    fits: list[Factorization] | None = None,
+) -> list[Candidate]:
+    """Candidates of one method on one layer that save what ``must_save`` asks: from ``fits``
+    (of :func:`_method_specs`, made on a worker) or fitted here."""
+    weight = conv.weight.detach()
+    dense_params = weight.numel()
+    dense_flops = dense_conv_flops(conv, shape) if shape is not None else None
+    if fits is None:
+        fits = [
+            dec.factorize(weight, **spec, **options)
+            for spec in _method_specs(dec, conv, options, shares)
+        ]
     found: dict[tuple[int, ...], Candidate] = {}
-    for spec in specs:
-        f = dec.factorize(weight, **spec, **options)
+    for f in fits:
         if f.ranks in found:
             continue
         if need_flops:
@@ -236,6 +257,44 @@ def _method_candidates(
         if not saving_shortfall(cand, dense_params, dense_flops, must_save):
             found[f.ranks] = cand
     return list(found.values())
+
+
+def _fit_jobs(
+    jobs: list[tuple[str, nn.Conv2d, str]],
+    decs: dict[str, Decomposition],
+    shapes: dict[str, tuple[int, int, int, int]],
+    options: dict[str, dict[str, Any]],
+    shares: list[float],
+    executor: Any,
+    workers: int | None,
+    worker_threads: int | None,
+) -> list[list[Factorization] | Exception]:
+    """Every (layer, method) job's fits at :func:`_method_specs` on ``executor``, one task
+    per job, in job order; a job the method cannot fit gives its exception (as serially)."""
+    out: list[list[Factorization] | Exception] = [[] for _ in jobs]
+    tasks, where = [], []
+    for i, (name, conv, m) in enumerate(jobs):
+        dec = decs[m]
+        opts = options_for_layer(dec, conv, shapes.get(name), _quick(dec, options.get(m, {})))
+        try:
+            specs = _method_specs(dec, conv, opts, shares)
+        except (TnconvError, ValueError) as exc:
+            out[i] = exc
+            continue
+        step = FitStep(tuple(specs), single=True)
+        tasks.append(fit_task(name, m, conv.weight, opts, [step], skip=True))
+        where.append(i)
+    with fit_runner(
+        executor,
+        list(decs.values()),
+        options,
+        workers=workers,
+        worker_threads=worker_threads,
+        max_tasks=max(1, len(tasks)),
+    ) as runner:
+        for i, result in zip(where, run_fit_tasks(runner, tasks, "recommend"), strict=True):
+            out[i] = result if isinstance(result, Exception) else result[0]
+    return out
 
 
 def recommend(
@@ -248,6 +307,9 @@ def recommend(
     must_save: SaveCriterion = "params",
     options: Mapping[str, Mapping[str, Any]] | None = None,
     progress: bool | None = None,
+    executor: Any = None,
+    workers: int | None = None,
+    worker_threads: int | None = None,
 ) -> Recommendation:
     """Choose a method and ranks per layer so the whole selection meets ``budget``.
 
@@ -265,6 +327,14 @@ def recommend(
         options: per-method options, ``{"cp": {"n_init": 1}}``; they are validated, the search
             uses their quick variant and the recommendation's ``spec`` carries them.
         progress: a tqdm bar over (layer, method) (default: with 8 or more of them).
+        executor: where the candidate fits run, one task per (layer, method): its kernel,
+            options and specs, never the model; the fitted factorizations come back and the
+            candidates and the choice are made here, as serially (the same result when the
+            workers compute as this process does). The values of
+            ``compress(executor=)``: ``"processes"``, a ``distributed.Client``, a scheduler
+            address or a ``concurrent.futures.Executor``.
+        workers: process count for ``executor="processes"``.
+        worker_threads: torch threads in each worker (default 1 for the pool and Dask).
 
     Returns:
         :class:`Recommendation` (``.spec`` for ``compress``).
@@ -287,6 +357,8 @@ def recommend(
     decs = {n: get(n) for n in names}
     for n, dec in decs.items():
         dec.parse_options(options.get(n, {}))  # fail before any work
+    if executor is None and (workers is not None or worker_threads is not None):
+        raise StudyError("workers= and worker_threads= apply with an executor")
     chosen = [(n, c) for n, c in select_convs(model, layers) if not is_depthwise(c)]
     if not chosen:
         raise ValueError("no Linear / conv layer (other than depthwise) selected")
@@ -304,12 +376,20 @@ def recommend(
     jobs = [(n, conv, m) for n, conv in chosen for m in names]
     show = progress if progress is not None else len(jobs) >= 8
     pools: dict[str, list[Candidate]] = {n: [] for n, _ in chosen}
-    for name, conv, m in tqdm(jobs, desc="recommend", disable=not show, leave=False):
+    shares = _shares(target.share)
+    fitted: list[list[Factorization] | None] = [None] * len(jobs)
+    if executor is not None:
+        fitted = _fit_jobs(jobs, decs, shapes, options, shares, executor, workers, worker_threads)
+    for (name, conv, m), fits in tqdm(
+        zip(jobs, fitted, strict=True), desc="recommend", disable=not show, leave=False
+    ):
         dec = decs[m]
         opts = options_for_layer(dec, conv, shapes.get(name), _quick(dec, options.get(m, {})))
         try:
+            if isinstance(fits, Exception):
+                raise fits
             pools[name] += _method_candidates(
-                dec, conv, shapes.get(name), opts, must_save, need_flops, _shares(target.share)
+                dec, conv, shapes.get(name), opts, must_save, need_flops, shares, fits
             )
         except (TnconvError, ValueError) as exc:  # a method that cannot fit this layer
             log.warning("recommend: %s skipped on %s: %s", m, name, exc)
@@ -364,12 +444,16 @@ def auto_spec(
     must_save: SaveCriterion | None,
     progress: bool | None,
     options: dict[str, Any],
+    executor: Any = None,
+    workers: int | None = None,
+    worker_threads: int | None = None,
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """The ``spec`` that ``compress(model, "auto", budget=...)`` applies, and the selected
     layers the recommendation leaves dense.
 
     ``options`` are compress's keyword options in auto mode: ``methods=[...]`` (candidates) and
-    per-method option dicts keyed by method name (``cp={"n_init": 1}``).
+    per-method option dicts keyed by method name (``cp={"n_init": 1}``). ``executor``,
+    ``workers``, ``worker_threads``: where the recommendation's fits run (:func:`recommend`).
     """
     if budget is None:
         raise RankSpecError(
@@ -395,6 +479,9 @@ def auto_spec(
         must_save=must_save or "params",
         options=opts,
         progress=progress,
+        executor=executor,
+        workers=workers,
+        worker_threads=worker_threads,
     )
     log.info("%s", rec)
     return rec.spec, [r.layer for r in rec.rows if r.method == "dense"]
