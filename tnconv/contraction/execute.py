@@ -124,6 +124,23 @@ class _Runner:
             and self.output_shape is None
             and last.step.weight_shape[0] == plan.output_shape[1]
         )
+        # a plan of plain 1x1 products (a Linear layer's, a 1x1 conv's) runs as a chain of
+        # 2-D products on the (pixels, channels) matrix: one view in, one view out
+        n, _, *spatial = plan.input_shape
+        pixels = math.prod(spatial)
+        self.rows: tuple[int, ...] | None = None
+        if (
+            self.calls
+            and all(c.plain_matmul for c in self.calls)
+            and self.entry_shape is None
+            and self.output_shape is None
+            # one pixel: every layout is the same memory
+            and (all(c.in_nhwc and c.out_nhwc for c in self.calls) or n * pixels == 1)
+        ):
+            self.rows = (n * pixels, plan.input_shape[1])
+            self.rows_out = (n, *spatial, plan.output_shape[1])
+            self.to_last = (0, *range(2, dim), 1)
+            self.to_first = (0, dim - 1, *range(1, dim - 1))
 
     def __call__(
         self,
@@ -143,6 +160,22 @@ class _Runner:
                 ops.append(torch.einsum(equation, ops[left], ops[right]))
         last = len(self.calls) - 1
         fused_bias = bias if self.bias_in_last else None
+        if self.rows is not None and between is None:
+            x = x.permute(self.to_last).reshape(self.rows)
+            for j, call in enumerate(self.calls):
+                if folded is not None:
+                    weight = folded[-1 - call.k]
+                else:
+                    weight = _step_weight(call.step, ops[call.factor])
+                mat = weight.reshape(weight.shape[0], -1).T
+                if j == last and fused_bias is not None:
+                    x = torch.addmm(fused_bias, x, mat)
+                else:
+                    x = x @ mat
+            x = x.view(self.rows_out).permute(self.to_first)
+            if bias is not None and not self.bias_in_last:
+                x = x + bias.view(1, -1, *([1] * (self.dim - 2)))
+            return x
         for j, call in enumerate(self.calls):
             if folded is not None:
                 weight = folded[-1 - call.k]
@@ -202,6 +235,16 @@ class _DataCall:
         # (an NCHW 1x1 conv runs on an (N, C, 1, H*W) view: its output is always reshaped)
         skip = produced == step.out_shape and not self.pointwise
         self.out_shape = None if skip else step.out_shape
+        # a product on the map as it is: see _Runner.rows
+        self.plain_matmul = (
+            self.matmul
+            and self.nhwc_view is None
+            and self.data_perm is None
+            and self.data_shape is None
+            and self.out_shape is None
+            and self.pad is None
+            and step.groups == 1
+        )
 
     def __call__(
         self, data: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
@@ -273,6 +316,14 @@ def pointwise_matmul(
     # explicit mm / bmm: torch.matmul may fold a batch into a matrix product and then copy
     # its transposed result (measured: a 32x128x28x28 copy costing more than the product)
     o = mat.shape[0]
+    if n == 1:
+        # one image (a Linear layer's single row too): plain 2-D products, no batch
+        rows = x.permute(0, *range(2, dim), 1).reshape(p, c) if nhwc else x.reshape(c, p).T
+        if out_nhwc:
+            y = rows @ mat.T if bias is None else torch.addmm(bias, rows, mat.T)
+            return y.view(1, *spatial, o).permute(0, dim - 1, *range(1, dim - 1))
+        y = mat @ rows.T if bias is None else torch.addmm(bias.view(o, 1), mat, rows.T)
+        return y.view(1, o, *spatial)
     if out_nhwc:
         if nhwc:
             rows = pixels.reshape(n * p, c)
