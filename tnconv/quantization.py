@@ -879,7 +879,9 @@ def quantization_note(layer: nn.Module) -> str:
     if int8_support(layer):
         return text + ", int8: no"
     engine, why = int8_engine(layer)
-    return text + (f", int8: {engine}" if engine else ", int8: no") + (" (fallback)" if why else "")
+    if not engine:  # no engine computes it here (to_int8 gives the reason)
+        return text + ", int8: no"
+    return text + f", int8: {engine}" + (" (fallback)" if why else "")
 
 
 def int8_support(layer: nn.Module) -> str:
