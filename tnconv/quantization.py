@@ -1,9 +1,12 @@
 """Quantized factors and feature maps: ``tnconv.quantize``.
 
-:func:`quantize` returns a copy of a model whose ``FactorizedConv2d`` layers run with quantized
-factors and, when asked, quantized feature maps at the layer's input, between its steps and at
-its output; dense ``nn.Conv2d`` and ``nn.Linear`` layers are quantized the same way, so a dense
-and a compressed model can be compared at equal bit widths.
+:func:`quantize` returns a copy of a model whose factorized layers (``FactorizedLinear``,
+``FactorizedConv1d`` / ``2d`` / ``3d``) run with quantized factors and, when asked, quantized
+feature maps at the layer's input, between its steps and at its output; dense ``nn.Conv2d`` and
+``nn.Linear`` layers are quantized the same way, so a dense and a compressed model can be
+compared at equal bit widths. The four quantized factorized classes share one implementation
+(``_QuantizedFactorized``): the contraction order is fixed on the executor's input (a Linear's
+rows as a (1, S, 1, M) map, a Conv1d's (B, S, L) as (B, S, 1, L), a Conv3d's on conv3d steps).
 
 * Weights (every factor, every dense kernel): symmetric, ``2**(bits-1) - 1`` levels each side of
   zero, one scale per output channel (or one per tensor). A factor's output channel is the axis
@@ -608,8 +611,8 @@ def quantize(
 
     Args:
         model: any module; it is deep-copied, never modified.
-        weight_bits: 2 to 8; every factor of a ``FactorizedConv2d`` and (with ``dense``) every
-            ``nn.Conv2d`` kernel and ``nn.Linear`` weight.
+        weight_bits: 2 to 8; every factor of a factorized layer (Linear, Conv1d / 2d / 3d)
+            and (with ``dense``) every ``nn.Conv2d`` kernel and ``nn.Linear`` weight.
         activation_bits: 2 to 8, or None to keep feature maps in floating point. Quantized feature
             maps: each quantized layer's input and output, and the maps between a factorized
             layer's steps.
@@ -619,8 +622,10 @@ def quantize(
             contraction order.
         per_channel: one weight scale per output channel (else one per tensor).
         dense: also quantize ``nn.Conv2d`` and ``nn.Linear`` layers.
-        input_size: (B, C, H, W) fixing the contraction orders when there is no calibration
-            data (default: :func:`tnconv.compress.default_input_size`).
+        input_size: the model's input size ((B, C, H, W) for an image model) fixing the
+            contraction orders when there is no calibration data (default:
+            :func:`tnconv.compress.default_input_size`); a factorized layer the forward pass does
+            not reach is planned for ``probe_input_shape()`` (32 x 32 positions).
         steps: ``"conv"`` (default): every factor meets the feature map in its own conv step,
             in the cheapest such order (a Tucker-2 layer runs 1x1, kxk, 1x1 as in the paper),
             so every step has int8 weights and can run on int8 kernels (:func:`to_int8`);
