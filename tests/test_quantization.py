@@ -387,3 +387,56 @@ def test_strided_dilated_layer_in_either_step_order(steps: str) -> None:
         assert steps == "planned" and "multiplies factors" in left["0"]
     with pytest.raises(ValueError, match="steps"):
         quantize(model, 8, None, input_size=x.shape, steps="fast")  # type: ignore[arg-type]
+
+
+def _kind_case(kind: str, method: str) -> tuple[nn.Module, torch.Tensor]:
+    """A small factorized Linear (input with two leading axes), strided Conv1d or Conv3d."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(100)
+    dense, x = {
+        "linear": (lambda: nn.Linear(24, 20), (2, 8, 24)),
+        "conv1d": (lambda: nn.Conv1d(12, 16, 3, stride=2, padding=1), (4, 12, 15)),
+        "conv3d": (lambda: nn.Conv3d(8, 12, 3, padding=1), (2, 8, 4, 5, 6)),
+    }[kind]
+    layer = dense()
+    options = CP_FAST if method == "cp" else {}
+    factorized = tnconv.layers.factorized_type(layer).from_dense(
+        layer, method, ratio=0.5, **options
+    )
+    return nn.Sequential(factorized).eval(), torch.randn(x, generator=gen)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv3d"])
+@pytest.mark.parametrize("method", ["tucker", "tt", "cp", "rsdtr"])
+def test_int8_execution_of_every_kind(method: str, kind: str) -> None:
+    """Factorized Linear / Conv1d run their steps on quantized::conv2d (over the executor's
+    (1, S, 1, M) / (B, S, 1, L) maps), Conv3d on quantized::conv3d; the outputs, in the layer's
+    own shapes, are within one output step of fake quantization (measured: identical on x86 /
+    fbgemm / onednn, one step on qnnpack). summary names the engine."""
+    model, x = _kind_case(kind, method)
+    q = quantize(model, 8, 8, calibration=[x]).eval()
+    int8, left = tnconv.quantization.to_int8(q)
+    assert left == {}
+    assert type(int8[0]).__name__ == "Int8Factorized" + type(model[0]).__name__[len("Factorized") :]
+    with torch.no_grad():
+        ref, out = q(x), int8(x)
+    assert out.shape == ref.shape == model(x).shape
+    step = q[0].output_quant.qparams()[0]
+    assert float((ref - out).abs().max()) <= float(step) * 1.001
+    assert f"int8: {int8[0].engine}" in tnconv.quantization.quantization_note(q[0])
+
+
+def test_int8_conv3d_missing_kernel_stays_fake_quantized(monkeypatch) -> None:
+    """Where quantized::conv3d does not run (some PyTorch builds), a Conv3d layer stays
+    fake-quantized with the reason, and building its int8 module is a QuantizationError."""
+    from tnconv import quantization
+
+    model, x = _kind_case("conv3d", "tucker")
+    q = quantize(model, 8, 8, calibration=[x]).eval()
+    monkeypatch.setattr(quantization, "_int8_conv_runs", lambda rank, engine: "no conv3d here")
+    int8, left = quantization.to_int8(q)
+    assert left == {"0": "no conv3d here"}
+    assert isinstance(int8[0], quantization.QuantizedFactorizedConv3d)
+    assert quantization.quantization_note(q[0]).endswith("int8: no")
+    with pytest.raises(QuantizationError, match="no conv3d here"):
+        quantization.Int8FactorizedConv3d(q[0])

@@ -303,12 +303,12 @@ class QuantLayerSpec(BaseModel):
 
     @classmethod
     def of(cls, name: str, layer: nn.Module) -> QuantLayerSpec:
-        from .quantization import QuantizedConv2d, QuantizedFactorizedConv2d
+        from .quantization import QuantizedConv2d, quantized_factorized_type
 
         c = layer.config  # type: ignore[attr-defined]
         kind = (
             "factorized"
-            if isinstance(layer, QuantizedFactorizedConv2d)
+            if isinstance(layer, FactorizedLayer) and quantized_factorized_type(layer) is not None
             else "conv"
             if isinstance(layer, QuantizedConv2d)
             else "linear"
@@ -335,8 +335,8 @@ class QuantLayerSpec(BaseModel):
         from .quantization import (
             QuantConfig,
             QuantizedConv2d,
-            QuantizedFactorizedConv2d,
             QuantizedLinear,
+            quantized_factorized_type,
         )
 
         config = QuantConfig(
@@ -345,8 +345,10 @@ class QuantLayerSpec(BaseModel):
             per_channel=self.per_channel,
             reduce_range=self.reduce_range,
         )
-        if self.kind == "factorized" and isinstance(layer, FactorizedConv2d):
-            return QuantizedFactorizedConv2d.from_layer(layer, config, self.path, self.axes)
+        kind = quantized_factorized_type(layer)
+        if self.kind == "factorized" and kind is not None:
+            # any factorized kind (Linear, Conv1d / 2d / 3d): its LayerSpec installed it
+            return kind.from_layer(layer, config, self.path, self.axes)  # type: ignore[arg-type]
         if self.kind == "conv" and type(layer) is nn.Conv2d:
             return QuantizedConv2d.from_conv(layer, config)
         if self.kind == "linear" and type(layer) is nn.Linear:

@@ -1,9 +1,12 @@
 """Quantized factors and feature maps: ``tnconv.quantize``.
 
-:func:`quantize` returns a copy of a model whose ``FactorizedConv2d`` layers run with quantized
-factors and, when asked, quantized feature maps at the layer's input, between its steps and at
-its output; dense ``nn.Conv2d`` and ``nn.Linear`` layers are quantized the same way, so a dense
-and a compressed model can be compared at equal bit widths.
+:func:`quantize` returns a copy of a model whose factorized layers (``FactorizedLinear``,
+``FactorizedConv1d`` / ``2d`` / ``3d``) run with quantized factors and, when asked, quantized
+feature maps at the layer's input, between its steps and at its output; dense ``nn.Conv2d`` and
+``nn.Linear`` layers are quantized the same way, so a dense and a compressed model can be
+compared at equal bit widths. The four quantized factorized classes share one implementation
+(``_QuantizedFactorized``): the contraction order is fixed on the executor's input (a Linear's
+rows as a (1, S, 1, M) map, a Conv1d's (B, S, L) as (B, S, 1, L), a Conv3d's on conv3d steps).
 
 * Weights (every factor, every dense kernel): symmetric, ``2**(bits-1) - 1`` levels each side of
   zero, one scale per output channel (or one per tensor). A factor's output channel is the axis
@@ -25,6 +28,7 @@ Real integer kernels: :func:`to_int8` (see docs/quantization.md for what runs in
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -41,10 +45,19 @@ from ._modes import check_not_meta, plain_copy
 from .compress import conv_input_shapes, default_input_size, set_module
 from .contraction import ConvPlan, DataStep, plan_conv
 from .errors import TnconvError
-from .layers import FactorizedConv2d, FactorizedLayer
+from .layers import (
+    FactorizedConv1d,
+    FactorizedConv2d,
+    FactorizedConv3d,
+    FactorizedLayer,
+    FactorizedLinear,
+)
 
 # what summary notes for a factorized layer quantize() leaves in floating point
-FLOAT_NOTE = "float: quantize covers Conv2d factorized layers, not Linear / Conv1d / Conv3d"
+FLOAT_NOTE = (
+    "float: quantize covers FactorizedLinear / Conv1d / Conv2d / Conv3d (and their subclasses), "
+    "not other FactorizedLayer subclasses"
+)
 
 __all__ = [
     "ActivationQuantizer",
@@ -52,7 +65,10 @@ __all__ = [
     "QuantConfig",
     "QuantizationError",
     "QuantizedConv2d",
+    "QuantizedFactorizedConv1d",
     "QuantizedFactorizedConv2d",
+    "QuantizedFactorizedConv3d",
+    "QuantizedFactorizedLinear",
     "QuantizedLinear",
     "default_reduce_range",
     "dequantize_weight",
@@ -61,6 +77,7 @@ __all__ = [
     "quantization_note",
     "quantize",
     "quantize_weight",
+    "quantized_factorized_type",
     "quantized_layers",
     "weight_scale",
 ]
@@ -269,7 +286,7 @@ class _Quantized:
 
         self.input_quant = make()  # type: ignore[assignment]
         self.output_quant = make()  # type: ignore[assignment]
-        if isinstance(self, QuantizedFactorizedConv2d):
+        if isinstance(self, _QuantizedFactorized):
             self.between_quant = nn.ModuleList(
                 [make() for _ in range(between)] if bits is not None else []  # type: ignore[misc]
             )
@@ -290,34 +307,45 @@ class _Quantized:
         )
 
 
-class QuantizedFactorizedConv2d(_Quantized, FactorizedConv2d):
-    """A ``FactorizedConv2d`` whose factors and feature maps are fake-quantized.
+# the layer-input size planned for when the calibration data does not reach a factorized layer
+# (its contraction order is fixed for it): one per number of spatial modes
+_PROBE_SPATIAL = {0: (), 1: (1024,), 2: (32, 32), 3: (8, 32, 32)}
+
+
+class _QuantizedFactorized(_Quantized):
+    """A factorized layer (any kind: Linear, Conv1d / 2d / 3d) whose factors and feature maps
+    are fake-quantized; the concrete classes only add the layer class to it.
 
     It runs one fixed contraction order (``path``, chosen at quantization time for the
     calibration input), so the feature maps between its steps are the same tensors whatever
     the input size, and each has its own calibrated range. ``axes[k]`` is the per-channel axis
-    of factor k (None: one scale for the factor).
+    of factor k (None: one scale for the factor). Plans are for the executor's (B, S, *spatial)
+    input (:meth:`FactorizedLayer.executor_input`): a Linear's (..., S) rows run as a
+    (1, S, 1, M) map, a Conv1d's (B, S, L) as (B, S, 1, L), a Conv3d on conv3d steps.
     """
 
     between_quant: nn.ModuleList
+    path: tuple[tuple[int, ...], ...]
+    axes: tuple[int | None, ...]
+    # the factorized layer class this quantized class runs (set by each concrete class)
+    layer_type: type[FactorizedLayer]
 
     @classmethod
     def from_layer(
         cls,
-        layer: FactorizedConv2d,
+        layer: FactorizedLayer,
         config: QuantConfig,
         path: Sequence[Sequence[int]],
         axes: Sequence[int | None],
-    ) -> QuantizedFactorizedConv2d:
-        """A quantized copy of ``layer`` (``layer`` is left untouched)."""
-        q = cls(
-            layer.factorization,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            bias=None if layer.bias is None else layer.bias.detach(),
-            padding_mode=layer.padding_mode,
-        )
+    ) -> FactorizedLayer:
+        """A quantized copy of ``layer`` (an instance of :attr:`layer_type`; ``layer`` is left
+        untouched) running the contraction order ``path`` with per-channel ``axes``."""
+        if not isinstance(layer, cls.layer_type):
+            raise QuantizationError(
+                f"{cls.__name__} quantizes a {cls.layer_type.__name__}; got {type(layer).__name__}"
+            )
+        bias = None if layer.bias is None else layer.bias.detach()
+        q: Any = cls._with_geometry(layer.factorization, bias, layer)  # type: ignore[attr-defined]
         q.info = dict(layer.info)
         device = layer.factors[0].device
         q = q.to(device)
@@ -328,64 +356,128 @@ class QuantizedFactorizedConv2d(_Quantized, FactorizedConv2d):
         q.axes = tuple(axes)
         n_between = sum(isinstance(s, DataStep) for s in q._plan_with_path(None).steps) - 1
         q._set_activation_quantizers(max(n_between, 0))
-        return q.to(device)
+        return q.to(device)  # type: ignore[no-any-return]
+
+    def probe_input_shape(self) -> tuple[int, ...]:
+        """A layer-input shape (the layer's own: (B, S, *spatial) or (M, S) for a Linear) for
+        planning when no calibration batch reaches the layer: 32 x 32 pixels' worth of
+        positions (1024 for a Conv1d, 8 x 32 x 32 for a Conv3d, one row for a Linear)."""
+        layer: Any = self
+        return (1, layer.in_channels, *_PROBE_SPATIAL[layer.spatial_dims])
 
     def _plan_with_path(self, shape: tuple[int, ...] | None) -> ConvPlan:
-        if shape is None:  # any shape: the step structure does not depend on it
-            kh, kw = self.kernel_size
-            dh, dw = self.dilation
-            shape = (1, self.in_channels, 2 * dh * kh + 8, 2 * dw * kw + 8)
-        return plan_conv(self.network, self.geometry, shape, path=self.path)  # type: ignore[arg-type]
+        """The plan of the stored order at the executor input ``shape`` (None: a shape on which
+        every kernel axis fits; the step structure does not depend on it)."""
+        layer: Any = self
+        if shape is None:
+            ks, ds = layer.kernel_size, layer.dilation
+            size = (1, layer.in_channels, *(2 * d * k + 8 for k, d in zip(ks, ds, strict=True)))
+            if layer.spatial_dims == 0:
+                size = (8, layer.in_channels)
+            shape = layer.executor_shape(size)
+        return plan_conv(layer.network, layer.geometry, shape, path=self.path)  # type: ignore[arg-type]
 
     def plan_for(
         self, input_shape: tuple[int, ...], layout: str = "nchw", frozen: bool = False
     ) -> ConvPlan:
-        """The plan of the fixed contraction order at ``input_shape`` (B, S, H, W); ``layout``
-        and ``frozen`` are accepted for the base class's callers and change nothing: the
-        quantized layer always runs its stored order on the quantized factors."""
+        """The plan of the fixed contraction order at the executor input ``input_shape``
+        (B, S, *spatial); ``layout`` and ``frozen`` are accepted for the base class's callers
+        and change nothing: the quantized layer always runs its stored order on the quantized
+        factors."""
         del layout, frozen
+        layer: Any = self
         key = tuple(int(n) for n in input_shape)
-        plan = self._plans.get(key)
+        plan = layer._plans.get(key)
         if plan is None:
-            if len(key) != 4:
-                raise ValueError(f"expected input of shape (B, S, H, W); got {key}")
+            axes = len(layer.network.spatial)
+            if len(key) != 2 + axes:
+                raise ValueError(
+                    f"expected an executor input of shape (B, S, {axes} spatial sizes); got {key}"
+                )
             plan = self._plan_with_path(key)
-            self._plans[key] = plan
-            if len(self._plans) > 16:
-                self._plans.popitem(last=False)
-        return plan
+            layer._plans[key] = plan
+            if len(layer._plans) > 16:
+                layer._plans.popitem(last=False)
+        return plan  # type: ignore[no-any-return]
 
     def quantized_factors(self) -> list[torch.Tensor]:
         """The factors as the layer uses them: quantized, differentiable (straight-through)."""
         bits = self.config.weight_bits
-        return [
-            _fake_quantize_weight(f, bits, a) for f, a in zip(self.factors, self.axes, strict=True)
-        ]
+        factors = self.factors  # type: ignore[attr-defined]
+        return [_fake_quantize_weight(f, bits, a) for f, a in zip(factors, self.axes, strict=True)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        unbatched = x.ndim == 3
-        if unbatched:
-            x = x.unsqueeze(0)
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected input (B, {self.in_channels}, H, W) or ({self.in_channels}, H, W); "
-                f"got {tuple(x.shape)}"
+        """The layer's output on ``x`` (its own input shape, as the float layer takes it) with
+        quantized input, factors, between-step maps and output."""
+        layer: Any = self
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"{type(self).__name__}.forward expects a torch.Tensor input; got "
+                f"{type(x).__module__}.{type(x).__name__}"
             )
+        x, how = layer.executor_input(x)  # InputShapeError (a ValueError) on a bad shape
         x = self._quant_in(x)
         between = None
         if len(self.between_quant):
 
             def between(k: int, y: torch.Tensor) -> torch.Tensor:
-                return self.between_quant[k](y)
+                return self.between_quant[k](y)  # type: ignore[no-any-return]
 
         plan = self.plan_for(tuple(x.shape))
-        y = plan(x, self.quantized_factors(), self.bias, between=between)
-        y = self._quant_out(y)
-        return y.squeeze(0) if unbatched else y
+        y = plan(x, self.quantized_factors(), layer.bias, between=between)
+        return layer.executor_output(self._quant_out(y), how)  # type: ignore[no-any-return]
 
     def to_tensor(self) -> torch.Tensor:
         """The dense kernel of the *quantized* factors."""
-        return self._network(self.quantized_factors()).to_tensor()
+        return self._network(self.quantized_factors()).to_tensor()  # type: ignore[attr-defined,no-any-return]
+
+
+class QuantizedFactorizedLinear(_QuantizedFactorized, FactorizedLinear):
+    """A ``FactorizedLinear`` with fake-quantized factors and feature maps (see
+    :class:`QuantizedFactorizedConv2d`)."""
+
+    layer_type = FactorizedLinear
+
+
+class QuantizedFactorizedConv1d(_QuantizedFactorized, FactorizedConv1d):
+    """A ``FactorizedConv1d`` with fake-quantized factors and feature maps."""
+
+    layer_type = FactorizedConv1d
+
+
+class QuantizedFactorizedConv2d(_QuantizedFactorized, FactorizedConv2d):
+    """A ``FactorizedConv2d`` whose factors and feature maps are fake-quantized.
+
+    It runs one fixed contraction order (``path``, chosen at quantization time for the
+    calibration input), so the feature maps between its steps are the same tensors whatever
+    the input size, and each has its own calibrated range. ``axes[k]`` is the per-channel axis
+    of factor k (None: one scale for the factor).
+    """
+
+    layer_type = FactorizedConv2d
+
+
+class QuantizedFactorizedConv3d(_QuantizedFactorized, FactorizedConv3d):
+    """A ``FactorizedConv3d`` with fake-quantized factors and feature maps (conv3d steps)."""
+
+    layer_type = FactorizedConv3d
+
+
+# the quantized class of each factorized layer kind (a subclass of a kind gets that kind's)
+QUANTIZED_FACTORIZED_TYPES: dict[type[FactorizedLayer], type[_QuantizedFactorized]] = {
+    FactorizedLinear: QuantizedFactorizedLinear,
+    FactorizedConv1d: QuantizedFactorizedConv1d,
+    FactorizedConv2d: QuantizedFactorizedConv2d,
+    FactorizedConv3d: QuantizedFactorizedConv3d,
+}
+
+
+def quantized_factorized_type(layer: nn.Module) -> type[_QuantizedFactorized] | None:
+    """The quantized class for the factorized ``layer`` (None: not one of the four kinds)."""
+    for kind, quantized in QUANTIZED_FACTORIZED_TYPES.items():
+        if isinstance(layer, kind):
+            return quantized
+    return None
 
 
 class QuantizedConv2d(_Quantized, nn.Conv2d):
@@ -451,12 +543,11 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _Quantized)]
 
 
-def data_first_path(
-    layer: FactorizedConv2d, input_shape: tuple[int, int, int, int]
-) -> list[tuple[int, int]]:
+def data_first_path(layer: FactorizedLayer, input_shape: tuple[int, ...]) -> list[tuple[int, int]]:
     """The contraction order, among those that take the factors into the feature map one at a
-    time (every step a conv, no factor x factor product), with the fewest multiply-adds at
-    ``input_shape``. opt_einsum's linear format: the feature map is operand 0, then moves to
+    time (every step a conv, no factor x factor product), with the fewest multiply-adds at the
+    executor input ``input_shape`` (B, S, *spatial: :meth:`FactorizedLayer.executor_shape`).
+    opt_einsum's linear format: the feature map is operand 0, then moves to
     the end of the list after each step."""
     n = len(layer.factors)
     best: tuple[int, list[tuple[int, int]]] | None = None
@@ -520,8 +611,8 @@ def quantize(
 
     Args:
         model: any module; it is deep-copied, never modified.
-        weight_bits: 2 to 8; every factor of a ``FactorizedConv2d`` and (with ``dense``) every
-            ``nn.Conv2d`` kernel and ``nn.Linear`` weight.
+        weight_bits: 2 to 8; every factor of a factorized layer (Linear, Conv1d / 2d / 3d)
+            and (with ``dense``) every ``nn.Conv2d`` kernel and ``nn.Linear`` weight.
         activation_bits: 2 to 8, or None to keep feature maps in floating point. Quantized feature
             maps: each quantized layer's input and output, and the maps between a factorized
             layer's steps.
@@ -531,8 +622,10 @@ def quantize(
             contraction order.
         per_channel: one weight scale per output channel (else one per tensor).
         dense: also quantize ``nn.Conv2d`` and ``nn.Linear`` layers.
-        input_size: (B, C, H, W) fixing the contraction orders when there is no calibration
-            data (default: :func:`tnconv.compress.default_input_size`).
+        input_size: the model's input size ((B, C, H, W) for an image model) fixing the
+            contraction orders when there is no calibration data (default:
+            :func:`tnconv.compress.default_input_size`); a factorized layer the forward pass does
+            not reach is planned for ``probe_input_shape()`` (32 x 32 positions).
         steps: ``"conv"`` (default): every factor meets the feature map in its own conv step,
             in the cheapest such order (a Tucker-2 layer runs 1x1, kxk, 1x1 as in the paper),
             so every step has int8 weights and can run on int8 kernels (:func:`to_int8`);
@@ -598,8 +691,10 @@ def quantize(
     param = next(target.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     # the input shape of every factorized layer fixes its contraction order
-    factorized = [(n, m) for n, m in target.named_modules() if isinstance(m, FactorizedConv2d)]
-    shapes: dict[str, tuple[int, int, int, int]] = {}
+    factorized = [
+        (n, m) for n, m in target.named_modules() if quantized_factorized_type(m) is not None
+    ]
+    shapes: dict[str, tuple[int, ...]] = {}
     if factorized:
         if batches:
             size: Sequence[int] = tuple(batches[0].shape)
@@ -608,17 +703,20 @@ def quantize(
         shapes = conv_input_shapes(target, size)
     for name, module in list(target.named_modules()):
         new: nn.Module | None = None
-        if isinstance(module, FactorizedConv2d):
-            shape = shapes.get(name) or (1, module.in_channels, 32, 32)
+        kind = quantized_factorized_type(module)
+        if kind is not None:
+            assert isinstance(module, FactorizedLayer)
+            probe = kind.probe_input_shape(module)  # type: ignore[arg-type]
+            shape = module.executor_shape(shapes.get(name) or probe)
             if steps == "conv":
                 path = data_first_path(module, shape)
                 plan = plan_conv(module.network, module.geometry, shape, path=path)
             else:
                 plan = module.plan_for(shape)
             axes = factor_axes(plan, len(module.factors), per_channel)
-            new = QuantizedFactorizedConv2d.from_layer(module, config, plan.path, axes)
+            new = kind.from_layer(module, config, plan.path, axes)
         elif isinstance(module, FactorizedLayer):
-            # the quantized executor is the 2-D one; the others stay float and summary says so
+            # a factorized layer of none of the four kinds stays float and summary says so
             module._tnconv_quant_note = FLOAT_NOTE
         elif dense and type(module) is nn.Conv2d:
             new = QuantizedConv2d.from_conv(module, config)
@@ -749,17 +847,26 @@ def int8_engine(layer: nn.Module, engine: str | None = None) -> tuple[str, str]:
         )
     config: QuantConfig = layer.config  # type: ignore[attr-defined]
     if config.reduce_range or not int8_saturates(engine):
-        return engine, ""
-    if "qnnpack" in torch.backends.quantized.supported_engines:
-        return "qnnpack", (
-            f"{engine} int8 kernels saturate on this CPU (no AVX-512 VNNI) with full-range "
-            "feature maps; runs on qnnpack (quantize with reduce_range=True to use "
-            f"{engine})"
+        chosen, why = engine, ""
+    elif "qnnpack" in torch.backends.quantized.supported_engines:
+        chosen, why = (
+            "qnnpack",
+            (
+                f"{engine} int8 kernels saturate on this CPU (no AVX-512 VNNI) with full-range "
+                "feature maps; runs on qnnpack (quantize with reduce_range=True to use "
+                f"{engine})"
+            ),
         )
-    return "", (
-        f"{engine} int8 kernels saturate on this CPU (no AVX-512 VNNI) with full-range feature "
-        "maps and qnnpack is not available: quantize with reduce_range=True"
-    )
+    else:
+        return "", (
+            f"{engine} int8 kernels saturate on this CPU (no AVX-512 VNNI) with full-range "
+            "feature maps and qnnpack is not available: quantize with reduce_range=True"
+        )
+    if isinstance(layer, _QuantizedFactorized) and layer.spatial_dims == 3:  # type: ignore[attr-defined]
+        missing = _int8_conv_runs(5, chosen)
+        if missing:
+            return "", missing
+    return chosen, why
 
 
 def quantization_note(layer: nn.Module) -> str:
@@ -777,7 +884,9 @@ def quantization_note(layer: nn.Module) -> str:
     if int8_support(layer):
         return text + ", int8: no"
     engine, why = int8_engine(layer)
-    return text + (f", int8: {engine}" if engine else ", int8: no") + (" (fallback)" if why else "")
+    if not engine:  # no engine computes it here (to_int8 gives the reason)
+        return text + ", int8: no"
+    return text + f", int8: {engine}" + (" (fallback)" if why else "")
 
 
 def int8_support(layer: nn.Module) -> str:
@@ -789,7 +898,7 @@ def int8_support(layer: nn.Module) -> str:
             "int8 kernels requantize every output onto 256 levels: feature maps must be 8-bit "
             f"(activation_bits={layer.config.activation_bits})"
         )
-    if isinstance(layer, QuantizedFactorizedConv2d):
+    if isinstance(layer, _QuantizedFactorized):
         plan = layer._plan_with_path(None)
         if any(not isinstance(s, DataStep) for s in plan.steps):
             return (
@@ -798,6 +907,17 @@ def int8_support(layer: nn.Module) -> str:
             )
         if any(s.pad is not None for s in plan.steps):
             return "asymmetric or non-zero padding has no int8 kernel"
+        last = plan.steps[-1]
+        assert isinstance(last, DataStep)
+        if getattr(layer, "bias", None) is not None and (
+            plan.final_perm is not None
+            or last.weight_shape[0] != plan.output_shape[1]
+            or last.data_shape[0] != plan.input_shape[0]
+        ):
+            return (
+                "its last step's output channels are not the layer's (regrouped afterwards): "
+                "the bias has no int8 conv to go into"
+            )
     elif isinstance(layer, QuantizedConv2d) and layer.padding_mode != "zeros":
         return f"padding_mode={layer.padding_mode!r} has no int8 kernel"
     return ""
@@ -849,12 +969,44 @@ def _clamp_codes(q: torch.Tensor, top: int) -> torch.Tensor:
     return torch.clamp(q, -z * s, (top - z) * s)  # qnnpack's clamp needs both ends
 
 
-class Int8FactorizedConv2d(nn.Module):
-    """A quantized factorized layer run on PyTorch's int8 conv kernels: the input is quantized
-    to uint8, every step is one ``quantized::conv2d`` (int8 weights, int32 accumulation,
-    requantized to the next feature map's calibrated range), and the output is dequantized."""
+# the int8 kernels of a plan's data steps, by the executor's tensor rank (4: conv2d, 5: conv3d)
+_INT8_OPS = {4: ("conv2d_prepack", "conv2d"), 5: ("conv3d_prepack", "conv3d")}
 
-    def __init__(self, layer: QuantizedFactorizedConv2d, engine: str | None = None) -> None:
+
+@functools.cache
+def _int8_conv_runs(rank: int, engine: str) -> str:
+    """Why ``engine`` cannot run the int8 conv of executor rank ``rank`` here ("" when a tiny
+    per-channel grouped conv runs): some PyTorch builds lack ``quantized::conv3d``."""
+    prepack, op = _INT8_OPS[rank]
+    spatial = rank - 2
+    try:
+        with _quantized_engine(engine):
+            weight = torch._make_per_channel_quantized_tensor(
+                torch.ones(2, 1, *[1] * spatial, dtype=torch.int8),
+                torch.ones(2, dtype=torch.double),
+                torch.zeros(2, dtype=torch.long),
+                0,
+            )
+            packed = getattr(torch.ops.quantized, prepack)(
+                weight, None, [1] * spatial, [0] * spatial, [1] * spatial, 2
+            )
+            x = torch.quantize_per_tensor(torch.ones(1, 2, *[2] * spatial), 1.0, 0, torch.quint8)
+            getattr(torch.ops.quantized, op)(x, packed, 1.0, 0)
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:
+        return f"quantized::{op} does not run on {engine} in this PyTorch build ({exc})"[:300]
+    return ""
+
+
+class Int8FactorizedLayer(nn.Module):
+    """A quantized factorized layer run on PyTorch's int8 conv kernels: the input is quantized
+    to uint8, every step is one ``quantized::conv2d`` (``conv3d`` for a Conv3d layer; int8
+    weights, int32 accumulation, requantized to the next feature map's calibrated range), and
+    the output is dequantized. Inputs and outputs have the layer's own shapes: a Linear's
+    (..., S) rows run as the (1, S, 1, M) map of the float executor, a Conv1d's (B, S, L) as
+    (B, S, 1, L). The concrete classes (``Int8FactorizedLinear`` / ``Conv1d`` / ``Conv2d`` /
+    ``Conv3d``) only name the kind."""
+
+    def __init__(self, layer: _QuantizedFactorized, engine: str | None = None) -> None:
         super().__init__()
         reason = int8_support(layer)
         if reason:
@@ -862,25 +1014,24 @@ class Int8FactorizedConv2d(nn.Module):
         self.engine = _resolved_engine(layer, engine)
         self.source = layer  # float reference (plans, ranges); not called in forward
         plan = layer._plan_with_path(None)
+        prepack, op = _INT8_OPS[len(plan.input_shape)]
+        self._op = getattr(torch.ops.quantized, op)
         bits = layer.config.weight_bits
-        quantized = [
-            quantize_weight(f, bits, a) for f, a in zip(layer.factors, layer.axes, strict=True)
-        ]
+        factors: Any = layer.factors  # type: ignore[attr-defined]
+        quantized = [quantize_weight(f, bits, a) for f, a in zip(factors, layer.axes, strict=True)]
         steps = [s for s in plan.steps if isinstance(s, DataStep)]
         self._packed = []
         self._out_q: list[tuple[float, int]] = []
         quantizers = [*layer.between_quant, layer.output_quant]
+        layer_bias: torch.Tensor | None = layer.bias  # type: ignore[attr-defined]
         for k, step in enumerate(steps):
             codes, scale = quantized[step.factor - 1]
             weight = _int8_weight(codes, scale, step.factor_perm, step.weight_shape)
-            bias = (
-                layer.bias.detach().float()
-                if (k == len(steps) - 1 and layer.bias is not None)
-                else None
-            )
+            last = k == len(steps) - 1
+            bias = layer_bias.detach().float() if last and layer_bias is not None else None
             with _quantized_engine(self.engine):
                 self._packed.append(
-                    torch.ops.quantized.conv2d_prepack(
+                    getattr(torch.ops.quantized, prepack)(
                         weight,
                         bias,
                         list(step.stride),
@@ -894,23 +1045,49 @@ class Int8FactorizedConv2d(nn.Module):
         self._top = quantizers[-1].top  # type: ignore[union-attr]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layer = self.source
+        layer: Any = self.source
+        x, how = layer.executor_input(x)
         plan = layer.plan_for(tuple(x.shape))
-        q = _quint8(x, layer.input_quant).reshape(plan.data_shape)  # type: ignore[arg-type]
+        q = _quint8(x, layer.input_quant).reshape(plan.data_shape)
         for k, step in enumerate(plan.steps):
             assert isinstance(step, DataStep)
             if step.data_perm is not None:
                 q = q.permute(step.data_perm)
             q = q.reshape(step.data_shape)
             scale, zero = self._out_q[k]
-            q = torch.ops.quantized.conv2d(q, self._packed[k], scale, zero)
+            q = self._op(q, self._packed[k], scale, zero)
             q = _clamp_codes(q, self._top).reshape(step.out_shape)
         if plan.final_perm is not None:
             q = q.permute(plan.final_perm)
-        return q.reshape(plan.output_shape).dequantize()
+        return layer.executor_output(q.reshape(plan.output_shape).dequantize(), how)  # type: ignore[no-any-return]
 
     def extra_repr(self) -> str:
         return f"engine={self.engine}, steps={len(self._packed)}"
+
+
+class Int8FactorizedLinear(Int8FactorizedLayer):
+    """A :class:`QuantizedFactorizedLinear` on int8 kernels (1x1 ``quantized::conv2d`` steps
+    over the (1, S, 1, M) map of the rows)."""
+
+
+class Int8FactorizedConv1d(Int8FactorizedLayer):
+    """A :class:`QuantizedFactorizedConv1d` on ``quantized::conv2d`` (over a unit axis)."""
+
+
+class Int8FactorizedConv2d(Int8FactorizedLayer):
+    """A :class:`QuantizedFactorizedConv2d` on ``quantized::conv2d``."""
+
+
+class Int8FactorizedConv3d(Int8FactorizedLayer):
+    """A :class:`QuantizedFactorizedConv3d` on ``quantized::conv3d``."""
+
+
+_INT8_FACTORIZED_TYPES: dict[type[_QuantizedFactorized], type[Int8FactorizedLayer]] = {
+    QuantizedFactorizedLinear: Int8FactorizedLinear,
+    QuantizedFactorizedConv1d: Int8FactorizedConv1d,
+    QuantizedFactorizedConv2d: Int8FactorizedConv2d,
+    QuantizedFactorizedConv3d: Int8FactorizedConv3d,
+}
 
 
 class Int8Conv2d(nn.Module):
@@ -1004,8 +1181,8 @@ def to_int8(model: nn.Module, engine: str | None = None) -> tuple[nn.Module, dic
             left[name] = reason
             log.info("%s stays in floating point: %s", name, reason)
             continue
-        if isinstance(layer, QuantizedFactorizedConv2d):
-            new: nn.Module = Int8FactorizedConv2d(layer, chosen)
+        if isinstance(layer, _QuantizedFactorized):
+            new: nn.Module = _INT8_FACTORIZED_TYPES[type(layer)](layer, chosen)
         elif isinstance(layer, QuantizedConv2d):
             new = Int8Conv2d(layer, chosen)
         else:
