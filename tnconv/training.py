@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
@@ -25,7 +26,14 @@ from .errors import LoaderError, OptionError
 from .layers import FactorizedConv2d
 from .quantization import ActivationQuantizer
 
-__all__ = ["balance_factors", "distillation_loss", "evaluate", "finetune", "fit"]
+__all__ = [
+    "balance_factors",
+    "distillation_loss",
+    "evaluate",
+    "factor_sensitivity",
+    "finetune",
+    "fit",
+]
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +297,54 @@ def balance_factors(layer: FactorizedConv2d) -> None:
             f.mul_(float(torch.exp(target - log_norm)))
 
 
+@torch.no_grad()
+def factor_sensitivity(layer: FactorizedConv2d, probes: int = 4, seed: int = 0) -> float:
+    """How much ``layer``'s kernel moves for a small random relative change of its factors.
+
+    With factors f_1..f_n, kernel W = N(f_1, ..., f_n) (multilinear: each factor appears once
+    in the equation) and perturbations g_i of i.i.d. normal entries of standard deviation
+    ``rms(f_i)`` (a relative change of the same size for every factor), the returned number is
+    ``kappa = sqrt(E ||J g||^2 / n) / ||W||`` where ``J g = sum_i N(f_1, .., g_i, .., f_n)`` is
+    the kernel's first-order change. It is 1 for a single rank-1 term, for CP with mutually
+    orthogonal terms and for Tucker with orthonormal factor matrices; for CP with balanced
+    columns of equal norms ``kappa^2 = sum_r ||term_r||^2 / ||W||^2``, Phan et al.'s
+    sensitivity (ECCV 2020) relative to the kernel: a degenerate fit whose large terms cancel
+    has ``kappa >> 1`` (ALS CP fits of the digits net: 3-5; ``cp-stable``: ~1). It does not
+    depend on how a factor's scale is shared with the others; per-bond scales change it, so
+    :func:`finetune` measures it after :func:`balance_factors`.
+
+    Estimated from ``probes`` Monte-Carlo draws (a private generator seeded by ``seed``: the
+    global RNG is untouched), each a central difference ``(N(f + eps g) - N(f - eps g)) / 2eps``
+    (exact to O(eps^2) for a multilinear kernel) in float64 (float32 on MPS). Returns 1.0 for a
+    layer whose kernel is zero.
+    """
+    if not isinstance(layer, FactorizedConv2d):
+        raise TypeError(f"factor_sensitivity needs a FactorizedConv2d; got {type(layer).__name__}")
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise OptionError(f"probes must be an int >= 1; got {probes!r}")
+    params = layer._factor_list()
+    device = params[0].device
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    factors = [f.detach().to(dtype) for f in params]
+    kernel_norm = float(torch.linalg.vector_norm(layer._network(factors).to_tensor()))
+    if not math.isfinite(kernel_norm) or kernel_norm == 0.0:
+        return 1.0
+    eps = 1e-4 if dtype == torch.float64 else 1e-2
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(probes):
+        steps = [
+            eps
+            * f.pow(2).mean().sqrt()
+            * torch.randn(f.shape, generator=gen, dtype=dtype).to(device)
+            for f in factors
+        ]
+        plus = layer._network([f + g for f, g in zip(factors, steps, strict=True)]).to_tensor()
+        minus = layer._network([f - g for f, g in zip(factors, steps, strict=True)]).to_tensor()
+        total += float((plus - minus).pow(2).sum()) / (2 * eps) ** 2
+    return math.sqrt(total / (probes * len(factors))) / kernel_norm
+
+
 def _factorized_layers(model: nn.Module) -> list[FactorizedConv2d]:
     return [m for m in model.modules() if isinstance(m, FactorizedConv2d)]
 
@@ -374,6 +430,7 @@ def finetune(
     clip: float | None = 1.0,
     balance: bool = True,
     relative_lr: bool = True,
+    sensitivity_lr: bool = True,
     progress: bool = False,
     memory_format: torch.memory_format = torch.preserve_format,
     sync_batchnorm: bool = False,
@@ -449,7 +506,7 @@ def finetune(
     if balance:
         for layer in layers:
             balance_factors(layer)
-    groups = _param_groups(model, layers, peak, relative_lr)
+    groups = _param_groups(model, layers, peak, relative_lr, sensitivity_lr)
     if optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(groups, lr=peak, weight_decay=weight_decay)
     else:
@@ -523,26 +580,32 @@ def finetune(
 
 
 def _param_groups(
-    model: nn.Module, layers: list[FactorizedConv2d], lr: float, relative: bool
+    model: nn.Module, layers: list[FactorizedConv2d], lr: float, relative: bool, sensitive: bool
 ) -> list[dict[str, Any]]:
-    """One group per factor (lr scaled to its share of the kernel's scale) and one for the
-    rest; frozen parameters are left out."""
+    """One group per factor (lr scaled to its share of the kernel's scale, and divided by the
+    layer's :func:`factor_sensitivity` where that exceeds 1) and one for the rest; frozen
+    parameters are left out."""
     groups: list[dict[str, Any]] = []
     seen: set[int] = set()
-    if relative:
+    if relative or sensitive:
         for layer in layers:
             factors = [f for f in layer._factor_list() if f.requires_grad]
             if not factors:
                 continue
+            damping = max(1.0, factor_sensitivity(layer)) if sensitive else 1.0
+            if damping > 1.0:
+                log.debug("finetune: %s factor sensitivity %.2f", layer.method, damping)
             with torch.no_grad():
                 kernel = layer.to_tensor()
                 kernel_rms = float(kernel.pow(2).mean().sqrt())
             n = len(layer._factor_list())
             for f in factors:
                 seen.add(id(f))
-                rms = float(f.detach().pow(2).mean().sqrt())
-                scale = rms / (n * kernel_rms) if kernel_rms > 0 and rms > 0 else 1.0
-                groups.append({"params": [f], "lr": lr * scale})
+                scale = 1.0
+                if relative:
+                    rms = float(f.detach().pow(2).mean().sqrt())
+                    scale = rms / (n * kernel_rms) if kernel_rms > 0 and rms > 0 else 1.0
+                groups.append({"params": [f], "lr": lr * scale / damping})
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
     if rest:
         groups.append({"params": rest, "lr": lr})
