@@ -298,51 +298,39 @@ def balance_factors(layer: FactorizedConv2d) -> None:
 
 
 @torch.no_grad()
-def factor_sensitivity(layer: FactorizedConv2d, probes: int = 4, seed: int = 0) -> float:
+def factor_sensitivity(layer: FactorizedConv2d) -> float:
     """How much ``layer``'s kernel moves for a small random relative change of its factors.
 
-    With factors f_1..f_n, kernel W = N(f_1, ..., f_n) (multilinear: each factor appears once
-    in the equation) and perturbations g_i of i.i.d. normal entries of standard deviation
-    ``rms(f_i)`` (a relative change of the same size for every factor), the returned number is
-    ``kappa = sqrt(E ||J g||^2 / n) / ||W||`` where ``J g = sum_i N(f_1, .., g_i, .., f_n)`` is
-    the kernel's first-order change. It is 1 for a single rank-1 term, for CP with mutually
-    orthogonal terms and for Tucker with orthonormal factor matrices; for CP with balanced
-    columns of equal norms ``kappa^2 = sum_r ||term_r||^2 / ||W||^2``, Phan et al.'s
-    sensitivity (ECCV 2020) relative to the kernel: a degenerate fit whose large terms cancel
-    has ``kappa >> 1`` (ALS CP fits of the digits net: 3-5; ``cp-stable``: ~1). It does not
-    depend on how a factor's scale is shared with the others; per-bond scales change it, so
-    :func:`finetune` measures it after :func:`balance_factors`.
+    With factors f_1..f_n, kernel W = N(f_1, ..., f_n) (linear in each factor) and
+    perturbations g_i of i.i.d. normal entries of standard deviation ``rms(f_i)`` (a relative
+    change of the same size for every factor), the kernel's first-order change is
+    ``J g = sum_i J_i g_i`` and the returned number is
 
-    Estimated from ``probes`` Monte-Carlo draws (a private generator seeded by ``seed``: the
-    global RNG is untouched), each a central difference ``(N(f + eps g) - N(f - eps g)) / 2eps``
-    (exact to O(eps^2) for a multilinear kernel) in float64 (float32 on MPS). Returns 1.0 for a
-    layer whose kernel is zero.
+        kappa = sqrt(E ||J g||^2 / n) / ||W|| = sqrt(sum_i rms(f_i)^2 ||J_i||_F^2 / n) / ||W||,
+
+    computed exactly from the Jacobians' norms
+    (:meth:`~tnconv.factorization.Factorization.environment_norms`, the per-factor terms of
+    :meth:`~tnconv.factorization.Factorization.sensitivity`; float64, no sampling). It is 1 for
+    a single rank-1 term, for CP with mutually orthogonal terms and for Tucker with orthonormal
+    factor matrices; for CP whose columns all have one norm ``kappa^2 = sum_r ||term_r||^2 /
+    ||W||^2``, Phan et al.'s sensitivity (ECCV 2020) made relative to the kernel: a degenerate
+    fit whose large terms cancel has ``kappa >> 1`` (ALS CP fits of the digits net: 2.9-4.9;
+    ``cp-stable``: 1.0-1.1). It does not depend on how a factor's scale is shared with the
+    others (f_i -> c_i f_i with the c_i multiplying to one); per-bond scales change it, so
+    :func:`finetune` measures it after :func:`balance_factors`. A zero kernel gives 1.0.
     """
     if not isinstance(layer, FactorizedConv2d):
         raise TypeError(f"factor_sensitivity needs a FactorizedConv2d; got {type(layer).__name__}")
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-        raise OptionError(f"probes must be an int >= 1; got {probes!r}")
-    params = layer._factor_list()
-    device = params[0].device
-    dtype = torch.float32 if device.type == "mps" else torch.float64
-    factors = [f.detach().to(dtype) for f in params]
-    kernel_norm = float(torch.linalg.vector_norm(layer._network(factors).to_tensor()))
-    if not math.isfinite(kernel_norm) or kernel_norm == 0.0:
+    # on the CPU in float64 (some devices have no float64); the factors are small
+    network = layer._network([f.detach().to("cpu", torch.float64) for f in layer._factor_list()])
+    kernel_sq = float(network.to_tensor().pow(2).sum())
+    if not math.isfinite(kernel_sq) or kernel_sq == 0.0:
         return 1.0
-    eps = 1e-4 if dtype == torch.float64 else 1e-2
-    gen = torch.Generator().manual_seed(seed)
-    total = 0.0
-    for _ in range(probes):
-        steps = [
-            eps
-            * f.pow(2).mean().sqrt()
-            * torch.randn(f.shape, generator=gen, dtype=dtype).to(device)
-            for f in factors
-        ]
-        plus = layer._network([f + g for f, g in zip(factors, steps, strict=True)]).to_tensor()
-        minus = layer._network([f - g for f, g in zip(factors, steps, strict=True)]).to_tensor()
-        total += float((plus - minus).pow(2).sum()) / (2 * eps) ** 2
-    return math.sqrt(total / (probes * len(factors))) / kernel_norm
+    jacobians = network.environment_norms()
+    total = sum(
+        float(f.pow(2).mean()) * jac for f, jac in zip(network.factors, jacobians, strict=True)
+    )
+    return math.sqrt(total / (len(jacobians) * kernel_sq))
 
 
 def _factorized_layers(model: nn.Module) -> list[FactorizedConv2d]:
