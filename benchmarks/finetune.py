@@ -12,6 +12,7 @@ method (docs/finetune.md).
     python benchmarks/finetune.py                               # all methods, seeds 0,1,2
     python benchmarks/finetune.py --methods cp,tr --json a.json  # a share, for another core
     python benchmarks/finetune.py --merge a.json b.json           # one table from several runs
+    python benchmarks/finetune.py --finetune '{"sensitivity_lr": false}'  # an ablation
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             loader = DataLoader(
                 train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed)
             )
-            tnconv.finetune(small, loader, epochs=1)
+            tnconv.finetune(small, loader, epochs=1, **json.loads(args.finetune))
             after = evaluate(small, test_loader)
             row = {
                 "method": method,
@@ -139,6 +140,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, help="folder for the dense models (reused)")
     parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument(
+        "--finetune",
+        default="{}",
+        help="finetune options as JSON, for ablations (e.g. '{\"sensitivity_lr\": false}')",
+    )
     parser.add_argument("--merge", type=Path, nargs="+", help="print one table from these")
     args = parser.parse_args()
     if args.merge:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import tnconv
 from tnconv.errors import LoaderError, OptionError
-from tnconv.training import _contracted_axes, balance_factors
+from tnconv.training import _contracted_axes, _param_groups, balance_factors, factor_sensitivity
 
 from .conftest import METHODS
 
@@ -63,6 +63,138 @@ def test_balancing_keeps_the_kernel_and_equalises_the_factors(
 def test_balancing_rejects_a_dense_layer() -> None:
     with pytest.raises(TypeError, match="FactorizedConv2d"):
         balance_factors(nn.Conv2d(2, 2, 3))  # type: ignore[arg-type]
+
+
+# -- factor sensitivity ---------------------------------------------------------------------------
+def _cp_layer(factors: list[torch.Tensor]) -> tnconv.FactorizedConv2d:
+    """A CP layer (t, s, 3, 3) holding exactly ``factors`` ((t, R), (s, R), (3, R), (3, R))."""
+    t, rank = factors[0].shape
+    s = factors[1].shape[0]
+    conv = nn.Conv2d(s, t, 3, bias=False)
+    layer = tnconv.FactorizedConv2d.from_conv(conv, "cp", rank, n_init=1, max_iter=2)
+    assert isinstance(layer, tnconv.FactorizedConv2d)
+    with torch.no_grad():
+        for f, value in zip(layer.factors, factors, strict=True):
+            f.copy_(value)
+    return layer
+
+
+def _exact_sensitivity(layer: tnconv.FactorizedConv2d) -> float:
+    """The defining formula with the expectation done exactly: E ||sum_i J_i g_i||^2 with
+    independent g_i of i.i.d. entries of variance rms(f_i)^2 is sum_i rms(f_i)^2 ||J_i||_F^2,
+    the Jacobians J_i of the kernel with respect to each factor taken by autograd."""
+    factors = [f.detach().double() for f in layer.factors]
+    kernel = layer._network(factors).to_tensor()
+    total = 0.0
+    for i, f in enumerate(factors):
+
+        def of_factor(x: torch.Tensor, i: int = i) -> torch.Tensor:
+            return layer._network([*factors[:i], x, *factors[i + 1 :]]).to_tensor()
+
+        jac = torch.autograd.functional.jacobian(of_factor, f)
+        total += float(f.pow(2).mean()) * float(jac.pow(2).sum())
+    return (total / len(factors)) ** 0.5 / float(kernel.norm())
+
+
+def _monte_carlo_sensitivity(layer: tnconv.FactorizedConv2d, probes: int) -> float:
+    """The definition sampled: sqrt(E ||sum_i J_i g_i||^2 / n) / ||W|| by central differences
+    (exact to O(eps^2) for a kernel linear in each factor), g_i ~ N(0, rms(f_i)^2) i.i.d."""
+    factors = [f.detach().double() for f in layer.factors]
+    kernel = layer._network(factors).to_tensor()
+    gen = torch.Generator().manual_seed(0)
+    eps, total = 1e-4, 0.0
+    for _ in range(probes):
+        steps = [
+            eps * f.pow(2).mean().sqrt() * torch.randn(f.shape, generator=gen, dtype=f.dtype)
+            for f in factors
+        ]
+        plus = layer._network([f + g for f, g in zip(factors, steps, strict=True)]).to_tensor()
+        minus = layer._network([f - g for f, g in zip(factors, steps, strict=True)]).to_tensor()
+        total += float((plus - minus).pow(2).sum()) / (2 * eps) ** 2
+    return (total / (probes * len(factors))) ** 0.5 / float(kernel.norm())
+
+
+@pytest.mark.parametrize("method", ["cp", "tucker", "tt", "tr", "tc"])
+def test_sensitivity_equals_its_defining_formula(method: str) -> None:
+    gen = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(6, 8, 3, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+    opts = {"n_init": 1, "max_iter": 20} if method == "cp" else {}
+    layer = tnconv.FactorizedConv2d.from_conv(conv, method, ratio=0.5, **opts)
+    assert isinstance(layer, tnconv.FactorizedConv2d)
+    kappa = factor_sensitivity(layer)
+    assert kappa == pytest.approx(_exact_sensitivity(layer), rel=1e-6)  # autograd Jacobians
+    assert kappa == pytest.approx(_monte_carlo_sensitivity(layer, 300), rel=0.05)  # sampled
+
+
+def test_sensitivity_of_cp_is_the_term_norms_over_the_kernel() -> None:
+    """Columns of one norm: kappa^2 = sum_r ||term_r||^2 / ||W||^2 exactly; two large
+    cancelling terms (a degenerate fit) make it large, orthogonal terms make it 1."""
+    gen = torch.Generator().manual_seed(0)
+    t, s = 16, 12
+    cols = [torch.randn(n, 2, generator=gen, dtype=torch.float64) for n in (t, s, 3, 3)]
+    cols[0][:, 1] = -cols[0][:, 0] + 0.05 * cols[0][:, 1]  # term 1 nearly cancels term 0
+    for c in cols[1:]:
+        c[:, 1] = c[:, 0]
+    factors = [30.0**0.25 * c / c.norm(dim=0) for c in cols]  # every column of norm 30^(1/4)
+    layer = _cp_layer([f.float() for f in factors])
+    terms = torch.einsum("tr,sr,hr,wr->rtshw", *factors)
+    kernel = terms.sum(0)
+    formula = float(terms.flatten(1).norm(dim=1).pow(2).sum() / kernel.norm() ** 2) ** 0.5
+    assert formula > 10  # the degenerate case this is about
+    assert _exact_sensitivity(layer) == pytest.approx(formula, rel=1e-3)
+    assert factor_sensitivity(layer) == pytest.approx(formula, rel=1e-6)
+    # one rank-1 term, orthonormal columns: 1
+    eye = [torch.linalg.qr(torch.randn(n, 3, generator=gen))[0] for n in (t, s)]
+    spatial = [torch.eye(3), torch.eye(3)]
+    orthogonal = _cp_layer(eye + spatial)
+    assert _exact_sensitivity(orthogonal) == pytest.approx(1.0, rel=1e-3)
+    assert factor_sensitivity(orthogonal) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_sensitivity_ignores_how_the_scale_is_shared() -> None:
+    gen = torch.Generator().manual_seed(1)
+    layer = _cp_layer([torch.randn(n, 4, generator=gen) for n in (8, 6, 3, 3)])
+    kappa = factor_sensitivity(layer)
+    with torch.no_grad():
+        for f, c in zip(layer.factors, (100.0, 0.1, 0.5, 0.2), strict=True):
+            f.mul_(c)  # the scales multiply to one: the same kernel
+    assert factor_sensitivity(layer) == pytest.approx(kappa, rel=1e-6)
+    with pytest.raises(TypeError, match="FactorizedConv2d"):
+        factor_sensitivity(nn.Conv2d(2, 2, 3))  # type: ignore[arg-type]
+
+
+def test_sensitivity_divides_only_a_sensitive_layers_factor_rates() -> None:
+    gen = torch.Generator().manual_seed(0)
+    cols = [torch.randn(n, 2, generator=gen) for n in (8, 6, 3, 3)]
+    cols[0][:, 1] = -cols[0][:, 0] + 0.05 * torch.randn(8, generator=gen)
+    for c in cols[1:]:
+        c[:, 1] = c[:, 0]
+    degenerate = _cp_layer(cols)
+    model = nn.Sequential(degenerate, nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 6, 5, 5))
+    balance_factors(degenerate)
+    kappa = factor_sensitivity(degenerate)
+    assert kappa > 5
+    plain = _param_groups(model, [degenerate], 1e-3, relative=True, sensitive=False)
+    damped = _param_groups(model, [degenerate], 1e-3, relative=True, sensitive=True)
+    assert [g["params"] for g in plain] == [g["params"] for g in damped]
+    for a, b in zip(plain[:-1], damped[:-1], strict=True):  # one group per factor
+        assert b["lr"] == pytest.approx(a["lr"] / kappa, rel=1e-9)
+    assert damped[-1]["lr"] == plain[-1]["lr"] == 1e-3  # the linear layer: untouched
+
+
+def test_sensitivity_leaves_a_dense_models_training_unchanged() -> None:
+    data = _data()
+    runs = []
+    for sensitive in (True, False):
+        model = _net()
+        torch.manual_seed(0)
+        tnconv.finetune(model, _loader(data), epochs=1, sensitivity_lr=sensitive)
+        runs.append(model.state_dict())
+    for key, value in runs[0].items():
+        assert torch.equal(value, runs[1][key]), key
 
 
 # -- training --------------------------------------------------------------------------------------

@@ -287,7 +287,8 @@ class Factorization:
         return diff / norm
 
     def sensitivity(self) -> float:
-        """First-order noise gain of the factors: ``sum_n ||dW/dG_n||_F^2``.
+        """First-order noise gain of the factors: ``sum_n ||dW/dG_n||_F^2``
+        (the sum of :meth:`environment_norms`).
 
         iid noise of variance ``sigma^2`` on every factor entry changes the kernel by
         ``E ||dW||_F^2 ~= sigma^2 * sensitivity()`` (to first order in sigma). For CP it is the
@@ -298,17 +299,23 @@ class Factorization:
         so the environment is never materialised; an index only G_n carries contributes its size.
         Computed in float64.
         """
+        return float(sum(self.environment_norms()))
+
+    def environment_norms(self) -> list[float]:
+        """``||dW/dG_n||_F^2`` for every factor G_n, in order (float64): the squared Frobenius
+        norm of the kernel's Jacobian with respect to one factor, which for a network linear in
+        each factor is G_n's environment (the network without G_n, its indices left open)."""
         inputs, out = parse_equation(self.equation)
         sizes = self.index_sizes()
         factors = [f.detach().to(torch.float64) for f in self.factors]
-        total = 0.0
+        norms: list[float] = []
         for n, term in enumerate(inputs):
             others = [m for m in range(len(inputs)) if m != n]
             carried = {c for m in others for c in inputs[m]}
             kept = (set(out) | set(term)) & carried  # the environment's open indices
             alone = math.prod(sizes[c] for c in term if c not in carried)
             if not others:
-                total += float(alone)
+                norms.append(float(alone))
                 continue
             # the environment twice: summed indices get fresh (primed) names in the copy
             fresh = iter(
@@ -323,8 +330,8 @@ class Factorization:
             norm_sq = opt_einsum.contract(
                 ",".join(terms) + "->", *operands, backend="torch", optimize="auto"
             )
-            total += alone * float(norm_sq)
-        return total
+            norms.append(alone * float(norm_sq))
+        return norms
 
     def with_factors(self, factors: Sequence[torch.Tensor]) -> Factorization:
         """The same network (equation, shape, ranks, method, modes, info, group) with other
