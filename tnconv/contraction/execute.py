@@ -110,6 +110,8 @@ class _Runner:
             out_nhwc = nhwc and not (fuse_out and j + 1 == len(data_steps))
             self.calls.append(_DataCall(k, step, shape, in_nhwc, out_nhwc, dim))
             shape = step.out_shape
+        for before, after in zip(self.calls, self.calls[1:], strict=False):
+            after.merge_after(before)
         self.final_perm = plan.final_perm
         self.output_shape = None if shape == plan.output_shape else plan.output_shape
         if plan.final_perm is not None:
@@ -181,9 +183,12 @@ class _Runner:
                 weight = folded[-1 - call.k]
             else:
                 weight = _step_weight(call.step, ops[call.factor])
-            x = call(x, weight, fused_bias if j == last else None)
-            if between is not None and j < last:
-                x = between(j, x)
+            if between is not None:
+                x = call(x, weight, fused_bias if j == last else None)
+                if j < last:
+                    x = between(j, x)
+            else:
+                x = call.fast(x, weight, fused_bias if j == last else None)
         if self.final_perm is not None:
             x = x.permute(self.final_perm)
         if self.output_shape is not None:
@@ -235,6 +240,12 @@ class _DataCall:
         # (an NCHW 1x1 conv runs on an (N, C, 1, H*W) view: its output is always reshaped)
         skip = produced == step.out_shape and not self.pointwise
         self.out_shape = None if skip else step.out_shape
+        self.produced = None if self.pointwise else produced
+        self.dims = dim
+        # without a `between` hook the map between two steps is never seen: where the next
+        # step's input view only undoes this step's output view, both are skipped (fast)
+        self.fast_out_shape, self.fast_nhwc_view = self.out_shape, self.nhwc_view
+        self.fast_data_shape = self.data_shape
         # a product on the map as it is: see _Runner.rows
         self.plain_matmul = (
             self.matmul
@@ -246,17 +257,55 @@ class _DataCall:
             and step.groups == 1
         )
 
+    def merge_after(self, before: _DataCall) -> None:
+        """Skip, in :meth:`fast`, ``before``'s output view and this step's input view when
+        together they are the identity: ``before``'s conv output (N, O, *spatial) split into
+        (N, *O-parts, *spatial) and merged back in the same order into this step's input."""
+        step, dim = self.step, self.dims
+        if before.produced is None or step.data_shape != before.produced or self.data_perm:
+            return
+        if before.fast_out_shape is None:
+            return  # nothing to undo (and this step's input view is already skipped)
+        parts = len(before.step.out_shape) - 1 - (dim - 2)  # the axes O was split into
+        if self.in_nhwc != before.out_nhwc:
+            return
+        if self.in_nhwc:
+            standard = (0, *range(1 + parts, 1 + parts + dim - 2), *range(1, 1 + parts))
+            if step.nhwc_perm != standard:
+                return
+        before.fast_out_shape = None
+        self.fast_nhwc_view, self.fast_data_shape = None, None
+
+    def fast(
+        self, data: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The step with the views :meth:`merge_after` found redundant skipped."""
+        return self._run(
+            data, weight, bias, self.fast_nhwc_view, self.fast_data_shape, self.fast_out_shape
+        )
+
     def __call__(
         self, data: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if self.nhwc_view is not None:
-            perm, shape, back = self.nhwc_view
+        return self._run(data, weight, bias, self.nhwc_view, self.data_shape, self.out_shape)
+
+    def _run(
+        self,
+        data: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        nhwc_view: tuple | None,
+        data_shape: tuple[int, ...] | None,
+        out_shape: tuple[int, ...] | None,
+    ) -> torch.Tensor:
+        if nhwc_view is not None:
+            perm, shape, back = nhwc_view
             data = data.permute(perm).reshape(shape).permute(back)
         else:
             if self.data_perm is not None:
                 data = data.permute(self.data_perm)
-            if self.data_shape is not None:
-                data = data.reshape(self.data_shape)
+            if data_shape is not None:
+                data = data.reshape(data_shape)
         if self.pad is not None:
             data = F.pad(data, self.pad, mode=self.pad_mode)
         if self.matmul:
@@ -265,8 +314,8 @@ class _DataCall:
             if self.pointwise:
                 data = pointwise_conv_input(data, False)
             out = self.conv(data, weight, bias, *self.args)
-        if self.out_shape is not None:
-            out = out.reshape(self.out_shape)
+        if out_shape is not None:
+            out = out.reshape(out_shape)
         return out
 
 
