@@ -107,12 +107,34 @@ def test_converted_plan_fuses_its_conversions_into_pointwise_matmuls(method: str
     assert y.is_contiguous()
 
 
+def test_thin_channels_last_products_are_never_chosen() -> None:
+    """A channels-last 1x1 step with fewer than THIN_MATMUL channels on a side runs as a conv
+    even where the table prices the product lower (the product's cost model misses there);
+    NCHW follows the table."""
+    from tnconv.contraction.cost import THIN_MATMUL
+
+    f = _factorization("tucker", (32, 24, 3, 3), (8, 6))
+    layer = tnconv.FactorizedConv2d(f, padding=1).float()
+    x = torch.randn(2, 24, 10, 10)
+    assert min(f.ranks) < THIN_MATMUL
+    for layout, expect in (("nhwc", False), ("nchw", True)):
+        plan = plan_conv(
+            layer.network,
+            layer.geometry,
+            tuple(x.shape),
+            layout=layout,
+            tables=TABLES["matmul-cheap"],
+        )
+        pointwise = [s for s in plan.steps if isinstance(s, DataStep) and s.pointwise]
+        assert pointwise and all(s.matmul is expect for s in pointwise)
+
+
 def test_pointwise_steps_run_as_the_table_prices_them() -> None:
     """The same 1x1 steps run as matrix products or as conv2d calls, whichever the table
     prices lower; the FLOPs torch counts are the plan's either way."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    f = _factorization("tucker", (32, 24, 3, 3), (8, 6))
+    f = _factorization("tucker", (32, 24, 3, 3), (16, 16))
     layer = tnconv.FactorizedConv2d(f, padding=1).float()
     x = torch.randn(2, 24, 10, 10)
     for name, expect in (("matmul-cheap", True), ("matmul-dear", False)):

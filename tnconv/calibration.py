@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 Layout = Literal["nchw", "nhwc"]
 LAYOUTS: tuple[Layout, ...] = ("nchw", "nhwc")
 _FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
-_VERSION = 3  # bump when the measured quantities change: old caches are then ignored
+_VERSION = 4  # bump when the measured quantities change: old caches are then ignored
 
 
 def _default(layout: Layout) -> CostTable:
@@ -273,7 +273,7 @@ def _fit(rows: list[tuple[float, float, float]], default: KindCost, kind: str) -
 
     a = np.array([[1.0, m, e] for m, e, _ in rows])
     t = np.array([s for _, _, s in rows])
-    scale = a.max(axis=0)
+    scale = np.where(a.max(axis=0) > 0, a.max(axis=0), 1.0)  # (a column of zeros: no term)
     coef, _ = nnls((a / scale) / t[:, None], np.ones(len(rows)))
     call, mac, elem = (coef / scale).tolist()
     misfit = float(np.max(np.abs(a @ (coef / scale) / t - 1.0)))
@@ -331,6 +331,19 @@ def _measure(layout: Layout, repeats: int) -> CostTable:
         a = torch.randn(11, 3, 11, generator=gen)
         c = torch.randn(11, 3, 11, generator=gen)
         einsum = _best_seconds(lambda: torch.einsum("ahb,bwc->ahwc", a, c), repeats)
+        conversions: dict[str, list[tuple[float, float, float]]] = {"to_nhwc": [], "to_nchw": []}
+        for b, c, size in ((1, 512, 7), (1, 128, 28), (8, 64, 28), (16, 256, 14)):
+            x = torch.randn(b, c, size, size, generator=gen)
+            y = x.contiguous(memory_format=torch.channels_last)
+            n = float(x.numel())
+            to_last = _best_seconds(
+                lambda x=x: x.contiguous(memory_format=torch.channels_last), repeats
+            )
+            conversions["to_nhwc"].append((0.0, n, to_last))
+            conversions["to_nchw"].append((0.0, n, _best_seconds(y.contiguous, repeats)))
+        converts = {
+            k: _fit(rows, getattr(DEFAULT_TABLES[layout], k), k) for k, rows in conversions.items()
+        }
     return CostTable(
         layout=layout,
         threads=torch.get_num_threads(),
@@ -338,6 +351,7 @@ def _measure(layout: Layout, repeats: int) -> CostTable:
         einsum=einsum,
         source="measured",
         simd=simd,
+        **converts,
         **fits,
     )
 

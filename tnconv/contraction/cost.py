@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass
 
 __all__ = [
     "FLOP_SLACK",
+    "LARGE_MAP_ROWS",
     "MEMORY_WEIGHT",
+    "THIN_MATMUL",
     "CostTable",
     "KindCost",
     "effective_macs",
@@ -29,6 +31,14 @@ MEMORY_WEIGHT = 8.0
 # ...but a plan may not execute more than 10% more FLOPs than the FLOP-optimal order: the FLOPs
 # tnconv reports are the ones a layer runs, and they must stay close to the network's minimum.
 FLOP_SLACK = 0.10
+# A channels-last 1x1 product with fewer channels on either side runs far below the linear
+# model (measured: 64x8x14x14, 8 -> 8 channels, 131 us as a product, 52 us as a conv, on 2
+# threads), so it is never chosen and never used to fit the product's costs.
+THIN_MATMUL = 16
+# ...and so does one over a large map (batch x pixels): the 1x1 Tucker-2 steps at batch 32 ran
+# 4-15% slower as products than as oneDNN convs (256@14, 128@28, 64@56, 512@7; 2 threads),
+# while at batch 1 (49-196 pixels) the products were 5-17% faster.
+LARGE_MAP_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,10 @@ class CostTable:
     batches, so the table decides); ``spatial``: convolutions with a kh x kw (or kh x 1) kernel;
     ``grouped``: convolutions with groups > 1; ``copy``: seconds per element of a copy that
     changes the memory order (a permute made contiguous); ``einsum``: seconds per call of a
-    weights-only ``torch.einsum`` (its multiply-adds are priced as ``pointwise.mac``).
+    weights-only ``torch.einsum`` (its multiply-adds are priced as ``pointwise.mac``);
+    ``to_nhwc`` / ``to_nchw``: converting a whole feature map to channels-last / back (priced
+    per call and per element: on small maps the transposes are several times dearer per
+    element than ``copy``, e.g. 47 us for a 1x512x7x7 map back to NCHW).
     Multiply-adds are counted as the vector kernels run them (:func:`effective_macs`: output
     channels per group padded to ``simd`` floats).
     """
@@ -68,6 +81,8 @@ class CostTable:
     einsum: float
     source: str = "default"
     simd: int = 8  # floats per vector register
+    to_nhwc: KindCost = KindCost(1.0e-5, 0.0, 3.0e-10)
+    to_nchw: KindCost = KindCost(3.5e-5, 0.0, 4.0e-10)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -82,6 +97,8 @@ class CostTable:
             einsum=float(data["einsum"]),
             source=str(data.get("source", "file")),
             simd=int(data.get("simd", 8)),
+            # (tables written before the conversions were measured use the defaults)
+            **{k: KindCost(**data[k]) for k in ("to_nhwc", "to_nchw") if k in data},
             **kinds,
         )
 
@@ -149,7 +166,13 @@ def pointwise_seconds(
 ) -> tuple[float, bool]:
     """Predicted seconds of an ungrouped 1x1 step and whether it runs as a matrix product
     (:func:`~tnconv.contraction.execute.pointwise_matmul`) rather than a conv2d call: whichever
-    the table prices lower."""
+    the table prices lower; in channels-last always a conv where either side is thinner than
+    :data:`THIN_MATMUL` channels or the map has :data:`LARGE_MAP_ROWS` pixels or more (the
+    linear costs cannot fit both regimes of the product)."""
     conv = table.pointwise.seconds(effective_macs(table, macs, 1, cin, cout), elems)
+    if table.layout == "nhwc":
+        rows = elems / max(cin + cout, 1)  # batch x pixels: elems = rows * (cin + cout)
+        if min(cin, cout) < THIN_MATMUL or rows >= LARGE_MAP_ROWS:
+            return conv, False
     matmul = table.matmul.seconds(macs, elems)
     return (matmul, True) if matmul < conv else (conv, False)

@@ -8,6 +8,7 @@ its fold indices run as groups and whether a 1x1 step runs as a matrix product.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -212,13 +213,44 @@ def plan_conv(
             "nhwc",
         )
         other.convert = True
-        elems = math.prod(other.input_shape) * (not other.fused_in) + math.prod(
-            other.output_shape
-        ) * (not other.fused_out)
-        other.cost += tables["nhwc"].copy * elems
-        if convert or other.cost < plan.cost:
-            return other
+        candidates = [other, _fused_conversions(other, tables["nhwc"])]
+        table = tables["nhwc"]
+        for c in candidates:
+            if not c.fused_in:
+                c.cost += table.to_nhwc.seconds(0, math.prod(c.input_shape))
+            if not c.fused_out:
+                c.cost += table.to_nchw.seconds(0, math.prod(c.output_shape))
+        best = min(candidates, key=lambda c: c.cost)
+        if convert or best.cost < plan.cost:
+            return best
     return plan
+
+
+def _fused_conversions(plan: ConvPlan, table: CostTable) -> ConvPlan:
+    """``plan`` (channels-last, run on a converted NCHW input) with its first and last data
+    steps run as matrix products where they are plain 1x1 steps: a product reads / writes the
+    NCHW map itself, so the conversion copy at that end disappears (the per-step choice
+    between conv and product cannot see that saving; the caller prices both plans)."""
+    data = [k for k, s in enumerate(plan.steps) if isinstance(s, DataStep)]
+    if not data:
+        return plan
+    steps = list(plan.steps)
+    ends = {data[0]} | ({data[-1]} if plan.final_perm is None else set())
+    for k in ends:
+        step = steps[k]
+        assert isinstance(step, DataStep)
+        if step.matmul or not step.pointwise or step.groups != 1 or step.repeat != 1:
+            continue
+        elems = math.prod(step.data_shape) + math.prod(step.out_shape)
+        seconds = table.matmul.seconds(step.flops / 2, elems)
+        steps[k] = dataclasses.replace(step, matmul=True, seconds=seconds)
+    if steps == plan.steps:
+        return plan
+    fused = dataclasses.replace(plan, steps=steps)
+    fused.cost = plan.cost + sum(
+        s.seconds - o.seconds for s, o in zip(steps, plan.steps, strict=True) if s is not o
+    )
+    return fused
 
 
 def _plan_in(
