@@ -15,7 +15,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import tnconv
 from tnconv.errors import LoaderError, OptionError
-from tnconv.training import _contracted_axes, _param_groups, balance_factors, factor_sensitivity
+from tnconv.layers import factorized_type
+from tnconv.training import (
+    _contracted_axes,
+    _factorized_layers,
+    _param_groups,
+    balance_factors,
+    factor_sensitivity,
+)
 
 from .conftest import METHODS
 
@@ -58,6 +65,37 @@ def test_balancing_keeps_the_kernel_and_equalises_the_factors(
         (bond,) = _contracted_axes(layer.equation, len(factors)).values()
         cols = torch.stack([torch.linalg.vector_norm(factors[i], dim=0) for i, _ in bond])
         assert torch.allclose(cols, cols[:1].expand_as(cols), rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["cp", "tr", "tucker"])
+@pytest.mark.parametrize(
+    "dense",
+    [nn.Linear(12, 10), nn.Conv1d(6, 8, 3), nn.Conv3d(4, 6, 3)],
+    ids=["linear", "conv1d", "conv3d"],
+)
+def test_every_layer_kind_is_balanced_and_fine_tuned(method: str, dense: nn.Module) -> None:
+    """Linear / Conv1d / Conv3d factorized layers get the same stabilisers as Conv2d: the
+    kernel survives balancing, the norms are equalised, finetune trains and keeps them so."""
+    torch.manual_seed(0)
+    opts = {"n_init": 1, "max_iter": 20} if method == "cp" else {}
+    layer = factorized_type(dense).from_dense(dense, method, ratio=0.6, **opts)
+    with torch.no_grad():
+        layer.factors[0].mul_(1e3)
+        layer.factors[-1].mul_(1e-3)
+    kernel = layer.to_tensor().detach().double()
+    balance_factors(layer)
+    assert torch.allclose(layer.to_tensor().detach().double(), kernel, rtol=1e-4, atol=1e-6)
+    norms = torch.tensor([float(f.detach().norm()) for f in layer.factors])
+    assert torch.allclose(norms, norms.mean().expand_as(norms), rtol=1e-3)
+    assert factor_sensitivity(layer) > 0
+    model = nn.Sequential(layer, nn.Flatten())
+    assert _factorized_layers(model) == [layer]  # finetune stabilises it
+    groups = _param_groups(model, [layer], 1e-3, True, True)
+    per_factor = [
+        g for g in groups if len(g["params"]) == 1 and g["params"][0] in set(layer.factors)
+    ]
+    assert len(per_factor) == len(layer.factors)
+    assert all(g["lr"] != 1e-3 for g in per_factor)  # relative to the factors' share
 
 
 def test_balancing_rejects_a_dense_layer() -> None:

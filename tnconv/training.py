@@ -2,7 +2,7 @@
 
 :func:`fit` knows nothing about tensor networks: a compressed model trains like any other, its
 factors being ordinary parameters. :func:`finetune` (``tnconv.finetune``) is the loop made for
-compressed models: it keeps every :class:`~tnconv.FactorizedConv2d`'s factors balanced
+compressed models: it keeps every factorized layer's factors balanced
 (:func:`balance_factors`) so that CP, TR and the other ring / chain methods train as stably as
 Tucker, and it can distil from a teacher.
 """
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as tdist
 from .errors import LoaderError, OptionError
-from .layers import FactorizedConv2d
+from .layers import FactorizedLayer
 from .quantization import ActivationQuantizer
 
 __all__ = [
@@ -257,7 +257,7 @@ def _slice_norms(t: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def balance_factors(layer: FactorizedConv2d) -> None:
+def balance_factors(layer: FactorizedLayer) -> None:
     """Re-balance ``layer``'s factor norms in place without changing the kernel it represents.
 
     A tensor network's kernel is multilinear in its factors, so scaling them by numbers whose
@@ -273,8 +273,11 @@ def balance_factors(layer: FactorizedConv2d) -> None:
     *other* factors' norms) and steps are of comparable relative size across factors. Shapes are
     unchanged; factors of shape (..., R, ...) keep theirs. The kernel changes only by rounding.
     """
-    if not isinstance(layer, FactorizedConv2d):
-        raise TypeError(f"balance_factors needs a FactorizedConv2d; got {type(layer).__name__}")
+    if not isinstance(layer, FactorizedLayer):
+        raise TypeError(
+            f"balance_factors needs a factorized layer (FactorizedConv2d, FactorizedLinear, ...); "
+            f"got {type(layer).__name__}"
+        )
     factors = layer._factor_list()
     if len(factors) < 2:
         return
@@ -298,7 +301,7 @@ def balance_factors(layer: FactorizedConv2d) -> None:
 
 
 @torch.no_grad()
-def factor_sensitivity(layer: FactorizedConv2d) -> float:
+def factor_sensitivity(layer: FactorizedLayer) -> float:
     """How much ``layer``'s kernel moves for a small random relative change of its factors.
 
     With factors f_1..f_n, kernel W = N(f_1, ..., f_n) (linear in each factor) and
@@ -319,8 +322,11 @@ def factor_sensitivity(layer: FactorizedConv2d) -> float:
     others (f_i -> c_i f_i with the c_i multiplying to one); per-bond scales change it, so
     :func:`finetune` measures it after :func:`balance_factors`. A zero kernel gives 1.0.
     """
-    if not isinstance(layer, FactorizedConv2d):
-        raise TypeError(f"factor_sensitivity needs a FactorizedConv2d; got {type(layer).__name__}")
+    if not isinstance(layer, FactorizedLayer):
+        raise TypeError(
+            f"factor_sensitivity needs a factorized layer (FactorizedConv2d, FactorizedLinear, "
+            f"...); got {type(layer).__name__}"
+        )
     # on the CPU in float64 (some devices have no float64); the factors are small
     network = layer._network([f.detach().to("cpu", torch.float64) for f in layer._factor_list()])
     kernel_sq = float(network.to_tensor().pow(2).sum())
@@ -333,8 +339,9 @@ def factor_sensitivity(layer: FactorizedConv2d) -> float:
     return math.sqrt(total / (len(jacobians) * kernel_sq))
 
 
-def _factorized_layers(model: nn.Module) -> list[FactorizedConv2d]:
-    return [m for m in model.modules() if isinstance(m, FactorizedConv2d)]
+def _factorized_layers(model: nn.Module) -> list[FactorizedLayer]:
+    """Every factorized layer of ``model``: convs of any dimension and Linear layers."""
+    return [m for m in model.modules() if isinstance(m, FactorizedLayer)]
 
 
 def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
@@ -437,7 +444,7 @@ def finetune(
 
     What keeps factorized layers stable (docs/finetune.md has the measurements):
 
-    * ``balance``: :func:`balance_factors` on every :class:`~tnconv.FactorizedConv2d` before
+    * ``balance``: :func:`balance_factors` on every factorized layer (any kind) before
       training and after every optimizer step (exact: the kernels do not change), so no factor
       of a CP term or a ring carries the scale alone;
     * ``relative_lr``: each factor's learning rate is ``lr * rms(factor) / (n * rms(kernel))``
@@ -575,7 +582,7 @@ def finetune(
 
 
 def _param_groups(
-    model: nn.Module, layers: list[FactorizedConv2d], lr: float, relative: bool, sensitive: bool
+    model: nn.Module, layers: list[FactorizedLayer], lr: float, relative: bool, sensitive: bool
 ) -> list[dict[str, Any]]:
     """One group per factor (lr scaled to its share of the kernel's scale, and divided by the
     layer's :func:`factor_sensitivity` where that exceeds 1) and one for the rest; frozen
