@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 import tnconv
 from tnconv.allocation import LatencyProbe
-from tnconv.compress import LATENCY_GUARD, latency_guard
+from tnconv.compress import GUARD_MARGIN, LATENCY_GUARD, latency_guard
 
 
 def net() -> nn.Sequential:
@@ -58,6 +59,19 @@ def test_guard_puts_layers_back_until_the_model_is_not_slower() -> None:
     torch.testing.assert_close(small(x), dense(x))
 
 
+def test_guard_wants_the_margin_not_just_a_tie() -> None:
+    """The guard keeps a model only when it is faster than the reference by ``margin``: against
+    a twin of itself with a margin no timing can meet (100x faster), every layer goes back."""
+    dense, small, replaced = _compressed()
+    shapes = {n: (1, dense.get_submodule(n).in_channels, 8, 8) for n in replaced}
+    twin = copy.deepcopy(small)
+    guard = latency_guard(
+        small, twin, replaced, shapes, (1, 8, 8, 8), LatencyProbe(repeats=3), margin=0.99
+    )
+    assert set(guard["undone"]) == set(replaced)
+    assert 0.0 < GUARD_MARGIN < 0.1
+
+
 def test_guard_keeps_a_model_that_is_faster() -> None:
     dense, small, replaced = _compressed()
     shapes = {n: (1, dense.get_submodule(n).in_channels, 8, 8) for n in replaced}
@@ -81,9 +95,9 @@ def test_compress_records_the_whole_model_timing_and_summary_reports_it() -> Non
         return
     guard = getattr(small, LATENCY_GUARD)
     assert guard["ms"] > 0 and guard["dense_ms"] > 0
-    # the guard's contract: it ended faster than dense, or with every layer back to dense
+    # the guard's contract: it ended faster than dense by the margin, or with every layer back
     factorized = [m for m in small.modules() if isinstance(m, tnconv.FactorizedLayer)]
-    assert guard["ms"] < guard["dense_ms"] or not factorized
+    assert guard["ms"] < guard["dense_ms"] * (1 - GUARD_MARGIN) or not factorized
     s = tnconv.summary(small, size, latency=True, repeats=3)
     assert s.model_ms is not None and s.dense_model_ms is not None
     assert " ms (x" in str(s).splitlines()[-1]

@@ -176,9 +176,10 @@ def compress(
             layer ("latency": both timed at the layer's input from ``input_size`` on this
             machine, round-robin in one loop, inference mode); otherwise it stays dense and
             ``tnconv.summary`` says why. With "latency" the whole model is then timed against
-            the dense one at ``input_size`` (round-robin), and while it is not faster the
-            factorized layer that saves least is put back (:func:`latency_guard`; per-layer
-            gains do not add up end to end). Default: "flops" when the method's options ask for
+            the dense one at ``input_size`` (round-robin), and while it is not faster by
+            ``GUARD_MARGIN`` (3% of the dense time, against timing noise) the factorized layer
+            that saves least is put back (:func:`latency_guard`; per-layer gains do not add up
+            end to end). Default: "flops" when the method's options ask for
             ``objective="flops"``, else "params".
         progress: show a tqdm bar over layers (default: when there are 8 or more).
         round_to: round each factorized layer's ranks to the nearest multiple of this (as
@@ -522,6 +523,11 @@ def _with_modules(model: nn.Module, modules: Mapping[str, nn.Module]) -> nn.Modu
     return other
 
 
+# The whole-model guard keeps a compressed model only when it is measured this much faster than
+# the dense one (a share of the dense time): run-to-run noise of a few-ms model at batch 1.
+GUARD_MARGIN = 0.03
+
+
 def latency_guard(
     model: nn.Module,
     dense: nn.Module,
@@ -529,14 +535,18 @@ def latency_guard(
     shapes: Mapping[str, tuple[int, ...]],
     size: Sequence[int],
     probe: LatencyProbe,
+    margin: float = GUARD_MARGIN,
 ) -> dict[str, Any]:
     """Make the compressed ``model`` at least as fast as ``dense`` end to end, in place.
 
-    Both are timed round-robin at ``size``; while ``model`` is not faster, the factorized layer
-    that saves least (each timed against its dense original at its own input) is put back
-    (``replaced``: name -> the dense module), and the two models are timed again. Layer-by-layer
-    choices do not add up: the factorized layers' extra memory passes and calls cost time the
-    per-layer timings do not see. Returns ``{"dense_ms", "ms", "undone": {name: reason}}``.
+    Both are timed round-robin at ``size``; while ``model`` is not faster than ``dense`` by
+    ``margin`` (a share of the dense time), the factorized layer that saves least (each timed
+    against its dense original at its own input) is put back (``replaced``: name -> the dense
+    module), and the two models are timed again. Layer-by-layer choices do not add up: the
+    factorized layers' extra memory passes and calls cost time the per-layer timings do not
+    see. The margin absorbs timing noise: a model measured just under the dense time here was
+    measured 1-6% slower in a later run (CIFAR ResNets at batch 1). Returns ``{"dense_ms",
+    "ms", "undone": {name: reason}}``.
     """
 
     def timed() -> tuple[float, float]:
@@ -548,9 +558,12 @@ def latency_guard(
         )
         return ms["dense"], ms["ours"]
 
+    def fast_enough(ms: float, dense_ms: float) -> bool:
+        return ms < dense_ms * (1.0 - margin)
+
     dense_ms, ms = timed()
     undone: dict[str, str] = {}
-    if ms < dense_ms:
+    if fast_enough(ms, dense_ms):
         return {"dense_ms": dense_ms, "ms": ms, "undone": undone}
     saving = {}
     for name, original in replaced.items():
@@ -565,7 +578,7 @@ def latency_guard(
         )
         log.info("latency guard: %s back to dense (%s)", name, undone[name])
         dense_ms, ms = timed()
-        if ms < dense_ms:
+        if fast_enough(ms, dense_ms):
             break
     return {"dense_ms": dense_ms, "ms": ms, "undone": undone}
 
