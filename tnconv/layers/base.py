@@ -20,6 +20,7 @@ from torch.nn.modules.utils import _ntuple
 from .._modes import plain_tensors, tensor_version
 from ..calibration import cost_table
 from ..contraction import ConvGeometry, ConvNetwork, ConvPlan, plan_conv
+from ..contraction.autotune import autotune_enabled, candidate_plans, fastest_plan
 from ..contraction.execute import is_channels_last
 from ..decompositions.base import Decomposition
 from ..errors import InputShapeError, InvalidWeightError
@@ -38,9 +39,21 @@ def _make_plan(
     layout: str,
     frozen: bool,
     threads: int,
+    factors: list[torch.Tensor] | None = None,
 ) -> ConvPlan:
+    """The plan for ``shape`` in ``layout``: the cost tables' choice, or for a frozen
+    (inference) plan with measured tables and CPU ``factors`` the fastest of the candidate plans
+    timed here (:mod:`tnconv.contraction.autotune`; ``TNCONV_AUTOTUNE=0`` switches it off)."""
     # planning (and a first calibration, which times ops) runs eagerly, never traced
     tables = {lay: cost_table(lay, threads) for lay in ("nchw", "nhwc")}
+    if (
+        frozen
+        and factors
+        and all(f.device.type == "cpu" for f in factors)
+        and autotune_enabled(tables)
+    ):
+        candidates = candidate_plans(network, geometry, shape, layout, tables)
+        return fastest_plan(candidates, factors, layout)
     return plan_conv(network, geometry, shape, layout=layout, tables=tables, frozen=frozen)
 
 
@@ -277,7 +290,9 @@ class FactorizedLayer(nn.Module):
                 raise ValueError(
                     f"expected an executor input of shape (B, S, {axes} spatial sizes); got {shape}"
                 )
-            plan = _make_plan(self.network, self.geometry, shape, layout, frozen, threads)
+            plan = _make_plan(
+                self.network, self.geometry, shape, layout, frozen, threads, self._factor_list()
+            )
             self._plans[key] = plan
             if len(self._plans) > _MAX_PLANS:
                 self._plans.popitem(last=False)

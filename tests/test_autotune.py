@@ -1,0 +1,64 @@
+"""Plan autotuning: every candidate is exact, the timed choice is one of them, and it is off
+with the built-in tables (the suite's deterministic plans) or TNCONV_AUTOTUNE=0."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tnconv
+from tnconv.calibration import DEFAULT_TABLES
+from tnconv.contraction.autotune import autotune_enabled, candidate_plans, fastest_plan
+
+from .conftest import METHODS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MEASURED = {k: dataclasses.replace(t, source="measured") for k, t in DEFAULT_TABLES.items()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_candidate_and_the_choice_compute_the_convolution(method: str) -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(12, 16, 3, padding=1, stride=2)
+    opts = {"n_init": 1, "max_iter": 10} if method.startswith("cp") else {}
+    try:
+        layer = tnconv.FactorizedConv2d.from_conv(conv, method, ratio=0.5, **opts).eval()
+    except (tnconv.BudgetError, tnconv.StructureError):
+        pytest.skip(f"{method} cannot take this shape")
+    x = torch.randn(2, 12, 9, 9)
+    factors = [f.detach() for f in layer.factors]
+    ref = F.conv2d(x, layer.to_tensor().detach(), layer.bias, stride=2, padding=1)
+    plans = candidate_plans(layer.network, layer.geometry, tuple(x.shape), "nchw", MEASURED)
+    assert plans and plans[0].frozen
+    for plan in plans:
+        with torch.no_grad():
+            y = plan(x, factors, layer.bias, plan.fold_factors(factors))
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+    best = fastest_plan(plans, factors, "nchw", repeats=2)
+    assert any(best is p for p in plans)
+    # channels-last inputs keep the tables' plan alone (nothing to time)
+    assert (
+        len(candidate_plans(layer.network, layer.geometry, tuple(x.shape), "nhwc", MEASURED)) == 1
+    )
+
+
+def test_nchw_candidates_include_native_and_converting_plans() -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1)
+    layer = tnconv.FactorizedConv2d.from_conv(conv, "tucker", ratio=0.25)
+    plans = candidate_plans(layer.network, layer.geometry, (1, 32, 16, 16), "nchw", MEASURED)
+    assert {p.convert for p in plans} == {False, True}
+
+
+def test_autotune_is_off_with_builtin_tables_or_when_disabled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TNCONV_AUTOTUNE", raising=False)
+    assert not autotune_enabled(DEFAULT_TABLES)
+    assert autotune_enabled(MEASURED)
+    monkeypatch.setenv("TNCONV_AUTOTUNE", "0")
+    assert not autotune_enabled(MEASURED)
