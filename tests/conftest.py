@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,14 +79,20 @@ def decaying_kernel(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def adam_losses(
-    module: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, lr: float, steps: int = 30
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    lr: float,
+    steps: int = 30,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.nn.functional.mse_loss,
 ) -> list[float]:
-    """Train ``module`` to map ``x`` to ``target`` (MSE, Adam); the loss before each step."""
+    """Train ``module`` to map ``x`` to ``target`` (``loss_fn``, default MSE; Adam); the loss
+    before each step."""
     opt = torch.optim.Adam(module.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
         opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(module(x), target)
+        loss = loss_fn(module(x), target)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))

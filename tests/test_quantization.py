@@ -30,6 +30,8 @@ from tnconv.quantization import (
     weight_scale,
 )
 
+from .conftest import adam_losses
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -235,14 +237,7 @@ def test_quantized_model_fine_tunes() -> None:
     start = [p.detach().clone() for p in q.a.factors]
     hi_before = float(q.head.output_quant.hi)
     # 4-bit steps: a moderate rate (at 1e-2 Adam oscillated on some fits and the loss rose)
-    opt = torch.optim.Adam(q.parameters(), lr=5e-3)
-    losses = []
-    for _ in range(80):
-        opt.zero_grad()
-        loss = F.cross_entropy(q(x), labels)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = adam_losses(q, x, labels, lr=5e-3, steps=80, loss_fn=F.cross_entropy)
     assert losses[-1] < 0.5 * losses[0]
     assert not torch.equal(start[0], q.a.factors[0])
     assert q.head.output_quant.hi > hi_before

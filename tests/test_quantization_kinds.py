@@ -27,6 +27,8 @@ from tnconv.quantization import (
     weight_scale,
 )
 
+from .conftest import adam_losses
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 METHODS = ["tucker", "tt", "cp", "rsdtr"]
@@ -203,14 +205,7 @@ def test_every_kind_fine_tunes() -> None:
     labels = torch.randint(0, 4, (32,), generator=torch.Generator().manual_seed(0))
     q = quantize(small, 8, 8, calibration=[x], reduce_range=True).train()
     start = {n: q.get_submodule(n).factors[0].detach().clone() for n in NAMES}
-    opt = torch.optim.Adam(q.parameters(), lr=5e-3)
-    losses = []
-    for _ in range(120):
-        opt.zero_grad()
-        loss = F.cross_entropy(q(x), labels)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = adam_losses(q, x, labels, lr=5e-3, steps=120, loss_fn=F.cross_entropy)
     assert losses[-1] < 0.5 * losses[0]
     for name in NAMES:
         assert not torch.equal(start[name], q.get_submodule(name).factors[0])

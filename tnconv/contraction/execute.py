@@ -167,35 +167,27 @@ class _Runner:
         if folded is None:
             for equation, left, right in self.factor_steps:
                 ops.append(torch.einsum(equation, ops[left], ops[right]))
+        weights = [
+            folded[-1 - call.k] if folded is not None else _step_weight(call.step, ops[call.factor])
+            for call in self.calls
+        ]
         last = len(self.calls) - 1
         fused_bias = bias if self.bias_in_last else None
         if self.rows is not None and between is None:
+            # (a rows plan's last product always takes the bias: its channels are the output's)
             x = x.permute(self.to_last).reshape(self.rows)
-            for j, call in enumerate(self.calls):
-                if folded is not None:
-                    weight = folded[-1 - call.k]
-                else:
-                    weight = _step_weight(call.step, ops[call.factor])
+            for j, weight in enumerate(weights):
                 mat = weight.reshape(weight.shape[0], -1).T
-                if j == last and fused_bias is not None:
-                    x = torch.addmm(fused_bias, x, mat)
-                else:
-                    x = x @ mat
+                x = x @ mat if j < last or fused_bias is None else torch.addmm(fused_bias, x, mat)
             x = x.view(self.rows_out).permute(self.to_first)
-            if bias is not None and not self.bias_in_last:
-                x = x + bias.view(1, -1, *([1] * (self.dim - 2)))
-            return x
-        for j, call in enumerate(self.calls):
-            if folded is not None:
-                weight = folded[-1 - call.k]
-            else:
-                weight = _step_weight(call.step, ops[call.factor])
-            if between is not None:
+        elif between is None:
+            for j, (call, weight) in enumerate(zip(self.calls, weights, strict=True)):
+                x = call.fast(x, weight, fused_bias if j == last else None)
+        else:
+            for j, (call, weight) in enumerate(zip(self.calls, weights, strict=True)):
                 x = call(x, weight, fused_bias if j == last else None)
                 if j < last:
                     x = between(j, x)
-            else:
-                x = call.fast(x, weight, fused_bias if j == last else None)
         if self.final_perm is not None:
             x = x.permute(self.final_perm)
         if self.output_shape is not None:
