@@ -579,3 +579,25 @@ def test_inconsistent_calibration_timings_fall_back_to_the_built_in_costs(caplog
     with caplog.at_level("WARNING", logger="tnconv.calibration"):
         assert _fit(noisy, default, "pointwise") == default
     assert "built-in pointwise costs" in caplog.text
+
+
+def test_a_converting_plan_pays_each_conversion_once() -> None:
+    """A converting plan whose end steps cannot read / write NCHW themselves (str: grouped 1x1
+    ends and a final regrouping) costs its channels-last plan plus the two conversions, once."""
+    import math
+
+    from tnconv.calibration import DEFAULT_TABLES
+
+    torch.manual_seed(0)
+    conv2d = torch.nn.Conv2d(16, 16, 3, padding=1)
+    layer = tnconv.FactorizedConv2d.from_conv(conv2d, "str", ratio=0.5)
+    shape = (2, 16, 8, 8)
+    args = (layer.network, layer.geometry, shape)
+    conv = plan_conv(*args, layout="nchw", tables=DEFAULT_TABLES, frozen=True, convert=True)
+    nhwc = plan_conv(*args, layout="nhwc", tables=DEFAULT_TABLES, frozen=True)
+    assert conv.convert and not conv.fused_in and not conv.fused_out
+    table = DEFAULT_TABLES["nhwc"]
+    conversions = table.to_nhwc.seconds(0, math.prod(shape)) + table.to_nchw.seconds(
+        0, math.prod(conv.output_shape)
+    )
+    assert conv.cost == pytest.approx(nhwc.cost + conversions, rel=1e-9)

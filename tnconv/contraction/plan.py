@@ -213,8 +213,10 @@ def plan_conv(
             "nhwc",
         )
         other.convert = True
-        candidates = [other, _fused_conversions(other, tables["nhwc"])]
         table = tables["nhwc"]
+        fused = _fused_conversions(other, table)
+        # (the same plan when no end step can take the conversion: priced once)
+        candidates = [other] if fused is other else [other, fused]
         for c in candidates:
             if not c.fused_in:
                 c.cost += table.to_nhwc.seconds(0, math.prod(c.input_shape))
