@@ -62,3 +62,37 @@ def test_autotune_is_off_with_builtin_tables_or_when_disabled(
     assert autotune_enabled(MEASURED)
     monkeypatch.setenv("TNCONV_AUTOTUNE", "0")
     assert not autotune_enabled(MEASURED)
+
+
+KINDS = {
+    "linear": (torch.nn.Linear(12, 10), (6, 12)),
+    "conv1d": (torch.nn.Conv1d(6, 8, 3, padding=1), (2, 6, 9)),
+    "grouped": (torch.nn.Conv2d(8, 8, 3, padding=1, groups=2), (2, 8, 6, 6)),
+    "conv3d": (torch.nn.Conv3d(4, 6, 3, padding=1), (2, 4, 5, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("method", ["tucker", "tt", "cp", "rsdtr"])
+def test_candidates_of_every_layer_kind_compute_the_layer(method: str, kind: str) -> None:
+    """On each layer kind's executor input, every candidate (and the timed choice, channels-last
+    3-D inputs included) gives the layer's own output."""
+    torch.manual_seed(0)
+    dense, shape = KINDS[kind]
+    opts = {"n_init": 1, "max_iter": 10} if method == "cp" else {}
+    layer = tnconv.layers.factorized_type(dense).from_dense(dense, method, ratio=0.6, **opts)
+    layer.eval()
+    x = torch.randn(*shape)
+    xe = layer.executor_input(x)[0]
+    factors = [f.detach() for f in layer.factors]
+    with torch.no_grad():
+        ref = layer(x)
+        for layout in ("nchw", "nhwc"):
+            plans = candidate_plans(
+                layer.network, layer.geometry, tuple(xe.shape), layout, MEASURED
+            )
+            best = fastest_plan(plans, factors, layout, repeats=1)
+            for plan in [*plans, best]:
+                y = plan(xe, factors, layer.bias, plan.fold_factors(factors))
+                out = layer.executor_output(y, layer.executor_input(x)[1])
+                torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
