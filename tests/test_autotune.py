@@ -40,10 +40,29 @@ def test_every_candidate_and_the_choice_compute_the_convolution(method: str) -> 
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
     best = fastest_plan(plans, factors, "nchw", repeats=2)
     assert any(best is p for p in plans)
-    # channels-last inputs keep the tables' plan alone (nothing to time)
-    assert (
-        len(candidate_plans(layer.network, layer.geometry, tuple(x.shape), "nhwc", MEASURED)) == 1
-    )
+    # channels-last inputs: the tables' plan, and the one without permuting copies if it differs
+    xl = x.contiguous(memory_format=torch.channels_last)
+    last = candidate_plans(layer.network, layer.geometry, tuple(x.shape), "nhwc", MEASURED)
+    assert 1 <= len(last) <= 2
+    for plan in last:
+        with torch.no_grad():
+            y = plan(xl, factors, layer.bias, plan.fold_factors(factors))
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_candidates_include_the_plan_without_channel_copies(layout: str) -> None:
+    """A semi-tensor Tucker-2 layer interleaves its STP index in the channels: one candidate
+    expands its 1x1 ends (identity blocks) instead of permuting the map."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1)
+    layer = tnconv.FactorizedConv2d.from_conv(conv, "sttucker", ratio=0.25)
+    # tables that price copies at nothing choose the copies; the candidates still expand
+    cheap = {k: dataclasses.replace(t, copy=1e-15) for k, t in MEASURED.items()}
+    plans = candidate_plans(layer.network, layer.geometry, (2, 32, 8, 8), layout, cheap)
+    assert plans[0].expanded_macs == 0
+    assert any(p.expanded_macs > 0 for p in plans)
 
 
 def test_nchw_candidates_include_native_and_converting_plans() -> None:

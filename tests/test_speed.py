@@ -162,7 +162,7 @@ def test_pointwise_steps_run_as_the_table_prices_them() -> None:
     dilation=st.integers(1, 2),
     padding=st.sampled_from([0, 1, "same"]),
     table=st.sampled_from(sorted(TABLES)),
-    fold=st.sampled_from([None, "batch", "groups"]),
+    fold=st.sampled_from([None, "batch", "groups", "expand"]),
     layout=st.sampled_from(["nchw", "nhwc"]),
     convert=st.sampled_from([None, True, False]),
     frozen=st.booleans(),
@@ -204,6 +204,8 @@ def test_every_execution_variant_equals_conv2d(
         assert all(s.data_shape[0] == batch for s in steps)  # nothing folded into the batch
     if fold == "batch":
         assert all(s.repeat == 1 for s in steps)
+    if fold == "expand":  # fold / group indices as identity blocks: one dense conv each
+        assert all(s.groups == 1 and s.data_shape[0] == batch for s in steps if s.expand > 1)
 
 
 def test_fold_choice_follows_the_table_and_layout() -> None:
@@ -244,8 +246,11 @@ def test_nchw_input_converted_only_when_predicted_faster() -> None:
 
 def test_flops_are_those_executed_and_near_the_minimum() -> None:
     """With any table, the plan's FLOPs equal torch's count of what runs and stay within the
-    10% slack of the FLOP-optimal order."""
+    10% slack of the FLOP-optimal order (plus what expanded steps multiply by zero, within
+    EXPAND_SLACK)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from tnconv.contraction.cost import EXPAND_SLACK
 
     for method in ("tr", "tt", "cp", "tucker"):
         f = _factorization(method, (32, 24, 3, 3), 5)
@@ -255,11 +260,96 @@ def test_flops_are_those_executed_and_near_the_minimum() -> None:
         for tables in TABLES.values():
             for layout in ("nchw", "nhwc"):
                 plan = plan_conv(net, geo, (4, 24, 10, 10), layout=layout, tables=tables)
-                assert plan.macs <= 1.1 * lean.macs
+                # the order within the slack; identity blocks (expanded steps) within theirs
+                assert plan.macs - plan.expanded_macs <= 1.1 * lean.macs
+                assert plan.expanded_macs <= EXPAND_SLACK * lean.macs
                 x = torch.randn(4, 24, 10, 10)
                 with FlopCounterMode(display=False) as counter:
                     plan(x, list(layer.factors))
                 assert counter.get_total_flops() == plan.flops
+
+
+STP_SHAPES = {"sttucker": ((8, 12, 3, 3), (4, 4)), "stt": ((8, 12, 3, 3), (4, 2, 2))}
+STP_SHAPES["str"] = ((8, 12, 3, 3), (2, 4, 3, 2))
+
+
+class _CopyCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that copy a feature map (``clone`` / ``copy_`` of a permuted view)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default):
+            self.copies += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", sorted(STP_SHAPES))
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_expanded_steps_read_and_write_interleaved_channels_without_copies(method, layout) -> None:
+    """A semi-tensor layer's channel modes interleave the STP index (S = (j, a), ``a`` inner):
+    folding ``a`` permutes the map, while an expanded step (identity blocks over ``a`` in the
+    weight) reads and writes the channels where they are. Exact, FLOPs as counted by torch
+    (the identities' zeros included), and no copy of the feature map at all."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape, rank = STP_SHAPES[method]
+    f = _factorization(method, shape, rank)
+    layer = tnconv.FactorizedConv2d(f, padding=1)
+    x = torch.randn(2, shape[1], 7, 6, dtype=torch.float64)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = F.conv2d(x, f.to_tensor(), None, 1, 1)
+    copies = {}
+    for fold in ("batch", "expand"):
+        plan = plan_conv(
+            layer.network,
+            layer.geometry,
+            tuple(x.shape),
+            layout=layout,
+            fold=fold,
+            tables=DEFAULT_TABLES,
+            frozen=True,
+            convert=False,
+        )
+        folded = plan.fold_factors(f.factors)
+        with torch.no_grad(), _CopyCounter() as counter, FlopCounterMode(display=False) as flops:
+            y = plan(x, f.factors, None, folded)
+        torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-9)
+        assert flops.get_total_flops() == plan.data_flops
+        copies[fold] = counter.copies
+        if fold == "expand":
+            assert any(s.expand > 1 for s in plan.steps if isinstance(s, DataStep))
+            assert plan.expanded_macs > 0
+    assert copies["expand"] == 0 < copies["batch"]
+
+
+@pytest.mark.parametrize("method", ["sttucker", "str", "tr"])
+def test_expansion_is_chosen_when_copies_are_dear_and_capped(method) -> None:
+    """With copies priced dear, the planner expands steps rather than permute the map, but the
+    zeros it multiplies never add more than EXPAND_SLACK of the plan's own multiply-adds."""
+    from tnconv.contraction.cost import EXPAND_SLACK
+
+    shape, rank = STP_SHAPES.get(method, ((8, 12, 3, 3), 3))
+    f = _factorization(method, shape, rank)
+    net = ConvNetwork.from_factorization(f)
+    geo = ConvGeometry.make((3, 3), 1, 1)
+    dear = {k: dataclasses.replace(t, copy=1e-3) for k, t in DEFAULT_TABLES.items()}
+    for layout in ("nchw", "nhwc"):
+        plan = plan_conv(
+            net, geo, (4, shape[1], 9, 9), layout=layout, tables=dear, frozen=True, convert=False
+        )
+        lean = plan_conv(net, geo, (4, shape[1], 9, 9), memory_weight=0.0, frozen=True)
+        assert plan.expanded_macs <= EXPAND_SLACK * lean.data_macs
+        if method == "sttucker":  # its 1x1 ends expand at +1/t of their own work: within
+            assert plan.expanded_macs > 0
+        x = torch.randn(4, shape[1], 9, 9, dtype=torch.float64)
+        if layout == "nhwc":
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = plan(x, f.factors, None, plan.fold_factors(f.factors))
+        torch.testing.assert_close(y, F.conv2d(x, f.to_tensor(), None, 1, 1))
 
 
 # ---------------------------------------------------------------------------------------------

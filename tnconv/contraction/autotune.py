@@ -2,10 +2,11 @@
 
 The cost tables price each step with a linear model fitted on a few dozen timings; where the
 model is off (thin convolutions on large NCHW maps, conversions on small maps, 1x1 products
-against oneDNN's 1x1 convolutions) the cheapest predicted plan is not the fastest. For frozen
-(inference) plans on NCHW inputs, :func:`fastest_plan` runs the few plans that differ in the
-choices the tables decide -- the native and the converting plan, each with the tables' 1x1
-choices and with every 1x1 step as a conv -- on a random input of the layer's shape,
+against oneDNN's 1x1 convolutions, permuting copies against expanded steps) the cheapest
+predicted plan is not the fastest. For frozen (inference) plans, :func:`fastest_plan` runs the
+few plans that differ in the choices the tables decide -- for NCHW inputs the native and the
+converting plan, each with the tables' 1x1 choices and with every 1x1 step as a conv; in both
+layouts the plan without permuting copies -- on a random input of the layer's shape,
 round-robin, and keeps the fastest. Every candidate computes the same convolution (the
 executor is exact for any plan).
 """
@@ -26,6 +27,7 @@ from .execute import _CHANNELS_LAST
 from .geometry import ConvGeometry
 from .network import ConvNetwork
 from .plan import ConvPlan, plan_conv
+from .steps import DataStep, FactorStep
 
 __all__ = ["AUTOTUNE_REPEATS", "autotune_enabled", "candidate_plans", "fastest_plan"]
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 # round-robin repeats per candidate: the choice is between plans that differ by 5-50%
 AUTOTUNE_REPEATS = 5
 _NEVER = KindCost(1.0, 1.0, 1.0)  # a product priced out of every choice
+_DEAR_COPY = 1e-6  # seconds per element: a permuting copy priced out where a step can avoid it
 
 
 def autotune_enabled(tables: Mapping[str, CostTable]) -> bool:
@@ -53,29 +56,41 @@ def candidate_plans(
     tables: Mapping[str, CostTable],
 ) -> list[ConvPlan]:
     """The frozen plans worth timing for inputs of ``shape`` in ``layout``: the tables' choice
-    first, then (deduplicated, NCHW inputs only) the native and the converting plan, each with
-    the tables' 1x1 choices and with every 1x1 step as a conv. Each is a complete, exact plan.
+    first, then (deduplicated) for NCHW inputs the native and the converting plan, each with the
+    tables' 1x1 choices and with every 1x1 step as a conv, and for both layouts the plan with
+    every permuting copy priced out (its steps expanded with identity blocks where the copies
+    were, within :data:`~tnconv.contraction.cost.EXPAND_SLACK`). Each is a complete, exact plan.
 
-    Channels-last inputs keep the tables' plan alone: timing its one alternative (every 1x1
-    step as a conv) gained nothing over four layer shapes (the channels-last 1x1 rules of
-    :func:`~tnconv.contraction.cost.pointwise_seconds` already settle it), while for NCHW inputs
-    the native-or-convert decision was mispriced by up to 2x (a thin 3x3 conv on a 56x56 NCHW
-    map)."""
+    Channels-last inputs otherwise keep the tables' choices: timing their one other alternative
+    (every 1x1 step as a conv) gained nothing over four layer shapes (the channels-last 1x1
+    rules of :func:`~tnconv.contraction.cost.pointwise_seconds` already settle it), while for
+    NCHW inputs the native-or-convert decision was mispriced by up to 2x (a thin 3x3 conv on a
+    56x56 NCHW map). Copies against identity blocks is a trade the linear model prices poorly
+    too (a semi-tensor Tucker-2 layer predicted 15% slower expanded, measured faster)."""
     plans: list[ConvPlan] = []
     seen: set[tuple] = set()
+    no_copies = {k: dataclasses.replace(t, copy=_DEAR_COPY) for k, t in tables.items()}
+    converts: tuple[bool | None, ...] = (None,)
     variants: list[tuple[Mapping[str, CostTable], bool | None]] = [(tables, None)]
     if layout == "nchw":
+        converts = (False, True)
         no_products = {k: dataclasses.replace(t, matmul=_NEVER) for k, t in tables.items()}
-        variants += [(t, c) for t in (tables, no_products) for c in (False, True)]
+        variants += [(t, c) for t in (tables, no_products) for c in converts]
+    variants += [(no_copies, c) for c in converts]
     for tabs, convert in variants:
         plan = plan_conv(
             network, geometry, shape, layout=layout, tables=tabs, frozen=True, convert=convert
         )
-        key = (plan.convert, tuple(plan.steps), plan.final_perm)
+        key = (plan.convert, tuple(_unpriced(s) for s in plan.steps), plan.final_perm)
         if key not in seen:
             seen.add(key)
             plans.append(plan)
     return plans
+
+
+def _unpriced(step: DataStep | FactorStep) -> DataStep | FactorStep:
+    """A step without its predicted seconds (plans differing only in pricing are one plan)."""
+    return dataclasses.replace(step, seconds=0.0) if isinstance(step, DataStep) else step
 
 
 def fastest_plan(

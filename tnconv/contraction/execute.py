@@ -390,6 +390,9 @@ def pointwise_matmul(
 
 def _step_weight(step: DataStep, factor: torch.Tensor) -> torch.Tensor:
     """The conv2d weight of a data step from its (possibly contracted) factor."""
+    if step.expand_equation is not None:
+        eyes = [torch.eye(n, dtype=factor.dtype, device=factor.device) for n in step.expand_eyes]
+        return torch.einsum(step.expand_equation, factor, *eyes).reshape(step.weight_shape)
     weight = factor
     if step.factor_perm is not None:
         weight = weight.permute(step.factor_perm)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,15 @@ from typing import Any
 import opt_einsum
 import torch
 
-from .cost import FLOP_SLACK, MEMORY_WEIGHT, CostTable, pointwise_seconds, step_seconds
+from .cost import (
+    EXPAND_SLACK,
+    FLOP_SLACK,
+    MEMORY_WEIGHT,
+    CostTable,
+    effective_macs,
+    pointwise_seconds,
+    step_seconds,
+)
 from .execute import compiled as _compiled
 from .execute import fold_factors as _fold_factors
 from .execute import run_plan as _run_plan
@@ -72,6 +81,15 @@ class ConvPlan:
         return sum(step.flops // 2 for step in self.steps if isinstance(step, DataStep))
 
     @property
+    def expanded_macs(self) -> int:
+        """The multiply-adds expanded steps add (by the zeros of their identity blocks)."""
+        return sum(
+            s.flops // 2 - s.flops // 2 // s.expand
+            for s in self.steps
+            if isinstance(s, DataStep) and s.expand > 1
+        )
+
+    @property
     def data_flops(self) -> int:
         """FLOPs of the steps that touch the feature map (what a frozen layer still pays)."""
         return sum(step.flops for step in self.steps if isinstance(step, DataStep))
@@ -93,6 +111,8 @@ class ConvPlan:
                 bat = f", batch x{fold}" if fold > 1 else ""
                 if step.repeat > 1:
                     bat = f", weight x{step.repeat} over groups"
+                if step.expand > 1:
+                    bat = f", expanded x{step.expand} (identity blocks)"
                 lines.append(
                     f"{kind} {c * step.groups}->{o}{grp}{bat}, stride={step.stride} "
                     f"({step.flops} FLOPs)"
@@ -170,8 +190,8 @@ def plan_conv(
     """
     if layout not in ("nchw", "nhwc"):
         raise ValueError(f"layout must be 'nchw' or 'nhwc'; got {layout!r}")
-    if fold not in (None, "batch", "groups"):
-        raise ValueError(f"fold must be None, 'batch' or 'groups'; got {fold!r}")
+    if fold not in (None, "batch", "groups", "expand"):
+        raise ValueError(f"fold must be None, 'batch', 'groups' or 'expand'; got {fold!r}")
     if tables is None:
         if convert:
             raise ValueError("convert=True needs cost tables")
@@ -274,13 +294,16 @@ def _plan_in(
     if memory_weight > 0 or table is not None:
         lean = _build_plan(*args, None, 0.0, None, frozen, fold, layout)
 
-        def work(p: ConvPlan) -> int:  # what runs per forward pass
-            return p.data_macs if frozen else p.macs
+        def work(p: ConvPlan, expanded: bool = False) -> int:  # what runs per forward pass
+            return (p.data_macs if frozen else p.macs) - (0 if expanded else p.expanded_macs)
 
         if work(plan) > (1.0 + flop_slack) * work(lean):
-            if table is not None:  # price the FLOP-optimal order with the table
-                return _build_plan(*args, lean.path, 0.0, table, frozen, fold, layout)
-            return lean
+            # the order itself runs too many multiply-adds: the FLOP-optimal one instead
+            plan = _build_plan(*args, lean.path, 0.0, table, frozen, fold, layout)
+        if fold != "expand" and work(plan, True) > (1.0 + EXPAND_SLACK) * work(lean, True):
+            plan = _build_plan(
+                *args, plan.path, 0.0, table, frozen, fold, layout, allow_expand=False
+            )
     return plan
 
 
@@ -294,6 +317,7 @@ def _build_plan(
     frozen: bool = False,
     fold: str | None = None,
     layout: str = "nchw",
+    allow_expand: bool = True,
 ) -> ConvPlan:
     n_axes = len(network.spatial)
     if len(input_shape) != 2 + n_axes:
@@ -383,6 +407,9 @@ def _build_plan(
             order_hint[step_no],
             table,
             fold,
+            layout,
+            not operands,
+            allow_expand,
         )
         plan.steps.append(step)
         operands.append(_Operand(new_indices, True, 0))
@@ -436,6 +463,9 @@ def _data_step(
     next_use: dict[str, int],
     table: CostTable | None = None,
     fold_mode: str | None = None,
+    layout: str = "nchw",
+    last: bool = False,
+    allow_expand: bool = True,
 ) -> tuple[DataStep, str]:
     b, sp_in, sp_out = dims
     n_axes = len(sp_in)
@@ -484,12 +514,16 @@ def _data_step(
     after = tuple(o if done else i for i, o, done in zip(sp_in, sp_out, consumed, strict=True))
 
     new_indices = "".join(fold + grouped + new)
-    out_shape = (b, *(sizes[c] for c in new_indices), *after)
     out_elems = b * n_fold * n_group * n_new * math.prod(after)
     extent = math.prod(kernel)
     flops = 2 * out_elems * n_con * extent
     seconds, as_groups = math.nan, fold_mode == "groups" and n_fold > 1
     in_elems = b * n_fold * n_group * n_con * math.prod(cur)
+    n_rep = n_fold * n_group
+    # the last step writes the output's channel order itself when it can (no final permute)
+    out_order = net.out_modes if last and set(net.out_modes) == set(new_indices) else None
+    expand_eq = _expand_equation(data, fidx, fold + grouped, out_order or new_indices, carried, net)
+    expand = fold_mode == "expand" and n_rep > 1 and expand_eq is not None
     if table is not None:
         seconds, as_groups = step_seconds(
             table,
@@ -499,23 +533,71 @@ def _data_step(
             flops // 2,
             in_elems,
             out_elems,
-            fold_mode,
+            fold_mode if fold_mode != "expand" else "batch",
             (n_con, n_new),
         )
-    repeat = n_fold if as_groups else 1
-    matmul = (
-        table is not None
-        and (n_fold * n_group if as_groups else n_group) == 1
-        and extent == 1
-        and all(v == 1 for v in stride)
-        and not any(padding)
-        and pad is None
-        # a Linear layer's rows are one (1, C, 1, M) map, which oneDNN's 1x1 convs run up to 3x
-        # slower than the matrix product the cost table (fitted on image maps) predicts
-        and (
-            net.spatial_dims == 0
-            or pointwise_seconds(table, flops / 2, in_elems + out_elems, n_con, n_new)[1]
+        # the copies of the feature map this execution implies (a permute made contiguous; a
+        # channels-last batch folding is priced by step_seconds itself)
+        if (layout == "nchw" or as_groups or n_fold == 1) and _moves(data, order, sizes):
+            seconds += table.copy * in_elems
+        if last and out_order is not None and _moves(new_indices, out_order, sizes):
+            seconds += table.copy * out_elems
+        if n_rep > 1 and expand_eq is not None and allow_expand and fold_mode in (None, "expand"):
+            # the alternative: fold and group indices as identity blocks of a dense conv
+            macs = n_rep * flops // 2
+            cin, cout = n_rep * n_con, n_rep * n_new
+            elems = in_elems + out_elems
+            if extent > 1:
+                eff = effective_macs(table, macs, 1, cin, cout)
+                dense = table.spatial.seconds(eff, elems)
+            else:
+                dense = pointwise_seconds(table, macs, elems, cin, cout)[0]
+            if fold_mode == "expand" or dense < seconds:
+                seconds, expand, as_groups = dense, True, False
+    if expand:
+        assert expand_eq is not None
+        if out_order is not None:
+            new_indices = out_order
+        out_shape = (b, *(sizes[c] for c in new_indices), *after)
+        data_shape = (b, n_rep * n_con, *cur)
+        step = DataStep(
+            factor=factor.slot,
+            data_perm=None,
+            data_shape=data_shape,
+            nhwc_perm=tuple([0, *trail, *range(1, len(data) + 1)]),
+            factor_perm=factor_perm,
+            weight_shape=(n_rep * n_new, n_rep * n_con, *kernel),
+            groups=1,
+            stride=stride,
+            padding=padding,
+            pad=pad,
+            padding_mode=geo.padding_mode,
+            dilation=dilation,
+            out_shape=out_shape,
+            flops=n_rep * flops,
+            seconds=seconds,
+            matmul=_runs_as_matmul(
+                table,
+                net,
+                (stride, padding, pad),
+                n_rep * flops / 2,
+                in_elems + out_elems,
+                (n_rep * n_con, n_rep * n_new) if extent == 1 else None,
+            ),
+            expand=n_rep,
+            expand_equation=expand_eq,
+            expand_eyes=tuple(sizes[c] for c in fold + grouped),
         )
+        return step, new_indices
+    out_shape = (b, *(sizes[c] for c in new_indices), *after)
+    repeat = n_fold if as_groups else 1
+    matmul = (n_fold * n_group if as_groups else n_group) == 1 and _runs_as_matmul(
+        table,
+        net,
+        (stride, padding, pad),
+        flops / 2,
+        in_elems + out_elems,
+        (n_con, n_new) if extent == 1 else None,
     )
     if as_groups:
         # channels (fold, groups, contracted), groups = fold x groups, weight repeated per fold
@@ -546,3 +628,48 @@ def _data_step(
         matmul=matmul,
     )
     return step, new_indices
+
+
+def _runs_as_matmul(
+    table: CostTable | None,
+    net: ConvNetwork,
+    geometry: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...] | None],
+    macs: float,
+    elems: float,
+    channels: tuple[int, int] | None,
+) -> bool:
+    """An ungrouped step runs as one matrix product over the pixels: a 1x1 (``channels`` =
+    (in, out); None for a spatial kernel), stride-1, unpadded step the table prices lower as a
+    product."""
+    stride, padding, pad = geometry
+    if table is None or channels is None or any(v != 1 for v in stride):
+        return False
+    if any(padding) or pad is not None:
+        return False
+    # a Linear layer's rows are one (1, C, 1, M) map, which oneDNN's 1x1 convs run up to 3x
+    # slower than the matrix product the cost table (fitted on image maps) predicts
+    return net.spatial_dims == 0 or pointwise_seconds(table, macs, elems, *channels)[1]
+
+
+def _moves(have: str, want: str, sizes: dict[str, int]) -> bool:
+    """Reordering channel indices ``have`` to ``want`` moves memory (size-1 indices aside)."""
+    return [c for c in have if sizes[c] > 1] != [c for c in want if sizes[c] > 1]
+
+
+def _expand_equation(
+    data: str, fidx: str, reps: list[str], out: str, carried: list[str], net: ConvNetwork
+) -> str | None:
+    """The einsum giving an expanded step's weight (out channels ``out``, in channels ``data``,
+    then the kernel indices ``carried``) from its factor (indices ``fidx``) and one identity
+    per index of ``reps`` (the fold and group indices: their output copy is a fresh letter);
+    None when torch.einsum has no letters left."""
+    letters = string.ascii_letters
+    if any(c not in letters for c in fidx + data):
+        return None
+    used = set(net.einsum()) | set(fidx) | set(data)
+    free = [c for c in letters if c not in used]
+    if len(free) < len(reps):
+        return None
+    star = dict(zip(reps, free, strict=False))
+    lhs = ",".join([fidx, *(star[c] + c for c in reps)])
+    return f"{lhs}->{''.join(star.get(c, c) for c in out)}{data}{''.join(carried)}"

@@ -51,6 +51,13 @@ class DataStep:
     seconds: float = math.nan  # predicted by the cost table (nan without one)
     # a pointwise step run as one matrix product over the pixels instead of a conv call
     matmul: bool = False
+    # > 1: the fold and group indices (this many values together) run through the weight as
+    # identity blocks (the weight of ``expand_equation``: factor x identities), so the conv
+    # reads the feature map's channels in the order they are in and writes them in the order
+    # the next step (or the output) wants: no permuting copy, ``expand`` times the multiply-adds
+    expand: int = 1
+    expand_equation: str | None = None
+    expand_eyes: tuple[int, ...] = ()  # the identities' sizes, in the equation's order
 
     @property
     def pointwise(self) -> bool:
