@@ -202,7 +202,7 @@ def test_a_method_without_an_order_says_which_have_it() -> None:
 
 
 # -- tensorized channels --------------------------------------------------------------------------
-TENSORIZABLE = [m for m in METHODS if m not in ("str", "stt", "sttucker")]
+TENSORIZABLE = METHODS
 
 
 def tt_matrix_weight(seed: int = 0) -> torch.Tensor:
@@ -234,9 +234,13 @@ def test_tensorized_layers_equal_dense(method: str, dims: int) -> None:
     gen = torch.Generator().manual_seed(1)
     shape = (24, 16, *([3] * dims))
     w = torch.randn(shape, generator=gen, dtype=torch.float64)
-    f = tnconv.get(method).factorize(w, 3, tensorize=((4, 6), (4, 4)))
+    semi = method in ("str", "stt", "sttucker")  # ranks multiples of t = 2
+    f = tnconv.get(method).factorize(w, 4 if semi else 3, tensorize=((4, 6), (4, 4)))
     kernel = f.to_tensor()
-    assert f.modes is not None and len(f.modes[0]) == 2 and len(f.modes[1]) == 2
+    assert f.modes is not None and f.info["tensorize"] == [[4, 6], [4, 4]]
+    # one index per channel factor; the semi-tensor split cuts some into pieces
+    assert (len(f.modes[0]), len(f.modes[1])) == (2, 2) or semi
+    assert min(len(f.modes[0]), len(f.modes[1])) >= 2
     if dims == 0:
         x = torch.randn(5, 16, generator=gen, dtype=torch.float64)
         got, expected = FactorizedLinear(f)(x), F.linear(x, kernel)
@@ -259,8 +263,10 @@ def test_tensorize_errors_and_auto() -> None:
         tnconv.get("tt").factorize(w, 2, tensorize=((4, 6), (2, 4)))
     with pytest.raises(OptionError, match="as many"):
         tnconv.get("tt").factorize(w, 2, tensorize=((4, 6), (16,)))
-    with pytest.raises(StructureError, match="cannot be tensorized"):
-        tnconv.get("stt").factorize(w, 2, tensorize=((4, 6), (4, 4)))
+    # a semi-tensor network's own channel split (S = (j, a), a of size t = 2) must nest with
+    # the requested one: a pair of sizes (8, 1) cannot hold it
+    with pytest.raises(StructureError, match="do not nest"):
+        tnconv.get("stt").factorize(w, ratio=0.5, tensorize=((3, 8), (16, 1)))
 
 
 def test_compress_tensorized_saves_and_loads(tmp_path) -> None:

@@ -19,6 +19,7 @@ of a network is stated here once, for all of them (plugins included):
 
 from __future__ import annotations
 
+import itertools
 import math
 import string
 from collections import Counter
@@ -192,10 +193,10 @@ class Lifting:
                 letters[slot[0]] = mode
                 continue
             if len(mode) != 1:
-                raise StructureError(
-                    f"{f.method}: its network splits the slot {slot} into several indices "
-                    f"({mode!r}); it cannot be tensorized this way"
-                )
+                # the network already splits the slot (a semi-tensor channel mode (i, a)):
+                # split both row-major splits down to their common refinement
+                letters.update(_refine(slot, mode, sizes, inputs, factors, used, f.method))
+                continue
             names = [mode] + [_fresh(used) for _ in slot[1:]]
             k = next(i for i, term in enumerate(inputs) if mode in term)
             axis = inputs[k].index(mode)
@@ -234,6 +235,67 @@ def _fresh(used: set[str]) -> str:
     letter = next(c for c in string.ascii_letters if c not in used)
     used.add(letter)
     return letter
+
+
+def _suffixes(sizes: list[int]) -> list[int]:
+    """The strides of a row-major split: [prod(sizes[1:]), prod(sizes[2:]), ..., 1]."""
+    return [math.prod(sizes[i + 1 :]) for i in range(len(sizes))]
+
+
+def _refine(
+    slot: tuple[str, ...],
+    mode: str,
+    sizes: dict[str, int],
+    inputs: list[str],
+    factors: list[torch.Tensor],
+    used: set[str],
+    method: str,
+) -> dict[str, str]:
+    """Letters for the atoms of ``slot`` when the network's own index of that slot is the
+    several letters of ``mode`` (a row-major split too): every letter is cut at the atoms'
+    boundaries (its factors reshaped, ``inputs`` / ``factors`` updated in place), each atom
+    gets the run of pieces it spans. Needs the two splits to nest (each boundary stride
+    dividing the next); otherwise :class:`StructureError` names both."""
+    dims = {c: factors[k].shape[inputs[k].index(c)] for k, t in enumerate(inputs) for c in t}
+    atom_sizes = [sizes[a] for a in slot]
+    letter_sizes = [int(dims[c]) for c in mode]
+    total = math.prod(atom_sizes)
+    # the strides where either split starts a new part, descending: total, ..., 1
+    bounds = sorted({total, *_suffixes(atom_sizes), *_suffixes(letter_sizes)}, reverse=True)
+    if 1 in atom_sizes or any(a % b for a, b in itertools.pairwise(bounds)):
+        raise StructureError(
+            f"{method}: its network splits the slot {slot} (sizes {tuple(atom_sizes)}) as "
+            f"{mode!r} (sizes {tuple(letter_sizes)}); the two splits do not nest, so it cannot "
+            "be tensorized this way (choose sizes that the network's split divides)"
+        )
+
+    def pieces(span_sizes: list[int]) -> list[list[int]]:
+        """For each part of a row-major split, the indices of the pieces it spans."""
+        out, hi = [], total
+        for stride in _suffixes(span_sizes):
+            out.append(
+                [i for i in range(len(bounds) - 1) if bounds[i] <= hi and bounds[i + 1] >= stride]
+            )
+            hi = stride
+        return out
+
+    names: list[str] = [""] * (len(bounds) - 1)
+    for c, span in zip(mode, pieces(letter_sizes), strict=True):
+        parts = [c] + [_fresh(used) for _ in span[1:]]
+        for i, name in zip(span, parts, strict=True):
+            names[i] = name
+        if len(span) == 1:
+            continue
+        piece_sizes = [bounds[i] // bounds[i + 1] for i in span]
+        for k, term in enumerate(inputs):
+            if c in term:
+                axis = term.index(c)
+                shape = list(factors[k].shape)
+                factors[k] = factors[k].reshape(*shape[:axis], *piece_sizes, *shape[axis + 1 :])
+                inputs[k] = term.replace(c, "".join(parts))
+    return {
+        a: "".join(names[i] for i in span) for a, span in zip(slot, pieces(atom_sizes), strict=True)
+    }
 
 
 def from_order4(f: Factorization, shape: tuple[int, ...]) -> Factorization:
