@@ -175,6 +175,8 @@ class LogitProbe:
                         num += float((out - ref).square().sum())
                 else:
                     target = self.model.get_submodule(name)
+                    if module is target:  # the dense layer itself: no replacement
+                        return 0.0
                     handle = target.register_forward_hook(lambda _m, args, _o: module(*args))
                     try:
                         for x, ref in zip(self.inputs, self.reference, strict=True):
