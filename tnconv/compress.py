@@ -30,6 +30,7 @@ from .allocation import (
     fit_on_workers,
     fit_runner,
     layer_from_conv,
+    layer_scorers,
     layer_statistics,
     options_for_layer,
     parse_budget,
@@ -48,10 +49,11 @@ from .convs import (
     select_convs,
 )
 from .decompositions.base import Decomposition
-from .errors import BudgetError, RankSpecError, StructureError, StudyError
+from .errors import BudgetError, OptionError, RankSpecError, StructureError, StudyError
 from .executors import TaskRunner, check_picklable
 from .factorization import Factorization
 from .layers import FactorizedLayer
+from .logit_error import LogitProbe
 from .rank import parse_rank_spec
 from .recommend import auto_spec
 from .registry import get
@@ -69,6 +71,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+ALLOCATE_BY = ("kernel", "output", "logits")  # what compress(budget=, calibration=) ranks by
 
 
 class LayerSpec(BaseModel):
@@ -136,7 +140,7 @@ def compress(
     channels_last: bool = False,
     calibration: Any = None,
     fold_bn: bool | None = None,
-    allocate_by: Literal["kernel", "output"] = "kernel",
+    allocate_by: Literal["kernel", "output", "logits"] = "kernel",
     executor: Any = None,
     workers: int | None = None,
     worker_threads: int | None = None,
@@ -201,8 +205,13 @@ def compress(
             accuracy on the digits CNN: docs/data_aware.md).
         allocate_by: with ``budget`` and ``calibration``: ``"kernel"`` (default) allocates
             ranks by kernel error and fits each layer output-aware at its ranks; ``"output"``
-            allocates by each layer's output error (every candidate fitted output-aware). On
-            the digits CNN kernel allocation kept more accuracy (docs/data_aware.md).
+            allocates by each layer's output error (every candidate fitted output-aware);
+            ``"logits"`` allocates by the error at the model's outputs with that one layer
+            replaced by the candidate and the rest dense, on the first
+            :data:`tnconv.logit_error.LOGIT_SAMPLES` calibration inputs (every candidate fitted
+            output-aware; the model's prefix runs once per layer, each candidate runs itself
+            and the rest of the model: :class:`tnconv.logit_error.LogitProbe`).
+            docs/data_aware.md compares them.
         executor: with ``budget``, where the per-layer candidate fits of the allocation run.
             ``None`` (default): here, in order. ``"processes"``: a local spawn process pool of
             ``workers`` processes (default: the CPU count, at most one per layer), a
@@ -252,6 +261,20 @@ def compress(
         check_picklable("options", options)  # before any work
         if isinstance(method, Decomposition):
             check_picklable("method", method)
+    if allocate_by not in ALLOCATE_BY:
+        raise OptionError(
+            f"allocate_by must be one of {', '.join(map(repr, ALLOCATE_BY))}; got {allocate_by!r}"
+        )
+    if allocate_by == "logits" and (calibration is None or budget is None):
+        raise OptionError(
+            "allocate_by='logits' prices candidates by the model's outputs on the calibration "
+            "inputs under a budget: give budget= and calibration="
+        )
+    if isinstance(method, str) and method.lower() == "auto" and allocate_by != "kernel":
+        raise OptionError(
+            f'compress(model, "auto") chooses methods and ranks by kernel error; '
+            f"allocate_by={allocate_by!r} applies to one method"
+        )
     if isinstance(method, str) and method.lower() == "auto":
         if spec is not None or any(v is not None for v in (rank, eps, ratio)):
             raise RankSpecError(
@@ -287,8 +310,6 @@ def compress(
         raise ValueError(
             f"must_save must be 'params', 'flops', 'both' or 'latency'; got {must_save!r}"
         )
-    if allocate_by not in ("kernel", "output"):
-        raise ValueError(f"allocate_by must be 'kernel' or 'output'; got {allocate_by!r}")
     if round_to is not None and (
         isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1
     ):
@@ -363,6 +384,11 @@ def compress(
             log.info("calibration: %s fitted by kernel error (not ungrouped Conv2d)", others)
         by_name = calibrate_inputs(target, calibration, layers=names) if names else {}
         statistics = {id(conv): by_name[name] for name, conv in eligible if name in by_name}
+    scorers: dict[int, Callable[[nn.Module], float]] = {}
+    if allocate_by == "logits" and eligible:
+        probe_logits = LogitProbe(target, calibration)
+        by_layer = probe_logits.scorers([name for name, _ in eligible])
+        scorers = {id(conv): by_layer[name] for name, conv in eligible}
     show = progress if progress is not None else len(eligible) >= 8
     label = "per-layer spec" if spec is not None else decomposition.name
     bar = tqdm(eligible, desc=f"compress ({label})", disable=not show, leave=False)
@@ -406,7 +432,8 @@ def compress(
                 steps,
                 probe,
                 statistics=statistics,
-                by_output=allocate_by == "output",
+                by_output=allocate_by != "kernel",
+                scorers=scorers,
                 rounded=rounded,
                 executor=executor,
                 workers=workers,
@@ -451,6 +478,7 @@ def _budget_plan(
     *,
     statistics: dict[int, InputStatistics],
     by_output: bool,
+    scorers: dict[int, Callable[[nn.Module], float]] | None = None,
     rounded: Callable[[Decomposition, str, nn.Module, Factorization, dict], Factorization],
     executor: Any,
     workers: int | None,
@@ -458,8 +486,10 @@ def _budget_plan(
 ) -> dict[str, tuple[FactorizedLayer | None, str]]:
     """Every eligible layer's factorized layer (None: dense) and reason under ``budget``: the
     allocation, ``round_to``'s rounding, and with calibration by kernel (``statistics`` and not
-    ``by_output``) the output-aware refit at the chosen ranks. The fits run on ``executor``'s
-    workers when given (one task per layer and pass); timing stays here."""
+    ``by_output``) the output-aware refit at the chosen ranks; ``scorers`` (conv id ->
+    candidate layer -> error) price the candidates instead of their own errors (logit
+    allocation). The fits run on ``executor``'s workers when given (one task per layer and
+    pass); timing stays here."""
     runner: TaskRunner | None = None
     if executor is not None:
         runner = fit_runner(
@@ -471,7 +501,7 @@ def _budget_plan(
             max_tasks=max(1, len(eligible)),
         )
     try:
-        with layer_statistics(statistics if by_output else {}):
+        with layer_statistics(statistics if by_output else {}), layer_scorers(scorers or {}):
             plan = allocate(
                 decomposition, eligible, shapes, budget, options, must_save, steps, probe, runner
             )
