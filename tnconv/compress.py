@@ -44,6 +44,7 @@ from .convs import (
     LayerSelector,
     conv_input_shapes,
     default_input_size,
+    depthwise_reason,
     is_depthwise,
     select_convs,
 )
@@ -164,6 +165,17 @@ def compress(
             (:func:`tnconv.allocation.allocate`) by error saved per parameter (FLOP, or
             millisecond measured on this machine at each layer's input): the sum over layers of
             ``-log(1 - e^2)`` (e: relative kernel error) is minimised under the budget.
+            The share is of *every selected layer*, including those that stay dense whatever
+            the budget (depthwise convs; layers the method's network cannot take, e.g. a
+            semi-tensor ``t`` that does not divide them; layers the forward pass does not
+            reach): their weight parameters (FLOPs at their input, measured latency) are
+            spent first, and the factorized layers are compressed harder so that the selected
+            layers as a whole meet the share (where depthwise convs hold 8% of the selected
+            weights, ``budget=0.25`` leaves the others (0.25 - 0.08) / 0.92 = 0.18 of
+            theirs). Their ``dense_reasons`` / ``summary`` note says what they counted.
+            ``Budget(share=..., pool="factorizable")`` counts only the layers the method may
+            factorize (the behaviour before depthwise layers counted); :class:`BudgetError`
+            when the layers kept dense already hold more than the share.
         spec: per-layer specs instead of one for all: ``{layer name: rank}`` or ``{layer name:
             {"rank" | "eps" | "ratio": value, "method": name, "options": {...}}}`` (see
             :class:`LayerSpec`). Exactly the named layers are compressed; it excludes ``rank`` /
@@ -263,7 +275,7 @@ def compress(
             picked = [n for n, c in select_convs(target, layers) if _foldable(c)]
             fold_batchnorm(target, inplace=True, convs=picked)
         parallel = dict(executor=executor, workers=workers, worker_threads=worker_threads)
-        chosen, dense = auto_spec(
+        chosen, dense, kept = auto_spec(
             target, budget=budget, layers=layers, options=options, **args, **parallel
         )
         if chosen:
@@ -279,6 +291,9 @@ def compress(
         reasons = dict(getattr(target, DENSE_REASONS, {}))
         for name in dense:
             reasons[name] = "auto: no method's factorization was worth its cost under the budget"
+        for name, note in kept.items():  # the depthwise convs the recommendation counted
+            why = depthwise_reason(target.get_submodule(name))
+            reasons[name] = "; ".join(filter(None, [why, note]))
         setattr(target, DENSE_REASONS, reasons)
         return target
     if must_save is None:
@@ -344,10 +359,7 @@ def compress(
     eligible = []
     for name, conv in chosen:
         if is_depthwise(conv):
-            reasons[name] = (
-                f"depthwise convolution (groups={conv.groups}, one input channel per group): "
-                "kept dense, a per-channel kernel has no channel modes to factorize"
-            )
+            reasons[name] = depthwise_reason(conv)
         elif need_flops and name not in shapes:
             reasons[name] = (
                 f"not reached by a forward pass on input {size}: FLOPs and latency unknown"
@@ -396,9 +408,13 @@ def compress(
 
     with layer_statistics(statistics):
         if target_budget is not None:
+            # selected, kept dense (depthwise, not reached): counted in the budget's pool
+            names = {n for n, _ in eligible}
+            kept = [(n, c) for n, c in chosen if n not in names]
             plan = _budget_plan(
                 decomposition,
                 eligible,
+                kept,
                 shapes,
                 target_budget,
                 options,
@@ -414,6 +430,10 @@ def compress(
             )
             for name, _ in eligible:
                 install(name, *plan[name])
+            for name, _ in kept:  # the budget counted them: say so beside why they stay dense
+                note = plan.get(name, (None, ""))[1]
+                if note:
+                    reasons[name] = f"{reasons[name]}; {note}"
         else:
             for name, conv in steps:
                 if spec is not None:
@@ -442,6 +462,7 @@ def compress(
 def _budget_plan(
     decomposition: Decomposition,
     eligible: list[tuple[str, nn.Module]],
+    kept: list[tuple[str, nn.Module]],
     shapes: dict[str, tuple[int, ...]],
     budget: Budget,
     options: dict[str, Any],
@@ -458,8 +479,10 @@ def _budget_plan(
 ) -> dict[str, tuple[FactorizedLayer | None, str]]:
     """Every eligible layer's factorized layer (None: dense) and reason under ``budget``: the
     allocation, ``round_to``'s rounding, and with calibration by kernel (``statistics`` and not
-    ``by_output``) the output-aware refit at the chosen ranks. The fits run on ``executor``'s
-    workers when given (one task per layer and pass); timing stays here."""
+    ``by_output``) the output-aware refit at the chosen ranks; and for each ``kept`` layer
+    (selected, kept dense: counted in the budget's pool, :func:`tnconv.allocation.allocate`)
+    ``(None, note)`` saying what it counted. The fits run on ``executor``'s workers when given
+    (one task per layer and pass); timing stays here."""
     runner: TaskRunner | None = None
     if executor is not None:
         runner = fit_runner(
@@ -473,7 +496,16 @@ def _budget_plan(
     try:
         with layer_statistics(statistics if by_output else {}):
             plan = allocate(
-                decomposition, eligible, shapes, budget, options, must_save, steps, probe, runner
+                decomposition,
+                eligible,
+                shapes,
+                budget,
+                options,
+                must_save,
+                steps,
+                probe,
+                runner,
+                kept=kept,
             )
         convs = dict(eligible)
         chosen: dict[str, Factorization | None] = {}
@@ -509,10 +541,13 @@ def _budget_plan(
     finally:
         if runner is not None:
             runner.close()
-    return {
+    out: dict[str, tuple[FactorizedLayer | None, str]] = {
         name: (None if f is None else layer_from_conv(convs[name], f), plan[name][1])
         for name, f in chosen.items()
     }
+    for name, _ in kept:
+        out[name] = (None, plan.get(name, (None, ""))[1])
+    return out
 
 
 def _with_modules(model: nn.Module, modules: Mapping[str, nn.Module]) -> nn.Module:
