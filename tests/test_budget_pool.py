@@ -187,3 +187,32 @@ def test_selected_layers_meet_any_feasible_share(hidden: int, k: int, share: flo
         return
     rows = _rows(small)
     assert sum(r.params for r in rows.values()) <= share * total + 1e-6
+
+
+def test_select_ranks_counts_depthwise() -> None:
+    model = _model()
+    x = torch.randn(4, *SIZE[1:])
+    with torch.no_grad():
+        ref = model(x)
+
+    def fidelity(m: nn.Module) -> float:
+        with torch.no_grad():
+            return -float((m(x) - ref).pow(2).mean())
+
+    sel = tnconv.select_ranks(model, "tucker", fidelity, 0.3, progress=False)
+    ones = model.expand.weight.numel() + model.project.weight.numel()
+    assert math.isclose(sel.allowed, 0.3 * (ones + 864) - 864)
+    small = tnconv.compress(model, "tucker", spec=sel)
+    rows = _rows(small)
+    assert sum(r.params for r in rows.values()) <= 0.3 * sum(
+        r.dense_params for r in rows.values()
+    )
+
+
+def test_admm_budget_counts_depthwise() -> None:
+    model = _model()
+    admm = tnconv.ADMM(model, "tucker", budget=0.25, rho=1.0)
+    admm.step()
+    allocated = tnconv.compress(model, "tucker", budget=0.25)
+    assert admm.layer_names == ["expand", "project"]
+    assert admm.ranks == {n: allocated.get_submodule(n).ranks for n in ("expand", "project")}
