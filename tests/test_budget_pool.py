@@ -49,9 +49,7 @@ def test_depthwise_counts_against_the_budget_and_says_so() -> None:
     assert rows["depthwise"].method == "dense"
     assert rows["expand"].method == "tucker" and rows["project"].method == "tucker"
     # every selected layer together, the dense depthwise conv included, meets the share
-    assert sum(r.params for r in rows.values()) <= 0.25 * sum(
-        r.dense_params for r in rows.values()
-    )
+    assert sum(r.params for r in rows.values()) <= 0.25 * sum(r.dense_params for r in rows.values())
     note = tnconv.dense_reasons(small)["depthwise"]
     assert "depthwise" in note and "864 weight parameters count against budget=0.25" in note
     assert "count against budget" in rows["depthwise"].note
@@ -96,9 +94,9 @@ def test_flops_budget_counts_depthwise_flops() -> None:
     rows = _rows(small)
     assert sum(r.flops for r in rows.values()) <= 0.4 * sum(r.dense_flops for r in rows.values())
     dw_flops = rows["depthwise"].dense_flops
-    assert f"its {dw_flops} FLOPs count against budget=0.4" in tnconv.dense_reasons(small)[
-        "depthwise"
-    ]
+    assert (
+        f"its {dw_flops} FLOPs count against budget=0.4" in tnconv.dense_reasons(small)["depthwise"]
+    )
 
 
 def test_unfit_layers_count_too() -> None:
@@ -118,9 +116,7 @@ def test_unfit_layers_count_too() -> None:
     rows = _rows(small, (1, 3, 8, 8))
     assert rows["stem"].method == "dense" and rows["body"].method == "stt"
     assert "count against budget=0.4" in tnconv.dense_reasons(small)["stem"]
-    assert sum(r.params for r in rows.values()) <= 0.4 * sum(
-        r.dense_params for r in rows.values()
-    )
+    assert sum(r.params for r in rows.values()) <= 0.4 * sum(r.dense_params for r in rows.values())
 
 
 def test_recommend_and_auto_count_depthwise() -> None:
@@ -133,9 +129,7 @@ def test_recommend_and_auto_count_depthwise() -> None:
     note = tnconv.dense_reasons(small)["depthwise"]
     assert note.startswith("depthwise convolution") and "count against budget=0.3" in note
     rows = _rows(small)
-    assert sum(r.params for r in rows.values()) <= 0.3 * sum(
-        r.dense_params for r in rows.values()
-    )
+    assert sum(r.params for r in rows.values()) <= 0.3 * sum(r.dense_params for r in rows.values())
 
 
 def test_parse_budget_rejects_an_unknown_pool() -> None:
@@ -204,9 +198,7 @@ def test_select_ranks_counts_depthwise() -> None:
     assert math.isclose(sel.allowed, 0.3 * (ones + 864) - 864)
     small = tnconv.compress(model, "tucker", spec=sel)
     rows = _rows(small)
-    assert sum(r.params for r in rows.values()) <= 0.3 * sum(
-        r.dense_params for r in rows.values()
-    )
+    assert sum(r.params for r in rows.values()) <= 0.3 * sum(r.dense_params for r in rows.values())
 
 
 def test_admm_budget_counts_depthwise() -> None:
