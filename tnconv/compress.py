@@ -141,13 +141,14 @@ def compress(
     executor: Any = None,
     workers: int | None = None,
     worker_threads: int | None = None,
+    depthwise: Literal["dense", "factorize"] = "dense",
     **options: Any,
 ) -> nn.Module:
     """Replace the chosen layers of ``model`` by factorized ones: ``nn.Conv2d`` by
     ``FactorizedConv2d``, ``nn.Linear`` by ``FactorizedLinear``, ``nn.Conv1d`` / ``nn.Conv3d``
     by ``FactorizedConv1d`` / ``3d``; grouped convs are factorized per group with the group as
     a shared index of the network; depthwise convs (one input channel per group) stay dense
-    (``summary`` says so).
+    (``summary`` says so) unless ``depthwise="factorize"``.
 
     Args:
         model: any module; it is deep-copied first unless ``inplace=True``.
@@ -239,6 +240,17 @@ def compress(
         workers: process count for ``executor="processes"``.
         worker_threads: torch threads in each worker; default 1 for ``"processes"`` and Dask
             (one layer per core), untouched for other executors.
+        depthwise: ``"dense"`` (default) keeps depthwise convs dense. ``"factorize"`` treats
+            them as any grouped conv: each channel's (1, 1, kh, kw) kernel is factorized at
+            common ranks with the channel as the network's shared group index, through the
+            same executor. Where the method's network saves parameters on a per-channel
+            kernel, this is a real factorization along (channels, kh, kw): for ``cp``, ``tt``,
+            ``tr`` and ``rsdtr`` rank r is a sum of r spatially separable kernels per channel
+            (rank 1: a kh x 1 then a 1 x kw depthwise conv, C (kh + kw + 2) parameters against
+            C kh kw); for Tucker-like networks (``tucker``, ``tc``) the per-channel core is as
+            large as the kernel, so the layer stays dense ("no saving"). Under ``budget=`` the
+            layers are then candidates of the allocation like the others. Not with
+            ``method="auto"`` (:class:`RankSpecError`).
         **options: method options, as for ``factorize``.
 
     Returns:
@@ -264,7 +276,14 @@ def compress(
         check_picklable("options", options)  # before any work
         if isinstance(method, Decomposition):
             check_picklable("method", method)
+    if depthwise not in ("dense", "factorize"):
+        raise RankSpecError(f"depthwise must be 'dense' or 'factorize'; got {depthwise!r}")
     if isinstance(method, str) and method.lower() == "auto":
+        if depthwise != "dense":
+            raise RankSpecError(
+                'compress(model, "auto") keeps depthwise convs dense; depthwise="factorize" '
+                "takes one method"
+            )
         if spec is not None or any(v is not None for v in (rank, eps, ratio)):
             raise RankSpecError(
                 'compress(model, "auto") takes budget=, not rank / eps / ratio / spec'
@@ -334,8 +353,12 @@ def compress(
     if fold_bn is None:
         fold_bn = calibration is not None and not model.training
     chosen = select_convs(target, layers)
+
+    def kept_depthwise(conv: nn.Module) -> bool:
+        return depthwise == "dense" and is_depthwise(conv)
+
     for name, conv in chosen:
-        if not is_depthwise(conv):
+        if not kept_depthwise(conv):
             check_not_meta(conv.weight, f"the weight of layer {name!r}")
     if fold_bn:  # the chosen layers are fitted as the kernels they compute with their BN
         fold_batchnorm(target, inplace=True, convs=[n for n, c in chosen if _foldable(c)])
@@ -358,7 +381,7 @@ def compress(
     reasons: dict[str, str] = dict(getattr(target, DENSE_REASONS, {}))
     eligible = []
     for name, conv in chosen:
-        if is_depthwise(conv):
+        if kept_depthwise(conv):
             reasons[name] = depthwise_reason(conv)
         elif need_flops and name not in shapes:
             reasons[name] = (
