@@ -4,6 +4,7 @@ together meets the share; Budget(pool="factorizable") counts the factorizable la
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -208,3 +209,42 @@ def test_admm_budget_counts_depthwise() -> None:
     allocated = tnconv.compress(model, "tucker", budget=0.25)
     assert admm.layer_names == ["expand", "project"]
     assert admm.ranks == {n: allocated.get_submodule(n).ranks for n in ("expand", "project")}
+
+
+def test_candidate_flops_are_computed_on_first_read_only() -> None:
+    from tnconv.allocation import Candidate
+
+    calls = []
+
+    def flops() -> int:
+        calls.append(1)
+        return 1234
+
+    c = Candidate(None, 10, flops, 0.1)  # type: ignore[arg-type]
+    assert not calls
+    twin = copy.copy(c)
+    assert c.flops == 1234 and c.flops == 1234 and len(calls) == 1
+    assert twin.flops == 1234 and len(calls) == 2  # a copy made before the read computes its own
+    c.flops = 7
+    assert c.flops == 7 and Candidate(None, 1, 5, 0.0).flops == 5
+
+
+def test_params_budget_plans_no_candidate_flops(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tnconv.layers import FactorizedLayer
+
+    calls = []
+    real = FactorizedLayer.flops
+
+    def counting(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FactorizedLayer, "flops", counting)
+    model = _model()
+    by_params = tnconv.compress(model, "tucker", budget=0.3, input_size=SIZE)
+    assert not calls  # the candidates' inference plans were never built or timed
+    by_flops = tnconv.compress(model, "tucker", budget=("flops", 0.3), input_size=SIZE)
+    assert calls  # a FLOP budget reads them
+    rows = _rows(by_flops)
+    assert sum(r.flops for r in rows.values()) <= 0.3 * sum(r.dense_flops for r in rows.values())
+    assert isinstance(by_params.expand, FactorizedLayer)
