@@ -12,13 +12,15 @@ from tnconv.models.blocks import ARCHITECTURES, resnet50
 
 from .conftest import METHODS
 
-# small widths: the same layer kinds and groups, seconds per compression
+# small widths: the same layer kinds and groups, seconds per compression (the depthwise nets
+# wide enough that their depthwise convs, counted in the budget, hold under 15% of the weights:
+# at width 8 they hold 21-35%, nearly all of a 0.25 budget)
 TINY = {
     "resnet-bottleneck": (8, (1, 3, 16, 16)),
     "resnext": (8, (1, 3, 16, 16)),
-    "mobilenet-v2": (8, (1, 3, 16, 16)),
-    "efficientnet-mbconv": (8, (1, 3, 16, 16)),
-    "convnext": (16, (1, 3, 16, 16)),
+    "mobilenet-v2": (16, (1, 3, 16, 16)),
+    "efficientnet-mbconv": (16, (1, 3, 16, 16)),
+    "convnext": (32, (1, 3, 16, 16)),
     "temporal-1d": (8, (1, 8, 32)),
     "video-3d": (4, (1, 3, 4, 8, 8)),
 }
@@ -36,13 +38,13 @@ def _check(name: str, method: str) -> tnconv.Summary:
         y, y_dense = small(x), model(x)
     assert y.shape == y_dense.shape and bool(torch.isfinite(y).all())
     s = tnconv.summary(small, input_size=size)
-    # the budget: a quarter of the parameters of the layers it may touch (those the method's
-    # network can take), dense leftovers included
-    budgeted = [r for r in s.rows if r.method != "dense" or "budget allocation" in r.note]
-    assert sum(r.params for r in budgeted) <= 0.25 * sum(r.dense_params for r in budgeted) + 1
+    # the budget: a quarter of the parameters of every selected layer (here: every layer), the
+    # depthwise convs and the layers the method's network cannot take, kept dense, included
+    assert sum(r.params for r in s.rows) <= 0.25 * sum(r.dense_params for r in s.rows) + 1
     for r in s.rows:
         if "/g" in r.kind and r.shape[1] == 1:
             assert r.method == "dense" and "depthwise" in r.note
+            assert "count against budget=0.25" in r.note
     return s
 
 

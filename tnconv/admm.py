@@ -243,8 +243,11 @@ class ADMM:
         self.options = dict(options)
         self.input_size = tuple(input_size) if input_size is not None else None
 
-        # depthwise convs (one input channel per group) stay out, as compress leaves them dense
-        chosen = [(n, c) for n, c in select_convs(model, layers) if not is_depthwise(c)]
+        # depthwise convs (one input channel per group) stay out, as compress leaves them dense;
+        # a budget still counts them (compress's Budget(pool="selected"))
+        selected = select_convs(model, layers)
+        chosen = [(n, c) for n, c in selected if not is_depthwise(c)]
+        self._depthwise = [n for n, c in selected if is_depthwise(c)]
         for name, conv in chosen:
             check_not_meta(conv.weight, f"the weight of layer {name!r}")
         if not chosen:
@@ -651,7 +654,7 @@ class ADMM:
                 self.model,
                 self.decomposition,
                 budget=self.budget,
-                layers=list(self._layers),
+                layers=[*self._layers, *self._depthwise],
                 input_size=self.input_size,
                 progress=self.progress,
                 **self.options,

@@ -11,6 +11,7 @@ when that measurably helps.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -41,6 +42,7 @@ __all__ = [
     "allocate",
     "candidate_for",
     "dense_conv_flops",
+    "kept_dense_costs",
     "layer_from_conv",
     "layer_scorers",
     "options_for_layer",
@@ -120,12 +122,42 @@ def _options_key(options: dict[str, Any]) -> str:
 
 class Budget(BaseModel):
     """A global compression target: keep ``share`` of the selected layers' params, FLOPs or
-    latency (dense latency measured on this machine at each layer's input)."""
+    latency (dense latency measured on this machine at each layer's input).
+
+    ``pool`` says which layers the share is of. ``"selected"`` (default): every selected layer,
+    including those that must stay dense (depthwise convs, layers the method's network cannot
+    take): their cost is spent first and the factorized layers share what is left, so the
+    selected layers as a whole meet the share. ``"factorizable"``: only the layers the method
+    may factorize (the layers kept dense are not counted; before this option existed, the only
+    behaviour).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     share: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
     kind: Literal["params", "flops", "latency"] = "params"
+    pool: Literal["selected", "factorizable"] = "selected"
+
+    def allowance(self, factorizable: float, kept: float) -> float:
+        """What the factorizable layers may cost together: ``share`` of their dense cost
+        ``factorizable`` plus the cost ``kept`` of the selected layers kept dense, less
+        ``kept`` (``pool="selected"``), or ``share`` of ``factorizable`` alone. May be
+        negative: the layers kept dense already cost more than the share allows."""
+        if self.pool == "factorizable":
+            return self.share * factorizable
+        return self.share * (factorizable + kept) - kept
+
+    def kept_note(self, cost: float) -> str:
+        """The note on a selected layer kept dense whose ``cost`` (this budget's kind) counts
+        against the budget ("" when the pool leaves it out)."""
+        if self.pool == "factorizable":
+            return ""
+        what = {"params": "weight parameters", "flops": "FLOPs", "latency": "ms"}[self.kind]
+        amount = f"{cost:.3f}" if self.kind == "latency" else f"{cost:.0f}"
+        return (
+            f"its {amount} {what} count against budget={self.share:g} (the factorized layers "
+            "are compressed harder so that the selected layers as a whole meet it)"
+        )
 
 
 def parse_budget(budget: Any) -> Budget:
@@ -140,8 +172,41 @@ def parse_budget(budget: Any) -> Budget:
     except ValidationError as exc:
         raise RankSpecError(
             f"budget={budget!r} is invalid: budget must be a share in (0, 1] of the selected "
-            "layers' parameters, or (kind, share) with kind 'params', 'flops' or 'latency'"
+            "layers' parameters, (kind, share) with kind 'params', 'flops' or 'latency', or "
+            "Budget(share=, kind=, pool='selected' | 'factorizable')"
         ) from exc
+
+
+def kept_dense_costs(
+    budget: Budget,
+    layers: Iterable[tuple[str, nn.Module]],
+    shapes: dict[str, tuple[int, ...]],
+    probe: LatencyProbe | None = None,
+) -> dict[str, float]:
+    """The cost, in ``budget``'s kind, of each selected layer that stays dense whatever the
+    allocation does (depthwise convs, layers the method cannot take): its weight's parameters
+    (the unit the factorizable layers are counted in: weights, no bias), its FLOPs at its input
+    ``shapes[name]`` (0 for a layer the forward pass does not reach), or its latency there
+    measured with ``probe`` (a latency budget; 0 when not reached). Empty with
+    ``pool="factorizable"``."""
+    if budget.pool == "factorizable":
+        return {}
+    costs: dict[str, float] = {}
+    for name, conv in layers:
+        shape = shapes.get(name)
+        if budget.kind == "params":
+            costs[name] = float(conv.weight.numel())
+        elif shape is None:
+            costs[name] = 0.0
+        elif budget.kind == "flops":
+            costs[name] = float(dense_conv_flops(conv, shape))
+        else:
+            if probe is None:
+                raise BudgetError(
+                    f"a latency budget needs a LatencyProbe to time layer {name!r}, kept dense"
+                )
+            costs[name] = probe.measure(conv, [], shape)[0]
+    return costs
 
 
 def dense_conv_flops(conv: nn.Module, input_shape: Sequence[int]) -> int:
@@ -244,11 +309,37 @@ def options_for_layer(
 
 @dataclass
 class Candidate:
+    """One way to run a layer: its factorization (None: the dense layer), parameters, inference
+    FLOPs at the layer's input, relative kernel error and (when measured) latency.
+
+    ``flops`` may be given as a zero-argument callable; it is then computed on its first read
+    and kept. A factorized candidate's FLOPs are those of its executed inference plan, which is
+    planned and autotuned (timed) on this machine: a parameter budget that does not ask for a
+    FLOP saving never reads them (on ResNet-50 that planning was a quarter of ``sttucker``'s
+    compress time).
+    """
+
     factorization: Factorization | None  # None: the dense layer itself
     params: int
     flops: int
     error: float
     latency: float = math.nan  # ms per inference forward at the layer's input, when measured
+
+
+def _candidate_flops(self: Candidate) -> int:
+    value = self.__dict__["_flops"]
+    if callable(value):
+        value = int(value())
+        self.__dict__["_flops"] = value
+    return value
+
+
+def _set_candidate_flops(self: Candidate, value: int | Callable[[], int]) -> None:
+    self.__dict__["_flops"] = value
+
+
+# (set after the dataclass is made, so that its __init__ takes flops= and the property stores it)
+Candidate.flops = property(_candidate_flops, _set_candidate_flops)  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -291,10 +382,14 @@ def saving_shortfall(
 def candidate_for(
     layer: FactorizedLayer | None, f: Factorization | None, shape: tuple | None, dense: tuple
 ) -> Candidate:
+    """The candidate running ``f`` as ``layer`` at input ``shape`` (its FLOPs computed when
+    first read), or the dense layer's (``dense``: (params, FLOPs)) when ``f`` is None."""
     if f is None or layer is None:
         return Candidate(None, dense[0], dense[1] or 0, 0.0)
-    flops = layer.flops(shape, inference=True) if shape is not None else 0
-    return Candidate(f, f.num_params, flops, float(f.info.get("relative_error", math.nan)))
+    flops: int | Callable[[], int] = 0
+    if shape is not None:
+        flops = lambda: layer.flops(shape, inference=True)  # noqa: E731
+    return Candidate(f, f.num_params, flops, float(f.info.get("relative_error", math.nan)))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,7 +706,7 @@ class _LayerFits:
             layers = [self.layers[r] for r in cands]
             dense_latency, ms = probe.measure(self.conv, layers, self.shape)
             dense.latency = dense_latency
-            cands = {r: dataclasses.replace(c) for r, c in cands.items()}
+            cands = {r: copy.copy(c) for r, c in cands.items()}  # (FLOPs still unread)
             for cand, t in zip(cands.values(), ms, strict=True):
                 cand.latency = t
         saving = {
@@ -720,11 +815,21 @@ def allocate(
     bar: Iterable[tuple[str, nn.Conv2d]],
     probe: LatencyProbe | None = None,
     runner: TaskRunner | None = None,
+    kept: Sequence[tuple[str, nn.Module]] = (),
 ) -> dict[str, tuple[Candidate, str]]:
     """Choose one candidate per layer, minimising the summed :func:`_loss` under the budget:
     the better of a greedy climb of the layers' convex hulls and the best uniform rank, each
     then topped up with whatever budget is left. A latency budget or ``must_save="latency"``
     times every candidate against the dense layer with ``probe`` (default: NCHW inputs).
+
+    ``kept``: selected layers that stay dense whatever is allocated (compress passes the
+    depthwise convs). With ``budget.pool == "selected"`` their cost, and that of the layers in
+    ``bar`` whose shape the method's network cannot take, is in the pool the share is taken
+    of and is spent first (:meth:`Budget.allowance`): the factorized layers are compressed
+    harder so that every selected layer together meets the share. The plan then also has an
+    entry for each ``kept`` layer (no factorization; the note that it counted,
+    :meth:`Budget.kept_note`). :class:`BudgetError` when the smallest factorizations do not
+    fit what is left (naming the cost of the layers kept dense).
 
     With ``runner`` (:func:`fit_runner`) the candidate fits run on its workers, one task per
     layer and pass (the ladders, then the eps walks, then the finalists' refits), and give the
@@ -811,10 +916,37 @@ def allocate(
                 walked = fits.walk(full_walk(fits), next(got, None))
                 fits.release()
             options_by_layer[name] = fits.options_for(must_save, probe, walked)
+    convs = dict(layers)
+    fixed = kept_dense_costs(
+        budget, [*kept, *((n, convs[n]) for n in unfit if n in convs)], shapes, probe
+    )
+    fixed_total = sum(fixed.values())
+
+    def dense_plan() -> dict[str, tuple[Candidate, str]]:
+        """The entries of the layers kept dense (the unfit ones with their reason)."""
+        out = {}
+        for name, _ in kept:
+            out[name] = (Candidate(None, 0, 0, 0.0), budget.kept_note(fixed.get(name, 0.0)))
+        for name, reason in unfit.items():
+            note = budget.kept_note(fixed[name]) if name in fixed else ""
+            out[name] = (Candidate(None, 0, 0, 0.0), "; ".join(filter(None, [reason, note])))
+        return out
+
     if not options_by_layer:
-        return {name: (Candidate(None, 0, 0, 0.0), reason) for name, reason in unfit.items()}
+        return dense_plan()
     dense_total = sum(cost(o.all[-1]) for o in options_by_layer.values())
-    allowed = budget.share * dense_total
+    allowed = budget.allowance(dense_total, fixed_total)
+    if fixed_total:
+        log.info(
+            "budget %s of %s: %.6g of the selected layers' %.6g in layers kept dense, "
+            "%.6g left for the %d factorizable ones",
+            budget.share,
+            budget.kind,
+            fixed_total,
+            dense_total + fixed_total,
+            allowed,
+            len(options_by_layer),
+        )
     if two_pass:
         # the eps walks go only as far as this budget can use: up to _EPS_REACH times the
         # parameters the ladder-only allocation gives each layer (the whole walk where it gives
@@ -851,9 +983,18 @@ def allocate(
             uniform.append(level)
     if greedy is None and not uniform:
         smallest = sum(min(cost(c) for c in o.all) for o in options_by_layer.values())
+        kept_text = ""
+        if fixed_total:
+            kept_text = (
+                f" after the {fixed_total:.0f} of the {len(fixed)} selected layers kept dense "
+                f"({', '.join(list(fixed)[:4])}{' ...' if len(fixed) > 4 else ''}; "
+                "Budget(pool='factorizable') leaves them out of the pool, layers= can "
+                "deselect them)"
+            )
         raise BudgetError(
-            f"budget {budget.share} of the selected layers' {budget.kind} allows {allowed:.0f}, "
-            f"but the smallest {decomposition.name} factorizations need {smallest}"
+            f"budget {budget.share} of the selected layers' {budget.kind} allows "
+            f"{allowed:.0f} for the factorized layers{kept_text}, but the smallest "
+            f"{decomposition.name} factorizations need {smallest:.0f}"
         )
     filled = [_fill(p, options_by_layer, cost, allowed, unit) for p in [greedy, *uniform] if p]
     # the search ran with the method's quick options; refit the finalists with the full ones
@@ -861,7 +1002,6 @@ def allocate(
     finalists = [min(filled, key=total_loss)]
     if uniform:
         finalists.append(_fill(uniform[-1], options_by_layer, cost, allowed, unit))
-    convs = dict(layers)
     refitted: dict[tuple[str, tuple[int, ...]], Candidate] = {}
     full_options = {
         name: options_for_layer(decomposition, convs[name], shapes.get(name), options)
@@ -911,7 +1051,7 @@ def allocate(
                 f = compute()
             else:
                 f = _shared("refit", conv.weight, refit_key(name, ranks), compute)
-            dense = (conv.weight.numel(), c.flops)
+            dense = (conv.weight.numel(), None)  # (unused: f is a factorization)
             full_layer = layer_from_conv(conv, f)
             full_fit = _scored(
                 conv, full_layer, candidate_for(full_layer, f, shapes.get(name), dense)
@@ -950,8 +1090,7 @@ def allocate(
         )
         for name, c in best.items()
     }
-    for name, reason in unfit.items():
-        plan[name] = (Candidate(None, 0, 0, 0.0), reason)
+    plan.update(dense_plan())
     return plan
 
 

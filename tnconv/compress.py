@@ -45,6 +45,7 @@ from .convs import (
     LayerSelector,
     conv_input_shapes,
     default_input_size,
+    depthwise_reason,
     is_depthwise,
     select_convs,
 )
@@ -144,13 +145,14 @@ def compress(
     executor: Any = None,
     workers: int | None = None,
     worker_threads: int | None = None,
+    depthwise: Literal["dense", "factorize"] = "dense",
     **options: Any,
 ) -> nn.Module:
     """Replace the chosen layers of ``model`` by factorized ones: ``nn.Conv2d`` by
     ``FactorizedConv2d``, ``nn.Linear`` by ``FactorizedLinear``, ``nn.Conv1d`` / ``nn.Conv3d``
     by ``FactorizedConv1d`` / ``3d``; grouped convs are factorized per group with the group as
     a shared index of the network; depthwise convs (one input channel per group) stay dense
-    (``summary`` says so).
+    (``summary`` says so) unless ``depthwise="factorize"``.
 
     Args:
         model: any module; it is deep-copied first unless ``inplace=True``.
@@ -168,6 +170,17 @@ def compress(
             (:func:`tnconv.allocation.allocate`) by error saved per parameter (FLOP, or
             millisecond measured on this machine at each layer's input): the sum over layers of
             ``-log(1 - e^2)`` (e: relative kernel error) is minimised under the budget.
+            The share is of *every selected layer*, including those that stay dense whatever
+            the budget (depthwise convs; layers the method's network cannot take, e.g. a
+            semi-tensor ``t`` that does not divide them; layers the forward pass does not
+            reach): their weight parameters (FLOPs at their input, measured latency) are
+            spent first, and the factorized layers are compressed harder so that the selected
+            layers as a whole meet the share (where depthwise convs hold 8% of the selected
+            weights, ``budget=0.25`` leaves the others (0.25 - 0.08) / 0.92 = 0.18 of
+            theirs). Their ``dense_reasons`` / ``summary`` note says what they counted.
+            ``Budget(share=..., pool="factorizable")`` counts only the layers the method may
+            factorize (the behaviour before depthwise layers counted); :class:`BudgetError`
+            when the layers kept dense already hold more than the share.
         spec: per-layer specs instead of one for all: ``{layer name: rank}`` or ``{layer name:
             {"rank" | "eps" | "ratio": value, "method": name, "options": {...}}}`` (see
             :class:`LayerSpec`). Exactly the named layers are compressed; it excludes ``rank`` /
@@ -236,6 +249,17 @@ def compress(
         workers: process count for ``executor="processes"``.
         worker_threads: torch threads in each worker; default 1 for ``"processes"`` and Dask
             (one layer per core), untouched for other executors.
+        depthwise: ``"dense"`` (default) keeps depthwise convs dense. ``"factorize"`` treats
+            them as any grouped conv: each channel's (1, 1, kh, kw) kernel is factorized at
+            common ranks with the channel as the network's shared group index, through the
+            same executor. Where the method's network saves parameters on a per-channel
+            kernel, this is a real factorization along (channels, kh, kw): for ``cp``, ``tt``,
+            ``tr`` and ``rsdtr`` rank r is a sum of r spatially separable kernels per channel
+            (rank 1: a kh x 1 then a 1 x kw depthwise conv, C (kh + kw + 2) parameters against
+            C kh kw); for Tucker-like networks (``tucker``, ``tc``) the per-channel core is as
+            large as the kernel, so the layer stays dense ("no saving"). Under ``budget=`` the
+            layers are then candidates of the allocation like the others. Not with
+            ``method="auto"`` (:class:`RankSpecError`).
         **options: method options, as for ``factorize``.
 
     Returns:
@@ -275,7 +299,14 @@ def compress(
             f'compress(model, "auto") chooses methods and ranks by kernel error; '
             f"allocate_by={allocate_by!r} applies to one method"
         )
+    if depthwise not in ("dense", "factorize"):
+        raise RankSpecError(f"depthwise must be 'dense' or 'factorize'; got {depthwise!r}")
     if isinstance(method, str) and method.lower() == "auto":
+        if depthwise != "dense":
+            raise RankSpecError(
+                'compress(model, "auto") keeps depthwise convs dense; depthwise="factorize" '
+                "takes one method"
+            )
         if spec is not None or any(v is not None for v in (rank, eps, ratio)):
             raise RankSpecError(
                 'compress(model, "auto") takes budget=, not rank / eps / ratio / spec'
@@ -286,7 +317,7 @@ def compress(
             picked = [n for n, c in select_convs(target, layers) if _foldable(c)]
             fold_batchnorm(target, inplace=True, convs=picked)
         parallel = dict(executor=executor, workers=workers, worker_threads=worker_threads)
-        chosen, dense = auto_spec(
+        chosen, dense, kept = auto_spec(
             target, budget=budget, layers=layers, options=options, **args, **parallel
         )
         if chosen:
@@ -302,6 +333,9 @@ def compress(
         reasons = dict(getattr(target, DENSE_REASONS, {}))
         for name in dense:
             reasons[name] = "auto: no method's factorization was worth its cost under the budget"
+        for name, note in kept.items():  # the depthwise convs the recommendation counted
+            why = depthwise_reason(target.get_submodule(name))
+            reasons[name] = "; ".join(filter(None, [why, note]))
         setattr(target, DENSE_REASONS, reasons)
         return target
     if must_save is None:
@@ -340,8 +374,12 @@ def compress(
     if fold_bn is None:
         fold_bn = calibration is not None and not model.training
     chosen = select_convs(target, layers)
+
+    def kept_depthwise(conv: nn.Module) -> bool:
+        return depthwise == "dense" and is_depthwise(conv)
+
     for name, conv in chosen:
-        if not is_depthwise(conv):
+        if not kept_depthwise(conv):
             check_not_meta(conv.weight, f"the weight of layer {name!r}")
     if fold_bn:  # the chosen layers are fitted as the kernels they compute with their BN
         fold_batchnorm(target, inplace=True, convs=[n for n, c in chosen if _foldable(c)])
@@ -364,11 +402,8 @@ def compress(
     reasons: dict[str, str] = dict(getattr(target, DENSE_REASONS, {}))
     eligible = []
     for name, conv in chosen:
-        if is_depthwise(conv):
-            reasons[name] = (
-                f"depthwise convolution (groups={conv.groups}, one input channel per group): "
-                "kept dense, a per-channel kernel has no channel modes to factorize"
-            )
+        if kept_depthwise(conv):
+            reasons[name] = depthwise_reason(conv)
         elif need_flops and name not in shapes:
             reasons[name] = (
                 f"not reached by a forward pass on input {size}: FLOPs and latency unknown"
@@ -422,9 +457,13 @@ def compress(
 
     with layer_statistics(statistics):
         if target_budget is not None:
+            # selected, kept dense (depthwise, not reached): counted in the budget's pool
+            names = {n for n, _ in eligible}
+            kept = [(n, c) for n, c in chosen if n not in names]
             plan = _budget_plan(
                 decomposition,
                 eligible,
+                kept,
                 shapes,
                 target_budget,
                 options,
@@ -441,6 +480,10 @@ def compress(
             )
             for name, _ in eligible:
                 install(name, *plan[name])
+            for name, _ in kept:  # the budget counted them: say so beside why they stay dense
+                note = plan.get(name, (None, ""))[1]
+                if note:
+                    reasons[name] = f"{reasons[name]}; {note}"
         else:
             for name, conv in steps:
                 if spec is not None:
@@ -469,6 +512,7 @@ def compress(
 def _budget_plan(
     decomposition: Decomposition,
     eligible: list[tuple[str, nn.Module]],
+    kept: list[tuple[str, nn.Module]],
     shapes: dict[str, tuple[int, ...]],
     budget: Budget,
     options: dict[str, Any],
@@ -488,8 +532,9 @@ def _budget_plan(
     allocation, ``round_to``'s rounding, and with calibration by kernel (``statistics`` and not
     ``by_output``) the output-aware refit at the chosen ranks; ``scorers`` (conv id ->
     candidate layer -> error) price the candidates instead of their own errors (logit
-    allocation). The fits run on ``executor``'s workers when given (one task per layer and
-    pass); timing stays here."""
+    allocation); and for each ``kept`` layer (selected, kept dense: counted in the budget's
+    pool, :func:`tnconv.allocation.allocate`) ``(None, note)`` saying what it counted. The fits
+    run on ``executor``'s workers when given (one task per layer and pass); timing stays here."""
     runner: TaskRunner | None = None
     if executor is not None:
         runner = fit_runner(
@@ -503,7 +548,16 @@ def _budget_plan(
     try:
         with layer_statistics(statistics if by_output else {}), layer_scorers(scorers or {}):
             plan = allocate(
-                decomposition, eligible, shapes, budget, options, must_save, steps, probe, runner
+                decomposition,
+                eligible,
+                shapes,
+                budget,
+                options,
+                must_save,
+                steps,
+                probe,
+                runner,
+                kept=kept,
             )
         convs = dict(eligible)
         chosen: dict[str, Factorization | None] = {}
@@ -539,10 +593,13 @@ def _budget_plan(
     finally:
         if runner is not None:
             runner.close()
-    return {
+    out: dict[str, tuple[FactorizedLayer | None, str]] = {
         name: (None if f is None else layer_from_conv(convs[name], f), plan[name][1])
         for name, f in chosen.items()
     }
+    for name, _ in kept:
+        out[name] = (None, plan.get(name, (None, ""))[1])
+    return out
 
 
 def _with_modules(model: nn.Module, modules: Mapping[str, nn.Module]) -> nn.Module:

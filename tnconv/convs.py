@@ -22,6 +22,7 @@ __all__ = [
     "LayerSelector",
     "conv_input_shapes",
     "default_input_size",
+    "depthwise_reason",
     "is_depthwise",
     "select_convs",
 ]
@@ -73,6 +74,14 @@ def is_depthwise(module: nn.Module) -> bool:
     """A conv with one input channel per group (and several groups): kept dense by compress."""
     groups = getattr(module, "groups", 1)
     return groups > 1 and module.weight.shape[1] == 1
+
+
+def depthwise_reason(module: nn.Module) -> str:
+    """Why compress keeps a depthwise conv dense (its ``dense_reasons`` entry)."""
+    return (
+        f"depthwise convolution (groups={module.groups}, one input channel per group): "
+        "kept dense, a per-channel kernel has no channel modes to factorize"
+    )
 
 
 # the input size assumed for a model whose first layer has this many spatial modes

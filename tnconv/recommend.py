@@ -42,6 +42,7 @@ from .allocation import (
     dense_conv_flops,
     fit_runner,
     fit_task,
+    kept_dense_costs,
     layer_from_conv,
     options_for_layer,
     parse_budget,
@@ -129,6 +130,9 @@ class Recommendation:
     budget_share: float
     methods: list[str]
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # selected layers kept dense whatever the choice (depthwise convs) -> their cost, in
+    # ``budget_kind``, counted in the budget's pool (empty with Budget(pool="factorizable"))
+    kept: dict[str, float] = field(default_factory=dict)
 
     @property
     def spec(self) -> dict[str, dict[str, Any]]:
@@ -145,10 +149,14 @@ class Recommendation:
         }
 
     def spent(self) -> tuple[int, int]:
-        """(chosen, dense) parameters or FLOPs over the selected layers, per ``budget_kind``."""
+        """(chosen, dense) parameters or FLOPs over the selected layers, per ``budget_kind``,
+        the layers kept dense (``kept``) included on both sides."""
+        fixed = round(sum(self.kept.values()))
         if self.budget_kind == "flops":
-            return sum(r.flops for r in self.rows), sum(r.dense_flops for r in self.rows)
-        return sum(r.params for r in self.rows), sum(r.dense_params for r in self.rows)
+            used, dense = sum(r.flops for r in self.rows), sum(r.dense_flops for r in self.rows)
+        else:
+            used, dense = sum(r.params for r in self.rows), sum(r.dense_params for r in self.rows)
+        return used + fixed, dense + fixed
 
     def to_dicts(self) -> list[dict[str, Any]]:
         out = []
@@ -359,7 +367,9 @@ def recommend(
         dec.parse_options(options.get(n, {}))  # fail before any work
     if executor is None and (workers is not None or worker_threads is not None):
         raise StudyError("workers= and worker_threads= apply with an executor")
-    chosen = [(n, c) for n, c in select_convs(model, layers) if not is_depthwise(c)]
+    selected = select_convs(model, layers)
+    chosen = [(n, c) for n, c in selected if not is_depthwise(c)]
+    kept_layers = [(n, c) for n, c in selected if is_depthwise(c)]
     if not chosen:
         raise ValueError("no Linear / conv layer (other than depthwise) selected")
     need_flops = target.kind == "flops" or must_save != "params"
@@ -399,13 +409,23 @@ def recommend(
         flops = dense_conv_flops(conv, shapes[name]) if name in shapes else 0
         dense[name] = Candidate(None, conv.weight.numel(), flops, 0.0)
         per_layer[name] = _LayerOptions({}, [*pools[name], dense[name]])
-    allowed = target.share * sum(cost(d) for d in dense.values())
+    # the depthwise convs stay dense: with pool="selected" their cost is spent first (in the
+    # unit of cost(): FLOPs for any kind but params)
+    counted = target if target.kind != "latency" else target.model_copy(update={"kind": "flops"})
+    fixed = kept_dense_costs(counted, kept_layers, shapes)
+    allowed = target.allowance(sum(cost(d) for d in dense.values()), sum(fixed.values()))
     picked = _greedy(per_layer, cost, allowed)
     if picked is None:
         smallest = sum(min(cost(c) for c in o.all) for o in per_layer.values())
+        kept_text = ""
+        if fixed:
+            kept_text = (
+                f" after the {sum(fixed.values()):.0f} of the {len(fixed)} depthwise convs "
+                "kept dense (Budget(pool='factorizable') leaves them out of the pool)"
+            )
         raise BudgetError(
-            f"budget {target.share} of the selected layers' {target.kind} allows {allowed:.0f}, "
-            f"but the smallest candidates need {smallest}"
+            f"budget {target.share} of the selected layers' {target.kind} allows {allowed:.0f}"
+            f"{kept_text}, but the smallest candidates need {smallest}"
         )
     picked = _fill(picked, per_layer, cost, allowed)
     log.info("recommend: summed loss %.4f", sum(_loss(c) for c in picked.values()))
@@ -432,7 +452,7 @@ def recommend(
                 alternatives=alternatives,
             )
         )
-    return Recommendation(rows, target.kind, target.share, names, options)
+    return Recommendation(rows, target.kind, target.share, names, options, fixed)
 
 
 def auto_spec(
@@ -447,9 +467,10 @@ def auto_spec(
     executor: Any = None,
     workers: int | None = None,
     worker_threads: int | None = None,
-) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """The ``spec`` that ``compress(model, "auto", budget=...)`` applies, and the selected
-    layers the recommendation leaves dense.
+) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, str]]:
+    """The ``spec`` that ``compress(model, "auto", budget=...)`` applies, the selected
+    layers the recommendation leaves dense, and for each selected depthwise conv (kept dense,
+    counted in the budget's pool) the note saying what it counted (:meth:`Budget.kept_note`).
 
     ``options`` are compress's keyword options in auto mode: ``methods=[...]`` (candidates) and
     per-method option dicts keyed by method name (``cp={"n_init": 1}``). ``executor``,
@@ -484,4 +505,7 @@ def auto_spec(
         worker_threads=worker_threads,
     )
     log.info("%s", rec)
-    return rec.spec, [r.layer for r in rec.rows if r.method == "dense"]
+    target = parse_budget(budget)
+    counted = target if target.kind != "latency" else target.model_copy(update={"kind": "flops"})
+    kept = {name: counted.kept_note(cost) for name, cost in rec.kept.items()}
+    return rec.spec, [r.layer for r in rec.rows if r.method == "dense"], kept

@@ -35,6 +35,7 @@ from ._modes import plain_copy
 from .allocation import (
     Budget,
     dense_conv_flops,
+    kept_dense_costs,
     layer_from_conv,
     options_for_layer,
     parse_budget,
@@ -364,7 +365,9 @@ def select_ranks(
     decomposition.parse_options(options)
 
     work = plain_copy(model)
-    convs = dict((n, c) for n, c in select_convs(work, layers) if not is_depthwise(c))
+    selected = select_convs(work, layers)
+    convs = dict((n, c) for n, c in selected if not is_depthwise(c))
+    depthwise = [(n, c) for n, c in selected if is_depthwise(c)]
     if not convs:
         raise ValueError("no Linear / conv layer (other than depthwise) selected")
     payload = model_payload(work, model_factory) if executor is not None else None
@@ -389,12 +392,18 @@ def select_ranks(
             decomposition, conv, shapes.get(name), shares, options, target, dense_cost(name)
         )
     dense_total = sum(dense_cost(n) for n in convs)
-    allowed = target.share * dense_total
+    # the depthwise convs stay dense: with pool="selected" their cost is spent first
+    # (in dense_cost's unit: parameters for any kind but flops)
+    counted = target if target.kind == "flops" else target.model_copy(update={"kind": "params"})
+    kept = sum(kept_dense_costs(counted, depthwise, shapes).values())
+    allowed = target.allowance(dense_total, kept)
     cheapest = sum(c[0].cost for c in candidates.values())
     if cheapest > allowed:
+        kept_text = f" after the {kept:.0f} of the depthwise convs kept dense" if kept else ""
         raise BudgetError(
-            f"budget {target.share} of the {target.kind} ({allowed:.0f}) is below the smallest "
-            f"candidates of every layer ({cheapest}); lower the shares or raise the budget"
+            f"budget {target.share} of the {target.kind} ({allowed:.0f}{kept_text}) is below "
+            f"the smallest candidates of every layer ({cheapest}); lower the shares or raise "
+            "the budget"
         )
 
     evaluations = (
