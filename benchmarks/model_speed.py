@@ -83,9 +83,22 @@ def compress_at_share(model: nn.Module, method: str, share: float) -> nn.Module:
     return tnconv.compress(model, method, spec=spec, progress=False)
 
 
+@dataclass
+class Guarded:
+    """A guarded model and what its guard saw: the whole-model guard's own last timing
+    (``dense_ms``, ``ms``; None when no layer survived the per-layer guard) and how many
+    factorized layers it kept of those it started with."""
+
+    model: nn.Module
+    dense_ms: float | None
+    ms: float | None
+    kept: int
+    total: int
+
+
 def latency_guarded(
     dense: nn.Module, small: nn.Module, size: tuple[int, ...], channels_last: bool
-) -> nn.Module:
+) -> Guarded:
     """``small`` guarded as compress(must_save="latency") guards it: each factorized layer that
     is not faster than the dense original at its input (round-robin) replaced by that original,
     then the whole model timed against ``dense`` and the layers saving least put back until it
@@ -111,10 +124,13 @@ def latency_guarded(
         for name, m in guarded.named_modules()
         if isinstance(m, tnconv.FactorizedLayer)
     }
+    own: dict = {}
     if replaced:
         probe = LatencyProbe(channels_last=channels_last, repeats=5)
-        latency_guard(guarded, dense, replaced, shapes, size, probe)
-    return guarded.eval()
+        own = latency_guard(guarded, dense, replaced, shapes, size, probe)
+    total = sum(isinstance(m, tnconv.FactorizedLayer) for m in small.modules())
+    kept = sum(isinstance(m, tnconv.FactorizedLayer) for m in guarded.modules())
+    return Guarded(guarded.eval(), own.get("dense_ms"), own.get("ms"), kept, total)
 
 
 def conv_params(model: nn.Module) -> int:
@@ -142,6 +158,18 @@ class Row:
     peak_mb: float
 
 
+@dataclass
+class GuardRow:
+    model: str
+    batch: int
+    name: str
+    kept: int
+    total: int
+    own: float | None  # dense / guarded, the whole-model guard's own last timing
+    pair: float  # dense / guarded, the two alone in one round-robin loop
+    shared: float  # dense / guarded, in the loop of every variant
+
+
 def flops_and_peak(model: nn.Module, x: torch.Tensor) -> tuple[int, float]:
     with torch.no_grad():
         model(x)  # plans and folded weights exist before measuring
@@ -159,7 +187,7 @@ def run_model(
     methods: list[str],
     compiled: bool,
     fold_bn: bool = False,
-) -> list[Row]:
+) -> tuple[list[Row], list[GuardRow]]:
     build, size = MODELS[name]
     torch.manual_seed(0)
     dense = build().eval()
@@ -178,19 +206,21 @@ def run_model(
             if method in methods:
                 variants[f"{method}+foldbn"] = compress_at_share(folded, method, SHARE).eval()
     dense_params = conv_params(dense)
-    rows = []
+    rows: list[Row] = []
+    guard_rows: list[GuardRow] = []
     for batch in batches:
         for layout, fmt in LAYOUTS.items():
             x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
+            for m in variants.values():
+                m.to(memory_format=fmt)  # before the guards: they time dense in this layout
             setting = dict(variants)
+            guards: dict[str, Guarded] = {}
             if layout == "nhwc":
                 for method in methods:
                     if method in variants:
-                        setting[f"{method}+guard"] = latency_guarded(
-                            dense, variants[method], tuple(x.shape), True
-                        )
-            for m in setting.values():
-                m.to(memory_format=fmt)
+                        g = latency_guarded(dense, variants[method], tuple(x.shape), True)
+                        guards[f"{method}+guard"] = g
+                        setting[f"{method}+guard"] = g.model.to(memory_format=fmt)
             fns = {k: (lambda m=m, x=x: m(x)) for k, m in setting.items()}
             if compiled and layout == "nhwc":
                 for k in ("dense", "tucker"):
@@ -220,7 +250,27 @@ def run_model(
                         peak,
                     )
                 )
-    return rows
+            for k, g in guards.items():
+                # the guard's promise, re-measured as it was made: the pair alone in one loop
+                # (in the loop above every model runs after others and finds the caches cold)
+                with torch.no_grad():
+                    pair = time_round_robin(
+                        {"dense": lambda x=x: dense(x), k: lambda m=g.model, x=x: m(x)},
+                        2 * repeats,
+                    )
+                guard_rows.append(
+                    GuardRow(
+                        name,
+                        batch,
+                        k,
+                        g.kept,
+                        g.total,
+                        g.dense_ms / g.ms if g.ms else None,
+                        pair["dense"] / pair[k],
+                        times["dense"] / times[k],
+                    )
+                )
+    return rows, guard_rows
 
 
 def print_rows(rows: list[Row]) -> None:
@@ -250,6 +300,21 @@ def print_speedups(rows: list[Row]) -> None:
             r = by.get((model, name, b, lay))
             cells.append(f"{r.speedup:.2f} ({r.realized:.2f})" if r else "-")
         print(f"| {model} | {name} | " + " | ".join(cells) + " |")
+
+
+def print_guards(rows: list[GuardRow]) -> None:
+    """The whole-model latency guard: speed-up over dense as the guard measured it, the pair
+    re-timed alone, and in the loop of every variant; a guard that put every layer back
+    returned the dense model itself (its speed-ups are then timing noise around 1)."""
+    print("\nWhole-model latency guard, channels-last (speed-up over dense):\n")
+    print("| model | batch | method | factorized layers kept | guard's own | pair | all variants |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        own = f"{r.own:.2f}" if r.own is not None else "-"
+        kept = f"{r.kept} / {r.total}" + (" (= dense)" if r.kept == 0 else "")
+        print(
+            f"| {r.model} | {r.batch} | {r.name} | {kept} | {own} | {r.pair:.2f} | {r.shared:.2f} |"
+        )
 
 
 def print_folded(rows: list[Row]) -> None:
@@ -294,13 +359,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     start = time.perf_counter()
     rows: list[Row] = []
+    guard_rows: list[GuardRow] = []
     for name in names:
         # the 224x224 model at batch 32 takes ~1 s per forward on 2 cores: fewer repeats
         big = MODELS[name][1] > 64
         repeats = args.repeats or (8 if args.quick else (4 if big else 10))
-        rows += run_model(name, [1, 32], repeats, methods, args.compile, args.fold_bn)
+        model_rows, model_guards = run_model(
+            name, [1, 32], repeats, methods, args.compile, args.fold_bn
+        )
+        rows += model_rows
+        guard_rows += model_guards
     print_rows(rows)
     print_speedups(rows)
+    print_guards(guard_rows)
     if args.fold_bn:
         print_folded(rows)
     print(f"\n({time.perf_counter() - start:.0f} s)")
