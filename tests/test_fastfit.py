@@ -140,7 +140,10 @@ def test_zero_kernel_every_path(method: str) -> None:
         assert all(not bool(p.any()) for p in layer.factors)
         y = torch.randn(2, 4, 6, 6)
         torch.testing.assert_close(layer(y), model[2](y))
-        for kwargs in ({"eps": 0.3}, {"budget": 0.5}, {"rank": 2}):
+        # (the pool leaves out the 3-channel conv that sttucker's t = 2 keeps dense: counted, it
+        # leaves too little of a 0.5 share for the smallest sttucker network of the zero conv)
+        budget = tnconv.Budget(share=0.5, pool="factorizable")
+        for kwargs in ({"eps": 0.3}, {"budget": budget}, {"rank": 2}):
             small = tnconv.compress(model, method, progress=False, **kwargs)
             assert small(x).shape == model(x).shape
             for name, module in small.named_modules():
