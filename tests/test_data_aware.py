@@ -75,6 +75,36 @@ def test_output_error_from_statistics_equals_the_conv_oracle(
     assert torch.allclose(cols, torch.einsum("shashb->ab", patch) / (n * s * kh))
 
 
+@given(
+    k=st.sampled_from([(1, 1), (3, 3), (3, 1), (2, 3)]),
+    stride=st.sampled_from([1, 2, (2, 1)]),
+    padding=st.sampled_from([0, 1, 2, "same"]),
+    dilation=st.integers(1, 2),
+    mode=st.sampled_from(["zeros", "reflect", "circular"]),
+    seed=st.integers(0, 1000),
+)
+def test_sampled_patches_are_the_unfolded_ones(
+    k: tuple[int, int], stride: object, padding: object, dilation: int, mode: str, seed: int
+) -> None:
+    """Patches gathered at chosen positions equal F.unfold's at those positions, and statistics
+    kept from a subsample equal the subsample of all patches (max_patches)."""
+    if padding == "same" and stride != 1:
+        return  # (nn.Conv2d refuses 'same' with strides)
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(3, 4, k, stride=stride, padding=padding, dilation=dilation, padding_mode=mode)
+    x = torch.randn(3, 3, 8, 7)
+    every = conv_patches(conv, x)
+    pick = torch.randperm(every.shape[0])[: max(1, every.shape[0] // 3)]
+    assert torch.equal(conv_patches(conv, x, pick), every[pick])
+    stats = calibrate_inputs(nn.Sequential(conv), [x, x.flip(0)], max_patches=5)["0"]
+    oracle = InputStatistics(3, conv.kernel_size, max_patches=5)
+    oracle.update(every)
+    oracle.update(conv_patches(conv, x.flip(0)))
+    assert stats.count == oracle.count == min(5, every.shape[0]) * 2
+    assert torch.equal(stats.channel, oracle.channel)
+    assert torch.equal(stats.patch, oracle.patch)
+
+
 def test_calibrate_inputs_errors_and_leaves_the_model_alone() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
     model.train()

@@ -87,6 +87,14 @@ class InputStatistics:
         """S kh kw: the length of one patch."""
         return self.channels * self.kernel_size[0] * self.kernel_size[1]
 
+    def positions(self, n: int) -> torch.Tensor | None:
+        """Which of the next ``n`` patches :meth:`update` keeps: an unbiased random subset of
+        ``max_patches`` (fixed seed per batch: reproducible statistics), None for all."""
+        if self.max_patches is None or n <= self.max_patches:
+            return None
+        gen = torch.Generator(device="cpu").manual_seed(self.count)
+        return torch.randperm(n, generator=gen)[: self.max_patches]
+
     def update(self, patches: torch.Tensor) -> None:
         """Add patches of shape (N, S, kh, kw) (any float dtype; accumulated in float64)."""
         n, s, kh, kw = patches.shape
@@ -100,11 +108,9 @@ class InputStatistics:
         p = patches.detach()
         if not p.is_floating_point() or p.dtype in (torch.float16, torch.bfloat16):
             p = p.float()
-        if self.max_patches is not None and n > self.max_patches:
-            # an unbiased subsample of the positions (fixed seed: reproducible statistics)
-            gen = torch.Generator(device="cpu").manual_seed(self.count)
-            pick = torch.randperm(n, generator=gen)[: self.max_patches].to(p.device)
-            p, n = p[pick], self.max_patches
+        pick = self.positions(n)
+        if pick is not None:
+            p, n = p[pick.to(p.device)], len(pick)
         if self.size <= self.patch_limit:
             flat = p.reshape(n, -1)
             patch = (flat.T @ flat).double()
@@ -209,16 +215,44 @@ def whiten(
 # ---------------------------------------------------------------------------------------------
 # recording them
 # ---------------------------------------------------------------------------------------------
-def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """The im2col patches of ``x`` (B, S, H, W) as ``conv`` sees them: (B*L, S, kh, kw)."""
+def conv_patches(
+    conv: nn.Conv2d, x: torch.Tensor, pick: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The im2col patches of ``x`` (B, S, H, W) as ``conv`` sees them: (B*L, S, kh, kw), or
+    only those at the flat indices ``pick`` (into b * L + position), in that order: (len(pick),
+    S, kh, kw), gathered without forming the others."""
     if x.ndim == 3:
         x = x.unsqueeze(0)
     kh, kw = conv.kernel_size
     # the layer's own padding (any mode, 'same' included), then a padding-free unfold
     x = F.pad(x, conv._reversed_padding_repeated_twice, mode=_pad_mode(conv.padding_mode))
+    if pick is not None:
+        (sh, sw), (dh, dw) = conv.stride, conv.dilation
+        out_w = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        out_hw = ((x.shape[2] - dh * (kh - 1) - 1) // sh + 1) * out_w
+        pick = pick.to(x.device)
+        b, pos = pick // out_hw, pick % out_hw
+        rows = (pos // out_w * sh)[:, None, None] + (torch.arange(kh, device=x.device) * dh)[
+            None, :, None
+        ]
+        cols = (pos % out_w * sw)[:, None, None] + (torch.arange(kw, device=x.device) * dw)[
+            None, None, :
+        ]
+        # advanced indices split by a slice: their broadcast dims (m, kh, kw) come first
+        return x[b[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
     cols = F.unfold(x, (kh, kw), dilation=conv.dilation, stride=conv.stride)  # (B, S*kh*kw, L)
     b, _, positions = cols.shape
     return cols.transpose(1, 2).reshape(b * positions, conv.in_channels, kh, kw)
+
+
+def _positions(conv: nn.Conv2d, x: torch.Tensor) -> int:
+    """Output positions L of ``conv`` on one image of ``x`` (B, S, H, W) or (S, H, W)."""
+    h, w = x.shape[-2:]
+    pads = conv._reversed_padding_repeated_twice  # (left, right, top, bottom)
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    out_h = (h + pads[2] + pads[3] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + pads[0] + pads[1] - dw * (kw - 1) - 1) // sw + 1
+    return out_h * out_w
 
 
 def _pad_mode(mode: str) -> str:
@@ -300,7 +334,10 @@ def calibrate_inputs(
 
     def hook(name: str) -> Callable[[nn.Module, tuple], None]:
         def record(module: nn.Module, args: tuple) -> None:
-            stats[name].update(conv_patches(module, args[0]))  # type: ignore[arg-type]
+            x, st = args[0], stats[name]
+            # the kept positions first: forming every patch of a batch cost more than the moments
+            n = x.shape[0] * _positions(module, x) if x.ndim == 4 else _positions(module, x)
+            st.update(conv_patches(module, x, st.positions(n)))  # type: ignore[arg-type]
 
         return record
 
