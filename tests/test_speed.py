@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import tnconv
 from tnconv import calibration
@@ -284,6 +285,49 @@ class _CopyCounter(torch.utils._python_dispatch.TorchDispatchMode):
         if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default):
             self.copies += 1
         return func(*args, **(kwargs or {}))
+
+
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every aten op dispatched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_grouped_tucker_layer_runs_its_three_convs_and_nothing_else(layout, bias) -> None:
+    """A grouped conv's Tucker-2 (the group a shared index of the network) runs as three grouped
+    convs: the input's split into groups and the output's merge back are identities skipped
+    with the views around them, and the bias is added by the last conv. Exact against
+    F.conv2d on the reconstructed kernel."""
+    torch.manual_seed(0)
+    dense = nn.Conv2d(32, 32, 3, padding=1, groups=4, bias=bias)
+    layer = tnconv.FactorizedConv2d.from_conv(dense, "tucker", rank=(3, 2)).eval()
+    x = torch.randn(2, 32, 6, 5)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        layer(x)  # plan and folded weights
+        recorder = _OpRecorder()
+        with recorder:
+            y = layer(x)
+        ref = F.conv2d(x, layer.to_dense().weight, layer.bias, 1, 1, 1, 4)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "nhwc")
+    convs = [op for op in recorder.ops if "convolution" in op]
+    assert len(convs) == 3, recorder.ops
+    moved = [op for op in recorder.ops if op.split(".")[0] in ("add", "permute", "view")]
+    assert not moved, recorder.ops
+    # copies: only an NCHW input's conversion to channels-last and back, where the plan does so
+    plan = layer.plan_for(tuple(x.shape), layout, True)
+    copies = [op for op in recorder.ops if op.split(".")[0] in ("clone", "copy_")]
+    assert len(copies) == (2 if plan.convert and layout == "nchw" else 0), recorder.ops
 
 
 @pytest.mark.parametrize("method", sorted(STP_SHAPES))

@@ -124,13 +124,28 @@ class _Runner:
         if plan.final_perm is not None:
             self.output_shape = plan.output_shape
         self.layout = _layout(dim, nhwc)
+        last = self.calls[-1] if self.calls else None
+        # The ends, as merge_after does between steps: the input split into its S-group axes
+        # and merged back in order by the first step's input view, and the last conv's output
+        # split into out_shape and merged back into the output, are identities (a grouped
+        # layer's group axis: two reshapes and two permutes per call at batch 1)
+        self.fast_entry_shape, self.fast_output_shape = self.entry_shape, self.output_shape
+        if last is not None and self.entry_shape is not None:
+            self.calls[0].merge_after_entry(plan.input_shape, self.entry_shape)
+            if self.calls[0].fast_input_view_skipped:
+                self.fast_entry_shape = None
+        returns_output = (
+            last is not None
+            and plan.final_perm is None
+            and last.produced == tuple(plan.output_shape)
+        )
+        if returns_output:
+            last.fast_out_shape, self.fast_output_shape = None, None
         # the bias is added by the last conv / product when its output channels are the
         # layer's (no regrouping after it): one pass over the output less
-        last = self.calls[-1] if self.calls else None
         self.bias_in_last = (
             last is not None
-            and last.out_shape is None
-            and self.output_shape is None
+            and (returns_output or (last.out_shape is None and self.output_shape is None))
             and last.step.weight_shape[0] == plan.output_shape[1]
         )
         # a plan of plain 1x1 products (a Linear layer's, a 1x1 conv's) runs as a chain of
@@ -161,8 +176,9 @@ class _Runner:
     ) -> torch.Tensor:
         if self.convert_in:
             x = x.contiguous(memory_format=_CHANNELS_LAST[self.dim])
-        if self.entry_shape is not None:
-            x = x.reshape(self.entry_shape)
+        entry_shape = self.entry_shape if between is not None else self.fast_entry_shape
+        if entry_shape is not None:
+            x = x.reshape(entry_shape)
         ops: list[torch.Tensor] = [x, *factors]
         if folded is None:
             for equation, left, right in self.factor_steps:
@@ -190,8 +206,9 @@ class _Runner:
                     x = between(j, x)
         if self.final_perm is not None:
             x = x.permute(self.final_perm)
-        if self.output_shape is not None:
-            x = x.reshape(self.output_shape)
+        output_shape = self.output_shape if between is not None else self.fast_output_shape
+        if output_shape is not None:
+            x = x.reshape(output_shape)
         # the input's layout (a no-op unless regrouped, or converted without a fused last step)
         x = x.contiguous() if self.converted else x.contiguous(memory_format=self.layout)
         if bias is not None and not self.bias_in_last:
@@ -255,6 +272,29 @@ class _DataCall:
             and self.pad is None
             and step.groups == 1
         )
+
+    def merge_after_entry(self, input_shape: tuple[int, ...], entry: tuple[int, ...]) -> None:
+        """Skip, in :meth:`fast`, this first step's input view when it only merges back, in
+        order, the layer input (N, C, *spatial) split into ``entry`` (N, *C-parts, *spatial):
+        the caller then skips the split (``fast_input_view_skipped``)."""
+        self.fast_input_view_skipped = False
+        step, dim = self.step, self.dims
+        spatial = tuple(input_shape[2:])
+        parts = len(entry) - 1 - (dim - 2)
+        if (
+            step.data_shape != tuple(input_shape)
+            or self.data_perm is not None
+            or entry[0] != input_shape[0]
+            or tuple(entry[len(entry) - (dim - 2) :]) != spatial
+            or math.prod(entry[1 : 1 + parts]) != input_shape[1]
+        ):
+            return
+        if self.in_nhwc:
+            standard = (0, *range(1 + parts, 1 + parts + dim - 2), *range(1, 1 + parts))
+            if step.nhwc_perm != standard:
+                return
+        self.fast_nhwc_view, self.fast_data_shape = None, None
+        self.fast_input_view_skipped = True
 
     def merge_after(self, before: _DataCall) -> None:
         """Skip, in :meth:`fast`, ``before``'s output view and this step's input view when
