@@ -8,7 +8,9 @@ Layers (inference, ``torch.no_grad``, 2 threads, timed round-robin in one loop p
   (``tensorize="auto"``: (16, 8, 8) x (16, 8, 8)); TensorLy-Torch's ``FactorizedLinear``
   (tucker / blocktt = its TT-matrix, "factorized" implementation) at about the same parameters;
 * a ResNeXt grouped 3x3 conv, 256 -> 256, 32 groups, at 14x14, factorized per group (tucker,
-  tt) at 1/4 of its parameters;
+  tt) at 1/4 of its parameters, and ``tucker-seq``: its Tucker-2 written by hand as an
+  ``nn.Sequential`` of three grouped convs at the same per-group ranks (the plan's own convs,
+  no tnconv);
 * a ResNet-50 1x1 conv, 1024 -> 256 at 14x14, at 1/4 of its parameters (tucker, tt, cp).
 
 Columns: milliseconds, speed-up over dense, FLOP reduction, realized share (speed-up / FLOP
@@ -61,6 +63,18 @@ def tltorch_linear(dense: nn.Linear, factorization: str, target: int) -> nn.Modu
     return layer.eval()
 
 
+def grouped_tucker_sequential(conv: nn.Conv2d, ranks: tuple[int, ...]) -> nn.Module:
+    """Tucker-2 of a grouped conv written by hand: three grouped convs (1x1, kh x kw, 1x1) at
+    the factorized layer's per-group ranks (R_T, R_S): what the layer's plan runs, without
+    tnconv. (Weights random: speed does not depend on their values.)"""
+    g, (r_t, r_s) = conv.groups, ranks
+    return nn.Sequential(
+        nn.Conv2d(conv.in_channels, g * r_s, 1, groups=g, bias=False),
+        nn.Conv2d(g * r_s, g * r_t, conv.kernel_size, conv.stride, conv.padding, groups=g),
+        nn.Conv2d(g * r_t, conv.out_channels, 1, groups=g),
+    ).eval()
+
+
 def cases(batch: int) -> list[tuple[str, nn.Module, torch.Tensor, dict[str, nn.Module]]]:
     torch.manual_seed(0)
     out = []
@@ -82,6 +96,7 @@ def cases(batch: int) -> list[tuple[str, nn.Module, torch.Tensor, dict[str, nn.M
     grouped = nn.Conv2d(256, 256, 3, padding=1, groups=32).eval()
     x = torch.randn(batch, 256, 14, 14).contiguous(memory_format=torch.channels_last)
     layers = {m: factorized(grouped, m) for m in ("tucker", "tt")}
+    layers["tucker-seq"] = grouped_tucker_sequential(grouped, layers["tucker"].ranks)
     out.append((f"grouped 256 g32 @14 b{batch}", grouped, x, layers))
 
     pointwise = nn.Conv2d(1024, 256, 1).eval()
