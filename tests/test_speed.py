@@ -330,6 +330,48 @@ def test_grouped_tucker_layer_runs_its_three_convs_and_nothing_else(layout, bias
     assert len(copies) == (2 if plan.convert and layout == "nchw" else 0), recorder.ops
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_grouped_tt_folds_its_extra_index_inside_the_groups(layout) -> None:
+    """A grouped conv's TT holds its middle index inside the group index on the feature map;
+    run as conv groups, that index goes inside the groups too (weight repeated per group), so
+    no step permutes the map: exact against F.conv2d, frozen and not, every plan step's weight
+    as the reconstructed kernel implies."""
+    torch.manual_seed(0)
+    dense = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+    layer = tnconv.FactorizedConv2d.from_conv(dense, "tt", rank=(3, 2, 2))
+    x = torch.randn(2, 32, 6, 5, dtype=torch.float64)
+    layer = layer.double()
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = F.conv2d(x, layer.to_dense().weight, layer.bias, 1, 1, 1, 4)
+    plan = plan_conv(
+        layer.network,
+        layer.geometry,
+        tuple(x.shape),
+        layout=layout,
+        fold="groups",
+        tables=DEFAULT_TABLES,
+        frozen=True,
+        convert=False,
+    )
+    inner = [s for s in plan.steps if getattr(s, "fold_inner", False)]
+    assert inner, plan.describe()
+    assert all(s.data_perm is None for s in inner)
+    with torch.no_grad():
+        torch.testing.assert_close(plan(x, list(layer.factors), layer.bias), ref)
+        folded = plan.fold_factors(list(layer.factors))
+        recorder = _OpRecorder()
+        with recorder:  # frozen: the weights are made, only the feature map moves
+            y = plan(x, list(layer.factors), layer.bias, folded=folded)
+    torch.testing.assert_close(y, ref)
+    if layout == "nhwc":
+        assert not [op for op in recorder.ops if op.split(".")[0] in ("clone", "copy_")], (
+            recorder.ops
+        )
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x), ref)
+
+
 @pytest.mark.parametrize("method", sorted(STP_SHAPES))
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_expanded_steps_read_and_write_interleaved_channels_without_copies(method, layout) -> None:

@@ -438,6 +438,11 @@ def _step_weight(step: DataStep, factor: torch.Tensor) -> torch.Tensor:
         weight = weight.permute(step.factor_perm)
     # a weight with channels-last-like strides would switch conv2d's output layout
     weight = weight.reshape(step.weight_shape[0] // step.repeat, *step.weight_shape[1:])
+    if step.repeat > 1 and step.fold_inner:
+        # rows (group, new) -> (group, fold, new): each group's block repeated in place
+        n_group = step.groups // step.repeat
+        blocks = weight.reshape(n_group, 1, -1, *weight.shape[1:])
+        return blocks.expand(-1, step.repeat, *blocks.shape[2:]).reshape(step.weight_shape)
     if step.repeat > 1:
         return weight.repeat(step.repeat, *([1] * (weight.dim() - 1)))
     return weight.contiguous()

@@ -518,6 +518,9 @@ def _data_step(
     extent = math.prod(kernel)
     flops = 2 * out_elems * n_con * extent
     seconds, as_groups = math.nan, fold_mode == "groups" and n_fold > 1
+    fold_inner = as_groups and bool(grouped) and _inner_fold(data, fold, grouped, contracted, sizes)
+    if fold_inner:
+        order = grouped + fold + contracted
     in_elems = b * n_fold * n_group * n_con * math.prod(cur)
     n_rep = n_fold * n_group
     # the last step writes the output's channel order itself when it can (no final permute)
@@ -536,6 +539,8 @@ def _data_step(
             fold_mode if fold_mode != "expand" else "batch",
             (n_con, n_new),
         )
+        if as_groups and grouped and _inner_fold(data, fold, grouped, contracted, sizes):
+            order, fold_inner = grouped + fold + contracted, True
         # the copies of the feature map this execution implies (a permute made contiguous; a
         # channels-last batch folding is priced by step_seconds itself)
         if (layout == "nchw" or as_groups or n_fold == 1) and _moves(data, order, sizes):
@@ -589,6 +594,12 @@ def _data_step(
             expand_eyes=tuple(sizes[c] for c in fold + grouped),
         )
         return step, new_indices
+    if as_groups and fold_inner:
+        # the conv's groups are (groups, fold): its output channels come out in that order
+        new_indices = "".join(grouped + fold + new)
+        perm = tuple([0] + [data.index(c) + 1 for c in order] + trail)
+        data_perm = None if perm == tuple(range(len(perm))) else perm
+    fold_inner = fold_inner and as_groups
     out_shape = (b, *(sizes[c] for c in new_indices), *after)
     repeat = n_fold if as_groups else 1
     matmul = (n_fold * n_group if as_groups else n_group) == 1 and _runs_as_matmul(
@@ -624,10 +635,21 @@ def _data_step(
         out_shape=out_shape,
         flops=flops,
         repeat=repeat,
+        fold_inner=fold_inner,
         seconds=seconds,
         matmul=matmul,
     )
     return step, new_indices
+
+
+def _inner_fold(
+    data: str, fold: list[str], grouped: list[str], contracted: list[str], sizes: dict[str, int]
+) -> bool:
+    """Whether running the fold indices as conv groups *inside* the group indices reads the
+    feature map in place where the usual order (fold outside) would permute it."""
+    return not _moves(data, grouped + fold + contracted, sizes) and _moves(
+        data, fold + grouped + contracted, sizes
+    )
 
 
 def _runs_as_matmul(

@@ -48,6 +48,10 @@ class DataStep:
     # > 1: the fold indices run as conv groups with the weight repeated this many times
     # (channels (fold, groups, contracted)) instead of being folded into the batch
     repeat: int = 1
+    # with repeat > 1: the fold indices sit inside the group indices (channels (groups, fold,
+    # contracted), the weight repeated per group rather than per fold), where the feature map
+    # already holds them in that order: no permuting copy before the step or after it
+    fold_inner: bool = False
     seconds: float = math.nan  # predicted by the cost table (nan without one)
     # a pointwise step run as one matrix product over the pixels instead of a conv call
     matmul: bool = False
