@@ -278,11 +278,14 @@ def _fit(rows: list[tuple[float, float, float]], default: KindCost, kind: str) -
     call, mac, elem = (coef / scale).tolist()
     misfit = float(np.max(np.abs(a @ (coef / scale) / t - 1.0)))
     if misfit > MAX_MISFIT:
-        # timings this far from any linear model: other processes were competing for the cores
+        # timings this far from any linear model: other processes competing for the cores, or
+        # (seen on a quiet 2-core VM: channels-last products) an op kind whose cost here is not
+        # linear in its multiply-adds and elements
         log.warning(
-            "tnconv calibration: %s op timings are inconsistent (a fit is off by %.0f%%); the "
-            "machine looks busy. Using the built-in %s costs; re-run `tnconv calibrate "
-            "--reset` when it is quiet.",
+            "tnconv calibration: no linear cost model fits the %s op timings (a fit is off by "
+            "%.0f%%): the machine may be busy, or this kind's cost is not linear here. Using the "
+            "built-in %s costs; if the machine was busy, re-run `tnconv calibrate --reset` when "
+            "it is quiet.",
             kind,
             100 * misfit,
             kind,
