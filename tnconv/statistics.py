@@ -224,12 +224,12 @@ def conv_patches(
     if x.ndim == 3:
         x = x.unsqueeze(0)
     kh, kw = conv.kernel_size
+    out_h, out_w = _output_size(conv, x)
     # the layer's own padding (any mode, 'same' included), then a padding-free unfold
     x = F.pad(x, conv._reversed_padding_repeated_twice, mode=_pad_mode(conv.padding_mode))
     if pick is not None:
         (sh, sw), (dh, dw) = conv.stride, conv.dilation
-        out_w = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
-        out_hw = ((x.shape[2] - dh * (kh - 1) - 1) // sh + 1) * out_w
+        out_hw = out_h * out_w
         pick = pick.to(x.device)
         b, pos = pick // out_hw, pick % out_hw
         rows = (pos // out_w * sh)[:, None, None] + (torch.arange(kh, device=x.device) * dh)[
@@ -245,14 +245,14 @@ def conv_patches(
     return cols.transpose(1, 2).reshape(b * positions, conv.in_channels, kh, kw)
 
 
-def _positions(conv: nn.Conv2d, x: torch.Tensor) -> int:
-    """Output positions L of ``conv`` on one image of ``x`` (B, S, H, W) or (S, H, W)."""
+def _output_size(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
+    """(H', W'): ``conv``'s output size on ``x`` (B, S, H, W) or (S, H, W)."""
     h, w = x.shape[-2:]
     pads = conv._reversed_padding_repeated_twice  # (left, right, top, bottom)
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
     out_h = (h + pads[2] + pads[3] - dh * (kh - 1) - 1) // sh + 1
     out_w = (w + pads[0] + pads[1] - dw * (kw - 1) - 1) // sw + 1
-    return out_h * out_w
+    return out_h, out_w
 
 
 def _pad_mode(mode: str) -> str:
@@ -336,7 +336,7 @@ def calibrate_inputs(
         def record(module: nn.Module, args: tuple) -> None:
             x, st = args[0], stats[name]
             # the kept positions first: forming every patch of a batch cost more than the moments
-            n = x.shape[0] * _positions(module, x) if x.ndim == 4 else _positions(module, x)
+            n = math.prod(_output_size(module, x)) * (x.shape[0] if x.ndim == 4 else 1)
             st.update(conv_patches(module, x, st.positions(n)))  # type: ignore[arg-type]
 
         return record

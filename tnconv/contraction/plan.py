@@ -509,6 +509,13 @@ def _data_step(
     pad = None if symmetric else tuple(v for side in reversed(sides) for v in side)
     stride = tuple(geo.stride[a] if has[a] else 1 for a in range(n_axes))
     dilation = tuple(geo.dilation[a] if has[a] else 1 for a in range(n_axes))
+    conv_args = {
+        "stride": stride,
+        "padding": padding,
+        "pad": pad,
+        "padding_mode": geo.padding_mode,
+        "dilation": dilation,
+    }
     for a in range(n_axes):
         consumed[a] = consumed[a] or has[a]
     after = tuple(o if done else i for i, o, done in zip(sp_in, sp_out, consumed, strict=True))
@@ -518,9 +525,9 @@ def _data_step(
     extent = math.prod(kernel)
     flops = 2 * out_elems * n_con * extent
     seconds, as_groups = math.nan, fold_mode == "groups" and n_fold > 1
-    fold_inner = as_groups and bool(grouped) and _inner_fold(data, fold, grouped, contracted, sizes)
-    if fold_inner:
-        order = grouped + fold + contracted
+    # run as conv groups, the fold indices may go inside the group indices (see _inner_fold)
+    inner_order = grouped + fold + contracted
+    inner = bool(grouped) and _inner_fold(data, fold, grouped, contracted, sizes)
     in_elems = b * n_fold * n_group * n_con * math.prod(cur)
     n_rep = n_fold * n_group
     # the last step writes the output's channel order itself when it can (no final permute)
@@ -539,11 +546,10 @@ def _data_step(
             fold_mode if fold_mode != "expand" else "batch",
             (n_con, n_new),
         )
-        if as_groups and grouped and _inner_fold(data, fold, grouped, contracted, sizes):
-            order, fold_inner = grouped + fold + contracted, True
+        read = inner_order if as_groups and inner else order
         # the copies of the feature map this execution implies (a permute made contiguous; a
         # channels-last batch folding is priced by step_seconds itself)
-        if (layout == "nchw" or as_groups or n_fold == 1) and _moves(data, order, sizes):
+        if (layout == "nchw" or as_groups or n_fold == 1) and _moves(data, read, sizes):
             seconds += table.copy * in_elems
         if last and out_order is not None and _moves(new_indices, out_order, sizes):
             seconds += table.copy * out_elems
@@ -573,11 +579,7 @@ def _data_step(
             factor_perm=factor_perm,
             weight_shape=(n_rep * n_new, n_rep * n_con, *kernel),
             groups=1,
-            stride=stride,
-            padding=padding,
-            pad=pad,
-            padding_mode=geo.padding_mode,
-            dilation=dilation,
+            **conv_args,
             out_shape=out_shape,
             flops=n_rep * flops,
             seconds=seconds,
@@ -594,12 +596,12 @@ def _data_step(
             expand_eyes=tuple(sizes[c] for c in fold + grouped),
         )
         return step, new_indices
-    if as_groups and fold_inner:
-        # the conv's groups are (groups, fold): its output channels come out in that order
+    fold_inner = as_groups and inner
+    if fold_inner:
+        # the conv's groups are (groups, fold): its output channels come out in that order; the
+        # map is read as it is (_inner_fold)
+        order, data_perm = inner_order, None
         new_indices = "".join(grouped + fold + new)
-        perm = tuple([0] + [data.index(c) + 1 for c in order] + trail)
-        data_perm = None if perm == tuple(range(len(perm))) else perm
-    fold_inner = fold_inner and as_groups
     out_shape = (b, *(sizes[c] for c in new_indices), *after)
     repeat = n_fold if as_groups else 1
     matmul = (n_fold * n_group if as_groups else n_group) == 1 and _runs_as_matmul(
@@ -627,11 +629,7 @@ def _data_step(
         factor_perm=factor_perm,
         weight_shape=weight_shape,
         groups=groups,
-        stride=stride,
-        padding=padding,
-        pad=pad,
-        padding_mode=geo.padding_mode,
-        dilation=dilation,
+        **conv_args,
         out_shape=out_shape,
         flops=flops,
         repeat=repeat,
