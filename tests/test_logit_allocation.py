@@ -101,7 +101,13 @@ def test_compress_by_logits_records_the_logit_errors_and_weighs_layers_by_them()
     xs = batches(8, n=2, seed=1)
     small = {
         by: tnconv.compress(
-            model, "tucker", budget=0.3, calibration=xs, allocate_by=by, fold_bn=False
+            model,
+            "tucker",
+            budget=0.3,
+            calibration=xs,
+            allocate_by=by,
+            fold_bn=False,
+            sequential=False,  # the allocation's own fits, as it priced them
         )
         for by in ("output", "logits")
     }
@@ -135,5 +141,44 @@ def test_allocate_by_is_validated() -> None:
         tnconv.compress(model, "tucker", budget=0.3, allocate_by="logits")
     with pytest.raises(OptionError, match="budget="):
         tnconv.compress(model, "tucker", rank=2, calibration=xs, allocate_by="logits")
-    with pytest.raises(OptionError, match="auto"):
-        tnconv.compress(model, "auto", budget=0.3, calibration=xs, allocate_by="logits")
+    with pytest.raises(OptionError, match="calibration="):
+        tnconv.recommend(model, 0.3, allocate_by="logits")
+
+
+def test_auto_prices_every_methods_candidates_by_the_logits() -> None:
+    """compress(model, "auto", allocate_by="logits"): the candidates of every method are priced
+    at the model's outputs, so the quiet conv (errors scaled down 100x) gets fewer parameters
+    and the model ends closer to the dense one than with output-error pricing."""
+    torch.manual_seed(0)
+    model = Loud().eval()
+    xs = batches(8, n=2, seed=1)
+    methods = ["tucker", "tt"]
+    rec = tnconv.recommend(model, 0.3, methods=methods, calibration=xs, allocate_by="logits")
+    rows = {r.layer: r for r in rec.rows}
+    by_kernel = {r.layer: r for r in tnconv.recommend(model, 0.3, methods=methods).rows}
+    # the predictions are errors at the logits: the quiet conv's barely count
+    assert rows["quiet"].predicted_error < 0.1 * rows["loud"].predicted_error
+    assert rows["loud"].params > by_kernel["loud"].params, (rows, by_kernel)
+    small = {
+        by: tnconv.compress(
+            model,
+            "auto",
+            budget=0.3,
+            calibration=xs,
+            allocate_by=by,
+            methods=methods,
+            fold_bn=False,
+            sequential=False,
+        )
+        for by in ("output", "logits")
+    }
+    assert small["logits"].loud.num_params > small["logits"].quiet.num_params
+    with torch.no_grad():
+        errors = {
+            by: float(
+                sum((m(x) - model(x)).norm() ** 2 for x in xs) ** 0.5
+                / sum(model(x).norm() ** 2 for x in xs) ** 0.5
+            )
+            for by, m in small.items()
+        }
+    assert errors["logits"] < 0.97 * errors["output"], errors

@@ -58,6 +58,7 @@ from .logit_error import LogitProbe
 from .rank import parse_rank_spec
 from .recommend import auto_spec
 from .registry import get
+from .sequential_fit import fit_sequentially
 from .statistics import InputStatistics, calibrate_inputs
 
 __all__ = [
@@ -142,6 +143,7 @@ def compress(
     calibration: Any = None,
     fold_bn: bool | None = None,
     allocate_by: Literal["kernel", "output", "logits"] = "kernel",
+    sequential: bool | None = None,
     executor: Any = None,
     workers: int | None = None,
     worker_threads: int | None = None,
@@ -160,7 +162,9 @@ def compress(
             when every ``spec`` entry names its own method. ``"auto"`` (with ``budget=``)
             chooses a method and ranks per layer among the registered ones
             (:func:`tnconv.recommend`); its options are ``methods=[names]`` and
-            per-method option dicts keyed by method name (``cp={"n_init": 1}``).
+            per-method option dicts keyed by method name (``cp={"n_init": 1}``). With
+            ``calibration`` its choice follows ``allocate_by`` and the chosen layers are then
+            fitted output-aware (and ``sequential``) like one method's.
         rank, eps, ratio: the per-layer spec, as for ``Decomposition.factorize``.
         layers: layer names, a layer type or tuple of types (``nn.Conv2d``), a predicate
             ``(name, module) -> bool``, or None for every Linear / Conv1d / Conv2d / Conv3d.
@@ -224,7 +228,24 @@ def compress(
             :data:`tnconv.logit_error.LOGIT_SAMPLES` calibration inputs (every candidate fitted
             output-aware; the model's prefix runs once per layer, each candidate runs itself
             and the rest of the model: :class:`tnconv.logit_error.LogitProbe`).
-            docs/data_aware.md compares them.
+            docs/data_aware.md compares them. With ``method="auto"`` the same pricing
+            chooses among every method's candidates (:func:`tnconv.recommend`).
+        sequential: with ``calibration``: once every layer's ranks are chosen, refit the
+            factorized ungrouped Conv2d layers one at a time in forward order, each to the
+            dense layer's outputs from the inputs it sees in the compressed model (the layers
+            before it already refitted), its bias corrected for the shifted means
+            (:mod:`tnconv.sequential_fit`, Zhang et al.'s asymmetric reconstruction): errors
+            stop compounding with depth. The first
+            :data:`tnconv.sequential_fit.SEQUENTIAL_SAMPLES` calibration inputs are used; the
+            pass costs one more fit per layer and, per layer, a run of both models up to it on
+            those inputs. A refit that does worse on them than the layer's first fit is not
+            kept (the first fit's bias is still corrected). The ranks, sizes and ``must_save``
+            decisions are the first fits'; ``info["sequential_error"]`` holds each layer's
+            output error in the compressed model against the dense layer's (bias-free dense
+            output as the reference), ``info["dense_input_error"]`` the first fit's there.
+            With a budget allocated by kernel error (the default) the first fits are then
+            weight-only (the refits replace their output-aware fits). Default: True with
+            ``calibration``.
         executor: with ``budget``, where the per-layer candidate fits of the allocation run.
             ``None`` (default): here, in order. ``"processes"``: a local spawn process pool of
             ``workers`` processes (default: the CPU count, at most one per layer), a
@@ -294,11 +315,10 @@ def compress(
             "allocate_by='logits' prices candidates by the model's outputs on the calibration "
             "inputs under a budget: give budget= and calibration="
         )
-    if isinstance(method, str) and method.lower() == "auto" and allocate_by != "kernel":
-        raise OptionError(
-            f'compress(model, "auto") chooses methods and ranks by kernel error; '
-            f"allocate_by={allocate_by!r} applies to one method"
-        )
+    if sequential is None:
+        sequential = calibration is not None
+    if sequential and calibration is None:
+        raise OptionError("sequential=True refits layers on calibration inputs: give calibration=")
     if depthwise not in ("dense", "factorize"):
         raise RankSpecError(f"depthwise must be 'dense' or 'factorize'; got {depthwise!r}")
     if isinstance(method, str) and method.lower() == "auto":
@@ -318,7 +338,14 @@ def compress(
             fold_batchnorm(target, inplace=True, convs=picked)
         parallel = dict(executor=executor, workers=workers, worker_threads=worker_threads)
         chosen, dense, kept = auto_spec(
-            target, budget=budget, layers=layers, options=options, **args, **parallel
+            target,
+            budget=budget,
+            layers=layers,
+            options=options,
+            calibration=calibration,
+            allocate_by=allocate_by,
+            **args,
+            **parallel,
         )
         if chosen:
             compress(
@@ -328,6 +355,7 @@ def compress(
                 inplace=True,
                 calibration=calibration,
                 fold_bn=False,
+                sequential=sequential,
                 **args,
             )
         reasons = dict(getattr(target, DENSE_REASONS, {}))
@@ -411,7 +439,10 @@ def compress(
         else:
             eligible.append((name, conv))
     statistics: dict[int, InputStatistics] = {}
-    if calibration is not None and eligible:
+    # a budget allocated by kernel error uses the dense inputs' statistics only for its final
+    # output-aware fits, which the sequential refit replaces
+    by_kernel_then_sequential = sequential and target_budget is not None and allocate_by == "kernel"
+    if calibration is not None and eligible and not by_kernel_then_sequential:
         # input statistics describe ungrouped 2-D convs; the other kinds are fitted by kernel
         names = [name for name, conv in eligible if _calibrated(conv)]
         others = [name for name, conv in eligible if not _calibrated(conv)]
@@ -498,6 +529,14 @@ def compress(
                     f = rounded(dec, name, conv, layer.factorization, layer_opts)
                     layer = layer_from_conv(conv, f)
                 install(name, layer, reason)
+    if sequential and replaced:
+        _refit_sequentially(
+            target,
+            replaced,
+            calibration,
+            lambda name: per_layer[name][:2] if spec is not None else (decomposition, options),
+            shapes,
+        )
     if must_save == "latency" and probe is not None and replaced and size is not None:
         reference = model if not inplace else _with_modules(target, replaced)
         guard = latency_guard(target, reference, replaced, shapes, size, probe)
@@ -600,6 +639,36 @@ def _budget_plan(
     for name, _ in kept:
         out[name] = (None, plan.get(name, (None, ""))[1])
     return out
+
+
+def _refit_sequentially(
+    target: nn.Module,
+    replaced: Mapping[str, nn.Module],
+    calibration: Any,
+    method_of: Callable[[str], tuple[Decomposition, dict[str, Any]]],
+    shapes: Mapping[str, tuple[int, ...]],
+) -> None:
+    """``compress(sequential=True)``: refit the factorized ungrouped Conv2d layers of
+    ``target`` (``replaced``: name -> the dense module) at their ranks, in forward order, on
+    the inputs they see in ``target`` (:func:`tnconv.sequential_fit.fit_sequentially`)."""
+    refits: dict[str, Callable[[Any, InputStatistics], nn.Module | None]] = {}
+    for name, conv in replaced.items():
+        if type(conv) is not nn.Conv2d or conv.groups != 1:
+            continue  # fitted by kernel error: no patch statistics for other kinds
+        dec, opts = method_of(name)
+        ranks = target.get_submodule(name).factorization.ranks
+        layer_opts = options_for_layer(dec, conv, shapes.get(name), opts)
+
+        def refit(
+            w: Any, stats: InputStatistics, dec=dec, conv=conv, ranks=ranks, opts=layer_opts
+        ) -> nn.Module:
+            f = dec.factorize(w, ranks, **{**opts, "statistics": stats})
+            return layer_from_conv(conv, f)
+
+        refits[name] = refit
+    if refits:
+        dense = _with_modules(target, {n: replaced[n] for n in refits})
+        fit_sequentially(target, dense, refits, calibration)
 
 
 def _with_modules(model: nn.Module, modules: Mapping[str, nn.Module]) -> nn.Module:
