@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -38,12 +38,15 @@ from .allocation import (
     _greedy,
     _LayerOptions,
     _loss,
+    _scored,
     candidate_for,
     dense_conv_flops,
     fit_runner,
     fit_task,
     kept_dense_costs,
     layer_from_conv,
+    layer_scorers,
+    layer_statistics,
     options_for_layer,
     parse_budget,
     run_fit_tasks,
@@ -57,11 +60,13 @@ from .convs import (
     select_convs,
 )
 from .decompositions.base import LAYOUT_KEYS, Decomposition
-from .errors import BudgetError, RankSpecError, StudyError, TnconvError
+from .errors import BudgetError, OptionError, RankSpecError, StudyError, TnconvError
 from .factorization import Factorization
 from .layers import kernel_fit_shape
+from .logit_error import LogitProbe
 from .rank import largest_fitting
 from .registry import available, get
+from .statistics import calibrate_inputs
 
 __all__ = ["AUTO", "Recommendation", "RecommendationRow", "candidate_methods", "recommend"]
 
@@ -104,7 +109,9 @@ def candidate_methods(methods: Sequence[str] | None = None) -> list[str]:
 class RecommendationRow:
     """One layer's choice: ``method`` is "dense" when no candidate was worth its cost.
 
-    ``predicted_error`` is the relative kernel error of the candidate (quick-option fit);
+    ``predicted_error`` is the candidate's relative kernel error (quick-option fit), or with
+    ``allocate_by="output"`` / ``"logits"`` its output-aware fit's relative output error / the
+    relative error at the model's outputs with that one layer replaced;
     ``alternatives`` maps every method to its lowest predicted error within the chosen size
     (NaN: none of its candidates fits).
     """
@@ -305,6 +312,25 @@ def _fit_jobs(
     return out
 
 
+def _calibrated_pricing(
+    model: nn.Module, chosen: list[tuple[str, nn.Module]], calibration: Any, allocate_by: str
+) -> tuple[dict[int, Any], dict[int, Any]]:
+    """The input statistics (conv id -> statistics) that make every candidate fit of the
+    ungrouped Conv2d layers output-aware, and with ``"logits"`` their scorers (conv id ->
+    candidate -> error at the model's outputs); both empty for ``"kernel"``."""
+    if allocate_by == "kernel":
+        return {}, {}
+    names = [n for n, c in chosen if type(c) is nn.Conv2d and c.groups == 1]
+    by_name = calibrate_inputs(model, calibration, layers=names) if names else {}
+    convs = dict(chosen)
+    statistics = {id(convs[n]): st for n, st in by_name.items()}
+    scorers: dict[int, Any] = {}
+    if allocate_by == "logits":
+        probe = LogitProbe(model, calibration)
+        scorers = {id(convs[n]): f for n, f in probe.scorers([n for n, _ in chosen]).items()}
+    return statistics, scorers
+
+
 def recommend(
     model: nn.Module,
     budget: Any,
@@ -318,6 +344,8 @@ def recommend(
     executor: Any = None,
     workers: int | None = None,
     worker_threads: int | None = None,
+    calibration: Any = None,
+    allocate_by: Literal["kernel", "output", "logits"] = "kernel",
 ) -> Recommendation:
     """Choose a method and ranks per layer so the whole selection meets ``budget``.
 
@@ -343,6 +371,14 @@ def recommend(
             address or a ``concurrent.futures.Executor``.
         workers: process count for ``executor="processes"``.
         worker_threads: torch threads in each worker (default 1 for the pool and Dask).
+        calibration: input batches (as ``compress(calibration=)``), needed by ``allocate_by``
+            "output" / "logits".
+        allocate_by: ``"kernel"`` (default) prices each candidate by its kernel error;
+            ``"output"`` fits every candidate of the ungrouped Conv2d layers output-aware on
+            the calibration inputs' statistics and prices it by its output error;
+            ``"logits"`` does the same fits and prices each by the error at the model's
+            outputs with that one layer replaced (:class:`tnconv.logit_error.LogitProbe`).
+            Other layer kinds keep their kernel errors.
 
     Returns:
         :class:`Recommendation` (``.spec`` for ``compress``).
@@ -367,6 +403,12 @@ def recommend(
         dec.parse_options(options.get(n, {}))  # fail before any work
     if executor is None and (workers is not None or worker_threads is not None):
         raise StudyError("workers= and worker_threads= apply with an executor")
+    if allocate_by not in ("kernel", "output", "logits"):
+        raise OptionError(
+            f"allocate_by must be 'kernel', 'output' or 'logits'; got {allocate_by!r}"
+        )
+    if allocate_by != "kernel" and calibration is None:
+        raise OptionError(f"allocate_by={allocate_by!r} prices candidates on calibration=")
     selected = select_convs(model, layers)
     chosen = [(n, c) for n, c in selected if not is_depthwise(c)]
     kept_layers = [(n, c) for n, c in selected if is_depthwise(c)]
@@ -387,22 +429,33 @@ def recommend(
     show = progress if progress is not None else len(jobs) >= 8
     pools: dict[str, list[Candidate]] = {n: [] for n, _ in chosen}
     shares = _shares(target.share)
-    fitted: list[list[Factorization] | None] = [None] * len(jobs)
-    if executor is not None:
-        fitted = _fit_jobs(jobs, decs, shapes, options, shares, executor, workers, worker_threads)
-    for (name, conv, m), fits in tqdm(
-        zip(jobs, fitted, strict=True), desc="recommend", disable=not show, leave=False
-    ):
-        dec = decs[m]
-        opts = options_for_layer(dec, conv, shapes.get(name), _quick(dec, options.get(m, {})))
-        try:
-            if isinstance(fits, Exception):
-                raise fits
-            pools[name] += _method_candidates(
-                dec, conv, shapes.get(name), opts, must_save, need_flops, shares, fits
+    statistics, scorers = _calibrated_pricing(model, chosen, calibration, allocate_by)
+    with layer_statistics(statistics), layer_scorers(scorers):
+        fitted: list[list[Factorization] | Exception | None] = [None] * len(jobs)
+        if executor is not None:
+            fitted = _fit_jobs(  # type: ignore[assignment]
+                jobs, decs, shapes, options, shares, executor, workers, worker_threads
             )
-        except (TnconvError, ValueError) as exc:  # a method that cannot fit this layer
-            log.warning("recommend: %s skipped on %s: %s", m, name, exc)
+        for (name, conv, m), fits in tqdm(
+            zip(jobs, fitted, strict=True), desc="recommend", disable=not show, leave=False
+        ):
+            dec = decs[m]
+            opts = options_for_layer(dec, conv, shapes.get(name), _quick(dec, options.get(m, {})))
+            try:
+                if isinstance(fits, Exception):
+                    raise fits
+                found = _method_candidates(
+                    dec, conv, shapes.get(name), opts, must_save, need_flops, shares, fits
+                )
+            except (TnconvError, ValueError) as exc:  # a method that cannot fit this layer
+                log.warning("recommend: %s skipped on %s: %s", m, name, exc)
+                continue
+            if scorers:  # priced at the model's outputs
+                found = [
+                    _scored(conv, layer_from_conv(conv, c.factorization), c)  # type: ignore[arg-type]
+                    for c in found
+                ]
+            pools[name] += found
     dense: dict[str, Candidate] = {}
     per_layer: dict[str, _LayerOptions] = {}
     for name, conv in chosen:
@@ -467,6 +520,8 @@ def auto_spec(
     executor: Any = None,
     workers: int | None = None,
     worker_threads: int | None = None,
+    calibration: Any = None,
+    allocate_by: Literal["kernel", "output", "logits"] = "kernel",
 ) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, str]]:
     """The ``spec`` that ``compress(model, "auto", budget=...)`` applies, the selected
     layers the recommendation leaves dense, and for each selected depthwise conv (kept dense,
@@ -474,7 +529,8 @@ def auto_spec(
 
     ``options`` are compress's keyword options in auto mode: ``methods=[...]`` (candidates) and
     per-method option dicts keyed by method name (``cp={"n_init": 1}``). ``executor``,
-    ``workers``, ``worker_threads``: where the recommendation's fits run (:func:`recommend`).
+    ``workers``, ``worker_threads``: where the recommendation's fits run; ``calibration``,
+    ``allocate_by``: how its candidates are priced (:func:`recommend`).
     """
     if budget is None:
         raise RankSpecError(
@@ -503,6 +559,8 @@ def auto_spec(
         executor=executor,
         workers=workers,
         worker_threads=worker_threads,
+        calibration=calibration,
+        allocate_by=allocate_by,
     )
     log.info("%s", rec)
     target = parse_budget(budget)
