@@ -70,6 +70,29 @@ def test_study_on_a_model_matches_budgets_and_calls_back(tmp_path) -> None:
     assert "tucker" in str(result)
 
 
+def test_a_calibrated_study_runs_compress_with_the_calibration() -> None:
+    """study(calibration=): each cell is compress(calibration=) (output-aware, sequential), so
+    its row matches that compress call, and its layers are closer at the model's outputs on
+    the calibration inputs than the kernel-fitted study's."""
+    model = conv_net()
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 3, 12, 12, generator=gen) for _ in range(2)]
+    common = dict(input_size=(2, 3, 12, 12), latency_repeats=0, progress=False)
+    aware = tnconv.study(model, ["tucker"], [0.3], calibration=[(x, 0) for x in xs], **common)
+    plain = tnconv.study(model, ["tucker"], [0.3], **common)
+    row = next(r for r in aware.rows if r.method == "tucker")
+    small = tnconv.compress(model, "tucker", budget=0.3, calibration=xs, input_size=(2, 3, 12, 12))
+    layers = [m for m in small.modules() if isinstance(m, tnconv.FactorizedLayer)]
+    assert layers and all(m.info.get("sequential") for m in layers)
+    rows = tnconv.summary(small, (2, 3, 12, 12)).rows
+    assert row.params == sum(r.params for r in rows)
+    errors = [r.relative_error for r in rows if r.relative_error is not None]
+    assert row.error == pytest.approx(math.sqrt(sum(e * e for e in errors) / len(rows)))
+    assert row.error != next(r for r in plain.rows if r.method == "tucker").error
+    with pytest.raises(ValueError, match="calibration"):
+        tnconv.study({"k": torch.randn(8, 8, 3, 3)}, ["tucker"], [0.3], calibration=xs)
+
+
 def test_study_on_kernels_and_pareto() -> None:
     kernels = {
         "conv04": REAL_KERNELS["dlib_mmod/conv04"],

@@ -34,6 +34,7 @@ from .executors import model_payload as _payload
 from .factorization import validate_weight
 from .layers import FactorizedConv2d
 from .registry import available, get
+from .statistics import CalibrationDataError, _first_input
 from .summary import summary
 from .timing import time_round_robin
 
@@ -224,6 +225,7 @@ def study(
     model_factory: Callable[[], nn.Module] | None = None,
     resume: str | Path | None = None,
     seed: int = 0,
+    calibration: Any = None,
 ) -> StudyResult:
     """Compare decompositions at matched parameter budgets.
 
@@ -267,6 +269,13 @@ def study(
             it are not recomputed (cells whose row records a failure are retried), and at the end
             it holds the whole study in grid order (then rows of cells outside this grid, kept).
         seed: base of every cell's seeds.
+        calibration: input batches (tensors or ``(inputs, labels)`` pairs; labels ignored)
+            for a data-aware study of a model: every cell runs ``compress(...,
+            calibration=)`` (output-aware fits, BN folded on an eval-mode model, sequential
+            refit; docs/data_aware.md), so the methods are compared on what their layers
+            compute on these inputs. The inputs are kept in the study's context (sent to each
+            worker): give a few hundred, not a dataset. ``resume`` keys rows by (method,
+            budget) only: a resumed study keeps rows computed with other calibration inputs.
     """
     names = list(methods) if methods is not None else available(kind="base")
     for name in names:
@@ -294,10 +303,11 @@ def study(
                 model_factory=model_factory,
                 resume=Path(resume) if resume is not None else None,
                 seed=seed,
+                calibration=_calibration_inputs(calibration),
             ),
         )
-    if evaluate is not None or fine_tune is not None:
-        raise ValueError("evaluate / fine_tune need a model, not bare kernels")
+    if evaluate is not None or fine_tune is not None or calibration is not None:
+        raise ValueError("evaluate / fine_tune / calibration need a model, not bare kernels")
     if executor is not None or resume is not None or model_factory is not None:
         raise StudyError(
             "executor=, resume= and model_factory= apply to model studies; a study of bare "
@@ -321,6 +331,19 @@ class _Settings:
     model_factory: Callable[[], nn.Module] | None
     resume: Path | None
     seed: int
+    calibration: tuple[torch.Tensor, ...] | None = None
+
+
+def _calibration_inputs(batches: Any) -> tuple[torch.Tensor, ...] | None:
+    """The calibration batches' input tensors (labels dropped), or None."""
+    if batches is None:
+        return None
+    if isinstance(batches, torch.Tensor):
+        batches = [batches]
+    inputs = tuple(_first_input(b) for b in batches)
+    if not inputs:
+        raise CalibrationDataError("calibration= holds no batch")
+    return inputs
 
 
 @dataclass(frozen=True)
@@ -338,6 +361,7 @@ class _Context:
     dense_flops: int
     dense_ms: float
     threads: int | None
+    calibration: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -403,6 +427,7 @@ def _compute_cell(model: nn.Module, cell: _Cell, ctx: _Context) -> StudyRow:
             layers=list(ctx.layers) if ctx.layers is not None else None,
             input_size=size,
             progress=False,
+            calibration=list(ctx.calibration) if ctx.calibration is not None else None,
             **ctx.options.get(cell.method, {}),
         )
     except (BudgetError, StructureError) as exc:  # no such network for this kernel
@@ -600,6 +625,7 @@ def _study_model(
         dense_flops,
         dense.dense_latency_ms,
         threads,
+        cfg.calibration,
     )
     bar = tqdm(total=len(todo), desc="study", disable=not cfg.progress, leave=False)
 
