@@ -275,3 +275,19 @@ def test_forward_order_and_the_driver_on_a_plain_conv_refit() -> None:
     with torch.no_grad():
         gap = float((model(x) - dense(x)).norm() / dense(x).norm())
     assert gap < 0.6 * start, (gap, start)  # 0.236 -> 0.120: the ReLU before it is not linear
+
+
+def test_the_dense_input_cache_changes_nothing(monkeypatch) -> None:
+    """The dense model's layer inputs kept from one pass, or recomputed per layer when they
+    would not fit the cache: the same refits and errors."""
+    import tnconv.sequential_fit as sf
+
+    model, x = _chain()
+    common = dict(ratio=0.3, layers=["conv2", "conv3", "conv4"], calibration=[x[:8], x[8:]])
+    cached = tnconv.compress(model, "tucker", **common)
+    monkeypatch.setattr(sf, "DENSE_CACHE_BYTES", 0)
+    recomputed = tnconv.compress(model, "tucker", **common)
+    for name in ("conv2", "conv3", "conv4"):
+        a, b = cached.get_submodule(name), recomputed.get_submodule(name)
+        assert a.info["sequential_error"] == b.info["sequential_error"]
+        assert torch.equal(a.to_tensor(), b.to_tensor())

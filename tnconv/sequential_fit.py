@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._modes import plain_copy
 from .statistics import (
     DAMPING,
     MAX_PATCHES,
@@ -55,6 +56,11 @@ log = logging.getLogger(__name__)
 # calibration inputs the sequential pass uses: it keeps them and runs both models up to every
 # refitted layer on them (the digits CNN's 8 batches of 64: 32k patches per layer)
 SEQUENTIAL_SAMPLES = 512
+
+# the dense model's inputs to every refitted layer on those inputs are kept from one pass when
+# they take at most this (ResNet-20 at 32x32: about 350 MB for 512 inputs), else recomputed per
+# layer
+DENSE_CACHE_BYTES = 1 << 29
 
 # a layer's refit: (corrected kernel (T, S, kh, kw), statistics of the inputs it sees) -> the
 # factorized module (None: leave the layer as it is)
@@ -287,17 +293,54 @@ def paired_statistics(
     *,
     patch_limit: int = PATCH_LIMIT,
     max_patches: int | None = MAX_PATCHES,
+    dense_inputs: Sequence[torch.Tensor] | None = None,
 ) -> PairedStatistics:
     """The paired statistics of layer ``name``: its input patches in ``model`` (the layers
-    before it compressed) and in ``dense``, over ``batches`` (input tensors)."""
+    before it compressed) and in ``dense``, over ``batches`` (input tensors).
+    ``dense_inputs``: the layer's inputs in ``dense`` on each batch, when already known."""
     conv = dense.get_submodule(name)
     if type(conv) is not nn.Conv2d or conv.groups != 1:
         raise CalibrationDataError(f"layer {name!r} of the dense model is not an ungrouped Conv2d")
     paired = PairedStatistics(conv.weight, patch_limit, max_patches)
     with _EvalNoGrad(model, dense):
-        for x in batches:
-            paired.update(conv, _input_at(model, name, x), _input_at(dense, name, x))
+        for i, x in enumerate(batches):
+            x_dense = dense_inputs[i] if dense_inputs is not None else _input_at(dense, name, x)
+            paired.update(conv, _input_at(model, name, x), x_dense)
     return paired
+
+
+def _all_dense_inputs(
+    dense: nn.Module, names: Sequence[str], batches: Sequence[torch.Tensor], limit: int
+) -> dict[str, list[torch.Tensor]] | None:
+    """Every layer of ``names``' inputs in ``dense`` on every batch, from one pass per batch,
+    or None when they would take more than ``limit`` bytes (judged on the first batch)."""
+    kept: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+
+    def hook(name: str) -> Callable[[nn.Module, tuple], None]:
+        def record(module: nn.Module, args: tuple) -> None:
+            if len(kept[name]) < seen[0]:  # the first call of the layer on this batch
+                kept[name].append(args[0].detach().clone())  # later in-place ops must not reach
+
+        return record
+
+    seen = [0]
+    handles = [dense.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with _EvalNoGrad(dense):
+            for i, x in enumerate(batches):
+                seen[0] = i + 1
+                dense(x)
+                if i == 0:
+                    per_batch = sum(t[0].numel() * t[0].element_size() for t in kept.values() if t)
+                    total = sum(b.shape[0] for b in batches) / max(1, batches[0].shape[0])
+                    if per_batch * total > limit:
+                        return None
+    finally:
+        for h in handles:
+            h.remove()
+    if any(len(v) != len(batches) for v in kept.values()):
+        return None  # a layer some batch did not reach: recorded per layer instead
+    return kept
 
 
 def fit_sequentially(
@@ -345,11 +388,23 @@ def fit_sequentially(
         raise CalibrationDataError("no calibration batch")
     with _EvalNoGrad(dense):
         order = forward_order(dense, refits, inputs[0])
+    # the compressed model's inputs are recorded on a copy running each factorized layer as the
+    # dense conv of its reconstructed kernel: the same outputs to rounding, without planning and
+    # autotuning every layer for the calibration batches' shape
+    shadow = _densified(model)
+    # the dense model's inputs to every layer, from one pass, where they fit in memory
+    cached = _all_dense_inputs(dense, order, inputs, DENSE_CACHE_BYTES)
     report: dict[str, dict[str, float]] = {}
     for name in order:
         conv = dense.get_submodule(name)
         paired = paired_statistics(
-            model, dense, name, inputs, patch_limit=PATCH_LIMIT, max_patches=MAX_PATCHES
+            shadow,
+            dense,
+            name,
+            inputs,
+            patch_limit=PATCH_LIMIT,
+            max_patches=MAX_PATCHES,
+            dense_inputs=cached.pop(name) if cached is not None else None,
         )
         current = model.get_submodule(name)
         before = _layer_error(paired, conv, current)
@@ -380,7 +435,22 @@ def fit_sequentially(
             "refit" if pick == 0 else "first fit kept",
         )
         _set_module(model, name, module)
+        _set_module(shadow, name, _dense_equivalent(module))
     return report
+
+
+def _dense_equivalent(module: nn.Module) -> nn.Module:
+    to_dense = getattr(module, "to_dense", None)
+    return to_dense() if callable(to_dense) else module
+
+
+def _densified(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose factorized layers are dense layers of their kernels."""
+    shadow = plain_copy(model)
+    for name, module in list(shadow.named_modules()):
+        if name and callable(getattr(module, "to_dense", None)):
+            _set_module(shadow, name, _dense_equivalent(module))
+    return shadow
 
 
 def _kernel_of(module: nn.Module) -> torch.Tensor:
