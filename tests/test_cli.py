@@ -228,3 +228,45 @@ def test_experiment_scripts_are_reachable(tmp_path, capsys: pytest.CaptureFixtur
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
     code, out, _ = run(capsys, "reduction", "--help")
     assert code == 0 and "--model" in out
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors", ".pt"])
+def test_compress_with_calibration_inputs_from_a_file(tmp_path, capsys, suffix: str) -> None:
+    """--calibration FILE: the same model as compress(calibration=) on those inputs in batches
+    of 64; unreadable or non-float files are a one-line error."""
+    from safetensors.torch import save_file
+
+    model = small_model()
+    src, dst = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    tnconv.save(model, src)
+    x = torch.randn(80, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    data = tmp_path / f"inputs{suffix}"
+    if suffix == ".npy":
+        np.save(data, x.numpy())
+    elif suffix == ".safetensors":
+        save_file({"inputs": x}, str(data))
+    else:
+        torch.save(x, data)
+    args = ["compress", str(src), "--model", "tests.test_cli:small_model", "-m", "tucker"]
+    args += ["--budget", "0.3", "--layers", "2,4", "--input-size", "1,3,16,16", "-q"]
+    code, _, err = run(capsys, *args, "--calibration", str(data), "-o", str(dst))
+    assert code == 0, err
+    small = tnconv.load(dst, model_fn=small_model)
+    same = tnconv.compress(
+        model,
+        "tucker",
+        budget=0.3,
+        layers=["2", "4"],
+        input_size=(1, 3, 16, 16),
+        calibration=[x[:64], x[64:]],
+    )
+    for name in ("2", "4"):
+        assert torch.equal(
+            small.get_submodule(name).to_tensor(), same.get_submodule(name).to_tensor()
+        )
+    labels = tmp_path / "labels.pt"
+    torch.save(torch.arange(10), labels)
+    code, _, err = run(capsys, *args, "--calibration", str(labels), "-o", str(dst))
+    assert code == 2 and "float tensor" in err
+    code, _, err = run(capsys, *args, "--allocate-by", "logits", "-o", str(dst))
+    assert code == 2 and "--calibration" in err

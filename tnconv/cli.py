@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -198,6 +199,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise CLIError("--workers / --scheduler run the candidate fits of --budget")
     size = _ints(args.input_size, "--input-size") if args.input_size else None
     layers = args.layers.split(",") if args.layers else None
+    data: dict[str, Any] = {}
+    if args.calibration:
+        data["calibration"] = _calibration_batches(args.calibration)
+        data["allocate_by"] = args.allocate_by
+        data["sequential"] = args.sequential
+    elif args.allocate_by != "kernel" or not args.sequential:
+        raise CLIError("--allocate-by and --no-sequential apply with --calibration")
     small = compress(
         model,
         args.method,
@@ -209,12 +217,56 @@ def cmd_compress(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         **spec,
         **parallel,
+        **data,
         **_options(args.option),
     )
     save(small, args.output)
     print(summary(small, size))
     print(f"wrote {args.output}")
     return 0
+
+
+CALIBRATION_BATCH = 64  # inputs per calibration batch read from a --calibration file
+
+
+def _calibration_batches(path: str) -> list[torch.Tensor]:
+    """The input tensor (N, C, H, W) in ``path`` (``.npy``, ``.safetensors`` with one tensor or
+    one named "inputs", or a ``torch.save`` file read with ``weights_only=True``), cut into
+    batches of :data:`CALIBRATION_BATCH`. Nothing is unpickled."""
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"--calibration: no file {path}")
+    try:
+        if file.suffix == ".npy":
+            x = torch.from_numpy(np.load(file, allow_pickle=False))
+        elif file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(file))
+            if "inputs" in tensors:
+                x = tensors["inputs"]
+            elif len(tensors) == 1:
+                x = next(iter(tensors.values()))
+            else:
+                raise CLIError(
+                    f"--calibration: {path} holds {sorted(tensors)}; name the inputs 'inputs'"
+                )
+        else:
+            x = torch.load(file, weights_only=True, map_location="cpu")
+    except CLIError:
+        raise
+    except Exception as exc:  # unreadable: say which file and why
+        raise CLIError(f"--calibration: cannot read {path}: {exc}") from exc
+    if not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.is_floating_point():
+        what = (
+            f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+            if isinstance(x, torch.Tensor)
+            else type(x).__name__
+        )
+        raise CLIError(
+            f"--calibration needs a float tensor of inputs (N, C, H, W); {path} holds {what}"
+        )
+    return list(x.split(CALIBRATION_BATCH))
 
 
 def _executor_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -598,6 +650,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDRESS",
         help="with --budget: fit the layers' candidates on a Dask cluster, e.g. "
         "tcp://host:8786 (pip install 'tnconv[distributed]')",
+    )
+    p.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="inputs (N,C,H,W) in a .npy / .safetensors / torch.save file: fit each layer's "
+        "outputs on them (output-aware, BN folded, sequential refit; docs/data_aware.md)",
+    )
+    p.add_argument(
+        "--allocate-by",
+        choices=["kernel", "output", "logits"],
+        default="kernel",
+        help="with --calibration and --budget: price candidates by kernel, layer-output or "
+        "model-output error",
+    )
+    p.add_argument(
+        "--no-sequential",
+        dest="sequential",
+        action="store_false",
+        help="with --calibration: fit each layer on the dense model's inputs only",
     )
     p.add_argument("-o", "--output", required=True, help="where to tnconv.save the result")
     p.add_argument("-q", "--quiet", action="store_true")
