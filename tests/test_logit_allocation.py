@@ -182,3 +182,7 @@ def test_auto_prices_every_methods_candidates_by_the_logits() -> None:
             for by, m in small.items()
         }
     assert errors["logits"] < 0.97 * errors["output"], errors
+    # by default the chosen layers are then refitted in forward order (sequential)
+    refitted = tnconv.compress(model, "auto", budget=0.3, calibration=xs, methods=methods)
+    layers = [m for m in refitted.modules() if isinstance(m, tnconv.FactorizedLayer)]
+    assert layers and all(m.info.get("sequential") for m in layers)
