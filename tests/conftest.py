@@ -22,6 +22,10 @@ DATA = Path(__file__).parent / "data"
 # environment says, and nothing is read from or cached in the user's ~/.cache/tnconv.
 os.environ["TNCONV_CALIBRATION"] = "default"
 os.environ["TNCONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="tnconv-cache-")
+# Under pytest-xdist (the README runs `-n 2`: one worker per core of the CI machine) each worker
+# computes on one thread: two workers of two threads each would oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 # .ci/run re-runs the quantization tests on every quantized engine of the machine
 if os.environ.get("TNCONV_TEST_QENGINE"):
     torch.backends.quantized.engine = os.environ["TNCONV_TEST_QENGINE"]
