@@ -63,6 +63,14 @@ def batches(channels: int, n: int = 3, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(8, channels, 10, 10, generator=gen) for _ in range(n)]
 
 
+def output_error(model: nn.Module, small: nn.Module, xs: list[torch.Tensor]) -> float:
+    """Relative error of ``small``'s outputs against ``model``'s over the inputs ``xs``."""
+    with torch.no_grad():
+        num = sum(float((small(x) - model(x)).norm()) ** 2 for x in xs)
+        den = sum(float(model(x).norm()) ** 2 for x in xs)
+    return (num / den) ** 0.5
+
+
 def by_hand(model: nn.Module, name: str, module: nn.Module, xs: list[torch.Tensor]) -> float:
     """The oracle: the layer replaced in a copy of the model, the whole model run."""
     other = copy.deepcopy(model)
@@ -121,14 +129,7 @@ def test_compress_by_logits_records_the_logit_errors_and_weighs_layers_by_them()
         assert layer.info["layer_error"] == pytest.approx(layer.info["relative_error"])
     # the quiet conv's errors barely reach the logits: the loud one gets the parameters
     assert logits.loud.num_params > 2 * logits.quiet.num_params
-    with torch.no_grad():
-        errors = {
-            by: float(
-                sum((m(x) - model(x)).norm() ** 2 for x in xs) ** 0.5
-                / sum(model(x).norm() ** 2 for x in xs) ** 0.5
-            )
-            for by, m in small.items()
-        }
+    errors = {by: output_error(model, m, xs) for by, m in small.items()}
     assert errors["logits"] < 0.97 * errors["output"], errors
 
 
@@ -173,14 +174,7 @@ def test_auto_prices_every_methods_candidates_by_the_logits() -> None:
         for by in ("output", "logits")
     }
     assert small["logits"].loud.num_params > small["logits"].quiet.num_params
-    with torch.no_grad():
-        errors = {
-            by: float(
-                sum((m(x) - model(x)).norm() ** 2 for x in xs) ** 0.5
-                / sum(model(x).norm() ** 2 for x in xs) ** 0.5
-            )
-            for by, m in small.items()
-        }
+    errors = {by: output_error(model, m, xs) for by, m in small.items()}
     assert errors["logits"] < 0.97 * errors["output"], errors
     # by default the chosen layers are then refitted in forward order (sequential)
     refitted = tnconv.compress(model, "auto", budget=0.3, calibration=xs, methods=methods)
