@@ -363,3 +363,44 @@ def test_label_free_distillation_moves_the_student_to_the_teacher() -> None:
     assert after < 0.8 * before, (before, after)
     with pytest.raises(tnconv.LoaderError):
         tnconv.finetune(student, loader, epochs=1, progress=False)
+
+
+def test_feature_map_hints_pull_each_layer_to_the_teachers() -> None:
+    """finetune(teacher=, feature_maps=True): the factorized layers' outputs move closer to the
+    teacher's (its BN folded where the student's was: equal in eval) than with the logits alone;
+    hints need a teacher and layers both models have."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    teacher = _trained_bn(Residual())
+    x = correlated_inputs(64, 3, 8, 5).float()
+    student = tnconv.compress(teacher, "tt", ratio=0.2, layers=["conv1", "conv2"], fold_bn=True)
+    reference = fold_batchnorm(teacher, convs=["conv1", "conv2"]).eval()
+    loader = DataLoader(TensorDataset(x), batch_size=16)
+
+    def gap(model: nn.Module) -> float:
+        """Relative error of conv2's outputs against the folded teacher's, on x."""
+        seen = {}
+        hooks = [
+            m.conv2.register_forward_hook(lambda mod, a, out, k=k: seen.__setitem__(k, out))
+            for k, m in (("s", model), ("t", reference))
+        ]
+        with torch.no_grad():
+            model.eval()(x), reference(x)
+        for h in hooks:
+            h.remove()
+        return float((seen["s"] - seen["t"]).norm() / seen["t"].norm())
+
+    runs = {}
+    for hinted in (False, True):
+        torch.manual_seed(1)
+        s = copy.deepcopy(student)
+        tnconv.finetune(s, loader, epochs=3, teacher=teacher, feature_maps=hinted, progress=False)
+        runs[hinted] = gap(s)
+    assert runs[True] < runs[False] and runs[True] < gap(student), (gap(student), runs)
+    with pytest.raises(tnconv.OptionError, match="teacher"):
+        tnconv.finetune(copy.deepcopy(student), loader, feature_maps=True, progress=False)
+    with pytest.raises(tnconv.OptionError, match="not in both"):
+        tnconv.finetune(
+            copy.deepcopy(student), loader, teacher=teacher, feature_maps=["nope"], progress=False
+        )

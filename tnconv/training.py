@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed as tdist
+from .bn_folding import FOLDED_BN, fold_batchnorm
 from .errors import LoaderError, OptionError
 from .layers import FactorizedLayer
 from .quantization import ActivationQuantizer
@@ -430,6 +431,8 @@ def finetune(
     memory_format: torch.memory_format = torch.preserve_format,
     sync_batchnorm: bool = False,
     ddp_options: dict[str, Any] | None = None,
+    feature_maps: bool | Sequence[str] = False,
+    feature_weight: float = 1.0,
 ) -> list[float]:
     """Fine-tune a compressed ``model`` in place; stable for every decomposition by default.
 
@@ -439,7 +442,12 @@ def finetune(
     ``T = temperature`` (the teacher runs in eval mode without gradients, on its own device).
     With a teacher, batches may be inputs alone (a tensor or a 1-tuple, e.g. a
     ``TensorDataset`` of images): the loss is then the KL term alone, so a pretrained model and
-    unlabelled images are enough to recover a compressed model.
+    unlabelled images are enough to recover a compressed model. ``feature_maps`` (with a
+    teacher) adds per-layer hints: ``True`` for every factorized layer of ``model``, or layer
+    names present in both models; the loss gains ``feature_weight`` times the mean over those
+    layers of ``||s - t||^2 / ||t||^2``, s and t the layer's outputs in the student and the
+    teacher on the batch. Where ``compress`` folded a layer's BatchNorm into it, the teacher's
+    is folded too, in a copy used for the hints (equal in eval mode, where the teacher runs).
     Returns each epoch's mean training loss.
 
     What keeps factorized layers stable (docs/finetune.md has the measurements):
@@ -474,7 +482,8 @@ def finetune(
         LoaderError: ``loader`` is not a sized iterable of ``(inputs, labels)`` tensor pairs,
             or yields no batch; under a process group, the ranks' batches differ.
         OptionError: epochs < 1, a non-positive lr / temperature / clip, alpha outside [0, 1],
-            an unknown optimizer.
+            an unknown optimizer; ``feature_maps`` without a teacher, or naming a layer one
+            of the two models lacks; a negative ``feature_weight``.
         TypeError: ``model`` or ``teacher`` is not an ``nn.Module``.
     """
     if not isinstance(model, nn.Module):
@@ -500,6 +509,8 @@ def finetune(
     steps_per_epoch = len(loader)  # type: ignore[arg-type]
     if steps_per_epoch < 1:
         raise LoaderError("loader yields no batch")
+    feature_weight = _check_positive("feature_weight", feature_weight, allow_zero=True)
+    hints = _FeatureHints.of(model, teacher, feature_maps) if feature_maps else None
 
     device = _device_of(model)
     if memory_format is not torch.preserve_format:
@@ -557,6 +568,8 @@ def finetune(
                         with torch.no_grad():
                             target = teacher(inputs.to(teacher_device)).to(logits.device)
                         loss = distillation_loss(logits, labels, target, temperature, float(alpha))
+                        if hints is not None:
+                            loss = loss + feature_weight * hints.loss(inputs, logits.device)
                     (loss * weight if par.active else loss).backward()
                     if clip is not None:
                         torch.nn.utils.clip_grad_norm_(params, clip)
@@ -578,7 +591,84 @@ def finetune(
         model.eval()
         if teacher is not None:
             teacher.train(teacher_was_training)
+        if hints is not None:
+            hints.close()
     return history
+
+
+class _FeatureHints:
+    """Per-layer feature-map hints for :func:`finetune`: forward hooks keep the student's
+    layer outputs of the current step; the teacher (a BN-folded copy where the student's layers
+    were folded) runs on the same inputs for its own."""
+
+    def __init__(
+        self, student: nn.Module, reference: nn.Module, names: list[str], shared: bool
+    ) -> None:
+        self.names = names
+        self.reference = reference  # the teacher itself, or its BN-folded copy
+        self.shared = shared  # the reference is the teacher: its logits pass gives the maps
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.taken: dict[str, torch.Tensor] = {}
+        self.handles = [
+            student.get_submodule(n).register_forward_hook(self._keep(self.outputs, n))
+            for n in names
+        ] + [
+            reference.get_submodule(n).register_forward_hook(self._keep(self.taken, n))
+            for n in names
+        ]
+
+    @classmethod
+    def of(
+        cls, student: nn.Module, teacher: nn.Module | None, feature_maps: bool | Sequence[str]
+    ) -> _FeatureHints:
+        if teacher is None:
+            raise OptionError("feature_maps= compares layer outputs with a teacher: give teacher=")
+        if feature_maps is True:
+            names = [n for n, m in student.named_modules() if isinstance(m, FactorizedLayer)]
+        elif isinstance(feature_maps, str) or not isinstance(feature_maps, Sequence):
+            raise OptionError(
+                f"feature_maps must be True or a list of layer names; got {feature_maps!r}"
+            )
+        else:
+            names = list(feature_maps)
+        if not names:
+            raise OptionError("feature_maps: no layer to compare (no factorized layer)")
+        mine = dict(student.named_modules())
+        theirs = dict(teacher.named_modules())
+        missing = [n for n in names if n not in mine or n not in theirs]
+        if missing:
+            raise OptionError(f"feature_maps: layers {missing} are not in both models")
+        folded = [
+            conv
+            for bn, conv in getattr(student, FOLDED_BN, {}).items()
+            if conv in names and not isinstance(theirs.get(bn), nn.Identity)
+        ]
+        if folded:  # the student's layer computes conv + BN: so must the teacher's
+            return cls(student, fold_batchnorm(teacher, convs=folded).eval(), names, False)
+        return cls(student, teacher, names, True)
+
+    @staticmethod
+    def _keep(into: dict[str, torch.Tensor], name: str) -> Callable[[nn.Module, tuple, Any], None]:
+        def keep(module: nn.Module, args: tuple, out: Any) -> None:
+            into[name] = out
+
+        return keep
+
+    def loss(self, inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Mean over the layers of the relative squared error of this step's student outputs
+        (after this step's teacher pass, which gave the teacher's maps when shared)."""
+        if not self.shared:
+            with torch.no_grad():
+                self.reference(inputs.to(_device_of(self.reference)))
+        terms = []
+        for n in self.names:
+            s, t = self.outputs[n], self.taken[n].detach().to(device)
+            terms.append((s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12))
+        return torch.stack(terms).mean()
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def _param_groups(
