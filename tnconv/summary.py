@@ -31,8 +31,10 @@ __all__ = ["LayerRow", "Summary", "summary"]
 class LayerRow:
     """One Linear / conv layer: what it is, what it costs, and (if factorized) how well it fits.
 
-    ``relative_error`` is the kernel's relative error when it was factorized (fine-tuning moves
-    the factors afterwards); ``note`` says why a dense layer was left dense by ``compress``;
+    ``relative_error`` is the error reported when the layer was factorized (fine-tuning moves
+    the factors afterwards): the kernel's relative error, or with ``compress(calibration=)``
+    the relative output error on the calibration inputs (with the default sequential refit:
+    in the compressed model, against the dense layer's outputs); ``note`` says why a dense layer was left dense by ``compress``;
     ``sensitivity`` is the current factors' first-order noise gain
     (:meth:`Factorization.sensitivity`), None for a dense layer (and for factors on the meta
     device, which have shapes but no values).
