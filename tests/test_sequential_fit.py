@@ -39,11 +39,12 @@ def _oracle(conv, x_seen, x_dense, kernel, bias) -> float:
     """||conv(x', W') + b' - conv(x, W) - b|| / ||conv(x, W)|| over all batches, by F.conv2d."""
     args = (conv.stride, conv.padding, conv.dilation)
     num = den = 0.0
-    for a, b in zip(x_seen, x_dense, strict=True):
-        ref = F.conv2d(b, conv.weight, conv.bias, *args)
-        out = F.conv2d(a, kernel, bias, *args)
-        num += float((out - ref).square().sum())
-        den += float(F.conv2d(b, conv.weight, None, *args).square().sum())
+    with torch.no_grad():
+        for a, b in zip(x_seen, x_dense, strict=True):
+            ref = F.conv2d(b, conv.weight, conv.bias, *args)
+            out = F.conv2d(a, kernel, bias, *args)
+            num += float((out - ref).square().sum())
+            den += float(F.conv2d(b, conv.weight, None, *args).square().sum())
     return math.sqrt(num / den)
 
 
