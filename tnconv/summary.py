@@ -34,7 +34,8 @@ class LayerRow:
     ``relative_error`` is the error reported when the layer was factorized (fine-tuning moves
     the factors afterwards): the kernel's relative error, or with ``compress(calibration=)``
     the relative output error on the calibration inputs (with the default sequential refit:
-    in the compressed model, against the dense layer's outputs); ``note`` says why a dense layer was left dense by ``compress``;
+    in the compressed model, against the dense layer's outputs); ``note`` says why a dense
+    layer was left dense by ``compress``;
     ``sensitivity`` is the current factors' first-order noise gain
     (:meth:`Factorization.sensitivity`), None for a dense layer (and for factors on the meta
     device, which have shapes but no values).
