@@ -48,6 +48,7 @@ from .convs import (
     depthwise_reason,
     is_depthwise,
     select_convs,
+    set_module,
 )
 from .decompositions.base import Decomposition
 from .errors import BudgetError, OptionError, RankSpecError, StructureError, StudyError
@@ -112,13 +113,6 @@ class LayerSpec(BaseModel):
                 "optionally 'method' and 'options'"
             ) from exc
         return spec
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Install ``module`` in ``model`` under the dotted ``name``, replacing what is there."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -136,3 +136,10 @@ def conv_input_shapes(model: nn.Module, input_size: Sequence[int]) -> dict[str, 
         for h in hooks:
             h.remove()
     return shapes
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Install ``module`` in ``model`` under the dotted ``name``, replacing what is there."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

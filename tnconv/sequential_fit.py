@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ._modes import plain_copy
+from .convs import set_module
 from .statistics import (
     DAMPING,
     MAX_PATCHES,
@@ -47,6 +48,7 @@ from .statistics import (
     _first_input,
     _output_size,
     conv_patches,
+    float_patches,
 )
 
 __all__ = ["SEQUENTIAL_SAMPLES", "PairedStatistics", "fit_sequentially", "forward_order"]
@@ -116,8 +118,8 @@ class PairedStatistics:
             )
         out_h, out_w = _output_size(conv, x_seen)
         pick = self.seen.positions(x_seen.shape[0] * out_h * out_w)
-        p_seen = _as_float(conv_patches(conv, x_seen, pick))
-        p_dense = _as_float(conv_patches(conv, x_dense, pick))
+        p_seen = float_patches(conv_patches(conv, x_seen, pick))
+        p_dense = float_patches(conv_patches(conv, x_dense, pick))
         n = p_seen.shape[0]
         self.seen.update(p_seen)  # picked already: n <= max_patches, no second subset
         flat_seen, flat_dense = p_seen.reshape(n, -1), p_dense.reshape(n, -1)
@@ -195,12 +197,6 @@ class PairedStatistics:
         if dense <= 0:
             return 0.0 if num <= 0 else math.inf
         return math.sqrt(max(num, 0.0) / dense)
-
-
-def _as_float(p: torch.Tensor) -> torch.Tensor:
-    if not p.is_floating_point() or p.dtype in (torch.float16, torch.bfloat16):
-        return p.float()
-    return p
 
 
 def _ridge_map(sigma: torch.Tensor, cross: torch.Tensor, damping: float) -> torch.Tensor:
@@ -435,8 +431,8 @@ def fit_sequentially(
             before,
             "refit" if pick == 0 else "first fit kept",
         )
-        _set_module(model, name, module)
-        _set_module(shadow, name, _dense_equivalent(module))
+        set_module(model, name, module)
+        set_module(shadow, name, _dense_equivalent(module))
     return report
 
 
@@ -450,7 +446,7 @@ def _densified(model: nn.Module) -> nn.Module:
     shadow = plain_copy(model)
     for name, module in list(shadow.named_modules()):
         if name and callable(getattr(module, "to_dense", None)):
-            _set_module(shadow, name, _dense_equivalent(module))
+            set_module(shadow, name, _dense_equivalent(module))
     return shadow
 
 
@@ -482,9 +478,3 @@ def _layer_error(paired: PairedStatistics, conv: nn.Conv2d, module: nn.Module) -
     if conv.bias is not None and bias is not None:
         shift = bias.detach() - conv.bias.detach()
     return paired.output_error(fitted, shift)
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)

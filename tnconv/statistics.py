@@ -105,9 +105,7 @@ class InputStatistics:
             )
         # products in the patches' precision (float32 for float models: the moments cost
         # 81 N S^2 flops per batch for a 3x3 layer), sums across batches in float64
-        p = patches.detach()
-        if not p.is_floating_point() or p.dtype in (torch.float16, torch.bfloat16):
-            p = p.float()
+        p = float_patches(patches.detach())
         pick = self.positions(n)
         if pick is not None:
             p, n = p[pick.to(p.device)], len(pick)
@@ -186,6 +184,14 @@ class InputStatistics:
         if den <= 0:
             return 0.0 if num <= 0 else math.inf
         return math.sqrt(max(num, 0.0) / den)
+
+
+def float_patches(p: torch.Tensor) -> torch.Tensor:
+    """``p`` in the precision its moments are multiplied in: float32 for integer and half
+    inputs, else its own."""
+    if not p.is_floating_point() or p.dtype in (torch.float16, torch.bfloat16):
+        return p.float()
+    return p
 
 
 def symmetric_sqrt(m: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
