@@ -293,3 +293,22 @@ def test_the_dense_input_cache_changes_nothing(monkeypatch) -> None:
         a, b = cached.get_submodule(name), recomputed.get_submodule(name)
         assert a.info["sequential_error"] == b.info["sequential_error"]
         assert torch.equal(a.to_tensor(), b.to_tensor())
+
+
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+def test_sequential_compress_under_inference_mode_and_no_grad(mode) -> None:
+    """Called inside inference_mode / no_grad, the refitted model equals the one made outside
+    and can be trained (its parameters are ordinary tensors)."""
+    model, x = _chain()
+    common = dict(ratio=0.3, layers=["conv2", "conv3"], calibration=[x])
+    outside = tnconv.compress(model, "tucker", **common)
+    with mode():
+        inside = tnconv.compress(model, "tucker", **common)
+    for name in ("conv2", "conv3"):
+        assert inside.get_submodule(name).info["sequential"]
+        assert torch.allclose(
+            inside.get_submodule(name).to_tensor(), outside.get_submodule(name).to_tensor()
+        )
+    assert not any(p.is_inference() for p in inside.parameters())
+    inside(x).square().mean().backward()
+    assert inside.conv3.bias.grad is not None
