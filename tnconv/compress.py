@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 from tqdm.auto import tqdm
@@ -59,7 +60,7 @@ from .logit_error import LogitProbe
 from .rank import parse_rank_spec
 from .recommend import auto_spec
 from .registry import get
-from .sequential_fit import fit_sequentially
+from .sequential_fit import Refit, fit_sequentially
 from .statistics import InputStatistics, calibrate_inputs
 
 __all__ = [
@@ -645,7 +646,7 @@ def _refit_sequentially(
     """``compress(sequential=True)``: refit the factorized ungrouped Conv2d layers of
     ``target`` (``replaced``: name -> the dense module) at their ranks, in forward order, on
     the inputs they see in ``target`` (:func:`tnconv.sequential_fit.fit_sequentially`)."""
-    refits: dict[str, Callable[[Any, InputStatistics], nn.Module | None]] = {}
+    refits: dict[str, Refit] = {}
     for name, conv in replaced.items():
         if type(conv) is not nn.Conv2d or conv.groups != 1:
             continue  # fitted by kernel error: no patch statistics for other kinds
@@ -654,7 +655,12 @@ def _refit_sequentially(
         layer_opts = options_for_layer(dec, conv, shapes.get(name), opts)
 
         def refit(
-            w: Any, stats: InputStatistics, dec=dec, conv=conv, ranks=ranks, opts=layer_opts
+            w: torch.Tensor,
+            stats: InputStatistics,
+            dec=dec,
+            conv=conv,
+            ranks=ranks,
+            opts=layer_opts,
         ) -> nn.Module:
             f = dec.factorize(w, ranks, **{**opts, "statistics": stats})
             return layer_from_conv(conv, f)
