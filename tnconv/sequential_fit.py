@@ -22,8 +22,11 @@ method-specific. Where the patch moments are too large to keep (S kh kw above th
 The bias, when the layer has one, is corrected for the shift of the means:
 ``b' = b + W mean(x) - W' mean(x')``.
 
-:func:`fit_sequentially` drives it: one layer at a time in the order of the forward pass, both
-models run on the calibration batches up to that layer's input (a pre-hook stops them there).
+:func:`fit_sequentially` drives it: one layer at a time in the order of the forward pass. The
+dense model's inputs to every layer come from one pass; the compressed model's from one pass too,
+each layer refitted by a pre-hook at its first call before the pass goes on through it (so the
+cost is linear in depth). Where the dense inputs would not fit in memory, both models run up to
+each layer again instead (a pre-hook stops them there).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -60,8 +64,9 @@ log = logging.getLogger(__name__)
 SEQUENTIAL_SAMPLES = 512
 
 # the dense model's inputs to every refitted layer on those inputs are kept from one pass when
-# they take at most this (ResNet-20 at 32x32: about 350 MB for 512 inputs), else recomputed per
-# layer
+# they take at most this (ResNet-20 at 32x32: about 350 MB for 512 inputs), and the refits then
+# happen in one pass of the compressed model over all of them; beyond it both models run up to
+# every layer again (quadratic in depth)
 DENSE_CACHE_BYTES = 1 << 29
 
 # a layer's refit: (corrected kernel (T, S, kh, kw), statistics of the inputs it sees) -> the
@@ -358,8 +363,8 @@ def fit_sequentially(
         refits: layer name -> ``(corrected kernel, statistics of x') -> module | None``.
         batches: calibration inputs: tensors (B, S, H, W) or ``(inputs, labels)`` pairs.
         max_samples: use at most this many inputs (the first ones, the last batch cut; None:
-            all). They are kept in memory for the pass, which runs each model up to each
-            layer on all of them.
+            all). They are kept in memory, and run through both models at once where the
+            dense model's layer inputs fit ``DENSE_CACHE_BYTES``.
 
     Returns:
         ``{layer name: {"sequential_error": e, "dense_input_error": e0}}``: the layer's
@@ -392,48 +397,126 @@ def fit_sequentially(
     # the dense model's inputs to every layer, from one pass, where they fit in memory
     cached = _all_dense_inputs(dense, order, inputs, DENSE_CACHE_BYTES)
     report: dict[str, dict[str, float]] = {}
-    for name in order:
-        conv = dense.get_submodule(name)
-        paired = paired_statistics(
-            shadow,
-            dense,
-            name,
-            inputs,
-            patch_limit=PATCH_LIMIT,
-            max_patches=MAX_PATCHES,
-            dense_inputs=cached.pop(name) if cached is not None else None,
-        )
-        current = model.get_submodule(name)
-        before = _layer_error(paired, conv, current)
-        refitted = refits[name](paired.target_kernel().to(conv.weight.dtype), paired.seen)
-        if refitted is None:
-            continue
-        # the refit, or the layer as first fitted when it does better on these inputs (the
-        # refit is the method's approximate fit of W*), each with its bias corrected
-        choices = [_with_corrected_bias(paired, conv, m) for m in (refitted, current)]
-        pick = 1 if choices[1][2] < choices[0][2] else 0  # NaN errors: the refit
-        module, (fitted, bias, after) = (refitted, current)[pick], choices[pick]
-        if bias is not None:
-            with torch.no_grad():
-                module.bias.copy_(bias)  # type: ignore[union-attr,operator]
-        report[name] = {"sequential_error": after, "dense_input_error": before}
-        info = getattr(module, "info", None)
-        if isinstance(info, dict):  # the refit's own errors are against W*, not W
-            kernel_error = float((fitted.double() - paired.kernel).norm() / paired.kernel.norm())
-            how = "refit" if pick == 0 else "first fit kept (lower error), bias corrected"
-            info.update(report[name], kernel_error=kernel_error, sequential=how)
-            if math.isfinite(after):
-                info["relative_error"] = after
-        log.info(
-            "sequential fit %s: output error %.4g (the layer fitted on dense inputs: %.4g; %s)",
-            name,
-            after,
-            before,
-            "refit" if pick == 0 else "first fit kept",
-        )
-        set_module(model, name, module)
-        set_module(shadow, name, _dense_equivalent(module))
+    grad_enabled = torch.is_grad_enabled()
+
+    def refit_layer(name: str, paired: PairedStatistics) -> nn.Module | None:
+        """Refit layer ``name`` on ``paired`` and install it in ``model``; its dense equivalent
+        (None: the layer is left as it is)."""
+        with torch.set_grad_enabled(grad_enabled):  # a method's fit may differentiate
+            done = _refit_layer(model, name, dense.get_submodule(name), paired, refits[name])
+        if done is None:
+            return None
+        module, report[name] = done
+        return _dense_equivalent(module)
+
+    if cached is not None and _in_place_ready(shadow, order):
+        _refit_in_one_pass(shadow, dense, order, inputs, cached, refit_layer)
+    else:
+        for name in order:
+            paired = paired_statistics(
+                shadow,
+                dense,
+                name,
+                inputs,
+                patch_limit=PATCH_LIMIT,
+                max_patches=MAX_PATCHES,
+                dense_inputs=cached.pop(name) if cached is not None else None,
+            )
+            replacement = refit_layer(name, paired)
+            if replacement is not None:
+                set_module(shadow, name, replacement)
     return report
+
+
+def _refit_layer(
+    model: nn.Module, name: str, conv: nn.Conv2d, paired: PairedStatistics, refit: Refit
+) -> tuple[nn.Module, dict[str, float]] | None:
+    """Refit ``model``'s layer ``name`` (dense original ``conv``) on ``paired``: the refit, or
+    the layer as first fitted where that does better on these inputs (the refit is the method's
+    approximate fit of W*), each with its bias corrected, installed in ``model``. The module
+    and its errors; None where ``refit`` declines the layer."""
+    current = model.get_submodule(name)
+    before = _layer_error(paired, conv, current)
+    refitted = refit(paired.target_kernel().to(conv.weight.dtype), paired.seen)
+    if refitted is None:
+        return None
+    choices = [_with_corrected_bias(paired, conv, m) for m in (refitted, current)]
+    pick = 1 if choices[1][2] < choices[0][2] else 0  # NaN errors: the refit
+    module, (fitted, bias, after) = (refitted, current)[pick], choices[pick]
+    if bias is not None:
+        with torch.no_grad():
+            module.bias.copy_(bias)  # type: ignore[union-attr,operator]
+    errors = {"sequential_error": after, "dense_input_error": before}
+    info = getattr(module, "info", None)
+    if isinstance(info, dict):  # the refit's own errors are against W*, not W
+        kernel_error = float((fitted.double() - paired.kernel).norm() / paired.kernel.norm())
+        how = "refit" if pick == 0 else "first fit kept (lower error), bias corrected"
+        info.update(errors, kernel_error=kernel_error, sequential=how)
+        if math.isfinite(after):
+            info["relative_error"] = after
+    log.info(
+        "sequential fit %s: output error %.4g (the layer fitted on dense inputs: %.4g; %s)",
+        name,
+        after,
+        before,
+        "refit" if pick == 0 else "first fit kept",
+    )
+    set_module(model, name, module)
+    return module, errors
+
+
+def _in_place_ready(shadow: nn.Module, names: Sequence[str]) -> bool:
+    """Whether every layer of ``names`` in ``shadow`` is a plain ``nn.Conv2d`` whose weight and
+    bias a refit's dense equivalent can be copied into during a pass."""
+    return all(type(shadow.get_submodule(n)) is nn.Conv2d for n in names)
+
+
+def _refit_in_one_pass(
+    shadow: nn.Module,
+    dense: nn.Module,
+    order: Sequence[str],
+    inputs: Sequence[torch.Tensor],
+    dense_inputs: dict[str, list[torch.Tensor]],
+    refit_layer: Callable[[str, PairedStatistics], nn.Module | None],
+) -> None:
+    """Every refit from one pass of ``shadow`` over all ``inputs`` at once: at a layer's first
+    call a pre-hook takes its input, refits it and copies the refit's kernel and bias into the
+    shadow's conv, so the pass goes on through the refitted layer and every later layer sees
+    the inputs the multi-pass route (one pass per layer) would record. The statistics take the
+    inputs batch by batch, as that route does: the same patches."""
+    sizes = [x.shape[0] for x in inputs]
+    done: set[str] = set()
+
+    def hook(module: nn.Module, args: tuple, name: str) -> None:
+        if name in done:
+            return
+        done.add(name)
+        conv = dense.get_submodule(name)
+        paired = PairedStatistics(conv.weight, PATCH_LIMIT, MAX_PATCHES)
+        for x_seen, x_dense in zip(args[0].split(sizes), dense_inputs[name], strict=True):
+            paired.update(conv, x_seen, x_dense)
+        replacement = refit_layer(name, paired)
+        if replacement is None:
+            return
+        _copy_conv(module, replacement)
+
+    handles = [
+        shadow.get_submodule(n).register_forward_pre_hook(partial(hook, name=n)) for n in order
+    ]
+    try:
+        with _EvalNoGrad(shadow):
+            shadow(torch.cat(list(inputs)))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _copy_conv(target: nn.Module, source: nn.Module) -> None:
+    """``source``'s weight and bias into the conv ``target`` of the same shapes, in place."""
+    with torch.no_grad():
+        target.weight.copy_(source.weight)  # type: ignore[operator]
+        if target.bias is not None:  # type: ignore[union-attr]
+            target.bias.copy_(source.bias)  # type: ignore[union-attr,operator]
 
 
 def _dense_equivalent(module: nn.Module) -> nn.Module:
