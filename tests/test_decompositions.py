@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import tnconv
@@ -52,6 +52,28 @@ def test_structure_and_counts(method: str, shape: tuple, rank: int, seed: int) -
     dense = f.to_tensor()
     assert dense.shape == shape and dense.dtype == torch.float32
     assert f.info["relative_error"] == pytest.approx(f.relative_error(w), rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@settings(max_examples=15, deadline=None)
+@given(
+    shape=st.sampled_from([(16, 16, 3, 3), (8, 24, 3, 3), (24, 8, 1, 3), (12, 10, 5, 5)]),
+    ratio=st.sampled_from([0.15, 0.3, 0.6]),
+    seed=st.integers(0, 1000),
+)
+@example(shape=(8, 24, 3, 3), ratio=0.3, seed=0)  # rsdtr: (6, 6, 1, 3), not from shift 0
+def test_a_fit_at_the_ranks_of_a_found_factorization_keeps_them(
+    method: str, shape: tuple, ratio: float, seed: int
+) -> None:
+    """The ranks a search returns are ranks the method fits as they are (the sequential refit
+    and rank rounding refit at them): rsdtr's rings from shifts other than the first once had
+    their ranks capped as shift 0 would cap them ((6, 6, 1, 3) -> (2, 4, 1, 3) below)."""
+    w = random_kernel(shape, seed)
+    dec = tnconv.get(method)
+    found = dec.factorize(w, ratio)
+    assert dec.bond_ranks(found.ranks, shape) == found.ranks
+    again = dec.factorize(w, found.ranks)
+    assert again.ranks == found.ranks and again.num_params == found.num_params
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -199,7 +221,9 @@ def test_no_worse_than_tensorly(method: str, name: str, rank: int) -> None:
     tl.set_backend("numpy")
     w = torch.tensor(REAL_3D[name], dtype=torch.float64)
     dec = tnconv.get(method)
-    ranks = dec.bond_ranks(rank, tuple(w.shape))
+    # TensorLy's TR-SVD starts at the T mode: rsdtr compared at ranks that shift carries (its
+    # own bond_ranks keeps ranks any of the four shifts carries)
+    ranks = tnconv.get("tr" if method == "rsdtr" else method).bond_ranks(rank, tuple(w.shape))
     ours = dec.factorize(w, ranks).relative_error(w)
     theirs = _tensorly_error(method, w, ranks)
     assert ours <= theirs * (1 + 1e-7)

@@ -1065,7 +1065,15 @@ class RSDTR(Decomposition):
         self._shared: _Search | None = None
 
     def bond_ranks(self, rank: int | tuple[int, ...], shape: KernelShape) -> tuple[int, ...]:
+        # the fit builds the ring from whichever of the four shifts carries the ranks, as the
+        # search does: ranks some shift carries are kept as they are (those of any ring the
+        # search found among them), others capped as shift 0 caps them
         asked = self.expand_ranks(rank, 4)
+        for p in range(4):
+            dims = tuple(shape[(p + j) % 4] for j in range(4))
+            rotated = tuple(asked[(p + j) % 4] for j in range(4))
+            if cap_ring_ranks(rotated, dims) == rotated:  # type: ignore[arg-type]
+                return asked
         return self.log_capped(asked, cap_ring_ranks(asked, shape))
 
     def num_params_at(self, shape: KernelShape, ranks: tuple[int, ...]) -> int:
@@ -1148,7 +1156,7 @@ class RSDTR(Decomposition):
             shifted, err = sh.build((r0, r1, r2, r3))
             if best is None or err < best[0]:
                 best = (err, p, _rotate_back(shifted, p))
-        assert best is not None  # shift 0 carries every rank tuple bond_ranks lets through
+        assert best is not None  # some shift carries every rank tuple bond_ranks lets through
         sq_err, shift, cores = best
         if options.als_sweeps:
             budget, als = _Budget(options.als_max_gflop * 1e9), _RingALS(weight)
