@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import timing
+from . import sequential_fit, timing
 from ._modes import check_not_meta, plain_copy
 from .allocation import (
     Budget,
@@ -52,6 +52,7 @@ from .convs import (
     set_module,
 )
 from .decompositions.base import Decomposition
+from .decompositions.output_aware import polish
 from .errors import BudgetError, OptionError, RankSpecError, StructureError, StudyError
 from .executors import TaskRunner, check_picklable
 from .factorization import Factorization
@@ -663,6 +664,8 @@ def _refit_sequentially(
             opts=layer_opts,
         ) -> nn.Module:
             f = dec.factorize(w, ranks, **{**opts, "statistics": stats})
+            if stats.patch is not None and sequential_fit.POLISH_ITERATIONS:
+                f = polish(f, w, stats.patch, iterations=sequential_fit.POLISH_ITERATIONS)
             return layer_from_conv(conv, f)
 
         refits[name] = refit

@@ -69,6 +69,10 @@ SEQUENTIAL_SAMPLES = 512
 # every layer again (quadratic in depth)
 DENSE_CACHE_BYTES = 1 << 29
 
+# L-BFGS iterations finishing each refit on the exact patch-moment objective
+# (:func:`tnconv.decompositions.output_aware.polish`; 0: none)
+POLISH_ITERATIONS = 50
+
 # a layer's refit: (corrected kernel (T, S, kh, kw), statistics of the inputs it sees) -> the
 # factorized module (None: leave the layer as it is)
 Refit = Callable[[torch.Tensor, InputStatistics], nn.Module | None]
