@@ -233,12 +233,16 @@ def compress(
             (:mod:`tnconv.sequential_fit`, Zhang et al.'s asymmetric reconstruction): errors
             stop compounding with depth. The first
             :data:`tnconv.sequential_fit.SEQUENTIAL_SAMPLES` calibration inputs are used; the
-            pass costs one more fit per layer and, per layer, a run of both models up to it on
-            those inputs. A refit that does worse on them than the layer's first fit is not
-            kept (the first fit's bias is still corrected). The ranks, sizes and ``must_save``
-            decisions are the first fits'; ``info["sequential_error"]`` holds each layer's
-            output error in the compressed model against the dense layer's (bias-free dense
-            output as the reference), ``info["dense_input_error"]`` the first fit's there.
+            pass costs one more fit per layer, finished by up to
+            :data:`tnconv.sequential_fit.POLISH_ITERATIONS` L-BFGS steps on the exact output
+            error (:func:`tnconv.decompositions.output_aware.polish`), and one run of both
+            models over those inputs (per layer, up to it, where the dense model's layer inputs
+            do not fit in memory). A refit that does worse on them than the layer's first fit
+            is not kept (the first fit's bias is still corrected). The ranks, sizes and
+            ``must_save`` decisions are the first fits'; ``info["sequential_error"]`` holds
+            each layer's output error in the compressed model against the dense layer's
+            (bias-free dense output as the reference), ``info["dense_input_error"]`` the first
+            fit's there.
             With a budget allocated by kernel error (the default) the first fits are then
             weight-only (the refits replace their output-aware fits). Default: True with
             ``calibration``.
