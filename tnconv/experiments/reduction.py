@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from torch import nn
@@ -300,8 +300,19 @@ def reduction_table(
     return table
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Print reduction tables for models of :mod:`tnconv.models`; returns the exit code."""
+def format_reduction(table: ReductionTable, seconds: float, markdown: bool = False) -> str:
+    """The report of one model's table: the table (plain or Markdown) and the time it took."""
+    body = f"**{table.title()}**\n\n{table.to_markdown()}" if markdown else str(table)
+    return f"{body}\n\n({table.model}: {seconds:.1f} s)\n\n"
+
+
+def main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """The command: reduction tables for models of :mod:`tnconv.models`, written to ``out``
+    (default stdout; usage errors to ``err``, default stderr); returns the exit code."""
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
     from ..models import MODELS, create
     from ._common import Parser, UsageError, eps_value, load_dense_checkpoint, require_method
 
@@ -345,15 +356,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             start = time.perf_counter()
             table = reduction_table(model, args.method, args.eps, name=model_name)
             took = time.perf_counter() - start
-            if args.markdown:
-                print(f"**{table.title()}**\n\n{table.to_markdown()}\n")
-            else:
-                print(f"{table}\n")
-            print(f"({model_name}: {took:.1f} s)\n")
+            out.write(format_reduction(table, took, args.markdown))
             if args.csv is not None:
                 table.to_csv(args.csv, append=k > 0)
     except UsageError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        err.write(f"{parser.prog}: error: {exc}\n")
         return 2
     return 0
 
