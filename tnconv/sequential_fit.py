@@ -303,15 +303,21 @@ def paired_statistics(
     """The paired statistics of layer ``name``: its input patches in ``model`` (the layers
     before it compressed) and in ``dense``, over ``batches`` (input tensors).
     ``dense_inputs``: the layer's inputs in ``dense`` on each batch, when already known."""
-    conv = dense.get_submodule(name)
-    if type(conv) is not nn.Conv2d or conv.groups != 1:
-        raise CalibrationDataError(f"layer {name!r} of the dense model is not an ungrouped Conv2d")
+    conv = _dense_conv(dense, name)
     paired = PairedStatistics(conv.weight, patch_limit, max_patches)
     with _EvalNoGrad(model, dense):
         for i, x in enumerate(batches):
             x_dense = dense_inputs[i] if dense_inputs is not None else _input_at(dense, name, x)
             paired.update(conv, _input_at(model, name, x), x_dense)
     return paired
+
+
+def _dense_conv(dense: nn.Module, name: str) -> nn.Conv2d:
+    """``dense``'s layer ``name``, which the paired statistics need as an ungrouped Conv2d."""
+    conv = dense.get_submodule(name)
+    if type(conv) is not nn.Conv2d or conv.groups != 1:
+        raise CalibrationDataError(f"layer {name!r} of the dense model is not an ungrouped Conv2d")
+    return conv
 
 
 def _all_dense_inputs(
@@ -495,7 +501,7 @@ def _refit_in_one_pass(
         if name in done:
             return
         done.add(name)
-        conv = dense.get_submodule(name)
+        conv = _dense_conv(dense, name)
         paired = PairedStatistics(conv.weight, PATCH_LIMIT, MAX_PATCHES)
         for x_seen, x_dense in zip(args[0].split(sizes), dense_inputs[name], strict=True):
             paired.update(conv, x_seen, x_dense)

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 Whitening = dict[str, tuple[torch.Tensor, torch.Tensor]]  # output index -> (P, P^-1)
 _EPS_RETRIES = 4  # tightened eps fits when the exact output error misses eps
 
+__all__ = ["factorize", "polish"]
+
 log = logging.getLogger(__name__)
 
 
@@ -246,9 +248,6 @@ def _output_error(
     d = delta.reshape(delta.shape[0], -1)
     num = max(float(((d @ sigma) * d).sum()), 0.0)
     return math.sqrt(num / energy) if energy > 0 else (0.0 if num <= 0 else math.inf)
-
-
-__all__ = ["factorize"]
 
 
 def polish(
