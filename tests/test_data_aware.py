@@ -334,6 +334,35 @@ def test_compress_with_calibration_fits_the_outputs(method: str) -> None:
         tnconv.compress(model, method, budget=0.3, calibration=[x], allocate_by="bogus")
 
 
+@pytest.mark.parametrize("method", ["str", "tucker", "tr"])
+def test_the_per_layer_route_polishes_each_fit_on_its_inputs(method: str, monkeypatch) -> None:
+    """``sequential=False``: each installed fit is finished by the polish on its layer's own
+    inputs: same equation and ranks, output error (F.conv2d on the calibration inputs) no
+    higher than without the polish, the polish recorded in ``info``."""
+    import tnconv.sequential_fit as sf
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1, bias=False)
+    model = nn.Sequential(conv).eval()
+    x = correlated_inputs(12, 8, 8, 3).float()
+    opts = dict(ratio=0.3, calibration=[x], sequential=False)
+    polished = tnconv.compress(model, method, **opts)[0]
+    monkeypatch.setattr(sf, "POLISH_ITERATIONS", 0)
+    plain = tnconv.compress(model, method, **opts)[0]
+    assert polished.factorization.equation == plain.factorization.equation
+    assert polished.factorization.ranks == plain.factorization.ranks
+    assert "polish" not in plain.info
+    before, after = (conv_output_error(conv, m.to_tensor(), x) for m in (plain, polished))
+    assert after <= before * (1 + 1e-6), (before, after)
+    if "polish" in polished.info:  # absent where the polish could not improve the fit
+        assert polished.info["polish"]["after"] < polished.info["polish"]["before"]
+        assert after < before
+        # the recorded error is the polished layer's, as F.conv2d measures it on the inputs
+        assert polished.info["relative_error"] == pytest.approx(after, rel=1e-4)
+    if method == "str":  # the split channel mode's Kronecker-whitened fit gains the most
+        assert after < 0.8 * before, (before, after)
+
+
 def test_a_folded_model_saves_and_loads_from_its_dense_architecture(tmp_path) -> None:
     model = _trained_bn(Residual())
     small = tnconv.compress(model, "tt", ratio=0.5, layers=["conv1", "conv2"], fold_bn=True)

@@ -245,7 +245,9 @@ def compress(
             fit's there.
             With a budget allocated by kernel error (the default) the first fits are then
             weight-only (the refits replace their output-aware fits). Default: True with
-            ``calibration``.
+            ``calibration``. ``sequential=False`` keeps the output-aware fits on the dense
+            model's inputs, each finished by the same polish on its layer's patch moment
+            (ranks and decisions unchanged).
         executor: with ``budget``, where the per-layer candidate fits of the allocation run.
             ``None`` (default): here, in order. ``"processes"``: a local spawn process pool of
             ``workers`` processes (default: the CPU count, at most one per layer), a
@@ -529,6 +531,8 @@ def compress(
                     f = rounded(dec, name, conv, layer.factorization, layer_opts)
                     layer = layer_from_conv(conv, f)
                 install(name, layer, reason)
+    if statistics and not sequential and replaced:
+        _polish_output_aware(target, replaced, statistics)
     if sequential and replaced:
         _refit_sequentially(
             target,
@@ -676,6 +680,34 @@ def _refit_sequentially(
     if refits:
         dense = _with_modules(target, {n: replaced[n] for n in refits})
         fit_sequentially(target, dense, refits, calibration)
+
+
+def _polish_output_aware(
+    target: nn.Module,
+    replaced: Mapping[str, nn.Module],
+    statistics: Mapping[int, InputStatistics],
+) -> None:
+    """``compress(calibration=, sequential=False)``: finish each installed output-aware fit
+    (ranks chosen, latency decided) by :func:`~tnconv.decompositions.output_aware.polish` on
+    the exact patch-moment output error of its layer's inputs, as the sequential refit does;
+    equation and ranks stay, so every decision made on the first fit holds."""
+    if not sequential_fit.POLISH_ITERATIONS:
+        return
+    for name, conv in replaced.items():
+        stats = statistics.get(id(conv))
+        layer = target.get_submodule(name)
+        if stats is None or stats.patch is None or not isinstance(layer, FactorizedLayer):
+            continue
+        f = layer.factorization
+        w = conv.weight.detach()
+        polished = polish(f, w, stats.patch, iterations=sequential_fit.POLISH_ITERATIONS)
+        if polished is f:
+            continue
+        # the errors the first fit recorded describe it, not the polished factors
+        w64, fitted = w.double(), polished.to_tensor().detach().double()
+        polished.info["relative_error"] = stats.output_error(fitted - w64, w64)
+        polished.info["kernel_error"] = float((fitted - w64).norm() / w64.norm())
+        set_module(target, name, layer_from_conv(conv, polished))
 
 
 def _with_modules(model: nn.Module, modules: Mapping[str, nn.Module]) -> nn.Module:
