@@ -166,22 +166,28 @@ def kernels_only(layer: tnconv.FactorizedLayer, x: torch.Tensor) -> Callable[[],
         folded = plan.fold_factors(list(layer.factors))
     conv = F.conv3d if x.dim() == 5 else F.conv2d
     layout = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
-    nhwc = nhwc or plan.convert
+    # each step in the layouts the layer runs it in: a converting plan's first / last 1x1
+    # product reads / writes the NCHW map itself (a transposed operand, not the same GEMM as
+    # on a channels-last map), its other steps run channels-last
+    layouts = {c.k: (c.in_nhwc, c.out_nhwc) for c in plan.runner(nhwc).calls}
     calls = []
     for k, step in enumerate(plan.steps):
         if not isinstance(step, DataStep):
             continue
+        in_nhwc, out_nhwc = layouts[k]
         data = torch.randn(step.data_shape)
-        if nhwc:
+        if in_nhwc:
             data = data.contiguous(memory_format=layout)
         if step.pad is not None:
             data = F.pad(data, step.pad)
         weight = folded[-1 - k]
         if step.matmul:
-            calls.append(lambda d=data, w=weight: pointwise_matmul(d, w, nhwc))
+            calls.append(
+                lambda d=data, w=weight, i=in_nhwc, o=out_nhwc: pointwise_matmul(d, w, i, o)
+            )
             continue
         if step.pointwise:  # as the executor runs 1x1 conv2d steps
-            data = pointwise_conv_input(data, nhwc)
+            data = pointwise_conv_input(data, in_nhwc)
         calls.append(
             lambda d=data, w=weight, st=step: conv(
                 d, w, None, st.stride, st.padding, st.dilation, st.groups
