@@ -155,9 +155,10 @@ def tucker_sequential(conv: nn.Conv2d, layer: nn.Module) -> nn.Sequential:
 
 def kernels_only(layer: tnconv.FactorizedLayer, x: torch.Tensor) -> Callable[[], object]:
     """The convolutions and matrix products of ``layer``'s frozen plan for ``x`` (the layer's
-    own input: a Linear's (..., S) too), run back to back on inputs made beforehand: no
-    reshapes, permutes, copies or Python between them. Its time is what PyTorch's own kernels
-    need for the plan, a floor for the layer's time."""
+    own input: a Linear's (..., S) too), run back to back on inputs made beforehand, each in
+    the memory layout the layer runs it in: no reshapes, permutes, copies or Python between
+    them. Its time is what PyTorch's own kernels need for the plan, a floor for the layer's
+    time."""
     with torch.no_grad():
         layer(x)  # builds and caches the plan and the folded weights
         x = layer.executor_input(x)[0]
