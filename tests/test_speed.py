@@ -777,3 +777,49 @@ def test_a_converting_plan_pays_each_conversion_once() -> None:
         0, math.prod(conv.output_shape)
     )
     assert conv.cost == pytest.approx(nhwc.cost + conversions, rel=1e-9)
+
+
+def test_the_kernels_alone_bound_runs_the_layers_own_kernels(monkeypatch) -> None:
+    """``benchmarks/layer_speed.py``'s bound (``kernels_only``) runs the products and
+    convolutions the layer runs, on operands of the same shapes: where a plan converts an NCHW
+    input, its fused first / last 1x1 product reads / writes the NCHW map as a transposed
+    operand, and so must the bound (it once ran them on channels-last maps: another GEMM)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    import tnconv.layers.base as layer_base
+
+    cheap_nhwc = {
+        "nchw": dataclasses.replace(DEFAULT_TABLES["nchw"], spatial=KindCost(1e-3, 1e-9, 1e-9)),
+        "nhwc": dataclasses.replace(DEFAULT_TABLES["nhwc"], copy=1e-12),
+    }
+    monkeypatch.setattr(layer_base, "cost_table", lambda layout, *args, **kw: cheap_nhwc[layout])
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "layer_speed.py"
+    spec = importlib.util.spec_from_file_location("_layer_speed_under_test", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # (its dataclasses look themselves up)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # it adds benchmarks/ to the path
+    spec.loader.exec_module(bench)
+
+    f = _factorization("tucker", (64, 64, 3, 3), (16, 16))
+    layer = tnconv.FactorizedConv2d(f, padding=1).float().eval()
+    x = torch.randn(1, 64, 14, 14)
+
+    def kernels(fn) -> list[tuple[str, str]]:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            fn()
+        names = ("aten::mm", "aten::addmm", "aten::bmm", "aten::convolution")
+        return sorted((e.name, str(e.input_shapes)) for e in prof.events() if e.name in names)
+
+    with torch.no_grad():
+        layer(x)
+        plan = layer.plan_for(tuple(x.shape), "nchw", frozen=True)
+        assert plan.convert and (plan.fused_in or plan.fused_out)
+        bound = bench.kernels_only(layer, x)
+        ran = kernels(lambda: layer(x))
+        assert [name for name, _ in ran].count("aten::convolution") == 1
+        assert ran == kernels(bound)
