@@ -672,14 +672,21 @@ def _refit_sequentially(
             opts=layer_opts,
         ) -> nn.Module:
             f = dec.factorize(w, ranks, **{**opts, "statistics": stats})
-            if stats.patch is not None and sequential_fit.POLISH_ITERATIONS:
-                f = polish(f, w, stats.patch, iterations=sequential_fit.POLISH_ITERATIONS)
-            return layer_from_conv(conv, f)
+            return layer_from_conv(conv, _polished(f, w, stats))
 
         refits[name] = refit
     if refits:
         dense = _with_modules(target, {n: replaced[n] for n in refits})
         fit_sequentially(target, dense, refits, calibration)
+
+
+def _polished(f: Factorization, w: torch.Tensor, stats: InputStatistics) -> Factorization:
+    """``f``, a fit of the kernel ``w`` (T, S, kh, kw), finished by
+    :func:`~tnconv.decompositions.output_aware.polish` on the patch moment of ``stats`` (``f``
+    itself without one, or with :data:`tnconv.sequential_fit.POLISH_ITERATIONS` = 0)."""
+    if stats.patch is None:
+        return f
+    return polish(f, w, stats.patch, iterations=sequential_fit.POLISH_ITERATIONS)
 
 
 def _polish_output_aware(
@@ -691,16 +698,14 @@ def _polish_output_aware(
     (ranks chosen, latency decided) by :func:`~tnconv.decompositions.output_aware.polish` on
     the exact patch-moment output error of its layer's inputs, as the sequential refit does;
     equation and ranks stay, so every decision made on the first fit holds."""
-    if not sequential_fit.POLISH_ITERATIONS:
-        return
     for name, conv in replaced.items():
         stats = statistics.get(id(conv))
         layer = target.get_submodule(name)
-        if stats is None or stats.patch is None or not isinstance(layer, FactorizedLayer):
+        if stats is None or not isinstance(layer, FactorizedLayer):
             continue
         f = layer.factorization
         w = conv.weight.detach()
-        polished = polish(f, w, stats.patch, iterations=sequential_fit.POLISH_ITERATIONS)
+        polished = _polished(f, w, stats)
         if polished is f:
             continue
         # the errors the first fit recorded describe it, not the polished factors
