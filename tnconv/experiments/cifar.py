@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from torch import nn
@@ -385,9 +385,14 @@ def format_report(results: dict[str, Any]) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the script with ``argv`` (default ``sys.argv[1:]``); returns the exit code: 0 on
-    success, 2 with a one-line message on stderr for bad arguments or missing files."""
+def main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Run the script with ``argv`` (default ``sys.argv[1:]``); the report goes to ``out``
+    (default stdout) on the main process. Returns the exit code: 0 on success, 2 with a
+    one-line message on ``err`` (default stderr) for bad arguments or missing files."""
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
     try:
         try:
             args = parse_args(argv)
@@ -401,10 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if started:
                 torch.distributed.destroy_process_group()
     except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        err.write(f"{PROG}: error: {exc}\n")
         return 2
     if main_rank:
-        print(format_report(result.results))
+        out.write(format_report(result.results) + "\n")
     return 0
 
 
