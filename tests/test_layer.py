@@ -202,3 +202,61 @@ def test_grouped_channel_modes_execute() -> None:
     layer = tnconv.FactorizedConv2d(f, padding=1, stride=2)
     x = torch.randn(2, 5, 9, 8, dtype=torch.float64)
     torch.testing.assert_close(layer(x), F.conv2d(x, f.to_tensor(), None, 2, 1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_repeated_inference_calls_follow_every_change_to_the_layer(method: str) -> None:
+    """Without autograd a layer keeps its last call's plan and folded weights (keyed by the
+    input's shape and strides, the factors' storage and versions, the bias, the threads); each
+    change below must be seen by the next call: oracle F.conv2d on the current kernel."""
+    require_support(method, (8, 6, 3, 3), 2)
+    layer = tnconv.FactorizedConv2d(_factorization(method, (8, 6, 3, 3), 2, 0), padding=1)
+    layer = layer.float().eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 6, 7, 7, generator=gen)
+
+    def check(inp: torch.Tensor) -> None:
+        with torch.no_grad():
+            y = layer(inp)
+            again = layer(inp)
+        bias = None if layer.bias is None else layer.bias.detach()
+        ref = F.conv2d(inp, layer.to_tensor().detach(), bias, 1, 1)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+        assert torch.equal(again, y)
+        assert y.is_contiguous(memory_format=torch.channels_last) == (
+            inp.is_contiguous(memory_format=torch.channels_last) and not inp.is_contiguous()
+        )
+
+    check(x)  # each change below comes right after a call on x: the next call on x sees it
+    with torch.no_grad():
+        layer.factors[0].mul_(-2.0)  # in place: a new version
+    check(x)
+    layer.factors[1] = nn.Parameter(layer.factors[1].detach() * 3.0)  # a new tensor
+    check(x)
+    layer.factors[0].data = layer.factors[0].detach() + 0.5  # new storage, same parameter
+    check(x)
+    layer.bias = nn.Parameter(torch.randn(8, generator=gen))  # a bias where there was none
+    check(x)
+    with torch.no_grad():
+        layer.bias.add_(1.0)
+    check(x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)  # plans are per thread count
+        check(x)
+    finally:
+        torch.set_num_threads(threads)
+    with torch.inference_mode():
+        y = layer(x)
+    torch.testing.assert_close(
+        y, F.conv2d(x, layer.to_tensor().detach(), layer.bias.detach(), 1, 1), rtol=1e-4, atol=1e-5
+    )
+    check(x)  # after an inference-mode call, plain no_grad again
+    clone = copy.deepcopy(layer)  # the copy keeps nothing of the original's calls
+    assert clone._memo is None
+    with torch.no_grad():
+        clone.factors[2].zero_()
+    check(x)  # the original is unchanged by its copy
+    check(torch.randn(3, 6, 7, 7, generator=gen))  # another shape
+    check(torch.randn(3, 6, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last))
+    check(x)

@@ -166,6 +166,41 @@ class _Runner:
             self.to_last = (0, *range(2, dim), 1)
             self.to_first = (0, dim - 1, *range(1, dim - 1))
 
+    def bind(
+        self, bias: torch.Tensor | None, folded: dict[int, torch.Tensor]
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The plan on folded weights as a function of the input alone: ``bind(bias,
+        folded)(x) == self(x, (), bias, folded, None)``. A plan of plain convolutions (no view,
+        pad, product or copy between them: most plans at batch 1) runs as a bare loop of conv
+        calls, the Python of a frozen layer's call cut to what its kernels need. ``bias`` is
+        read at call time (the tensor itself is held, so in-place changes are seen)."""
+        weights = [folded[-1 - call.k] for call in self.calls]
+        plain = (
+            self.calls
+            and not self.convert_in
+            and self.fast_entry_shape is None
+            and self.rows is None
+            and self.final_perm is None
+            and self.fast_output_shape is None
+            and (bias is None or self.bias_in_last)
+            and all(c.plain_conv for c in self.calls)
+        )
+        if not plain:
+            return lambda x: self(x, (), bias, folded, None)
+        last = len(weights) - 1
+        convs = [
+            (call.conv, weight, bias if j == last else None, *call.args)
+            for j, (call, weight) in enumerate(zip(self.calls, weights, strict=True))
+        ]
+        layout = torch.contiguous_format if self.converted else self.layout
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            for conv, weight, b, stride, padding, dilation, groups in convs:
+                x = conv(x, weight, b, stride, padding, dilation, groups)
+            return x.contiguous(memory_format=layout)
+
+        return run
+
     def __call__(
         self,
         x: torch.Tensor,
@@ -271,6 +306,19 @@ class _DataCall:
             and self.out_shape is None
             and self.pad is None
             and step.groups == 1
+        )
+
+    @property
+    def plain_conv(self) -> bool:
+        """In :meth:`fast`, the step is one conv call on the map as it is."""
+        return (
+            not self.matmul
+            and not self.pointwise
+            and self.pad is None
+            and self.fast_nhwc_view is None
+            and self.data_perm is None
+            and self.fast_data_shape is None
+            and self.fast_out_shape is None
         )
 
     def merge_after_entry(self, input_shape: tuple[int, ...], entry: tuple[int, ...]) -> None:

@@ -149,6 +149,8 @@ class FactorizedLayer(nn.Module):
         # frozen inference: the folded weights of one plan, valid while the factors are
         # unchanged (their storage and in-place version counters are the key)
         self._folded: tuple[tuple[Any, ...], dict[int, torch.Tensor]] | None = None
+        # inference: the last call's key and bound plan (see _inference_call)
+        self._memo: tuple[Any, ...] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # plans are priced for this machine and folded weights are derived data: neither is
@@ -156,11 +158,13 @@ class FactorizedLayer(nn.Module):
         state = dict(self.__dict__)
         state["_plans"] = OrderedDict()
         state["_folded"] = None
+        state["_memo"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_folded", None)
+        self.__dict__["_memo"] = None
         self._plans = OrderedDict()
 
     # -- construction from a dense layer ------------------------------------------------------
@@ -351,6 +355,8 @@ class FactorizedLayer(nn.Module):
                 f"{type(x).__module__}.{type(x).__name__}"
             )
         x, how = self.executor_input(x)
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self.executor_output(self._inference_call(x), how)
         nhwc = is_channels_last(x)
         factors = self._factor_list()
         frozen = self._frozen(factors)
@@ -358,6 +364,43 @@ class FactorizedLayer(nn.Module):
         folded = self._folded_weights(plan, factors) if frozen else None
         y = plan.runner(nhwc)(x, factors, self.bias, folded, None)
         return self.executor_output(y, how)
+
+    def _inference_call(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen plan on ``x`` (an executor input) without autograd. The plan, its folded
+        weights and the bound call (:meth:`~tnconv.contraction.execute._Runner.bind`) are kept
+        for the last input shape, layout and factor state, so a repeated call (inference at
+        batch 1, where per-call Python is a large share of the time) only compares that key:
+        the factors' storage and in-place versions, the bias tensor, the thread count and
+        inference mode, as the plan cache and the folded weights themselves are keyed."""
+        factors = list(self._modules["factors"]._parameters.values())
+        bias = self._parameters.get("bias")
+        try:
+            key = (
+                x.shape,
+                x.stride(),
+                torch.get_num_threads(),
+                torch.is_inference_mode_enabled(),
+                id(bias),
+                *[(p.data_ptr(), p._version) for p in factors],  # type: ignore[union-attr]
+            )
+        except RuntimeError:  # an inference-tensor factor: no version counter, nothing kept
+            key = None
+        memo = self._memo
+        if key is not None and memo is not None and memo[0] == key:
+            return memo[1](x)
+        nhwc = is_channels_last(x)
+        plan = self.plan_for(tuple(x.shape), "nhwc" if nhwc else "nchw", True)
+        folded = self._folded_weights(plan, factors)  # type: ignore[arg-type]
+        run = plan.runner(nhwc)
+        if key is None:
+            self._memo = None
+            return run(x, factors, bias, folded, None)
+        bound = run.bind(bias, folded)  # type: ignore[attr-defined]
+        # the factors' storages are held with the key, so no address in it can be reused by
+        # another tensor while it is kept (the bias tensor is held by the bound call)
+        held = [p.detach() for p in factors]  # type: ignore[union-attr]
+        self._memo = (key, bound, held)
+        return bound(x)
 
     def _conv_input(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Check a conv input (B, S, *spatial) or unbatched (S, *spatial); return it batched
