@@ -170,10 +170,11 @@ class _Runner:
         self, bias: torch.Tensor | None, folded: dict[int, torch.Tensor]
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         """The plan on folded weights as a function of the input alone: ``bind(bias,
-        folded)(x) == self(x, (), bias, folded, None)``. A plan of plain convolutions (no view,
-        pad, product or copy between them: most plans at batch 1) runs as a bare loop of conv
-        calls, the Python of a frozen layer's call cut to what its kernels need. ``bias`` is
-        read at call time (the tensor itself is held, so in-place changes are seen)."""
+        folded)(x) == self(x, (), bias, folded, None)``. A plan of plain steps (convolutions and
+        1x1 products on the map as it is, no view, pad or copy between them: most plans) runs as
+        a bare loop of those calls, the Python of a frozen layer's call cut to what its kernels
+        need. ``bias`` is read at call time (the tensor itself is held, so in-place changes are
+        seen)."""
         weights = [folded[-1 - call.k] for call in self.calls]
         plain = (
             self.calls
@@ -183,20 +184,20 @@ class _Runner:
             and self.final_perm is None
             and self.fast_output_shape is None
             and (bias is None or self.bias_in_last)
-            and all(c.plain_conv for c in self.calls)
+            and all(c.plain for c in self.calls)
         )
         if not plain:
             return lambda x: self(x, (), bias, folded, None)
         last = len(weights) - 1
-        convs = [
-            (call.conv, weight, bias if j == last else None, *call.args)
+        steps = [
+            call.bare(weight, bias if j == last else None)
             for j, (call, weight) in enumerate(zip(self.calls, weights, strict=True))
         ]
         layout = torch.contiguous_format if self.converted else self.layout
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            for conv, weight, b, stride, padding, dilation, groups in convs:
-                x = conv(x, weight, b, stride, padding, dilation, groups)
+            for step in steps:
+                x = step(x)
             return x.contiguous(memory_format=layout)
 
         return run
@@ -309,17 +310,27 @@ class _DataCall:
         )
 
     @property
-    def plain_conv(self) -> bool:
-        """In :meth:`fast`, the step is one conv call on the map as it is."""
+    def plain(self) -> bool:
+        """In :meth:`fast`, the step is one conv or 1x1 product on the map as it is."""
         return (
-            not self.matmul
-            and not self.pointwise
+            not self.pointwise
             and self.pad is None
             and self.fast_nhwc_view is None
             and self.data_perm is None
             and self.fast_data_shape is None
             and self.fast_out_shape is None
         )
+
+    def bare(
+        self, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A :attr:`plain` step as a function of its input: :meth:`fast` with ``weight`` and
+        ``bias`` bound and nothing left to decide per call."""
+        if self.matmul:
+            nhwc, out_nhwc = self.in_nhwc, self.out_nhwc
+            return lambda x: pointwise_matmul(x, weight, nhwc, out_nhwc, bias)
+        conv, (stride, padding, dilation, groups) = self.conv, self.args
+        return lambda x: conv(x, weight, bias, stride, padding, dilation, groups)
 
     def merge_after_entry(self, input_shape: tuple[int, ...], entry: tuple[int, ...]) -> None:
         """Skip, in :meth:`fast`, this first step's input view when it only merges back, in
