@@ -28,11 +28,13 @@ better than kernel allocation: docs/data_aware.md.)
 
 Calibration: 8 batches of 64 training images (labels unused). Accuracy on the test split,
 before any fine-tuning; ``distilled``: ``seq+logits`` after one epoch of label-free
-distillation from the dense model (``tnconv.finetune(teacher=)``). ``time x`` / ``logits x`` =
-CPU time of ``sequential`` / ``seq+logits`` over ``weight+fold`` (calibration included).
+distillation from the dense model (``tnconv.finetune(teacher=)``), the mean of
+``--distill-seeds`` runs (3; image order and seed 0, 1, 2; their range follows the row).
+``time x`` / ``logits x`` = CPU time of ``sequential`` / ``seq+logits`` over ``weight+fold``
+(calibration included).
 
 Run:  python benchmarks/data_aware.py [--model digits|resnet20] [--quick] [--methods tucker tt]
-      [--budgets 0.1 0.25] [--epochs N] [--no-distill]
+      [--budgets 0.1 0.25] [--epochs N] [--no-distill] [--distill-seeds 3]
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import os
 import resource
 import sys
 import time
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -53,11 +56,6 @@ from tnconv.datasets import digits
 from tnconv.demo import DigitsNet, compressible
 from tnconv.models import resnet20
 from tnconv.training import evaluate, fit
-
-
-def _inputs_only(loader: DataLoader) -> DataLoader:
-    xs = torch.cat([x for x, _ in loader])
-    return DataLoader(TensorDataset(xs), batch_size=loader.batch_size, shuffle=True)
 
 
 def _cifar_like(data: TensorDataset) -> TensorDataset:
@@ -104,7 +102,6 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
     calibration = [x for _, (x, _) in zip(range(8), calib_loader, strict=False)]
     size = (64, *train[0][0].shape)
     rows = []
-    finetune = getattr(tnconv, "finetune", None)
     for method in cfg.methods:
         opts: dict[str, Any] = {}
         for budget in cfg.budgets:
@@ -136,15 +133,38 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
                 row["time x"] = t_aware / max(t_fold, 1e-9)
                 row["logits x"] = t_logits / max(t_fold, 1e-9)
                 row["shares"] = _shares(by_logits)
-                if cfg.distill and finetune is not None:
-                    torch.manual_seed(0)
-                    finetune(by_logits, _inputs_only(loader), epochs=1, teacher=model)
-                    row["distilled"] = evaluate(by_logits, test_loader)
+                if cfg.distill:
+                    row["distilled seeds"] = _distilled(by_logits, model, loader, test_loader, cfg)
+                    row["distilled"] = sum(row["distilled seeds"]) / cfg.distill_seeds
             except tnconv.TnconvError as exc:
                 row["error"] = str(exc)[:80]
             rows.append(row)
             print(_line(row, dense), flush=True)
     return {"dense": dense, "rows": rows}
+
+
+def _distilled(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    loader: DataLoader,
+    test_loader: DataLoader,
+    cfg: argparse.Namespace,
+) -> list[float]:
+    """Test accuracy of ``student`` after one epoch of label-free distillation from
+    ``teacher``, once per seed (the image order and any randomness of the run), each from a
+    copy of the same start: one run moves by about a test-set standard error."""
+    images = torch.cat([x for x, _ in loader])
+    accuracies = []
+    for seed in range(cfg.distill_seeds):
+        copy = deepcopy(student)
+        order = torch.Generator().manual_seed(seed)
+        inputs = DataLoader(
+            TensorDataset(images), batch_size=loader.batch_size, shuffle=True, generator=order
+        )
+        torch.manual_seed(seed)
+        tnconv.finetune(copy, inputs, epochs=1, teacher=teacher)
+        accuracies.append(evaluate(copy, test_loader))
+    return accuracies
 
 
 COLUMNS = ["weight", "weight+fold", "aware", "sequential", "seq+logits", "distilled"]
@@ -169,6 +189,9 @@ def _line(row: dict[str, Any], dense: float) -> str:
     else:
         cells += [row.get("error", "-"), "-"]
     line = "| " + " | ".join(cells) + " |"
+    if row.get("distilled seeds"):
+        seeds = row["distilled seeds"]
+        line += f"  distilled {min(seeds):.3f}-{max(seeds):.3f} over {len(seeds)} seed(s)"
     if row.get("shares"):
         line += f"  logits shares {row['shares']}"
     return line
@@ -182,6 +205,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--budgets", nargs="*", type=float, default=[0.05, 0.1, 0.25])
     p.add_argument("--epochs", type=int, default=None, help="dense training (4; resnet20: 3)")
     p.add_argument("--no-distill", dest="distill", action="store_false")
+    p.add_argument(
+        "--distill-seeds", type=int, default=3, help="distillation runs averaged (default 3)"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     cfg = p.parse_args(argv)
