@@ -212,8 +212,11 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float =
 )
 def test_two_processes_give_the_one_process_weights(runs, case: str) -> None:
     single, ranks = runs
+    # ADMM's projections (a Tucker fit of each weight every other step) amplify the rounding of
+    # the gradients' reduction order: 1.1e-6 relative measured on one machine, 1e-6 elsewhere
+    rtol = 1e-5 if case == "admm" else 1e-6
     for r in ranks:
-        _close(r[case], single[case])
+        _close(r[case], single[case], rtol)
     # DDP keeps the ranks' weights identical to the bit
     for key, value in ranks[0][case].items():
         assert torch.equal(value, ranks[1][case][key]), key
