@@ -175,7 +175,6 @@ class _Runner:
         a bare loop of those calls, the Python of a frozen layer's call cut to what its kernels
         need. ``bias`` is read at call time (the tensor itself is held, so in-place changes are
         seen)."""
-        weights = [folded[-1 - call.k] for call in self.calls]
         plain = (
             self.calls
             and not self.convert_in
@@ -188,10 +187,10 @@ class _Runner:
         )
         if not plain:
             return lambda x: self(x, (), bias, folded, None)
-        last = len(weights) - 1
+        last = len(self.calls) - 1
         steps = [
-            call.bare(weight, bias if j == last else None)
-            for j, (call, weight) in enumerate(zip(self.calls, weights, strict=True))
+            call.bare(folded[-1 - call.k], bias if j == last else None)
+            for j, call in enumerate(self.calls)
         ]
         layout = torch.contiguous_format if self.converted else self.layout
 

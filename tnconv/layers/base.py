@@ -317,7 +317,7 @@ class FactorizedLayer(nn.Module):
     def _factor_list(self) -> list[torch.Tensor]:
         """The factors in order. Read from the ParameterList's registry directly: iterating the
         ParameterList costs ~2 us per factor, several times per forward pass."""
-        return list(self.factors._parameters.values())  # type: ignore[arg-type]
+        return list(self._modules["factors"]._parameters.values())  # type: ignore[union-attr,arg-type]
 
     def _folded_weights(
         self, plan: ConvPlan, factors: list[torch.Tensor]
@@ -372,7 +372,7 @@ class FactorizedLayer(nn.Module):
         batch 1, where per-call Python is a large share of the time) only compares that key:
         the factors' storage and in-place versions, the bias tensor, the thread count and
         inference mode, as the plan cache and the folded weights themselves are keyed."""
-        factors = list(self._modules["factors"]._parameters.values())
+        factors = self._factor_list()
         bias = self._parameters.get("bias")
         try:
             key = (
@@ -381,7 +381,7 @@ class FactorizedLayer(nn.Module):
                 torch.get_num_threads(),
                 torch.is_inference_mode_enabled(),
                 id(bias),
-                *[(p.data_ptr(), p._version) for p in factors],  # type: ignore[union-attr]
+                *[(p.data_ptr(), p._version) for p in factors],
             )
         except RuntimeError:  # an inference-tensor factor: no version counter, nothing kept
             key = None
@@ -390,7 +390,7 @@ class FactorizedLayer(nn.Module):
             return memo[1](x)
         nhwc = is_channels_last(x)
         plan = self.plan_for(tuple(x.shape), "nhwc" if nhwc else "nchw", True)
-        folded = self._folded_weights(plan, factors)  # type: ignore[arg-type]
+        folded = self._folded_weights(plan, factors)
         run = plan.runner(nhwc)
         if key is None:
             self._memo = None
@@ -398,7 +398,7 @@ class FactorizedLayer(nn.Module):
         bound = run.bind(bias, folded)  # type: ignore[attr-defined]
         # the factors' storages are held with the key, so no address in it can be reused by
         # another tensor while it is kept (the bias tensor is held by the bound call)
-        held = [p.detach() for p in factors]  # type: ignore[union-attr]
+        held = [p.detach() for p in factors]
         self._memo = (key, bound, held)
         return bound(x)
 
