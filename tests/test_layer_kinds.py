@@ -325,3 +325,32 @@ def test_every_layer_kind_under_inference_mode_and_no_grad(
     # built in the mode, the layer still trains afterwards
     layer(x).square().sum().backward()
     assert all(p.grad is not None for p in layer.factors)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("kind", list(KIND_MODULES))
+@pytest.mark.parametrize("method", METHODS)
+def test_repeated_frozen_calls_of_every_layer_kind_see_a_changed_factor(
+    method: str, kind: str, mode: str
+) -> None:
+    """Frozen calls keep the last call's bound plan (keyed by input and factor state): for
+    every kind, a factor changed in place between two calls on the same input, and an input of
+    another batch size, give the dense layer's output on the current kernel."""
+    torch.manual_seed(0)
+    dense = KIND_MODULES[kind]()
+    try:
+        layer = tnconv.layers.factorized_type(dense).from_dense(dense, method, 2)
+    except tnconv.errors.StructureError:
+        pytest.skip(f"{method} cannot take the {kind} kernel at rank 2")
+    layer.eval()
+    x = torch.randn(KIND_INPUTS[kind])
+    for step in range(3):
+        if step == 1:
+            with torch.no_grad():
+                layer.factors[0].mul_(-1.5)  # in place: same storage, a new version
+        inp = x if step < 2 else torch.cat([x, x])  # then another batch size
+        with MODES[mode]():
+            y = layer(inp)
+            again = layer(inp)
+        torch.testing.assert_close(y, layer.to_dense()(inp), rtol=1e-4, atol=1e-5)
+        assert torch.equal(again, y)
