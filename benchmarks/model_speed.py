@@ -8,12 +8,13 @@ the table gives the exact share). Speed does not depend on the weights' values, 
 weights are used and CP fits with one sweep.
 
 For batch 1 and 32, NCHW and channels-last, the dense model and every compressed one are timed
-round-robin in one loop (inference: eval mode, ``torch.no_grad``); the table gives the
-wall-clock speed-up, the FLOP reduction (whole model, ``torch.utils.flop_counter``, inference
-pass), the realized share (speed-up / FLOP reduction) and the peak memory of the tensors the
-forward pass creates. In channels-last, ``<method>+guard`` is the compressed model with every
-factorized layer that is not faster than its dense original (timed at its input, as
-``compress(..., must_save="latency")`` decides, without refitting) put back to dense.
+round-robin in one loop of at least 3 s (inference: eval mode, ``torch.no_grad``); the table
+gives the wall-clock speed-up, the FLOP reduction (whole model, ``torch.utils.flop_counter``,
+inference pass), the realized share (speed-up / FLOP reduction) and the peak memory of the
+tensors the forward pass creates. In channels-last, ``<method>+guard`` is the compressed model
+with every factorized layer that is not faster than its dense original (timed at its input, as
+``compress(..., must_save="latency")`` decides, without refitting) put back to dense, then the
+whole-model guard of compress (:func:`tnconv.compress.latency_guard`) run on it.
 ``--compile`` adds ``torch.compile`` of the dense and Tucker models.
 
 Run:  python benchmarks/model_speed.py [--quick] [--threads 2] [--compile]
@@ -37,7 +38,6 @@ from tnconv.allocation import LatencyProbe
 from tnconv.bn_folding import fold_batchnorm
 from tnconv.compress import conv_input_shapes, latency_guard
 from tnconv.models import create
-from tnconv.timing import module_latencies
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _memory import PeakMemory
@@ -45,6 +45,7 @@ from _models import resnet18_imagenet
 from _timing import pin_allocator, time_round_robin
 
 SHARE = 0.25
+LOOP_SECONDS = 3.0  # the least wall time of each round-robin loop
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 
@@ -106,16 +107,12 @@ def latency_guarded(
     guarded = copy.deepcopy(small)
     originals = dict(dense.named_modules())
     shapes = conv_input_shapes(small, size)
+    probe = LatencyProbe(channels_last=channels_last)  # compress's own, repeats included
     for name, layer in small.named_modules():
         if not isinstance(layer, tnconv.FactorizedConv2d) or name not in shapes:
             continue
-        ms = module_latencies(
-            {"dense": originals[name], "f": layer},
-            shapes[name],
-            channels_last=channels_last,
-            repeats=5,
-        )
-        if ms["f"] >= ms["dense"]:
+        dense_ms, (ms,) = probe.measure(originals[name], [layer], shapes[name])
+        if ms >= dense_ms:
             parent, _, child = name.rpartition(".")
             holder = guarded.get_submodule(parent) if parent else guarded
             setattr(holder, child, copy.deepcopy(originals[name]))
@@ -126,7 +123,6 @@ def latency_guarded(
     }
     own: dict = {}
     if replaced:
-        probe = LatencyProbe(channels_last=channels_last, repeats=5)
         own = latency_guard(guarded, dense, replaced, shapes, size, probe)
     total = sum(isinstance(m, tnconv.FactorizedLayer) for m in small.modules())
     kept = sum(isinstance(m, tnconv.FactorizedLayer) for m in guarded.modules())
@@ -228,7 +224,9 @@ def run_model(
                         c = torch.compile(variants[k])
                         fns[f"{k}+compile"] = lambda c=c, x=x: c(x)
             with torch.no_grad():
-                times = time_round_robin(fns, repeats)
+                # at batch 1 a round of every variant takes milliseconds: a fixed count of them
+                # leaves two identical models 2-3% apart, so the loop fills ``LOOP_SECONDS``
+                times = time_round_robin(fns, repeats, min_seconds=LOOP_SECONDS)
             dense_flops, _ = flops_and_peak(dense, x)
             for k, ms in times.items():
                 module = setting[k.removesuffix("+compile")]
@@ -257,6 +255,7 @@ def run_model(
                     pair = time_round_robin(
                         {"dense": lambda x=x: dense(x), k: lambda m=g.model, x=x: m(x)},
                         2 * repeats,
+                        min_seconds=LOOP_SECONDS,
                     )
                 guard_rows.append(
                     GuardRow(

@@ -589,7 +589,7 @@ def _fake_clock(slowdown: float, rounded_bonus: float = 1.0):
     times slower per FLOP, and ``rounded_bonus`` times faster when every rank is a multiple
     of 8."""
 
-    def fake(modules, shape, *, channels_last=False, repeats=0):
+    def fake(modules, shape, *, channels_last=False, repeats=0, min_seconds=0.0):
         out = {}
         for name, m in modules.items():
             if not isinstance(m, (torch.nn.Conv2d, tnconv.FactorizedConv2d)):
