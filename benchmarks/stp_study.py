@@ -15,6 +15,7 @@ Single thread by default. Prints Markdown tables (the ones in docs/stp.md) and w
 
     python benchmarks/stp_study.py                 # both parts, sklearn digits
     python benchmarks/stp_study.py --part a
+    python benchmarks/stp_study.py --part a --ts 2,4 --orders inner,outer
     python benchmarks/stp_study.py --part b --methods stt,tt --shares 0.3,0.1
 """
 
@@ -85,21 +86,33 @@ def trained_kernels(data_dir: Path | None, extra: dict[str, np.ndarray]) -> dict
 
 
 def part_a(
-    kernels: dict[str, np.ndarray], ts: list[int], ratios: list[float], epss: list[float]
+    kernels: dict[str, np.ndarray],
+    ts: list[int],
+    ratios: list[float],
+    epss: list[float],
+    orders: list[str] | None = None,
 ) -> list[dict[str, Any]]:
+    """``orders``: for the semi-tensor methods at t > 1, fit with each of these places of the
+    identity's index (``identity=``); None: the method's default only."""
     rows = []
+    runs: list[tuple[str, int | None, str | None]] = []
     for method, t in configs(ts):
+        places = orders if orders and t is not None and t > 1 else [None]
+        runs += [(method, t, place) for place in places]
+    for method, t, place in runs:
         dec = tnconv.get(method)
+        opts = options(t) | ({"identity": place} if place else {})
         errs: dict[float, list[float]] = {r: [] for r in ratios}
         comps: dict[float, list[float]] = {e: [] for e in epss}
         started = time.perf_counter()
         for w_np in kernels.values():
             w = torch.tensor(w_np, dtype=torch.float64)
             for r in ratios:
-                errs[r].append(dec.factorize(w, ratio=r, **options(t)).relative_error(w))
+                errs[r].append(dec.factorize(w, ratio=r, **opts).relative_error(w))
             for e in epss:
-                comps[e].append(dec.factorize(w, eps=e, **options(t)).compression)
-        row = {"method": label(method, t), "kernels": len(kernels)}
+                comps[e].append(dec.factorize(w, eps=e, **opts).compression)
+        name = label(method, t) + (f" {place}" if place else "")
+        row = {"method": name, "kernels": len(kernels)}
         row |= {f"err@ratio={r}": float(np.mean(v)) for r, v in errs.items()}
         # geometric mean: compression factors multiply
         row |= {f"x@eps={e}": float(np.exp(np.mean(np.log(v)))) for e, v in comps.items()}
@@ -238,6 +251,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="dense (and from-scratch) epochs")
     parser.add_argument("--shares", default="0.25,0.12,0.06,0.03,0.015,0.008")
     parser.add_argument("--methods", default="", help="comma list (part b); default all")
+    parser.add_argument(
+        "--orders",
+        default="",
+        help="part a: fit the semi-tensor methods at t > 1 with each of these identity places "
+        "(e.g. inner,outer); default: each method's own",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
@@ -258,7 +277,8 @@ def main() -> None:
         print("kernels:", {k: tuple(v.shape) for k, v in kernels.items()}, flush=True)
         ratios = [float(r) for r in args.ratios.split(",")]
         epss = [float(e) for e in args.eps.split(",")]
-        rows = part_a(kernels, [int(t) for t in args.ts.split(",")], ratios, epss)
+        orders = args.orders.split(",") if args.orders else None
+        rows = part_a(kernels, [int(t) for t in args.ts.split(",")], ratios, epss, orders)
         out["a"] = {"kernels": {k: list(v.shape) for k, v in kernels.items()}, "rows": rows}
         cols = ["method", "kernels", *[f"err@ratio={r}" for r in ratios]]
         cols += [f"x@eps={e}" for e in epss]

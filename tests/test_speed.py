@@ -23,11 +23,13 @@ from tnconv.contraction import ConvGeometry, ConvNetwork, DataStep, plan_conv
 from .conftest import METHODS, supports
 
 
-def _factorization(method: str, shape: tuple, rank, seed: int = 0) -> tnconv.Factorization:
+def _factorization(
+    method: str, shape: tuple, rank, seed: int = 0, **options
+) -> tnconv.Factorization:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=gen, dtype=torch.float64)
     opts = {"max_iter": 3, "n_init": 1} if method == "cp" else {}
-    return tnconv.get(method).factorize(w, rank, **opts)
+    return tnconv.get(method).factorize(w, rank, **opts, **options)
 
 
 def _table(layout: str, grouped_mac: float, copy: float) -> CostTable:
@@ -375,14 +377,15 @@ def test_grouped_tt_folds_its_extra_index_inside_the_groups(layout) -> None:
 @pytest.mark.parametrize("method", sorted(STP_SHAPES))
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_expanded_steps_read_and_write_interleaved_channels_without_copies(method, layout) -> None:
-    """A semi-tensor layer's channel modes interleave the STP index (S = (j, a), ``a`` inner):
-    folding ``a`` permutes the map, while an expanded step (identity blocks over ``a`` in the
-    weight) reads and writes the channels where they are. Exact, FLOPs as counted by torch
-    (the identities' zeros included), and no copy of the feature map at all."""
+    """A semi-tensor layer in the paper's order interleaves the STP index in its channel modes
+    (S = (j, a), ``a`` inner): folding ``a`` permutes the map, while an expanded step (identity
+    blocks over ``a`` in the weight) reads and writes the channels where they are. Exact, FLOPs
+    as counted by torch (the identities' zeros included), and no copy of the feature map at
+    all."""
     from torch.utils.flop_counter import FlopCounterMode
 
     shape, rank = STP_SHAPES[method]
-    f = _factorization(method, shape, rank)
+    f = _factorization(method, shape, rank, identity="inner")
     layer = tnconv.FactorizedConv2d(f, padding=1)
     x = torch.randn(2, shape[1], 7, 6, dtype=torch.float64)
     if layout == "nhwc":

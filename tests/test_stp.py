@@ -119,7 +119,7 @@ def test_move_inner_factor_relabels_and_inverts(shape: list[int], src: int, dst:
 # -- each network against its STP definition (explicit Kronecker products) -------------------------
 def test_sttucker_is_core_times_kron_factors() -> None:
     t, w = 2, decaying_kernel((8, 6, 3, 3), 0)
-    f = tnconv.get("sttucker").factorize(w, (4, 4), t=t)
+    f = tnconv.get("sttucker").factorize(w, (4, 4), t=t, identity="inner")
     g, u_t, u_s = f.factors
     rt, rs = f.ranks
     # the core's (R_T/t, R_S/t, kh, t, kw, t) as the classical (R_T, R_S, kh, kw), R = (rho, a)
@@ -133,7 +133,7 @@ def test_sttucker_is_core_times_kron_factors() -> None:
 
 def test_stt_is_a_left_stp_chain() -> None:
     t, w = 2, decaying_kernel((6, 8, 3, 3), 1)
-    f = tnconv.get("stt").factorize(w, (4, 3, 2), t=t)
+    f = tnconv.get("stt").factorize(w, (4, 3, 2), t=t, identity="inner")
     g_t, g_s, g_h, g_w = f.factors
     r1, r2, r3 = f.ranks
     a = g_t.reshape(6, r1)  # (T, r1) with r1 = (rho, a), a inner
@@ -145,7 +145,7 @@ def test_stt_is_a_left_stp_chain() -> None:
 
 def test_str_is_a_ring_of_left_stps() -> None:
     t, w = 2, decaying_kernel((6, 8, 3, 3), 2)
-    f = tnconv.get("str").factorize(w, (2, 4, 3, 2), t=t)
+    f = tnconv.get("str").factorize(w, (2, 4, 3, 2), t=t, identity="inner")
     g_t, g_s, g_h, g_w = f.factors
     r0, r1, r2, r3 = f.ranks
     # classical cores from the STPs: G_w (r3, kw, r0) ⋉ G_T and G_T (.., r1) ⋉ G_S
@@ -160,6 +160,55 @@ def test_str_is_a_ring_of_left_stps() -> None:
     torch.testing.assert_close(f.to_tensor(), dense)
     expected = r0 * 6 * r1 // t**2 + r1 * 8 * r2 // t**2 + r2 * 3 * r3 + r3 * 3 * r0
     assert f.num_params == expected
+
+
+def _outer_to_inner(w: torch.Tensor, mode: int, t: int) -> torch.Tensor:
+    """Channel ``j t + a`` of the result is channel ``a (C / t) + j`` of ``w`` (index
+    arithmetic, independent of the library's reshapes)."""
+    c = w.shape[mode]
+    src = [(k % t) * (c // t) + k // t for k in range(c)]
+    return w.index_select(mode, torch.tensor(src))
+
+
+CHANNEL_MODES = {"sttucker": (0, 1), "stt": (1,), "str": (0, 1)}
+RANKS = {"sttucker": (4, 4), "stt": (4, 3, 2), "str": (2, 4, 3, 2)}
+
+
+@pytest.mark.parametrize("method", sorted(TWINS))
+@pytest.mark.parametrize("t", [2, 3])
+def test_outer_order_is_the_inner_network_on_permuted_channels(method: str, t: int) -> None:
+    """``identity="outer"`` fits W as "inner" fits W with its channels regrouped (a, j) ->
+    (j, a): the same factors, the same error, and a kernel that is the inner one's with the
+    channels put back."""
+    w = decaying_kernel((6 * t, 4 * t, 3, 3), 4)
+    ranks = tuple(r * t // 2 if k in STP_BONDS[method] else r for k, r in enumerate(RANKS[method]))
+    dec = tnconv.get(method)
+    outer = dec.factorize(w, ranks, t=t, identity="outer")
+    permuted = w
+    for mode in CHANNEL_MODES[method]:
+        permuted = _outer_to_inner(permuted, mode, t)
+    inner = dec.factorize(permuted, ranks, t=t, identity="inner")
+    for a, b in zip(outer.factors, inner.factors, strict=True):
+        torch.testing.assert_close(a, b)
+    assert outer.info["identity"] == "outer" and inner.info["identity"] == "inner"
+    back = outer.to_tensor()
+    for mode in CHANNEL_MODES[method]:
+        back = _outer_to_inner(back, mode, t)
+    torch.testing.assert_close(back, inner.to_tensor())
+    assert outer.info["relative_error"] == pytest.approx(inner.info["relative_error"], rel=1e-9)
+    # the identity's index is the first of its channel mode's two
+    for mode in CHANNEL_MODES[method]:
+        assert outer.modes[mode] == inner.modes[mode][::-1]
+
+
+@pytest.mark.parametrize(
+    ("method", "default"), [("stt", "outer"), ("str", "outer"), ("sttucker", "inner")]
+)
+def test_default_order_of_each_method(method: str, default: str) -> None:
+    f = tnconv.get(method).factorize(decaying_kernel((8, 8, 3, 3), 0), 4)
+    assert f.info["identity"] == default
+    with pytest.raises(tnconv.OptionError, match="identity"):
+        tnconv.get(method).factorize(decaying_kernel((8, 8, 3, 3), 0), 4, identity="middle")
 
 
 def test_documented_factor_layouts() -> None:
@@ -295,12 +344,13 @@ def test_sttucker_takes_two_ranks() -> None:
     padding=st.integers(0, 2),
     dilation=st.integers(1, 2),
     seed=st.integers(0, 100),
+    identity=st.sampled_from(["inner", "outer"]),
 )
 def test_layer_equals_conv2d_for_any_t(
-    method: str, t: int, stride: int, padding: int, dilation: int, seed: int
+    method: str, t: int, stride: int, padding: int, dilation: int, seed: int, identity: str
 ) -> None:
     w = _randn(2 * t, 3 * t, 3, 3, seed=seed)
-    f = tnconv.get(method).factorize(w, t, t=t)
+    f = tnconv.get(method).factorize(w, t, t=t, identity=identity)
     layer = tnconv.FactorizedConv2d(f, stride=stride, padding=padding, dilation=dilation)
     x = _randn(2, 3 * t, 9, 8, seed=seed + 1)
     expected = F.conv2d(x, f.to_tensor(), None, stride, padding, dilation)
