@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import tnconv
+from tnconv.errors import InputShapeError
 
 from .conftest import METHODS, REAL_3D, adam_losses, require_support, supports
 
@@ -202,6 +203,26 @@ def test_grouped_channel_modes_execute() -> None:
     layer = tnconv.FactorizedConv2d(f, padding=1, stride=2)
     x = torch.randn(2, 5, 9, 8, dtype=torch.float64)
     torch.testing.assert_close(layer(x), F.conv2d(x, f.to_tensor(), None, 2, 1))
+
+
+def test_a_repeated_frozen_call_still_checks_what_it_skips() -> None:
+    """A repeat of the last frozen call skips the input checks and reshapes; anything that is
+    not that repeat goes through them: a wrong channel count, an unbatched map, a non-tensor."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, padding=1)
+    layer = tnconv.FactorizedConv2d.from_conv(conv, "tucker", (4, 4)).eval()
+    x = torch.randn(2, 6, 5, 5)
+    with torch.no_grad():
+        expected = F.conv2d(x, layer.factorization.to_tensor().float(), layer.bias, padding=1)
+        for _ in range(2):
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        with pytest.raises(InputShapeError, match="channels"):
+            layer(torch.randn(2, 5, 5, 5))
+        with pytest.raises(TypeError, match=r"torch\.Tensor"):
+            layer(x.numpy())
+        for _ in range(2):  # unbatched: reshaped in and out, every time
+            torch.testing.assert_close(layer(x[0]), expected[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -354,9 +354,18 @@ class FactorizedLayer(nn.Module):
                 f"{type(self).__name__}.forward expects a torch.Tensor input; got "
                 f"{type(x).__module__}.{type(x).__name__}"
             )
-        x, how = self.executor_input(x)
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return self.executor_output(self._inference_call(x), how)
+            memo = self._memo
+            if memo is not None and memo[3]:
+                # the last call ran its input as it came (no reshape in or out), so a repeat
+                # needs only the key: its shape passed the input checks when it was kept
+                key = self._call_key(x)
+                if key is not None and key == memo[0]:
+                    return memo[1](x)
+            run, how = self.executor_input(x)
+            direct = run is x and not how
+            return self.executor_output(self._inference_call(run, direct), how)
+        x, how = self.executor_input(x)
         nhwc = is_channels_last(x)
         factors = self._factor_list()
         frozen = self._frozen(factors)
@@ -365,26 +374,33 @@ class FactorizedLayer(nn.Module):
         y = plan.runner(nhwc)(x, factors, self.bias, folded, None)
         return self.executor_output(y, how)
 
-    def _inference_call(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen plan on ``x`` (an executor input) without autograd. The plan, its folded
-        weights and the bound call (:meth:`~tnconv.contraction.execute._Runner.bind`) are kept
-        for the last input shape, layout and factor state, so a repeated call (inference at
-        batch 1, where per-call Python is a large share of the time) only compares that key:
-        the factors' storage and in-place versions, the bias tensor, the thread count and
-        inference mode, as the plan cache and the folded weights themselves are keyed."""
-        factors = self._factor_list()
-        bias = self._parameters.get("bias")
+    def _call_key(self, x: torch.Tensor) -> tuple[Any, ...] | None:
+        """What a frozen call on ``x`` depends on besides its values: the input's shape and
+        strides, the thread count, inference mode, the bias tensor, the factors' storages and
+        in-place versions (None when a factor is an inference tensor: it has no version)."""
         try:
-            key = (
+            return (
                 x.shape,
                 x.stride(),
                 torch.get_num_threads(),
                 torch.is_inference_mode_enabled(),
-                id(bias),
-                *[(p.data_ptr(), p._version) for p in factors],
+                id(self._parameters.get("bias")),
+                *[(p.data_ptr(), p._version) for p in self._factor_list()],
             )
-        except RuntimeError:  # an inference-tensor factor: no version counter, nothing kept
-            key = None
+        except RuntimeError:
+            return None
+
+    def _inference_call(self, x: torch.Tensor, direct: bool = False) -> torch.Tensor:
+        """The frozen plan on ``x`` (an executor input) without autograd. The plan, its folded
+        weights and the bound call (:meth:`~tnconv.contraction.execute._Runner.bind`) are kept
+        for the last input shape, layout and factor state, so a repeated call (inference at
+        batch 1, where per-call Python is a large share of the time) only compares that key
+        (:meth:`_call_key`), as the plan cache and the folded weights themselves are keyed.
+        ``direct``: ``x`` is the layer's own input, unreshaped (forward may then skip
+        :meth:`executor_input` on a repeat)."""
+        factors = self._factor_list()
+        bias = self._parameters.get("bias")
+        key = self._call_key(x)
         memo = self._memo
         if key is not None and memo is not None and memo[0] == key:
             return memo[1](x)
@@ -399,7 +415,7 @@ class FactorizedLayer(nn.Module):
         # the factors' storages are held with the key, so no address in it can be reused by
         # another tensor while it is kept (the bias tensor is held by the bound call)
         held = [p.detach() for p in factors]
-        self._memo = (key, bound, held)
+        self._memo = (key, bound, held, direct)
         return bound(x)
 
     def _conv_input(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
