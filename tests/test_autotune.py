@@ -115,3 +115,26 @@ def test_candidates_of_every_layer_kind_compute_the_layer(method: str, kind: str
                 y = plan(xe, factors, layer.bias, plan.fold_factors(factors))
                 out = layer.executor_output(y, layer.executor_input(x)[1])
                 torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fastest_plan_times_its_candidates_for_a_time_budget(monkeypatch) -> None:
+    """The candidates are timed for ``min_seconds`` of rounds at least (AUTOTUNE_SECONDS by
+    default), so batch-1 layers are not chosen on five noisy rounds; the fastest one wins."""
+    from tnconv.contraction import autotune
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(12, 16, 3, padding=1)
+    layer = tnconv.FactorizedConv2d.from_conv(conv, "tucker", ratio=0.5).eval()
+    factors = [f.detach() for f in layer.factors]
+    plans = candidate_plans(layer.network, layer.geometry, (1, 12, 9, 9), "nchw", MEASURED)
+    assert len(plans) >= 2
+    seen = {}
+
+    def clock(fns, repeats, *, min_seconds=0.0):
+        seen.update(repeats=repeats, min_seconds=min_seconds)
+        return {k: (2.0 if k == "1" else 3.0) for k in fns}  # candidate 1 the fastest
+
+    monkeypatch.setattr(autotune, "time_round_robin", clock)
+    assert fastest_plan(plans, factors, "nchw") is plans[1]
+    assert seen == {"repeats": autotune.AUTOTUNE_REPEATS, "min_seconds": autotune.AUTOTUNE_SECONDS}
+    assert autotune.AUTOTUNE_SECONDS > 0

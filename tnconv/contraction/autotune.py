@@ -29,12 +29,21 @@ from .network import ConvNetwork
 from .plan import ConvPlan, plan_conv
 from .steps import DataStep, FactorStep
 
-__all__ = ["AUTOTUNE_REPEATS", "autotune_enabled", "candidate_plans", "fastest_plan"]
+__all__ = [
+    "AUTOTUNE_REPEATS",
+    "AUTOTUNE_SECONDS",
+    "autotune_enabled",
+    "candidate_plans",
+    "fastest_plan",
+]
 
 log = logging.getLogger(__name__)
 
 # round-robin repeats per candidate: the choice is between plans that differ by 5-50%
 AUTOTUNE_REPEATS = 5
+# and at least this much wall time of rounds: five rounds of batch-1 layers (0.2-0.5 ms) picked
+# each of three plans within 10% of each other in three tries (tt 128@28 NCHW, 2 threads)
+AUTOTUNE_SECONDS = 0.05
 _NEVER = KindCost(1.0, 1.0, 1.0)  # a product priced out of every choice
 _DEAR_COPY = 1e-6  # seconds per element: a permuting copy priced out where a step can avoid it
 
@@ -98,10 +107,11 @@ def fastest_plan(
     factors: Sequence[torch.Tensor],
     layout: str,
     repeats: int = AUTOTUNE_REPEATS,
+    min_seconds: float = AUTOTUNE_SECONDS,
 ) -> ConvPlan:
     """The plan of ``plans`` (for one input shape) that runs fastest here, timed round-robin on a
-    random input with ``factors`` folded for each (inference: no gradient). Ties and a single
-    plan return the first."""
+    random input with ``factors`` folded for each (inference: no gradient; ``repeats`` rounds
+    and ``min_seconds`` of them at least). Ties and a single plan return the first."""
     if len(plans) < 2:
         return plans[0]
     first = plans[0]
@@ -116,7 +126,7 @@ def fastest_plan(
             folded = plan.fold_factors(factors)
             run = plan.runner(nhwc)
             fns[str(i)] = lambda run=run, folded=folded: run(x, factors, None, folded, None)
-        ms = time_round_robin(fns, repeats)
+        ms = time_round_robin(fns, repeats, min_seconds=min_seconds)
     best = min(range(len(plans)), key=lambda i: (ms[str(i)], i))
     if best:
         log.debug(
