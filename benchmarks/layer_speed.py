@@ -160,8 +160,9 @@ def kernels_only(layer: tnconv.FactorizedLayer, x: torch.Tensor) -> Callable[[],
     """The convolutions and matrix products of ``layer``'s frozen plan for ``x`` (the layer's
     own input: a Linear's (..., S) too), run back to back on inputs made beforehand, each in
     the memory layout the layer runs it in: no reshapes, permutes, copies or Python between
-    them. Its time is what PyTorch's own kernels need for the plan, a floor for the layer's
-    time."""
+    them; a converting plan's layout conversions (when not fused into its end products) run as
+    the copies they are. Its time is what PyTorch's own kernels need for the plan, a floor for
+    the layer's time."""
     with torch.no_grad():
         layer(x)  # builds and caches the plan and the folded weights
         x = layer.executor_input(x)[0]
@@ -173,8 +174,21 @@ def kernels_only(layer: tnconv.FactorizedLayer, x: torch.Tensor) -> Callable[[],
     # each step in the layouts the layer runs it in: a converting plan's first / last 1x1
     # product reads / writes the NCHW map itself (a transposed operand, not the same GEMM as
     # on a channels-last map), its other steps run channels-last
-    layouts = {c.k: (c.in_nhwc, c.out_nhwc) for c in plan.runner(nhwc).calls}
+    runner = plan.runner(nhwc)
+    layouts = {c.k: (c.in_nhwc, c.out_nhwc) for c in runner.calls}
     calls = []
+    # a converting plan (chosen over the native NCHW one because the conversions and the
+    # channels-last kernels together were faster) runs its conversions as copy kernels: they
+    # are part of its kernels-alone time (the bound left them out before 2026-12-08)
+    if runner.convert_in:
+        nchw_input = torch.randn(x.shape)
+        calls.append(lambda t=nchw_input: t.contiguous(memory_format=layout))
+    last_out_nhwc = runner.calls[-1].out_nhwc if runner.calls else False
+    if runner.converted and last_out_nhwc:
+        nhwc_output = torch.randn(plan.output_shape).contiguous(memory_format=layout)
+        converting_out = [lambda t=nhwc_output: t.contiguous()]
+    else:
+        converting_out = []
     for k, step in enumerate(plan.steps):
         if not isinstance(step, DataStep):
             continue
@@ -197,6 +211,8 @@ def kernels_only(layer: tnconv.FactorizedLayer, x: torch.Tensor) -> Callable[[],
                 d, w, None, st.stride, st.padding, st.dilation, st.groups
             )
         )
+
+    calls += converting_out
 
     def run_all() -> None:
         for call in calls:

@@ -826,3 +826,25 @@ def test_the_kernels_alone_bound_runs_the_layers_own_kernels(monkeypatch) -> Non
         ran = kernels(lambda: layer(x))
         assert [name for name, _ in ran].count("aten::convolution") == 1
         assert ran == kernels(bound)
+
+    # with every 1x1 step a conv, nothing takes the conversions in: the plan copies the map to
+    # channels-last and back, and the bound runs those two copies too (the same shapes)
+    no_products = {
+        k: dataclasses.replace(t, matmul=KindCost(1.0, 1.0, 1.0)) for k, t in cheap_nhwc.items()
+    }
+    monkeypatch.setattr(layer_base, "cost_table", lambda layout, *args, **kw: no_products[layout])
+    layer = tnconv.FactorizedConv2d(f, padding=1).float().eval()
+
+    def copies(fn) -> list[str]:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            fn()
+        return sorted(str(e.input_shapes) for e in prof.events() if e.name == "aten::copy_")
+
+    with torch.no_grad():
+        layer(x)
+        plan = layer.plan_for(tuple(x.shape), "nchw", frozen=True)
+        assert plan.convert and not plan.fused_in and not plan.fused_out
+        bound = bench.kernels_only(layer, x)
+        assert len(copies(bound)) == 2
+        assert copies(bound) == copies(lambda: layer(x))
+        assert kernels(bound) == kernels(lambda: layer(x))
