@@ -303,9 +303,14 @@ KIND_INPUTS = {
 MODES = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("kind", list(KIND_MODULES))
-@pytest.mark.parametrize("method", METHODS)
+def every_method_kind_and_mode(test):
+    """Parametrize ``test`` over every method x layer kind x no-autograd mode."""
+    for name, values in (("mode", MODES), ("kind", KIND_MODULES), ("method", METHODS)):
+        test = pytest.mark.parametrize(name, list(values))(test)
+    return test
+
+
+@every_method_kind_and_mode
 def test_every_layer_kind_under_inference_mode_and_no_grad(
     method: str, kind: str, mode: str
 ) -> None:
@@ -327,9 +332,7 @@ def test_every_layer_kind_under_inference_mode_and_no_grad(
     assert all(p.grad is not None for p in layer.factors)
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("kind", list(KIND_MODULES))
-@pytest.mark.parametrize("method", METHODS)
+@every_method_kind_and_mode
 def test_repeated_frozen_calls_of_every_layer_kind_see_a_changed_factor(
     method: str, kind: str, mode: str
 ) -> None:

@@ -62,6 +62,8 @@ __all__ = ["STR", "STT", "STTucker"]
 TFactor = Annotated[int, Field(gt=0, le=1024, strict=True)]
 # where the identity's index of size t sits in each channel mode it lands in (module docstring)
 Identity = Literal["inner", "outer"]
+# the options a semi-tensor method adds to its classical twin's
+_OWN_OPTIONS = frozenset({"t", "identity"})
 
 
 def _divisors(n: int) -> list[int]:
@@ -123,7 +125,8 @@ class _SemiTensor(Decomposition):
         )
 
     def bind(self, options: BaseModel) -> _SemiTensor:
-        """A copy whose ranks and parameter counts use ``options.t``."""
+        """A copy whose ranks, parameter counts and channel order use ``options.t`` and
+        ``options.identity``."""
         bound = copy.copy(self)
         bound.t = options.t  # type: ignore[attr-defined]
         bound.identity = options.identity  # type: ignore[attr-defined]
@@ -203,8 +206,7 @@ class _SemiTensor(Decomposition):
         return self.twin().num_params_at(self.v_shape(shape), self.to_twin_ranks(ranks))
 
     def twin_options(self, options: BaseModel) -> BaseModel:
-        fields = options.model_dump(exclude={"t", "identity"})
-        return self.twin.Options.model_validate(fields)
+        return self.twin.Options.model_validate(options.model_dump(exclude=_OWN_OPTIONS))
 
     def fit(self, weight: torch.Tensor, ranks: tuple[int, ...], options: Any) -> Factorization:
         v = self._v(weight, options)
@@ -248,7 +250,7 @@ class _SemiTensor(Decomposition):
     def search_options(self, options: Any) -> Any:
         quick = self.twin().search_options(self.twin_options(options))
         return self.Options.model_validate(
-            {**quick.model_dump(), "t": options.t, "identity": options.identity}
+            {**quick.model_dump(), **options.model_dump(include=_OWN_OPTIONS)}
         )
 
     def _wrap(self, twin: Factorization, shape: KernelShape) -> Factorization:
@@ -321,7 +323,7 @@ class STTucker(_SemiTensor):
     stp_bonds = (0, 1)
 
     def twin_options(self, options: BaseModel) -> BaseModel:
-        fields = options.model_dump(exclude={"t", "identity"})
+        fields = options.model_dump(exclude=_OWN_OPTIONS)
         return TuckerOptions.model_validate({**fields, "full": False})
 
     def search_options(self, options: Any) -> Any:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -29,6 +30,15 @@ from ..factorization import Factorization
 __all__ = ["FactorizedLayer"]
 
 _MAX_PLANS = 16
+
+
+class _KeptCall(NamedTuple):
+    """The last frozen call of a layer (:meth:`FactorizedLayer._inference_call`)."""
+
+    key: tuple[Any, ...]  # what the call depends on besides the input's values (_call_key)
+    call: Callable[[torch.Tensor], torch.Tensor]  # the plan bound to its folded weights
+    held: list[torch.Tensor]  # the factors' storages, so no address in the key is reused
+    direct: bool  # the input ran as it came: a repeat may skip executor_input / _output
 
 
 @torch.compiler.disable
@@ -150,7 +160,7 @@ class FactorizedLayer(nn.Module):
         # unchanged (their storage and in-place version counters are the key)
         self._folded: tuple[tuple[Any, ...], dict[int, torch.Tensor]] | None = None
         # inference: the last call's key and bound plan (see _inference_call)
-        self._memo: tuple[Any, ...] | None = None
+        self._memo: _KeptCall | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # plans are priced for this machine and folded weights are derived data: neither is
@@ -356,15 +366,15 @@ class FactorizedLayer(nn.Module):
             )
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             memo = self._memo
-            if memo is not None and memo[3]:
+            if memo is not None and memo.direct:
                 # the last call ran its input as it came (no reshape in or out), so a repeat
                 # needs only the key: its shape passed the input checks when it was kept
                 key = self._call_key(x)
-                if key is not None and key == memo[0]:
-                    return memo[1](x)
-            run, how = self.executor_input(x)
-            direct = run is x and not how
-            return self.executor_output(self._inference_call(run, direct), how)
+                if key is not None and key == memo.key:
+                    return memo.call(x)
+            inner, how = self.executor_input(x)
+            direct = inner is x and not how
+            return self.executor_output(self._inference_call(inner, direct), how)
         x, how = self.executor_input(x)
         nhwc = is_channels_last(x)
         factors = self._factor_list()
@@ -402,8 +412,8 @@ class FactorizedLayer(nn.Module):
         bias = self._parameters.get("bias")
         key = self._call_key(x)
         memo = self._memo
-        if key is not None and memo is not None and memo[0] == key:
-            return memo[1](x)
+        if key is not None and memo is not None and memo.key == key:
+            return memo.call(x)
         nhwc = is_channels_last(x)
         plan = self.plan_for(tuple(x.shape), "nhwc" if nhwc else "nchw", True)
         folded = self._folded_weights(plan, factors)
@@ -415,7 +425,7 @@ class FactorizedLayer(nn.Module):
         # the factors' storages are held with the key, so no address in it can be reused by
         # another tensor while it is kept (the bias tensor is held by the bound call)
         held = [p.detach() for p in factors]
-        self._memo = (key, bound, held, direct)
+        self._memo = _KeptCall(key, bound, held, direct)
         return bound(x)
 
     def _conv_input(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
