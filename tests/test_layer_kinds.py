@@ -357,3 +357,28 @@ def test_repeated_frozen_calls_of_every_layer_kind_see_a_changed_factor(
             again = layer(inp)
         torch.testing.assert_close(y, layer.to_dense()(inp), rtol=1e-4, atol=1e-5)
         assert torch.equal(again, y)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("kind", list(KIND_MODULES))
+@pytest.mark.parametrize("identity", ["inner", "outer"])
+@pytest.mark.parametrize("method", ["stt", "str", "sttucker"])
+def test_both_identity_orders_on_every_layer_kind(
+    method: str, identity: str, kind: str, mode: str
+) -> None:
+    """The semi-tensor methods in either place of the identity's index (``identity=``) on
+    every layer kind, without autograd and with it: the layer computes its dense equivalent."""
+    torch.manual_seed(0)
+    dense = KIND_MODULES[kind]()
+    x = torch.randn(KIND_INPUTS[kind])
+    layer_type = tnconv.layers.factorized_type(dense)
+    try:
+        layer = layer_type.from_dense(dense, method, 2, identity=identity)
+    except tnconv.errors.StructureError:
+        pytest.skip(f"{method} cannot take the {kind} kernel at rank 2")
+    assert layer.info["identity"] == identity
+    expected = layer.to_dense()(x)
+    with MODES[mode]():
+        for _ in range(2):  # the second call is the kept one
+            torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
